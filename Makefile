@@ -1,0 +1,64 @@
+# Two commands for a fresh machine:
+#   make run    set up and run the product (SQLite, filesystem broker: no servers needed)
+#   make test   set up and run the test suite
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+BIN := $(VENV)/bin
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+.PHONY: run test lint format bench-refresh bench-proxy browser clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[test,dev]'
+	touch $(VENV)/.installed $@
+
+# A local .env with generated keys, so the newcomer's secrets survive restarts.
+.env:
+	@$(BIN)/python -c "import secrets; from cryptography.fernet import Fernet; \
+	print('DEBUG=1'); print('SECRET_KEY=' + secrets.token_urlsafe(50)); \
+	print('FERNET_KEYS=' + Fernet.generate_key().decode())" > .env
+	@echo "wrote .env with a new SECRET_KEY and FERNET_KEYS (keep it; it decrypts your secrets)"
+
+run: $(VENV)/.installed .env
+	$(BIN)/python manage.py migrate --noinput
+	$(BIN)/python manage.py ensure_admin
+	@echo "Admin: http://$(HOST):$(PORT)/admin/  (worker + beat log: var/worker.log)"
+	@$(BIN)/celery -A config worker --beat --loglevel=INFO --concurrency=2 > var/worker.log 2>&1 & \
+	  worker=$$!; trap "kill $$worker 2>/dev/null" EXIT INT TERM; \
+	  $(BIN)/python manage.py runserver $(HOST):$(PORT)
+
+# Debian's chromium for the one real-browser test (Playwright cannot download its own here).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else echo "chromium not installed: the browser test will be skipped (apt-get install chromium)"; fi; }
+
+test: $(VENV)/.installed-test browser
+	$(BIN)/python -m pytest
+
+lint: $(VENV)/.installed-test
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(VENV)/.installed-test
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+bench-refresh: $(VENV)/.installed-test
+	$(BIN)/python bench/refresh_sweep.py
+
+bench-proxy: $(VENV)/.installed-test
+	$(BIN)/python bench/proxy.py
+
+clean:
+	rm -rf $(VENV) var/test

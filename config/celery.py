@@ -1,0 +1,27 @@
+"""Celery app for the project: configuration from Django settings under the CELERY_ namespace."""
+
+from __future__ import annotations
+
+import os
+
+from celery import Celery
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
+
+app = Celery("config")
+app.config_from_object("django.conf:settings", namespace="CELERY")
+app.autodiscover_tasks()
+
+
+@app.on_after_finalize.connect
+def _install_beat_schedule(sender: Celery, **kwargs: object) -> None:
+    """Beat runs the sweep every DATASOURCES["SWEEP_INTERVAL"] seconds; the sweep fans out."""
+    from datasources.conf import app_settings
+
+    sender.conf.beat_schedule = {
+        "datasources-sweep": {
+            "task": "datasources.tasks.sweep",
+            "schedule": float(app_settings.SWEEP_INTERVAL),
+            "options": {"expires": float(app_settings.SWEEP_INTERVAL)},
+        },
+    }

@@ -1,0 +1,1 @@
+"""OAuth2-connected datasources for Django."""

@@ -1,0 +1,378 @@
+"""Admin: the low-code builder's UI. Actions call services and report with message_user."""
+
+from __future__ import annotations
+
+from django.contrib import admin, messages
+from django.db import models
+from django.http import HttpRequest, HttpResponseNotAllowed, HttpResponseRedirect
+from django.shortcuts import get_object_or_404
+from django.urls import path
+from django.utils import timezone
+from django.utils.html import format_html, format_html_join
+from django.utils.translation import gettext_lazy as _
+from django.utils.translation import ngettext
+
+from . import flow, tokens, views
+from .forms import DatasourceForm
+from .models import Datasource, Token, TokenEvent, TokenPlacement, TokenStatus
+
+_STATUS_COLOURS = {
+    TokenStatus.ACTIVE: "#1a7f37",
+    TokenStatus.REFRESHING: "#9a6700",
+    TokenStatus.NOT_AUTHORIZED: "#57606a",
+    TokenStatus.NEEDS_REAUTHORIZATION: "#cf222e",
+}
+
+
+def status_badge(token: Token | None):
+    status = token.status if token else TokenStatus.NOT_AUTHORIZED
+    label = TokenStatus(status).label
+    return format_html(
+        '<strong class="datasource-status datasource-status-{}" style="color:{}">{}</strong>',
+        status,
+        _STATUS_COLOURS.get(status, "inherit"),
+        label,
+    )
+
+
+def _token(obj: Datasource) -> Token | None:
+    try:
+        return obj.token
+    except Token.DoesNotExist:
+        return None
+
+
+@admin.register(Datasource)
+class DatasourceAdmin(admin.ModelAdmin):
+    form = DatasourceForm
+    formfield_overrides = {models.URLField: {"assume_scheme": "https"}}
+    change_form_template = "admin/datasources/datasource/change_form.html"
+    list_display = ("name", "slug", "grant_type", "status", "expires", "last_refreshed")
+    list_filter = ("grant_type", "token__status")
+    list_select_related = ("token",)
+    search_fields = ("name", "slug", "base_url")
+    prepopulated_fields = {"slug": ("name",)}
+    actions = ("authorize_selected", "refresh_selected", "disconnect_selected")
+    readonly_fields = (
+        "status",
+        "expires",
+        "last_refreshed",
+        "granted_scope",
+        "last_error",
+        "recent_events",
+    )
+    fieldsets = (
+        (
+            _("Connection"),
+            {
+                "fields": (
+                    "name",
+                    "slug",
+                    "base_url",
+                    "grant_type",
+                    "authorization_url",
+                    "access_token_url",
+                )
+            },
+        ),
+        (
+            _("Client"),
+            {
+                "fields": (
+                    "client_id",
+                    "client_secret",
+                    "clear_client_secret",
+                    "scopes",
+                    "client_authentication",
+                    "use_pkce",
+                )
+            },
+        ),
+        (
+            _("Token placement"),
+            {"fields": ("token_placement", "header_prefix", "query_param_name")},
+        ),
+        (
+            _("Advanced"),
+            {
+                "classes": ("collapse",),
+                "fields": (
+                    "custom_auth_params",
+                    "audience",
+                    "resource",
+                    "revocation_url",
+                    "issuer",
+                    "token_lifetime",
+                ),
+            },
+        ),
+        (
+            _("Token status"),
+            {
+                "fields": (
+                    "status",
+                    "expires",
+                    "last_refreshed",
+                    "granted_scope",
+                    "last_error",
+                    "recent_events",
+                )
+            },
+        ),
+    )
+
+    # --- read-only status --------------------------------------------------------------------
+
+    @admin.display(description=_("status"), ordering="token__status")
+    def status(self, obj: Datasource):
+        return status_badge(_token(obj))
+
+    @admin.display(description=_("expires"), ordering="token__expires_at")
+    def expires(self, obj: Datasource):
+        token = _token(obj)
+        if not token or not token.expires_at:
+            return "—"
+        when = timezone.localtime(token.expires_at)
+        suffix = " (expired)" if token.is_expired() else ""
+        return f"{when:%Y-%m-%d %H:%M:%S %Z}{suffix}"
+
+    @admin.display(description=_("last refreshed"), ordering="token__last_refreshed_at")
+    def last_refreshed(self, obj: Datasource):
+        token = _token(obj)
+        if not token or not token.last_refreshed_at:
+            return "—"
+        return f"{timezone.localtime(token.last_refreshed_at):%Y-%m-%d %H:%M:%S %Z}"
+
+    @admin.display(description=_("granted scope"))
+    def granted_scope(self, obj: Datasource):
+        token = _token(obj)
+        return (token.scope if token else "") or "—"
+
+    @admin.display(description=_("last error"))
+    def last_error(self, obj: Datasource):
+        token = _token(obj)
+        if not token or not token.last_error:
+            return "—"
+        retry = (
+            f" (next attempt {timezone.localtime(token.next_attempt_at):%H:%M:%S})"
+            if token.next_attempt_at
+            else ""
+        )
+        return f"{token.last_error}{retry}"
+
+    @admin.display(description=_("recent events"))
+    def recent_events(self, obj: Datasource):
+        if not obj.pk:
+            return "—"
+        events = TokenEvent.objects.filter(datasource=obj)[:10]
+        if not events:
+            return "—"
+        rows = format_html_join(
+            "",
+            "<tr><td>{}</td><td>{}</td><td>{}</td></tr>",
+            (
+                (
+                    f"{timezone.localtime(e.created_at):%Y-%m-%d %H:%M:%S}",
+                    e.get_kind_display(),
+                    e.detail,
+                )
+                for e in events
+            ),
+        )
+        return format_html('<table class="datasource-events">{}</table>', rows)
+
+    # --- pages and buttons -------------------------------------------------------------------
+
+    def get_urls(self):
+        info = self.opts.app_label, self.opts.model_name
+        return [
+            path(
+                "<int:pk>/authorize/",
+                self.admin_site.admin_view(views.start_authorization),
+                name="{}_{}_authorize".format(*info),
+            ),
+            path(
+                "<int:pk>/refresh/",
+                self.admin_site.admin_view(self.refresh_view),
+                name="{}_{}_refresh".format(*info),
+            ),
+            path(
+                "<int:pk>/disconnect/",
+                self.admin_site.admin_view(self.disconnect_view),
+                name="{}_{}_disconnect".format(*info),
+            ),
+            *super().get_urls(),
+        ]
+
+    def render_change_form(self, request, context, add=False, change=False, form_url="", obj=None):
+        context.update(
+            callback_url=flow.callback_url(request),
+            token=_token(obj) if obj else None,
+            query_placement=bool(obj and obj.token_placement == TokenPlacement.QUERY),
+        )
+        return super().render_change_form(request, context, add, change, form_url, obj)
+
+    def save_model(self, request, obj, form, change):
+        super().save_model(request, obj, form, change)
+        if change and form.credentials_changed:
+            tokens.reset_after_reconfiguration(obj)
+        if obj.token_placement == TokenPlacement.QUERY:
+            messages.warning(
+                request,
+                _(
+                    "The access token will be sent as a query parameter. RFC 9700 §4.3.2 advises "
+                    "against this: URLs end up in server and proxy logs. Use the header unless "
+                    "the API requires it."
+                ),
+            )
+
+    def _post_only(self, request: HttpRequest, pk: int):
+        if request.method != "POST":
+            return None, HttpResponseNotAllowed(["POST"])
+        obj = get_object_or_404(Datasource, pk=pk)
+        if not self.has_change_permission(request, obj):
+            from django.core.exceptions import PermissionDenied
+
+            raise PermissionDenied
+        return obj, None
+
+    def refresh_view(self, request: HttpRequest, pk: int):
+        obj, error = self._post_only(request, pk)
+        if error:
+            return error
+        self._report_refresh(request, [obj])
+        return HttpResponseRedirect(obj.get_admin_url())
+
+    def disconnect_view(self, request: HttpRequest, pk: int):
+        obj, error = self._post_only(request, pk)
+        if error:
+            return error
+        self._disconnect(request, [obj])
+        return HttpResponseRedirect(obj.get_admin_url())
+
+    # --- actions -----------------------------------------------------------------------------
+
+    @admin.action(description=_("Authorize the selected datasource"), permissions=["change"])
+    def authorize_selected(self, request, queryset):
+        if queryset.count() != 1:
+            self.message_user(
+                request, _("Select exactly one datasource to authorize."), messages.WARNING
+            )
+            return None
+        return HttpResponseRedirect(queryset.get().get_authorize_url())
+
+    @admin.action(description=_("Refresh tokens now"), permissions=["change"])
+    def refresh_selected(self, request, queryset):
+        self._report_refresh(request, list(queryset))
+
+    @admin.action(description=_("Disconnect (revoke and delete tokens)"), permissions=["change"])
+    def disconnect_selected(self, request, queryset):
+        self._disconnect(request, list(queryset))
+
+    def _report_refresh(self, request, datasources: list[Datasource]) -> None:
+        done = 0
+        for datasource in datasources:
+            result = tokens.refresh_token(datasource, force=True)
+            if result.outcome in ("refreshed", "fresh"):
+                done += 1
+            elif result.outcome == "skipped":
+                self.message_user(
+                    request,
+                    f"“{datasource}”: {result.error or 'another refresh is in progress'}.",
+                    messages.WARNING,
+                )
+            else:
+                self.message_user(
+                    request, f"“{datasource}”: refresh failed: {result.error}", messages.ERROR
+                )
+        if done:
+            self.message_user(
+                request,
+                ngettext(
+                    "Refreshed %(count)d datasource.", "Refreshed %(count)d datasources.", done
+                )
+                % {"count": done},
+                messages.SUCCESS,
+            )
+
+    def _disconnect(self, request, datasources: list[Datasource]) -> None:
+        for datasource in datasources:
+            for problem in tokens.disconnect(datasource):
+                self.message_user(request, f"“{datasource}”: {problem}", messages.WARNING)
+        self.message_user(
+            request,
+            ngettext(
+                "Disconnected %(count)d datasource.",
+                "Disconnected %(count)d datasources.",
+                len(datasources),
+            )
+            % {"count": len(datasources)},
+            messages.SUCCESS,
+        )
+
+    def delete_model(self, request, obj):
+        if obj.revocation_url:
+            tokens.disconnect(obj)
+        super().delete_model(request, obj)
+
+
+@admin.register(Token)
+class TokenAdmin(admin.ModelAdmin):
+    """Read-only bookkeeping; secret columns are not even listed."""
+
+    list_display = (
+        "datasource",
+        "status",
+        "expires_at",
+        "last_refreshed_at",
+        "failure_count",
+        "refresh_count",
+    )
+    list_filter = ("status",)
+    list_select_related = ("datasource",)
+    search_fields = ("datasource__name", "datasource__slug")
+    fields = (
+        "datasource",
+        "status",
+        "has_access_token",
+        "has_refresh_token",
+        "token_type",
+        "scope",
+        "expires_at",
+        "obtained_at",
+        "last_refreshed_at",
+        "refresh_count",
+        "failure_count",
+        "next_attempt_at",
+        "last_error",
+    )
+    readonly_fields = fields
+
+    @admin.display(boolean=True, description=_("access token stored"))
+    def has_access_token(self, obj: Token) -> bool:
+        return obj.has_access_token
+
+    @admin.display(boolean=True, description=_("refresh token stored"))
+    def has_refresh_token(self, obj: Token) -> bool:
+        return obj.has_refresh_token
+
+    def has_add_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+
+@admin.register(TokenEvent)
+class TokenEventAdmin(admin.ModelAdmin):
+    list_display = ("created_at", "datasource", "kind", "detail")
+    list_filter = ("kind",)
+    list_select_related = ("datasource",)
+    search_fields = ("datasource__slug", "detail")
+    date_hierarchy = "created_at"
+
+    def has_add_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False

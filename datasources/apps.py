@@ -1,0 +1,11 @@
+from django.apps import AppConfig
+from django.utils.translation import gettext_lazy as _
+
+
+class DatasourcesConfig(AppConfig):
+    name = "datasources"
+    verbose_name = _("OAuth2 datasources")
+    default_auto_field = "django.db.models.BigAutoField"
+
+    def ready(self) -> None:
+        from . import checks, encryption  # noqa: F401  (registers checks and signal receivers)

@@ -1,0 +1,78 @@
+"""App settings: one object, read lazily from ``settings.DATASOURCES``, reset on ``setting_changed``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.conf import settings
+from django.core.signals import setting_changed
+from django.dispatch import receiver
+
+DEFAULTS: dict[str, Any] = {
+    # Origin used to build the callback URL shown in the admin and sent as redirect_uri
+    # (e.g. "https://datasources.example.com"). Empty: the request's own origin.
+    "PUBLIC_BASE_URL": "",
+    # Seconds before expiry at which the background sweep refreshes a token.
+    "REFRESH_MARGIN": 300,
+    # Seconds before expiry at which the request path (proxy, client API) refreshes first.
+    "REQUEST_LEEWAY": 30,
+    # Refresh at least this often even when tokens live longer (idle refresh tokens get revoked).
+    "MAX_TOKEN_AGE": 86400,
+    # Lifetime assumed when the token endpoint sends no expires_in and the datasource sets none.
+    "DEFAULT_TOKEN_LIFETIME": 3600,
+    # Timeout (seconds) for every call to an authorization server.
+    "HTTP_TIMEOUT": 10.0,
+    "USER_AGENT": "django-oauth2-datasources/0.1",
+    # http:// is refused except for loopback hosts (127.0.0.0/8, ::1, localhost) when this is on.
+    "ALLOW_LOOPBACK_HTTP": True,
+    # Authorization requests (state + PKCE verifier) expire after this many seconds.
+    "STATE_LIFETIME": 600,
+    # At most this many pending authorization requests per browser session.
+    "MAX_PENDING_AUTHORIZATIONS": 10,
+    # Refresh lease: a crashed holder's lease lapses after this many seconds (must exceed HTTP_TIMEOUT).
+    "LEASE_SECONDS": 30,
+    # How long a caller that lost the refresh race waits for the winner's result.
+    "LEASE_WAIT": 15.0,
+    # Transient-failure backoff: base * 2**(failures-1), capped, with +/-20% jitter.
+    "BACKOFF_BASE": 30,
+    "BACKOFF_MAX": 3600,
+    # Background sweep: beat interval and how many tokens one sweep enqueues at most.
+    "SWEEP_INTERVAL": 60,
+    "SWEEP_BATCH_SIZE": 1000,
+    # Token events older than this many days are pruned by the sweep.
+    "EVENT_RETENTION_DAYS": 30,
+    # Proxy: (connect, read) timeouts to the upstream API, and the largest request body kept in
+    # memory so that it can be replayed after a refresh-on-401.
+    "PROXY_CONNECT_TIMEOUT": 5.0,
+    "PROXY_READ_TIMEOUT": 60.0,
+    "PROXY_REPLAY_MAX_BYTES": 1024 * 1024,
+    "PROXY_CHUNK_SIZE": 64 * 1024,
+}
+
+
+class AppSettings:
+    """Attribute access to DATASOURCES settings with defaults; values are cached until reset."""
+
+    def __init__(self, defaults: dict[str, Any]) -> None:
+        self._defaults = defaults
+        self._cache: dict[str, Any] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_") or name not in self._defaults:
+            raise AttributeError(f"Invalid datasources setting: {name!r}")
+        if name not in self._cache:
+            user = getattr(settings, "DATASOURCES", {}) or {}
+            self._cache[name] = user.get(name, self._defaults[name])
+        return self._cache[name]
+
+    def reload(self) -> None:
+        self._cache.clear()
+
+
+app_settings = AppSettings(DEFAULTS)
+
+
+@receiver(setting_changed)
+def _reload_settings(*, setting: str, **kwargs: Any) -> None:
+    if setting == "DATASOURCES":
+        app_settings.reload()

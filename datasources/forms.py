@@ -1,0 +1,129 @@
+"""Admin form: the documented fields, a write-only client secret, readable errors."""
+
+from __future__ import annotations
+
+from django import forms
+from django.db import models
+from django.utils.translation import gettext_lazy as _
+
+from .models import Datasource, GrantType, normalize_scopes
+from .oauth import RESERVED_AUTH_PARAMS
+
+
+class WriteOnlySecretInput(forms.PasswordInput):
+    """Never renders a value, not even a masked one."""
+
+    def __init__(self, attrs=None) -> None:
+        super().__init__(
+            attrs={"autocomplete": "new-password", **(attrs or {})}, render_value=False
+        )
+
+    def get_context(self, name, value, attrs):
+        return super().get_context(name, None, attrs)
+
+
+def _formfield(db_field, **kwargs):
+    if isinstance(db_field, models.URLField):
+        kwargs.setdefault("assume_scheme", "https")
+    return db_field.formfield(**kwargs)
+
+
+class DatasourceForm(forms.ModelForm):
+    client_secret = forms.CharField(
+        label=_("Client secret"),
+        required=False,
+        strip=True,
+        widget=WriteOnlySecretInput,
+    )
+    clear_client_secret = forms.BooleanField(
+        label=_("Clear the stored client secret"),
+        required=False,
+        help_text=_("Tick to remove the stored secret (for public clients)."),
+    )
+
+    class Meta:
+        model = Datasource
+        formfield_callback = _formfield
+        fields = (
+            "name",
+            "slug",
+            "base_url",
+            "grant_type",
+            "authorization_url",
+            "access_token_url",
+            "client_id",
+            "client_secret",
+            "scopes",
+            "client_authentication",
+            "use_pkce",
+            "token_placement",
+            "header_prefix",
+            "query_param_name",
+            "custom_auth_params",
+            "audience",
+            "resource",
+            "revocation_url",
+            "issuer",
+            "token_lifetime",
+        )
+        widgets = {
+            "custom_auth_params": forms.Textarea(attrs={"rows": 3, "cols": 60}),
+            "scopes": forms.TextInput(attrs={"size": 60}),
+        }
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        stored = bool(self.instance.pk and self.instance.client_secret)
+        field = self.fields["client_secret"]
+        field.help_text = (
+            _("A secret is stored (encrypted). Leave blank to keep it, or type a new one.")
+            if stored
+            else _("No secret is stored. It is encrypted at rest and never shown again.")
+        )
+        if "clear_client_secret" in self.fields and not stored:
+            self.fields["clear_client_secret"].disabled = True
+
+    def clean_scopes(self) -> str:
+        return normalize_scopes(self.cleaned_data.get("scopes", ""))
+
+    def clean_custom_auth_params(self):
+        value = self.cleaned_data.get("custom_auth_params")
+        if value in (None, ""):
+            return {}
+        if not isinstance(value, dict):
+            raise forms.ValidationError(_('Enter a JSON object, e.g. {"prompt": "consent"}.'))
+        reserved = sorted(RESERVED_AUTH_PARAMS.intersection(value))
+        if reserved:
+            raise forms.ValidationError(
+                _(
+                    "These parameters are set by the flow itself and cannot be overridden: %(names)s."
+                ),
+                params={"names": ", ".join(reserved)},
+            )
+        return value
+
+    def clean(self):
+        cleaned = super().clean()
+        secret = cleaned.get("client_secret")
+        if cleaned.get("clear_client_secret"):
+            cleaned["client_secret"] = None
+        elif not secret:
+            # Blank keeps the stored value: construct_instance skips fields not in cleaned_data.
+            cleaned.pop("client_secret", None)
+        if (
+            cleaned.get("grant_type") == GrantType.CLIENT_CREDENTIALS
+            and not secret
+            and not (self.instance.pk and self.instance.client_secret)
+            and not cleaned.get("clear_client_secret")
+        ):
+            self.add_error(
+                "client_secret", _("The client credentials grant needs a client secret.")
+            )
+        return cleaned
+
+    @property
+    def credentials_changed(self) -> bool:
+        return bool(
+            {"client_id", "client_secret", "access_token_url", "scopes", "client_authentication"}
+            & set(self.changed_data)
+        ) or bool(self.cleaned_data.get("clear_client_secret"))

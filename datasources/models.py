@@ -1,0 +1,448 @@
+"""Datasources, their tokens, the audit trail and pending authorization requests.
+
+Secrets (client secret, tokens, PKCE verifiers) are Fernet-encrypted columns; ``__str__`` and
+``__repr__`` never include them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
+
+from django.conf import settings
+from django.core.exceptions import ValidationError
+from django.db import models
+from django.urls import reverse
+from django.utils import timezone
+from django.utils.translation import gettext_lazy as _
+from fernet_fields import EncryptedTextField
+
+from .querysets import TokenQuerySet
+from .transport import validate_secure_url
+
+if TYPE_CHECKING:
+    from .client import DatasourceSession
+
+_SCOPE_SPLIT = re.compile(r"[\s,]+")
+
+
+def normalize_scopes(value: str) -> str:
+    """Accept commas and/or whitespace between scopes; store them space-delimited (RFC 6749 §3.3)."""
+    seen: dict[str, None] = {}
+    for scope in _SCOPE_SPLIT.split(value or ""):
+        if scope:
+            seen.setdefault(scope, None)
+    return " ".join(seen)
+
+
+def sha256_hex(value: str) -> str:
+    return hashlib.sha256(value.encode()).hexdigest()
+
+
+class GrantType(models.TextChoices):
+    AUTHORIZATION_CODE = "authorization_code", _("Authorization code")
+    CLIENT_CREDENTIALS = "client_credentials", _("Client credentials")
+
+
+class TokenPlacement(models.TextChoices):
+    HEADER = "header", _("Request header")
+    QUERY = "query", _("Query parameter")
+
+
+class ClientAuthentication(models.TextChoices):
+    BASIC = "basic", _("Send as Basic Auth header")
+    BODY = "body", _("Send client credentials in body")
+
+
+class TokenStatus(models.TextChoices):
+    NOT_AUTHORIZED = "not_authorized", _("Not authorized")
+    ACTIVE = "active", _("Active")
+    REFRESHING = "refreshing", _("Refreshing")
+    NEEDS_REAUTHORIZATION = "needs_reauthorization", _("Needs re-authorization")
+
+
+class Datasource(models.Model):
+    name = models.CharField(_("name"), max_length=200, help_text=_("A human name for this API."))
+    slug = models.SlugField(
+        _("slug"),
+        max_length=100,
+        unique=True,
+        help_text=_("URL-safe unique key; the proxy serves /api/v1/datasources/<slug>/proxy/."),
+    )
+    base_url = models.URLField(
+        _("base URL"),
+        max_length=2000,
+        validators=[validate_secure_url],
+        help_text=_(
+            "Root URL of the upstream API. The proxy only ever forwards to URLs below it, "
+            "e.g. https://api.example.com/v1/."
+        ),
+    )
+    grant_type = models.CharField(
+        _("grant type"),
+        max_length=32,
+        choices=GrantType.choices,
+        default=GrantType.AUTHORIZATION_CODE,
+        help_text=_(
+            "Authorization code: a person grants access once and the token is refreshed without "
+            "them. Client credentials: server-to-server, no person involved."
+        ),
+    )
+    authorization_url = models.URLField(
+        _("authorization URL"),
+        max_length=2000,
+        blank=True,
+        validators=[validate_secure_url],
+        help_text=_(
+            "The URL the user is redirected to to grant access (RFC 6749 §4.1.1). "
+            "Authorization code only."
+        ),
+    )
+    access_token_url = models.URLField(
+        _("access token URL"),
+        max_length=2000,
+        validators=[validate_secure_url],
+        help_text=_("A POST endpoint on the authorization server that issues access tokens."),
+    )
+    client_id = models.CharField(
+        _("client ID"),
+        max_length=500,
+        help_text=_("The identifier of the credentials configured at the authorization server."),
+    )
+    client_secret = EncryptedTextField(
+        _("client secret"),
+        null=True,
+        blank=True,
+        help_text=_(
+            "The secret of these credentials. Encrypted at rest and never shown again after saving."
+        ),
+    )
+    scopes = models.CharField(
+        _("scope(s)"),
+        max_length=2000,
+        blank=True,
+        help_text=_(
+            "Resources these credentials may access. Separate scopes with commas or spaces; "
+            "they are sent space-delimited."
+        ),
+    )
+    custom_auth_params = models.JSONField(
+        _("custom authentication parameters"),
+        default=dict,
+        blank=True,
+        help_text=_(
+            "Extra query parameters for the authorization redirect, as a JSON object of strings, "
+            'e.g. {"access_type": "offline", "prompt": "consent"} so the server returns a '
+            "refresh token."
+        ),
+    )
+    token_placement = models.CharField(
+        _("add access token to"),
+        max_length=16,
+        choices=TokenPlacement.choices,
+        default=TokenPlacement.HEADER,
+        help_text=_(
+            "How the access token is sent upstream: an Authorization header, or a query "
+            "parameter (discouraged by RFC 9700 §4.3.2: URLs end up in logs)."
+        ),
+    )
+    header_prefix = models.CharField(
+        _("header prefix"),
+        max_length=50,
+        default="Bearer",
+        blank=True,
+        help_text=_('Prefix for the Authorization header. Empty means "Bearer".'),
+    )
+    query_param_name = models.CharField(
+        _("query parameter name"),
+        max_length=100,
+        default="access_token",
+        blank=True,
+        help_text=_("Name of the query parameter when the token is added to the query string."),
+    )
+    client_authentication = models.CharField(
+        _("client authentication"),
+        max_length=16,
+        choices=ClientAuthentication.choices,
+        default=ClientAuthentication.BASIC,
+        help_text=_(
+            "How client credentials are sent to the access token URL: a Basic Authorization "
+            "header, or client_id/client_secret in the form body."
+        ),
+    )
+    use_pkce = models.BooleanField(
+        _("use PKCE"),
+        default=True,
+        help_text=_(
+            "Send a PKCE S256 challenge (RFC 7636). Leave on unless the server rejects it."
+        ),
+    )
+    audience = models.CharField(
+        _("audience"),
+        max_length=500,
+        blank=True,
+        help_text=_("Optional audience parameter for token requests (Auth0-style)."),
+    )
+    resource = models.CharField(
+        _("resource"),
+        max_length=2000,
+        blank=True,
+        help_text=_("Optional resource indicator for token requests (RFC 8707)."),
+    )
+    revocation_url = models.URLField(
+        _("revocation URL"),
+        max_length=2000,
+        blank=True,
+        validators=[validate_secure_url],
+        help_text=_("Optional RFC 7009 endpoint; tokens are revoked there when disconnected."),
+    )
+    issuer = models.CharField(
+        _("issuer"),
+        max_length=2000,
+        blank=True,
+        help_text=_(
+            "Optional issuer identifier. When set, the callback's iss parameter must equal it "
+            "(RFC 9207 mix-up defence)."
+        ),
+    )
+    token_lifetime = models.PositiveIntegerField(
+        _("default token lifetime"),
+        null=True,
+        blank=True,
+        help_text=_(
+            "Seconds an access token is assumed to live when the server sends no expires_in. "
+            "Empty: the DATASOURCES['DEFAULT_TOKEN_LIFETIME'] setting. Such tokens are also "
+            "refreshed when the API answers 401."
+        ),
+    )
+    created_at = models.DateTimeField(_("created"), auto_now_add=True)
+    updated_at = models.DateTimeField(_("updated"), auto_now=True)
+
+    class Meta:
+        verbose_name = _("datasource")
+        verbose_name_plural = _("datasources")
+        ordering = ["name"]
+        permissions = [("use_datasource", "Can call datasources through the proxy")]
+
+    def __str__(self) -> str:
+        return self.name
+
+    def __repr__(self) -> str:
+        return f"<Datasource {self.pk}: {self.slug}>"
+
+    def save(self, *args, **kwargs) -> None:
+        self.scopes = normalize_scopes(self.scopes)
+        super().save(*args, **kwargs)
+        Token.objects.get_or_create(datasource=self)
+
+    def clean(self) -> None:
+        errors: dict[str, str] = {}
+        if self.grant_type == GrantType.AUTHORIZATION_CODE and not self.authorization_url:
+            errors["authorization_url"] = _(
+                "The authorization code grant needs an authorization URL."
+            )
+        params = self.custom_auth_params
+        if params in (None, ""):
+            self.custom_auth_params = {}
+        elif not isinstance(params, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in params.items()
+        ):
+            errors["custom_auth_params"] = _(
+                'Enter a JSON object whose values are strings, e.g. {"prompt": "consent"}.'
+            )
+        if self.token_placement == TokenPlacement.QUERY and not self.query_param_name:
+            self.query_param_name = "access_token"
+        if self.issuer:
+            problem = validate_issuer(self.issuer)
+            if problem:
+                errors["issuer"] = problem
+        self.scopes = normalize_scopes(self.scopes)
+        if errors:
+            raise ValidationError(errors)
+
+    @property
+    def scope_list(self) -> list[str]:
+        return self.scopes.split() if self.scopes else []
+
+    @property
+    def effective_header_prefix(self) -> str:
+        return self.header_prefix.strip() or "Bearer"
+
+    @property
+    def effective_token_lifetime(self) -> int:
+        from .conf import app_settings
+
+        return self.token_lifetime or app_settings.DEFAULT_TOKEN_LIFETIME
+
+    @property
+    def has_client_secret(self) -> bool:
+        return bool(self.client_secret)
+
+    def get_admin_url(self) -> str:
+        return reverse("admin:datasources_datasource_change", args=[self.pk])
+
+    def get_authorize_url(self) -> str:
+        return reverse("admin:datasources_datasource_authorize", args=[self.pk])
+
+    def get_access_token(self) -> str:
+        """A valid access token, refreshed first when it is about to expire."""
+        from .tokens import get_access_token
+
+        return get_access_token(self)
+
+    def session(self) -> DatasourceSession:
+        """A requests session that talks to ``base_url`` with the token attached."""
+        from .client import DatasourceSession
+
+        return DatasourceSession(self)
+
+
+def validate_issuer(value: str) -> str | None:
+    from .transport import transport_problem
+
+    problem = transport_problem(value)
+    return f"The issuer {problem}." if problem else None
+
+
+class Token(models.Model):
+    datasource = models.OneToOneField(
+        Datasource, on_delete=models.CASCADE, related_name="token", verbose_name=_("datasource")
+    )
+    access_token = EncryptedTextField(_("access token"), null=True, blank=True)
+    refresh_token = EncryptedTextField(_("refresh token"), null=True, blank=True)
+    token_type = models.CharField(
+        _("token type"), max_length=50, blank=True, help_text=_("As the server reported it.")
+    )
+    scope = models.CharField(
+        _("granted scope"),
+        max_length=2000,
+        blank=True,
+        help_text=_("The scope the server granted (may differ from the one requested)."),
+    )
+    expires_at = models.DateTimeField(
+        _("expires at"), null=True, blank=True, help_text=_("When the access token expires.")
+    )
+    obtained_at = models.DateTimeField(
+        _("obtained at"), null=True, blank=True, help_text=_("When the authorization was granted.")
+    )
+    last_refreshed_at = models.DateTimeField(_("last refreshed at"), null=True, blank=True)
+    status = models.CharField(
+        _("status"),
+        max_length=32,
+        choices=TokenStatus.choices,
+        default=TokenStatus.NOT_AUTHORIZED,
+    )
+    last_error = models.TextField(
+        _("last error"), blank=True, help_text=_("The last refresh failure, without secrets.")
+    )
+    failure_count = models.PositiveIntegerField(
+        _("consecutive failures"), default=0, help_text=_("Reset by a successful refresh.")
+    )
+    next_attempt_at = models.DateTimeField(
+        _("next attempt at"),
+        null=True,
+        blank=True,
+        help_text=_("After a transient failure, when the refresh is retried."),
+    )
+    refresh_count = models.PositiveIntegerField(_("refreshes"), default=0)
+    lease_id = models.CharField(_("refresh lease"), max_length=64, blank=True, editable=False)
+    lease_expires_at = models.DateTimeField(
+        _("refresh lease expires at"), null=True, blank=True, editable=False
+    )
+
+    objects = TokenQuerySet.as_manager()
+
+    class Meta:
+        verbose_name = _("token")
+        verbose_name_plural = _("tokens")
+        indexes = [
+            models.Index(fields=["status", "expires_at"], name="ds_token_status_expiry"),
+            models.Index(fields=["next_attempt_at"], name="ds_token_next_attempt"),
+        ]
+
+    def __str__(self) -> str:
+        return f"Token for {self.datasource_id} ({self.status})"
+
+    def __repr__(self) -> str:
+        return f"<Token {self.pk}: datasource={self.datasource_id} status={self.status}>"
+
+    @property
+    def has_access_token(self) -> bool:
+        return bool(self.access_token)
+
+    @property
+    def has_refresh_token(self) -> bool:
+        return bool(self.refresh_token)
+
+    def is_fresh(self, margin: float, now: datetime | None = None) -> bool:
+        """Usable for at least ``margin`` more seconds."""
+        if not self.access_token or self.status == TokenStatus.NEEDS_REAUTHORIZATION:
+            return False
+        if self.expires_at is None:
+            return True
+        now = now or timezone.now()
+        return self.expires_at - timedelta(seconds=margin) > now
+
+    def is_expired(self, now: datetime | None = None) -> bool:
+        if not self.access_token:
+            return True
+        if self.expires_at is None:
+            return False
+        return self.expires_at <= (now or timezone.now())
+
+
+class TokenEvent(models.Model):
+    class Kind(models.TextChoices):
+        AUTHORIZED = "authorized", _("Authorized")
+        REFRESHED = "refreshed", _("Refreshed")
+        REFRESH_FAILED = "refresh_failed", _("Refresh failed")
+        REAUTHORIZATION_REQUIRED = "reauthorization_required", _("Re-authorization required")
+        REVOKED = "revoked", _("Revoked")
+
+    datasource = models.ForeignKey(
+        Datasource, on_delete=models.CASCADE, related_name="events", verbose_name=_("datasource")
+    )
+    kind = models.CharField(_("event"), max_length=32, choices=Kind.choices)
+    created_at = models.DateTimeField(_("time"), default=timezone.now, db_index=True)
+    detail = models.CharField(_("detail"), max_length=500, blank=True)
+
+    class Meta:
+        verbose_name = _("token event")
+        verbose_name_plural = _("token events")
+        ordering = ["-created_at", "-id"]
+        indexes = [models.Index(fields=["datasource", "-created_at"], name="ds_event_recent")]
+
+    def __str__(self) -> str:
+        return f"{self.get_kind_display()} at {self.created_at:%Y-%m-%d %H:%M:%S}"
+
+
+class AuthorizationRequest(models.Model):
+    """A pending authorization-code request: single-use, bound to a browser session, expiring.
+
+    Only a hash of ``state`` is stored (it travels through the browser); the PKCE verifier is
+    encrypted because it must be sent back to the token endpoint.
+    """
+
+    datasource = models.ForeignKey(Datasource, on_delete=models.CASCADE, related_name="+")
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, null=True, related_name="+"
+    )
+    state_hash = models.CharField(max_length=64, unique=True)
+    session_binding_hash = models.CharField(max_length=64, db_index=True)
+    code_verifier = EncryptedTextField(null=True, blank=True)
+    redirect_uri = models.CharField(max_length=2000)
+    created_at = models.DateTimeField(default=timezone.now)
+    expires_at = models.DateTimeField(db_index=True)
+    used_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        verbose_name = _("authorization request")
+        verbose_name_plural = _("authorization requests")
+
+    def __str__(self) -> str:
+        return f"Authorization request for {self.datasource_id}"
+
+    def __repr__(self) -> str:
+        return f"<AuthorizationRequest {self.pk}: datasource={self.datasource_id}>"

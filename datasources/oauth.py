@@ -1,0 +1,375 @@
+"""Every HTTP call to an authorization server lives here, and only here.
+
+Built on oauthlib's client classes (request bodies, PKCE, token-response validation) with our own
+``requests`` transport, because requests-oauthlib's ``OAuth2Session`` logs request and response
+bodies (client secret, code, refresh token, access token) at DEBUG level and needs process-wide
+environment variables for loopback http:// and changed scopes. Here:
+
+* every URL passes :mod:`datasources.transport` first (https, or http on loopback only);
+* every request has a timeout, our User-Agent and no redirect following;
+* failures come back classified: :class:`ReauthorizationRequired` (the grant is dead),
+  :class:`OAuthError` (another RFC 6749 error), :class:`TransientUpstreamError` (retry later);
+* no exception message or log line contains a secret or the response body.
+"""
+
+from __future__ import annotations
+
+import base64
+import email.utils
+import json
+import logging
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote, urlencode, urlsplit
+
+import requests
+from oauthlib.common import add_params_to_uri
+from oauthlib.oauth2 import (
+    BackendApplicationClient,
+    Client,
+    MissingTokenError,
+    OAuth2Error,
+    WebApplicationClient,
+)
+
+from .conf import app_settings
+from .exceptions import OAuthError, ReauthorizationRequired, TransientUpstreamError
+from .transport import check_transport
+
+if TYPE_CHECKING:
+    from .models import Datasource
+
+logger = logging.getLogger(__name__)
+
+#: Token-endpoint error codes after which only a person can fix things (RFC 6749 §5.2).
+PERMANENT_ERRORS = frozenset({"invalid_grant", "invalid_client", "unauthorized_client"})
+#: Authorization parameters that custom parameters may not override.
+RESERVED_AUTH_PARAMS = frozenset(
+    {
+        "response_type",
+        "client_id",
+        "redirect_uri",
+        "state",
+        "code_challenge",
+        "code_challenge_method",
+    }
+)
+_ERROR_CODE = re.compile(r"^[\x20\x21\x23-\x5b\x5d-\x7e]{1,100}$")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+_local = threading.local()
+
+
+@dataclass(frozen=True)
+class TokenResponse:
+    """A successful token response. Secrets are kept out of ``repr``."""
+
+    access_token: str = field(repr=False)
+    token_type: str = "Bearer"
+    expires_in: int | None = None
+    refresh_token: str | None = field(default=None, repr=False)
+    scope: str = ""
+
+
+@dataclass(frozen=True)
+class PkcePair:
+    verifier: str = field(repr=False)
+    challenge: str
+
+
+def http_session() -> requests.Session:
+    """One pooled session per thread, with our User-Agent. Timeouts are passed on every call."""
+    session = getattr(_local, "session", None)
+    if session is None:
+        session = requests.Session()
+        session.headers["User-Agent"] = app_settings.USER_AGENT
+        session.trust_env = False
+        _local.session = session
+    return session
+
+
+def new_pkce_pair() -> PkcePair:
+    client = Client(client_id="")
+    verifier = client.create_code_verifier(64)
+    return PkcePair(verifier=verifier, challenge=client.create_code_challenge(verifier, "S256"))
+
+
+def build_authorization_url(
+    datasource: Datasource, *, state: str, redirect_uri: str, code_challenge: str | None
+) -> str:
+    """The provider URL to send the user to (RFC 6749 §4.1.1 + PKCE + custom parameters)."""
+    check_transport(datasource.authorization_url)
+    params: list[tuple[str, str]] = [
+        (key, value)
+        for key, value in (datasource.custom_auth_params or {}).items()
+        if key not in RESERVED_AUTH_PARAMS
+    ]
+    params += [
+        ("response_type", "code"),
+        ("client_id", datasource.client_id),
+        ("redirect_uri", redirect_uri),
+        ("state", state),
+    ]
+    if datasource.scopes:
+        params.append(("scope", datasource.scopes))
+    if code_challenge:
+        params += [("code_challenge", code_challenge), ("code_challenge_method", "S256")]
+    params += _extra_token_params(datasource)
+    return add_params_to_uri(datasource.authorization_url, params)
+
+
+def exchange_code(
+    datasource: Datasource, *, code: str, redirect_uri: str, code_verifier: str | None
+) -> TokenResponse:
+    """Authorization code grant (RFC 6749 §4.1.3), with the PKCE verifier when one was sent."""
+    client = WebApplicationClient(datasource.client_id)
+    extra: dict[str, Any] = dict(_extra_token_params(datasource))
+    if code_verifier:
+        extra["code_verifier"] = code_verifier
+    body, headers = _with_client_auth(
+        datasource,
+        lambda **auth: client.prepare_request_body(
+            code=code, redirect_uri=redirect_uri, **auth, **extra
+        ),
+    )
+    return _token_request(
+        datasource,
+        client,
+        body,
+        headers,
+        secrets=[code, code_verifier],
+        what="code exchange",
+    )
+
+
+def refresh(datasource: Datasource, refresh_token: str) -> TokenResponse:
+    """Refresh token grant (RFC 6749 §6). Client credentials are always sent as configured."""
+    client = WebApplicationClient(datasource.client_id)
+    extra = dict(_extra_token_params(datasource))
+    body, headers = _with_client_auth(
+        datasource,
+        lambda **auth: client.prepare_refresh_body(refresh_token=refresh_token, **auth, **extra),
+    )
+    return _token_request(
+        datasource, client, body, headers, secrets=[refresh_token], what="refresh"
+    )
+
+
+def client_credentials(datasource: Datasource) -> TokenResponse:
+    """Client credentials grant (RFC 6749 §4.4)."""
+    client = BackendApplicationClient(datasource.client_id)
+    extra = dict(_extra_token_params(datasource))
+    scope = datasource.scopes or None
+    body, headers = _with_client_auth(
+        datasource, lambda **auth: client.prepare_request_body(scope=scope, **auth, **extra)
+    )
+    return _token_request(
+        datasource, client, body, headers, secrets=[], what="client credentials grant"
+    )
+
+
+def revoke(datasource: Datasource, token: str, token_type_hint: str) -> None:
+    """RFC 7009 revocation. Raises like the token calls; callers decide whether to go on."""
+    check_transport(datasource.revocation_url)
+
+    def prepare(include_client_id: bool, client_secret: str | None = None) -> str:
+        params = [("token", token), ("token_type_hint", token_type_hint)]
+        if include_client_id:
+            params.append(("client_id", datasource.client_id))
+        if client_secret:
+            params.append(("client_secret", client_secret))
+        return urlencode(params)
+
+    body, headers = _with_client_auth(datasource, prepare)
+    response = _post(datasource.revocation_url, body, headers, datasource, "revocation")
+    if response.status_code == 200:
+        return
+    _raise_for_error_response(response, datasource, secrets=[token], what="revocation")
+    raise TransientUpstreamError(f"Revocation endpoint answered HTTP {response.status_code}.")
+
+
+# --- internals -------------------------------------------------------------------------------
+
+
+def _extra_token_params(datasource: Datasource) -> list[tuple[str, str]]:
+    params = []
+    if datasource.audience:
+        params.append(("audience", datasource.audience))
+    if datasource.resource:
+        params.append(("resource", datasource.resource))
+    return params
+
+
+def _with_client_auth(datasource: Datasource, prepare) -> tuple[str, dict[str, str]]:
+    """Apply the datasource's client authentication (RFC 6749 §2.3.1) to a token request."""
+    headers = {
+        "Content-Type": "application/x-www-form-urlencoded",
+        "Accept": "application/json",
+    }
+    secret = datasource.client_secret or ""
+    if datasource.client_authentication == "basic" and secret:
+        # Both parts are form-urlencoded before base64, as §2.3.1 requires.
+        raw = f"{quote(datasource.client_id, safe='')}:{quote(secret, safe='')}"
+        headers["Authorization"] = "Basic " + base64.b64encode(raw.encode()).decode("ascii")
+        body = prepare(include_client_id=False)
+    elif secret:
+        body = prepare(include_client_id=True, client_secret=secret)
+    else:
+        body = prepare(include_client_id=True)
+    return body, headers
+
+
+def _post(
+    url: str, body: str, headers: dict[str, str], datasource: Datasource, what: str
+) -> requests.Response:
+    check_transport(url)
+    host = urlsplit(url).hostname
+    started = time.monotonic()
+    try:
+        response = http_session().post(
+            url,
+            data=body,
+            headers=headers,
+            timeout=app_settings.HTTP_TIMEOUT,
+            allow_redirects=False,
+        )
+    except requests.Timeout:
+        logger.warning("%s for datasource %s: %s timed out", what, datasource.slug, host)
+        raise TransientUpstreamError(f"The {what} request to {host} timed out.") from None
+    except requests.RequestException as err:
+        logger.warning(
+            "%s for datasource %s: %s unreachable (%s)",
+            what,
+            datasource.slug,
+            host,
+            type(err).__name__,
+        )
+        raise TransientUpstreamError(
+            f"The {what} request to {host} failed: {type(err).__name__}."
+        ) from None
+    logger.info(
+        "%s for datasource %s: %s answered HTTP %s in %.0f ms",
+        what,
+        datasource.slug,
+        host,
+        response.status_code,
+        (time.monotonic() - started) * 1000,
+    )
+    return response
+
+
+def _token_request(
+    datasource: Datasource,
+    client: Client,
+    body: str,
+    headers: dict[str, str],
+    *,
+    secrets: list[str | None],
+    what: str,
+) -> TokenResponse:
+    response = _post(datasource.access_token_url, body, headers, datasource, what)
+    all_secrets = [s for s in [*secrets, datasource.client_secret] if s]
+    if response.status_code != 200:
+        _raise_for_error_response(response, datasource, secrets=all_secrets, what=what)
+        raise TransientUpstreamError(
+            f"The token endpoint answered HTTP {response.status_code} to the {what}."
+        )
+    content_type = response.headers.get("Content-Type", "").split(";")[0].strip().lower()
+    text = response.text
+    if content_type != "application/x-www-form-urlencoded" and _json_or_none(text) is None:
+        raise TransientUpstreamError(
+            f"The token endpoint's answer to the {what} is not JSON"
+            f"{' (' + content_type + ')' if content_type else ''}."
+        )
+    try:
+        token = client.parse_request_body_response(text, scope=datasource.scopes or None)
+    except Warning as warning:  # granted scope differs from the requested one: that's allowed
+        token = warning.token
+    except MissingTokenError:
+        raise TransientUpstreamError(
+            f"The token endpoint's answer to the {what} has no access_token."
+        ) from None
+    except OAuth2Error as err:
+        raise _classified(err.error, err.description, all_secrets) from None
+    except (ValueError, TypeError):
+        raise TransientUpstreamError(
+            f"The token endpoint's answer to the {what} is malformed."
+        ) from None
+    scope = token.get("scope") or ""
+    if isinstance(scope, list | tuple):
+        scope = " ".join(scope)
+    return TokenResponse(
+        access_token=str(token["access_token"]),
+        token_type=str(token.get("token_type") or "Bearer"),
+        expires_in=token.get("expires_in"),
+        refresh_token=(str(token["refresh_token"]) if token.get("refresh_token") else None),
+        scope=str(scope),
+    )
+
+
+def _raise_for_error_response(
+    response: requests.Response, datasource: Datasource, *, secrets: list[str], what: str
+) -> None:
+    """Raise the classified error for a non-200 answer; return if it has no recognisable shape."""
+    status = response.status_code
+    if status == 429:
+        raise TransientUpstreamError(
+            f"The authorization server is rate limiting the {what} (HTTP 429).",
+            retry_after=parse_retry_after(response.headers.get("Retry-After")),
+        )
+    if status >= 500:
+        raise TransientUpstreamError(f"The authorization server answered HTTP {status}.")
+    if 300 <= status < 400:
+        raise TransientUpstreamError(
+            f"The authorization server answered the {what} with a redirect (HTTP {status}); "
+            "check the URL."
+        )
+    payload = _json_or_none(response.text)
+    if isinstance(payload, dict) and isinstance(payload.get("error"), str):
+        raise _classified(payload["error"], payload.get("error_description"), secrets)
+    if status == 401:
+        raise ReauthorizationRequired(
+            "invalid_client", "The authorization server rejected the client credentials (HTTP 401)."
+        )
+
+
+def _classified(error: Any, description: Any, secrets: list[str]) -> OAuthError:
+    code = str(error) if isinstance(error, str) and _ERROR_CODE.match(error) else "invalid_response"
+    text = sanitize_description(description, secrets)
+    cls = ReauthorizationRequired if code in PERMANENT_ERRORS else OAuthError
+    return cls(code, text)
+
+
+def sanitize_description(description: Any, secrets: list[str]) -> str:
+    """A provider's error_description, shortened, stripped of control characters and secrets."""
+    if not isinstance(description, str):
+        return ""
+    text = _CONTROL.sub(" ", description)
+    for secret in secrets:
+        if secret and len(secret) >= 4:
+            text = text.replace(secret, "[redacted]")
+    return text[:200]
+
+
+def _json_or_none(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Retry-After as seconds: delta-seconds or an HTTP date (RFC 9110 §10.2.3)."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())

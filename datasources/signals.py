@@ -1,0 +1,18 @@
+"""Signals other code can listen to. Receivers get no secret values.
+
+datasource_authorized(sender=Datasource, datasource, user)
+    The authorization-code flow stored a new token.
+token_refreshed(sender=Datasource, datasource, token)
+    A refresh (or a new client-credentials grant) succeeded.
+token_refresh_failed(sender=Datasource, datasource, token, error, transient)
+    A refresh failed; ``transient`` says whether it will be retried.
+reauthorization_required(sender=Datasource, datasource, token, error)
+    A refresh failed for good; someone must re-authorize in the admin.
+"""
+
+from django.dispatch import Signal
+
+datasource_authorized = Signal()
+token_refreshed = Signal()
+token_refresh_failed = Signal()
+reauthorization_required = Signal()

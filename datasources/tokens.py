@@ -1,0 +1,476 @@
+"""Getting a valid access token: single-flight refresh, failure classification, storage.
+
+The one service behind the proxy, the Celery tasks, the admin and app code.
+
+Single flight: a refresh first takes a lease on the token row with one conditional UPDATE
+(``lease_expires_at`` empty or lapsed), which works the same on SQLite and PostgreSQL and across
+threads, processes and machines. After winning, the row is read again: another holder may have
+refreshed it in the meantime. Callers that lose the race poll the row until the winner is done
+and use its result. A crashed holder's lease lapses after ``LEASE_SECONDS``.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import random
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from django.db import transaction
+from django.db.models import F, Q
+from django.utils import timezone
+
+from . import oauth
+from .conf import app_settings
+from .exceptions import (
+    DatasourceError,
+    NotAuthorized,
+    OAuthError,
+    ReauthorizationRequired,
+    TransientUpstreamError,
+)
+from .models import Datasource, GrantType, Token, TokenEvent, TokenStatus
+from .signals import (
+    datasource_authorized,
+    reauthorization_required,
+    token_refresh_failed,
+    token_refreshed,
+)
+
+logger = logging.getLogger(__name__)
+
+_POLL_INTERVAL = 0.05
+
+
+@dataclass(frozen=True)
+class RefreshResult:
+    """What one refresh attempt did: ``refreshed``, ``fresh`` (nothing to do), ``transient``,
+    ``reauthorization`` or ``skipped`` (someone else holds the lease, or not authorized)."""
+
+    outcome: str
+    token: Token | None = None
+    error: str = ""
+
+
+def get_access_token(datasource: Datasource, *, leeway: float | None = None) -> str:
+    """A valid access token, refreshed first when it expires within ``leeway`` seconds."""
+    token = get_valid_token(datasource, leeway=leeway)
+    assert token.access_token
+    return token.access_token
+
+
+def get_valid_token(datasource: Datasource, *, leeway: float | None = None) -> Token:
+    """The token row with a usable access token, refreshing (single-flight) if needed.
+
+    Raises NotAuthorized, ReauthorizationRequired or TransientUpstreamError.
+    """
+    margin = app_settings.REQUEST_LEEWAY if leeway is None else leeway
+    token = _load(datasource)
+    if token.is_fresh(margin):
+        return token
+    return _refresh_single_flight(datasource, margin=margin, stale_access_token=None, wait=True)
+
+
+def refresh_after_rejection(datasource: Datasource, rejected_access_token: str) -> Token:
+    """The upstream API answered 401 to ``rejected_access_token``: refresh unless someone else
+    already replaced it, and return the token to retry with."""
+    return _refresh_single_flight(
+        datasource, margin=0, stale_access_token=rejected_access_token, wait=True
+    )
+
+
+def refresh_token(
+    token_or_datasource: Token | Datasource, *, margin: float | None = None, force: bool = False
+) -> RefreshResult:
+    """One background refresh attempt; never raises for upstream failures, never waits long.
+
+    Used by the Celery task, ``manage.py refresh_tokens`` and the admin's "refresh now".
+    """
+    datasource = (
+        token_or_datasource.datasource
+        if isinstance(token_or_datasource, Token)
+        else token_or_datasource
+    )
+    margin = app_settings.REFRESH_MARGIN if margin is None else margin
+    token = _load(datasource)
+    if token.status == TokenStatus.NEEDS_REAUTHORIZATION:
+        return RefreshResult("reauthorization", token, token.last_error)
+    if not force and token.is_fresh(margin) and not _too_old(token):
+        return RefreshResult("fresh", token)
+    if not force and _unrenewable_but_valid(datasource, token, None):
+        return RefreshResult("fresh", token)
+    try:
+        token = _refresh_single_flight(
+            datasource,
+            margin=margin,
+            stale_access_token=token.access_token if force or _too_old(token) else None,
+            wait=False,
+        )
+    except _LeaseBusy:
+        return RefreshResult("skipped", token)
+    except NotAuthorized as err:
+        return RefreshResult("skipped", token, str(err))
+    except ReauthorizationRequired as err:
+        return RefreshResult("reauthorization", _load(datasource), str(err))
+    except TransientUpstreamError as err:
+        return RefreshResult("transient", _load(datasource), str(err))
+    return RefreshResult("refreshed", token)
+
+
+def store_authorization(
+    datasource: Datasource, response: oauth.TokenResponse, *, user=None
+) -> Token:
+    """Store the token from a completed authorization-code flow (replaces any previous one)."""
+    now = timezone.now()
+    with transaction.atomic():
+        Token.objects.filter(datasource=datasource).update(
+            **_token_fields(datasource, response, now, keep_refresh_token=False),
+            obtained_at=now,
+            status=TokenStatus.ACTIVE,
+            last_error="",
+            failure_count=0,
+            next_attempt_at=None,
+            lease_id="",
+            lease_expires_at=None,
+        )
+        record_event(datasource, TokenEvent.Kind.AUTHORIZED, _granted(response))
+    token = _load(datasource)
+    datasource_authorized.send(sender=Datasource, datasource=datasource, user=user)
+    return token
+
+
+def disconnect(datasource: Datasource) -> list[str]:
+    """Revoke at ``revocation_url`` (refresh token first, RFC 7009 §2) when set, then forget the
+    stored tokens. Returns the problems met while revoking (secret-free)."""
+    token = _load(datasource)
+    problems: list[str] = []
+    if datasource.revocation_url:
+        for value, hint in (
+            (token.refresh_token, "refresh_token"),
+            (token.access_token, "access_token"),
+        ):
+            if not value:
+                continue
+            try:
+                oauth.revoke(datasource, value, hint)
+            except DatasourceError as err:
+                problems.append(f"Revoking the {hint.replace('_', ' ')} failed: {err}")
+    with transaction.atomic():
+        Token.objects.filter(pk=token.pk).update(
+            access_token=None,
+            refresh_token=None,
+            token_type="",
+            scope="",
+            expires_at=None,
+            obtained_at=None,
+            status=TokenStatus.NOT_AUTHORIZED,
+            last_error="",
+            failure_count=0,
+            next_attempt_at=None,
+            lease_id="",
+            lease_expires_at=None,
+        )
+        record_event(
+            datasource,
+            TokenEvent.Kind.REVOKED,
+            "Disconnected" + (" (revocation failed)" if problems else ""),
+        )
+    return problems
+
+
+def reset_after_reconfiguration(datasource: Datasource) -> None:
+    """Credentials were edited: a client-credentials datasource may try again at once."""
+    if datasource.grant_type == GrantType.CLIENT_CREDENTIALS:
+        Token.objects.filter(datasource=datasource).exclude(status=TokenStatus.ACTIVE).update(
+            status=TokenStatus.NOT_AUTHORIZED, failure_count=0, next_attempt_at=None, last_error=""
+        )
+
+
+def record_event(datasource: Datasource, kind: str, detail: str = "") -> TokenEvent:
+    return TokenEvent.objects.create(datasource=datasource, kind=kind, detail=detail[:500])
+
+
+# --- internals -------------------------------------------------------------------------------
+
+
+class _LeaseBusy(Exception):
+    pass
+
+
+def _load(datasource: Datasource) -> Token:
+    token, _ = Token.objects.select_related("datasource").get_or_create(datasource=datasource)
+    return token
+
+
+def _too_old(token: Token) -> bool:
+    if token.status != TokenStatus.ACTIVE or token.last_refreshed_at is None:
+        return False
+    age = (timezone.now() - token.last_refreshed_at).total_seconds()
+    return age >= app_settings.MAX_TOKEN_AGE
+
+
+def _acquire_lease(token: Token) -> str | None:
+    lease_id = uuid.uuid4().hex
+    now = timezone.now()
+    won = (
+        Token.objects.filter(pk=token.pk)
+        .filter(Q(lease_expires_at__isnull=True) | Q(lease_expires_at__lt=now))
+        .update(
+            lease_id=lease_id, lease_expires_at=now + timedelta(seconds=app_settings.LEASE_SECONDS)
+        )
+    )
+    return lease_id if won else None
+
+
+def _release_lease(token: Token, lease_id: str) -> None:
+    Token.objects.filter(pk=token.pk, lease_id=lease_id).update(lease_id="", lease_expires_at=None)
+
+
+def _same_secret(a: str | None, b: str | None) -> bool:
+    return bool(a) and bool(b) and hmac.compare_digest(a.encode(), b.encode())
+
+
+def _needs_refresh(token: Token, margin: float, stale_access_token: str | None) -> bool:
+    if stale_access_token is not None:
+        # Forced: only if nobody replaced the token we were told is bad.
+        return _same_secret(token.access_token, stale_access_token) or not token.access_token
+    return not token.is_fresh(margin)
+
+
+def _refresh_single_flight(
+    datasource: Datasource, *, margin: float, stale_access_token: str | None, wait: bool
+) -> Token:
+    deadline = time.monotonic() + app_settings.LEASE_WAIT
+    while True:
+        token = _load(datasource)
+        if not _needs_refresh(token, margin, stale_access_token):
+            return token
+        if _unrenewable_but_valid(datasource, token, stale_access_token):
+            return token
+        _raise_if_unusable(datasource, token)
+        if wait and _in_backoff(token):
+            return _backoff_answer(datasource, token, stale_access_token)
+        lease_id = _acquire_lease(token)
+        if lease_id:
+            try:
+                token = _load(datasource)  # re-check: the previous holder may have just finished
+                if not _needs_refresh(token, margin, stale_access_token):
+                    return token
+                _raise_if_unusable(datasource, token)
+                if wait and _in_backoff(token):
+                    return _backoff_answer(datasource, token, stale_access_token)
+                return _perform_refresh(datasource, token, lease_id)
+            finally:
+                _release_lease(token, lease_id)
+        if not wait:
+            raise _LeaseBusy
+        if time.monotonic() >= deadline:
+            token = _load(datasource)
+            if stale_access_token is None and token.access_token and not token.is_expired():
+                return token
+            raise TransientUpstreamError("Timed out waiting for another refresh of this token.")
+        time.sleep(_POLL_INTERVAL)
+
+
+def _raise_if_unusable(datasource: Datasource, token: Token) -> None:
+    if token.status == TokenStatus.NEEDS_REAUTHORIZATION:
+        raise ReauthorizationRequired(
+            "reauthorization_required",
+            f"Datasource {datasource.slug!r} needs to be re-authorized in the admin.",
+        )
+    if datasource.grant_type == GrantType.AUTHORIZATION_CODE and not token.refresh_token:
+        if not token.access_token:
+            raise NotAuthorized(f"Datasource {datasource.slug!r} has not been authorized yet.")
+        err = ReauthorizationRequired(
+            "no_refresh_token",
+            f"The token of datasource {datasource.slug!r} needs renewing and the server gave "
+            "no refresh token; re-authorize in the admin.",
+        )
+        _record_permanent(datasource, token, err)
+        raise err
+
+
+def _unrenewable_but_valid(
+    datasource: Datasource, token: Token, stale_access_token: str | None
+) -> bool:
+    """Without a refresh token there is nothing better than the current token until it expires."""
+    return (
+        datasource.grant_type == GrantType.AUTHORIZATION_CODE
+        and not token.refresh_token
+        and stale_access_token is None
+        and bool(token.access_token)
+        and not token.is_expired()
+        and token.status == TokenStatus.ACTIVE
+    )
+
+
+def _in_backoff(token: Token) -> bool:
+    return bool(token.next_attempt_at and token.next_attempt_at > timezone.now())
+
+
+def _backoff_answer(datasource: Datasource, token: Token, stale_access_token: str | None) -> Token:
+    """During a transient-failure backoff the request path does not hammer the server: it uses
+    the current token while that is still valid, and otherwise reports the recorded failure."""
+    if stale_access_token is None and token.access_token and not token.is_expired():
+        return token
+    assert token.next_attempt_at is not None
+    raise TransientUpstreamError(
+        f"Refreshing datasource {datasource.slug!r} failed recently ({token.last_error}); "
+        f"next attempt at {token.next_attempt_at:%H:%M:%S} UTC.",
+        retry_after=(token.next_attempt_at - timezone.now()).total_seconds(),
+    )
+
+
+def _perform_refresh(datasource: Datasource, token: Token, lease_id: str) -> Token:
+    try:
+        if datasource.grant_type == GrantType.CLIENT_CREDENTIALS:
+            response = oauth.client_credentials(datasource)
+        else:
+            if not token.refresh_token:  # guarded by _raise_if_unusable
+                raise NotAuthorized(f"Datasource {datasource.slug!r} has no refresh token.")
+            response = oauth.refresh(datasource, token.refresh_token)
+    except TransientUpstreamError as err:
+        _record_transient(datasource, token, err)
+        raise
+    except OAuthError as err:
+        _record_permanent(datasource, token, err)
+        if isinstance(err, ReauthorizationRequired):
+            raise
+        raise ReauthorizationRequired(err.error, err.description) from None
+    return _store_refresh(datasource, token, response, lease_id)
+
+
+def _store_refresh(
+    datasource: Datasource, token: Token, response: oauth.TokenResponse, lease_id: str
+) -> Token:
+    """Persist access and (rotated) refresh token in one UPDATE, before anyone can use either."""
+    now = timezone.now()
+    fields = _token_fields(datasource, response, now, keep_refresh_token=True)
+    first_grant = token.status == TokenStatus.NOT_AUTHORIZED
+    with transaction.atomic():
+        updated = Token.objects.filter(pk=token.pk).update(
+            **fields,
+            status=TokenStatus.ACTIVE,
+            last_error="",
+            failure_count=0,
+            next_attempt_at=None,
+            refresh_count=F("refresh_count") + 1,
+            **({"obtained_at": now} if first_grant else {}),
+        )
+        if updated:
+            record_event(datasource, TokenEvent.Kind.REFRESHED, _granted(response))
+    fresh = _load(datasource)
+    if fresh.lease_id != lease_id:
+        logger.warning(
+            "refresh lease of datasource %s lapsed before the refresh finished", datasource.slug
+        )
+    token_refreshed.send(sender=Datasource, datasource=datasource, token=fresh)
+    return fresh
+
+
+def _token_fields(
+    datasource: Datasource,
+    response: oauth.TokenResponse,
+    now: datetime,
+    *,
+    keep_refresh_token: bool,
+) -> dict:
+    lifetime = (
+        response.expires_in
+        if response.expires_in is not None
+        else datasource.effective_token_lifetime
+    )
+    fields = {
+        "access_token": response.access_token,
+        "token_type": response.token_type[:50],
+        "scope": (response.scope or datasource.scopes)[:2000],
+        "expires_at": now + timedelta(seconds=max(0, int(lifetime))),
+        "last_refreshed_at": now,
+    }
+    if response.refresh_token or not keep_refresh_token:
+        # Rotation: the new refresh token replaces the old one; none sent: keep the stored one.
+        fields["refresh_token"] = response.refresh_token
+    return fields
+
+
+def _granted(response: oauth.TokenResponse) -> str:
+    parts = [
+        f"expires in {response.expires_in}s"
+        if response.expires_in is not None
+        else "no expiry given"
+    ]
+    if response.scope:
+        parts.append(f"scope: {response.scope}")
+    if response.refresh_token:
+        parts.append("new refresh token")
+    return "; ".join(parts)
+
+
+def backoff_seconds(failure_count: int, retry_after: float | None = None) -> float:
+    """Exponential backoff with +/-20% jitter; never sooner than the server's Retry-After."""
+    base = min(app_settings.BACKOFF_MAX, app_settings.BACKOFF_BASE * 2 ** max(0, failure_count - 1))
+    delay = base * random.uniform(0.8, 1.2)
+    if retry_after is not None:
+        delay = max(delay, retry_after)
+    return delay
+
+
+def _record_transient(datasource: Datasource, token: Token, err: TransientUpstreamError) -> None:
+    failures = token.failure_count + 1
+    delay = backoff_seconds(failures, err.retry_after)
+    message = str(err)[:1000]
+    Token.objects.filter(pk=token.pk).update(
+        failure_count=failures,
+        last_error=message,
+        next_attempt_at=timezone.now() + timedelta(seconds=delay),
+    )
+    record_event(datasource, TokenEvent.Kind.REFRESH_FAILED, f"{message} Retrying in {delay:.0f}s.")
+    logger.warning(
+        "refresh of datasource %s failed (transient, attempt %d): %s; retrying in %.0fs",
+        datasource.slug,
+        failures,
+        message,
+        delay,
+    )
+    token_refresh_failed.send(
+        sender=Datasource, datasource=datasource, token=token, error=message, transient=True
+    )
+
+
+def _record_permanent(datasource: Datasource, token: Token, err: OAuthError) -> None:
+    message = str(err)[:1000]
+    Token.objects.filter(pk=token.pk).update(
+        status=TokenStatus.NEEDS_REAUTHORIZATION,
+        failure_count=token.failure_count + 1,
+        last_error=message,
+        next_attempt_at=None,
+    )
+    record_event(datasource, TokenEvent.Kind.REAUTHORIZATION_REQUIRED, message)
+    logger.error("datasource %s needs re-authorization: %s", datasource.slug, message)
+    token_refresh_failed.send(
+        sender=Datasource, datasource=datasource, token=token, error=message, transient=False
+    )
+    reauthorization_required.send(
+        sender=Datasource, datasource=datasource, token=token, error=message
+    )
+
+
+def due_token_ids(limit: int | None = None) -> list[int]:
+    """Ids of the tokens the background sweep should refresh now, most urgent first."""
+    limit = app_settings.SWEEP_BATCH_SIZE if limit is None else limit
+    due = Token.objects.due(
+        margin=app_settings.REFRESH_MARGIN, max_age=app_settings.MAX_TOKEN_AGE
+    ).order_by(F("expires_at").asc(nulls_first=True))
+    return list(due.values_list("pk", flat=True)[:limit])
+
+
+def prune_history() -> int:
+    """Drop token events past the retention period and stale authorization requests."""
+    from .flow import purge_expired
+
+    cutoff = timezone.now() - timedelta(days=app_settings.EVENT_RETENTION_DAYS)
+    deleted, _ = TokenEvent.objects.filter(created_at__lt=cutoff).delete()
+    return deleted + purge_expired()

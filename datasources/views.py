@@ -1,0 +1,84 @@
+"""Thin views for the authorization-code flow; errors become pages that explain."""
+
+from __future__ import annotations
+
+from django.contrib import messages
+from django.contrib.admin.views.decorators import staff_member_required
+from django.core.exceptions import PermissionDenied
+from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
+from django.shortcuts import get_object_or_404, render
+from django.views.decorators.cache import never_cache
+from django.views.decorators.http import require_GET
+
+from . import flow
+from .exceptions import DatasourceError, InvalidState
+from .models import Datasource
+from .oauth import sanitize_description
+
+
+@never_cache
+def start_authorization(request: HttpRequest, pk: int) -> HttpResponse:
+    """Admin: redirect to the provider's authorization URL (staff with change permission)."""
+    datasource = get_object_or_404(Datasource, pk=pk)
+    if not request.user.has_perm("datasources.change_datasource"):
+        raise PermissionDenied
+    if datasource.grant_type != "authorization_code":
+        messages.error(
+            request, "Client-credentials datasources need no authorization: use “Refresh now”."
+        )
+        return HttpResponseRedirect(datasource.get_admin_url())
+    try:
+        url = flow.start(request, datasource)
+    except DatasourceError as err:
+        messages.error(request, f"Cannot start the authorization: {err}")
+        return HttpResponseRedirect(datasource.get_admin_url())
+    return HttpResponseRedirect(url)
+
+
+@never_cache
+@require_GET
+@staff_member_required
+def authorization_callback(request: HttpRequest) -> HttpResponse:
+    """``/api/v1/datasources/authorize``: the provider sends the browser back here."""
+    try:
+        auth_request = flow.consume(request)
+    except InvalidState as err:
+        return _failure(request, str(err))
+    datasource = auth_request.datasource
+    if datasource.issuer and request.GET.get("iss") != datasource.issuer:
+        return _failure(
+            request,
+            "The authorization response came from an unexpected issuer (RFC 9207 “iss” does "
+            "not match this datasource's issuer). Nothing was changed.",
+            datasource=datasource,
+        )
+    if "error" in request.GET:
+        code = sanitize_description(request.GET.get("error"), [])[:100]
+        description = sanitize_description(request.GET.get("error_description"), [])
+        text = {
+            "access_denied": "Access was denied at the provider",
+        }.get(code, f"The provider answered “{code}”")
+        messages.error(
+            request,
+            f"{text}{': ' + description if description else ''}. The stored token is unchanged.",
+        )
+        return HttpResponseRedirect(datasource.get_admin_url())
+    code = request.GET.get("code", "")
+    if not code:
+        return _failure(request, "The authorization response has no code.", datasource=datasource)
+    try:
+        flow.complete(auth_request, code, user=request.user)
+    except DatasourceError as err:
+        messages.error(request, f"Authorization failed: {err}. The stored token is unchanged.")
+        return HttpResponseRedirect(datasource.get_admin_url())
+    messages.success(request, f"“{datasource}” is authorized and active.")
+    return HttpResponseRedirect(datasource.get_admin_url())
+
+
+def _failure(request: HttpRequest, message: str, datasource: Datasource | None = None):
+    return render(
+        request,
+        "datasources/authorization_failed.html",
+        {"message": message, "datasource": datasource, "title": "Authorization failed"},
+        status=400,
+    )

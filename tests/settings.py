@@ -1,0 +1,44 @@
+"""Test project: the real project settings plus django-oauth-toolkit as a real authorization
+server and a small protected upstream API, both served by the same Django process."""
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("SECRET_KEY", "test-secret-key-not-for-production")
+# Two keys so rotation paths are exercised; the first encrypts.
+os.environ.setdefault(
+    "FERNET_KEYS",
+    "tZ7s0hU3Dj1sH9bq9lq0mY3e3yqg2v3o6pQk2yq6X0E=,6h2Ku0m6mJ7m0bXJ8oP1gqv1Ss0v2eQm0kJwQj0bZ3A=",
+)
+os.environ.setdefault("DATA_DIR", str(Path(__file__).resolve().parent.parent / "var" / "test"))
+
+from config.settings import *  # noqa: E402,F403
+from config.settings import BASE_DIR, DATABASES, DATA_DIR, INSTALLED_APPS, TEMPLATES  # noqa: E402
+
+INSTALLED_APPS = [*INSTALLED_APPS, "oauth2_provider"]
+ROOT_URLCONF = "tests.urls"
+TEMPLATES[0]["DIRS"] = [BASE_DIR / "tests" / "templates", *TEMPLATES[0]["DIRS"]]
+LOGIN_URL = "/accounts/login/"
+ALLOWED_HOSTS = ["*"]
+PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+SESSION_COOKIE_SECURE = False
+CSRF_COOKIE_SECURE = False
+
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    # A file, not :memory:, so worker and helper processes see the same test database.
+    DATABASES["default"]["TEST"] = {"NAME": str(DATA_DIR / "pytest-db.sqlite3")}
+
+OAUTH2_PROVIDER = {
+    "PKCE_REQUIRED": True,
+    "ROTATE_REFRESH_TOKEN": True,
+    "REFRESH_TOKEN_REUSE_PROTECTION": True,
+    "REFRESH_TOKEN_GRACE_PERIOD_SECONDS": 0,
+    "ACCESS_TOKEN_EXPIRE_SECONDS": 3600,
+    "SCOPES": {"read": "Read", "write": "Write"},
+    "ALLOWED_REDIRECT_URI_SCHEMES": ["http", "https"],
+}
+
+DATASOURCES = {
+    **DATASOURCES,  # noqa: F405
+    "LEASE_WAIT": 20.0,
+}
