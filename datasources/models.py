@@ -69,7 +69,7 @@ class Datasource(models.Model):
         _("slug"),
         max_length=100,
         unique=True,
-        help_text=_("URL-safe unique key; the proxy serves /api/v1/datasources/<slug>/proxy/."),
+        help_text=_("URL-safe unique key; the proxy serves /api/v1/datasources/SLUG/proxy/…"),
     )
     base_url = models.URLField(
         _("base URL"),

@@ -175,10 +175,10 @@ def revoke(datasource: Datasource, token: str, token_type_hint: str) -> None:
     """RFC 7009 revocation. Raises like the token calls; callers decide whether to go on."""
     check_transport(datasource.revocation_url)
 
-    def prepare(include_client_id: bool, client_secret: str | None = None) -> str:
+    def prepare(include_client_id: bool, client_id: str, client_secret: str | None = None) -> str:
         params = [("token", token), ("token_type_hint", token_type_hint)]
         if include_client_id:
-            params.append(("client_id", datasource.client_id))
+            params.append(("client_id", client_id))
         if client_secret:
             params.append(("client_secret", client_secret))
         return urlencode(params)
@@ -210,15 +210,16 @@ def _with_client_auth(datasource: Datasource, prepare) -> tuple[str, dict[str, s
         "Accept": "application/json",
     }
     secret = datasource.client_secret or ""
+    client_id = datasource.client_id
     if datasource.client_authentication == "basic" and secret:
         # Both parts are form-urlencoded before base64, as §2.3.1 requires.
-        raw = f"{quote(datasource.client_id, safe='')}:{quote(secret, safe='')}"
+        raw = f"{quote(client_id, safe='')}:{quote(secret, safe='')}"
         headers["Authorization"] = "Basic " + base64.b64encode(raw.encode()).decode("ascii")
-        body = prepare(include_client_id=False)
+        body = prepare(include_client_id=False, client_id=client_id)
     elif secret:
-        body = prepare(include_client_id=True, client_secret=secret)
-    else:
-        body = prepare(include_client_id=True)
+        body = prepare(include_client_id=True, client_id=client_id, client_secret=secret)
+    else:  # public client: identify ourselves in the body
+        body = prepare(include_client_id=True, client_id=client_id)
     return body, headers
 
 

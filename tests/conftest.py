@@ -152,3 +152,71 @@ def authorize_via_provider(auth_server: AuthServer, provider_url: str) -> dict[s
 
 def _flat(query: str) -> dict[str, str]:
     return {k: v[0] for k, v in parse_qs(query, keep_blank_values=True).items()}
+
+
+@pytest.fixture
+def authorize(auth_server, staff_client):
+    """Run the real authorization-code flow for a datasource; returns its Token."""
+
+    def run(datasource: Datasource):
+        from datasources.models import Token
+
+        start = staff_client.get(f"/admin/datasources/datasource/{datasource.pk}/authorize/")
+        params = authorize_via_provider(auth_server, start["Location"])
+        response = staff_client.get(CALLBACK_PATH, params)
+        assert response.status_code == 302
+        token = Token.objects.get(datasource=datasource)
+        assert token.status == "active", token.last_error
+        return token
+
+    return run
+
+
+class FakeTokenEndpoint:
+    """Replays canned failure shapes through the real oauth module (HTTP faked at the adapter)."""
+
+    def __init__(self) -> None:
+        self.responses: list = []
+        self.calls: list = []
+
+    def queue(self, *items) -> None:
+        self.responses.extend(items)
+
+    def send(self, request, **kwargs):
+        import requests
+        from requests.models import Response
+
+        self.calls.append(request)
+        item = self.responses.pop(0)
+        if isinstance(item, Exception):
+            raise item
+        status, body, headers = item
+        response = Response()
+        response.status_code = status
+        response._content = body.encode() if isinstance(body, str) else body
+        response.headers = requests.structures.CaseInsensitiveDict(headers or {})
+        response.url = request.url
+        response.request = request
+        return response
+
+
+@pytest.fixture
+def fake_token_endpoint(monkeypatch):
+    import requests
+
+    from datasources import oauth
+
+    fake = FakeTokenEndpoint()
+
+    class Adapter(requests.adapters.BaseAdapter):
+        def send(self, request, **kwargs):
+            return fake.send(request, **kwargs)
+
+        def close(self):
+            pass
+
+    session = requests.Session()
+    session.mount("https://", Adapter())
+    session.mount("http://", Adapter())
+    monkeypatch.setattr(oauth, "http_session", lambda: session)
+    return fake

@@ -1,0 +1,87 @@
+"""One real-browser run of the whole builder journey (Playwright driving Debian's chromium)."""
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from datasources.models import Datasource, TokenStatus
+
+from .conftest import CALLBACK_PATH
+
+CHROMIUM = "/usr/bin/chromium"
+ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
+
+
+@pytest.fixture
+def browser_page(monkeypatch):
+    if not (os.path.exists(CHROMIUM) and shutil.which("chromium")):
+        pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
+    playwright_api = pytest.importorskip("playwright.sync_api")
+    # Playwright's sync API runs an event loop in this thread; the ORM calls here are plain sync.
+    monkeypatch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
+    with playwright_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page()
+        page.set_default_timeout(20_000)
+        try:
+            yield page
+        finally:
+            browser.close()
+
+
+def test_builder_creates_authorizes_and_sees_active(auth_server, browser_page, django_user_model):
+    django_user_model.objects.create_superuser("builder", "b@example.com", "builder-pass-1")
+    auth_server.app("client-browser", skip_authorization=False)
+    base = auth_server.base
+    page = browser_page
+
+    page.goto(f"{base}/admin/login/")
+    page.fill("#id_username", "builder")
+    page.fill("#id_password", "builder-pass-1")
+    page.click("input[type=submit]")
+    page.wait_for_url(f"{base}/admin/")
+
+    page.goto(f"{base}/admin/datasources/datasource/add/")
+    page.fill("#id_name", "Provider API")
+    page.fill("#id_base_url", f"{base}/upstream/")
+    page.select_option("#id_grant_type", "authorization_code")
+    page.fill("#id_authorization_url", auth_server.authorize_url)
+    page.fill("#id_access_token_url", auth_server.token_url)
+    page.fill("#id_client_id", "client-browser")
+    page.fill("#id_client_secret", "s3cret-" + "x" * 20)
+    page.fill("#id_scopes", "read, write")
+    page.click("input[name=_continue]")
+    page.wait_for_selector(".datasource-callback-url")
+    assert page.inner_text(".datasource-callback-url") == f"{base}{CALLBACK_PATH}"
+    assert "s3cret-" not in page.content()
+
+    page.click("a.datasource-authorize")
+    # A different host: the provider has its own session, so the resource owner logs in there.
+    page.wait_for_selector("#provider-login")
+    page.fill("#id_username", "resource-owner")
+    page.fill("#id_password", auth_server.password)
+    page.click("#provider-login button[type=submit]")
+    page.wait_for_selector("input[name=allow]")
+    page.click("input[name=allow]")
+
+    page.wait_for_selector(".datasource-status-active")
+    assert "is authorized and active" in page.content()
+    datasource = Datasource.objects.get(slug="provider-api")
+    assert datasource.token.status == TokenStatus.ACTIVE
+    assert datasource.token.refresh_token
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "authorized-datasource.png"), full_page=True)
+    assert (ARTIFACTS / "authorized-datasource.png").stat().st_size > 10_000
