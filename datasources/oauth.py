@@ -131,7 +131,7 @@ def exchange_code(
         extra["code_verifier"] = code_verifier
     body, headers = _with_client_auth(
         datasource,
-        lambda **auth: client.prepare_request_body(
+        lambda client_id, **auth: client.prepare_request_body(  # client_id: the client's own
             code=code, redirect_uri=redirect_uri, **auth, **extra
         ),
     )

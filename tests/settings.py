@@ -42,3 +42,7 @@ DATASOURCES = {
     **DATASOURCES,  # noqa: F405
     "LEASE_WAIT": 20.0,
 }
+
+# The live server answers each request in a new thread; persistent connections would outlive
+# those threads and keep the test database busy at teardown.
+DATABASES["default"]["CONN_MAX_AGE"] = 0

@@ -109,7 +109,9 @@ def test_add_datasource_through_admin_with_comma_scopes(staff_client):
     )
     response = staff_client.post(
         reverse("admin:datasources_datasource_add"),
-        form_data(template, client_secret="brand-new-secret", custom_auth_params='{"prompt": "consent"}'),
+        form_data(
+            template, client_secret="brand-new-secret", custom_auth_params='{"prompt": "consent"}'
+        ),
     )
     assert response.status_code == 302, response.content.decode()[:3000]
     created = Datasource.objects.get(slug="new")

@@ -22,9 +22,7 @@ def start(staff_client, datasource) -> str:
 
 
 @pytest.mark.parametrize("method", ["basic", "body"])
-def test_full_flow_stores_token_for_each_client_authentication(
-    auth_server, staff_client, method
-):
+def test_full_flow_stores_token_for_each_client_authentication(auth_server, staff_client, method):
     auth_server.app(f"client-{method}")
     datasource = make_datasource(
         auth_server, client_id=f"client-{method}", client_authentication=method

@@ -32,9 +32,7 @@ def test_client_credentials_needs_no_authorization_url():
     assert datasource.token.status == TokenStatus.NOT_AUTHORIZED
 
 
-@pytest.mark.parametrize(
-    "params", [["a"], {"a": 1}, {"a": ["b"]}, "text", {"nested": {"x": "y"}}]
-)
+@pytest.mark.parametrize("params", [["a"], {"a": 1}, {"a": ["b"]}, "text", {"nested": {"x": "y"}}])
 def test_custom_auth_params_must_be_object_of_strings(params):
     with pytest.raises(ValidationError) as err:
         make_datasource(custom_auth_params=params)

@@ -163,7 +163,12 @@ def test_single_flight_across_processes(auth_server, authorize):
     start_at = time.time() + 3.0
     procs = [
         subprocess.Popen(
-            [sys.executable, str(ROOT / "tests" / "proc_refresh.py"), datasource.slug, str(start_at)],
+            [
+                sys.executable,
+                str(ROOT / "tests" / "proc_refresh.py"),
+                datasource.slug,
+                str(start_at),
+            ],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -223,8 +228,16 @@ def authorized_fake(**fields):
 TRANSIENT_SHAPES = {
     "timeout": requests.ConnectTimeout("connect timed out"),
     "connection": requests.ConnectionError("refused"),
-    "503-html": (503, "<html><body>Service Unavailable</body></html>", {"Content-Type": "text/html"}),
-    "truncated-json": (200, '{"access_token": "abc", "token_ty', {"Content-Type": "application/json"}),
+    "503-html": (
+        503,
+        "<html><body>Service Unavailable</body></html>",
+        {"Content-Type": "text/html"},
+    ),
+    "truncated-json": (
+        200,
+        '{"access_token": "abc", "token_ty',
+        {"Content-Type": "application/json"},
+    ),
     "html-200": (200, "<html>login</html>", {"Content-Type": "text/html"}),
     "no-access-token": (200, '{"token_type": "Bearer"}', {"Content-Type": "application/json"}),
     "429": (429, "slow down", {"Retry-After": "120"}),
@@ -312,7 +325,11 @@ def test_backoff_grows_and_recovers(fake_token_endpoint):
 
 
 def test_refresh_sends_client_credentials_as_configured(fake_token_endpoint):
-    ok = (200, '{"access_token": "n", "token_type": "Bearer"}', {"Content-Type": "application/json"})
+    ok = (
+        200,
+        '{"access_token": "n", "token_type": "Bearer"}',
+        {"Content-Type": "application/json"},
+    )
     basic = authorized_fake(slug="basic", client_authentication="basic")
     body = authorized_fake(slug="body", client_authentication="body")
     fake_token_endpoint.queue(ok, ok)

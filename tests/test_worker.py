@@ -1,0 +1,186 @@
+"""Real Celery workers (subprocesses) with beat, on the filesystem broker or on Redis when
+REDIS_URL is set, refreshing tokens at django-oauth-toolkit with no traffic."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from datetime import timedelta
+
+import pytest
+from django.utils import timezone
+from oauth2_provider.models import RefreshToken
+
+from datasources.models import Token, TokenStatus
+
+from .conftest import make_datasource
+from .helpers import ROOT, subprocess_env
+
+pytestmark = [pytest.mark.worker, pytest.mark.django_db(transaction=True)]
+
+
+def broker_env(tmp_path) -> dict[str, str]:
+    env = {
+        "DATA_DIR": str(tmp_path),
+        "CELERY_TASK_DEFAULT_QUEUE": f"test-{uuid.uuid4().hex[:8]}",
+        "DATASOURCES_SWEEP_INTERVAL": "1",
+        "DATASOURCES_REFRESH_MARGIN": "8",
+    }
+    redis_url = os.environ.get("REDIS_URL")
+    if redis_url:
+        _require_redis(redis_url)
+        env["CELERY_BROKER_URL"] = redis_url
+    else:
+        env["CELERY_BROKER_URL"] = "filesystem://"
+    return env
+
+
+def _require_redis(url: str) -> None:
+    import redis
+
+    try:
+        redis.Redis.from_url(url, socket_connect_timeout=2).ping()
+    except redis.RedisError as err:
+        pytest.skip(f"REDIS_URL is set but Redis is not reachable: {err}")
+
+
+class Workers:
+    def __init__(self, tmp_path, count: int, concurrency: int = 2) -> None:
+        env = subprocess_env(**broker_env(tmp_path))
+        self.procs = []
+        self.logs = []
+        for number in range(count):
+            log = open(tmp_path / f"worker{number}.log", "w+")  # noqa: SIM115
+            args = [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "config",
+                "worker",
+                "--loglevel=INFO",
+                f"--concurrency={concurrency}",
+                f"--hostname=w{number}-{uuid.uuid4().hex[:6]}@%h",
+                "-Q",
+                env["CELERY_TASK_DEFAULT_QUEUE"],
+                "--without-mingle",
+                "--without-gossip",
+            ]
+            if number == 0:
+                args += ["--beat", f"--schedule={tmp_path / 'beat-schedule'}"]
+            self.procs.append(
+                subprocess.Popen(args, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+            )
+            self.logs.append(log)
+
+    def output(self) -> str:
+        text = []
+        for log in self.logs:
+            log.flush()
+            log.seek(0)
+            text.append(log.read())
+        return "\n".join(text)
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+
+
+@pytest.fixture
+def workers(tmp_path):
+    started = []
+
+    def start(count: int = 1, concurrency: int = 2) -> Workers:
+        group = Workers(tmp_path, count, concurrency)
+        started.append(group)
+        return group
+
+    yield start
+    for group in started:
+        group.stop()
+
+
+def wait_for(predicate, timeout: float, group: Workers) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        if any(proc.poll() is not None for proc in group.procs):
+            raise AssertionError("a worker exited early:\n" + group.output()[-4000:])
+        time.sleep(0.25)
+    raise AssertionError("timed out; worker output:\n" + group.output()[-4000:])
+
+
+def test_worker_refreshes_a_short_lived_token_before_it_expires(auth_server, authorize, workers):
+    from oauth2_provider.models import AccessToken
+
+    auth_server.app("client-basic")
+    datasource = make_datasource(auth_server)
+    token = authorize(datasource)
+    # Make it short-lived at the provider and here: 12 seconds left.
+    soon = timezone.now() + timedelta(seconds=12)
+    AccessToken.objects.update(expires=soon)
+    Token.objects.filter(pk=token.pk).update(expires_at=soon)
+    token.refresh_from_db()
+    original_expiry = token.expires_at
+    assert (original_expiry - timezone.now()).total_seconds() <= 15
+
+    # A datasource that needs re-authorization must be left alone.
+    auth_server.app("client-body")
+    broken = make_datasource(auth_server, slug="broken", client_id="client-body")
+    Token.objects.filter(datasource=broken).update(
+        status=TokenStatus.NEEDS_REAUTHORIZATION,
+        access_token="dead",
+        refresh_token="dead-refresh",
+        expires_at=timezone.now() - timedelta(minutes=1),
+    )
+
+    group = workers(1)
+    wait_for(lambda: Token.objects.get(datasource=datasource).refresh_count >= 1, 60, group)
+    refreshed = Token.objects.get(datasource=datasource)
+    assert refreshed.last_refreshed_at < original_expiry
+    assert refreshed.access_token != token.access_token
+    assert refreshed.expires_at > original_expiry
+    import requests
+
+    echo = requests.get(
+        f"{auth_server.base}/upstream/me",
+        headers={"Authorization": f"Bearer {refreshed.access_token}"},
+        timeout=10,
+    )
+    assert echo.status_code == 200
+    still_broken = Token.objects.get(datasource=broken)
+    assert still_broken.status == TokenStatus.NEEDS_REAUTHORIZATION
+    assert still_broken.refresh_count == 0 and still_broken.failure_count == 0
+
+
+def test_two_workers_never_refresh_the_same_token_twice(auth_server, authorize, workers):
+    auth_server.app("client-basic")
+    datasources = []
+    for number in range(12):
+        datasource = make_datasource(auth_server, slug=f"ds-{number}", name=f"DS {number}")
+        authorize(datasource)
+        datasources.append(datasource)
+    refresh_rows_before = RefreshToken.objects.count()
+    Token.objects.update(expires_at=timezone.now() + timedelta(seconds=3))
+
+    group = workers(2, concurrency=2)
+    wait_for(
+        lambda: Token.objects.filter(refresh_count__gte=1).count() == len(datasources),
+        90,
+        group,
+    )
+    time.sleep(3)  # let a few more sweeps run: nothing is due any more
+    counts = list(Token.objects.values_list("refresh_count", flat=True))
+    assert counts == [1] * len(datasources)
+    assert RefreshToken.objects.count() == refresh_rows_before + len(datasources)
+    assert not Token.objects.exclude(status=TokenStatus.ACTIVE).exists()
