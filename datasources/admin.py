@@ -6,15 +6,25 @@ from django.contrib import admin, messages
 from django.db import models
 from django.http import HttpRequest, HttpResponseNotAllowed, HttpResponseRedirect
 from django.shortcuts import get_object_or_404
+from django.template.response import TemplateResponse
 from django.urls import path
 from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 from django.utils.translation import gettext_lazy as _
 from django.utils.translation import ngettext
 
-from . import flow, tokens, views
+from . import apikeys, flow, tokens, views
 from .forms import DatasourceForm
-from .models import Datasource, Token, TokenEvent, TokenPlacement, TokenStatus
+from .models import (
+    API_KEY_PREFIX,
+    ApiKey,
+    Datasource,
+    DatasourceUsage,
+    Token,
+    TokenEvent,
+    TokenPlacement,
+    TokenStatus,
+)
 
 _STATUS_COLOURS = {
     TokenStatus.ACTIVE: "#1a7f37",
@@ -60,6 +70,7 @@ class DatasourceAdmin(admin.ModelAdmin):
         "granted_scope",
         "last_error",
         "recent_events",
+        "proxy_usage",
     )
     fieldsets = (
         (
@@ -116,6 +127,7 @@ class DatasourceAdmin(admin.ModelAdmin):
                     "granted_scope",
                     "last_error",
                     "recent_events",
+                    "proxy_usage",
                 )
             },
         ),
@@ -180,6 +192,19 @@ class DatasourceAdmin(admin.ModelAdmin):
             ),
         )
         return format_html('<table class="datasource-events">{}</table>', rows)
+
+    @admin.display(description=_("proxy usage"))
+    def proxy_usage(self, obj: Datasource):
+        found = DatasourceUsage.objects.filter(datasource=obj).first() if obj.pk else None
+        if not found or not found.calls:
+            return "No proxied calls yet."
+        average = found.total_duration_ms / found.calls
+        last = (
+            f", last {found.last_status} at {timezone.localtime(found.last_called_at):%Y-%m-%d %H:%M:%S}"
+            if found.last_called_at
+            else ""
+        )
+        return f"{found.calls} calls, {found.errors} errors, {average:.1f} ms average{last}"
 
     # --- pages and buttons -------------------------------------------------------------------
 
@@ -376,3 +401,67 @@ class TokenEventAdmin(admin.ModelAdmin):
 
     def has_change_permission(self, request, obj=None) -> bool:
         return False
+
+
+@admin.register(ApiKey)
+class ApiKeyAdmin(admin.ModelAdmin):
+    """Keys are shown once, on the page right after creation; only a hash is stored."""
+
+    list_display = ("name", "key_prefix", "scope", "user", "created_at", "last_used_at", "active")
+    list_filter = ("revoked_at",)
+    search_fields = ("name", "prefix")
+    filter_horizontal = ("datasources",)
+    readonly_fields = ("key_prefix", "created_at", "last_used_at", "revoked_at")
+    actions = ("revoke_selected",)
+
+    def get_fields(self, request, obj=None):
+        fields = ["name", "datasources", "user"]
+        return fields if obj is None else ["key_prefix", *fields, *self.readonly_fields[1:]]
+
+    @admin.display(description=_("key"))
+    def key_prefix(self, obj: ApiKey) -> str:
+        return f"{API_KEY_PREFIX}{obj.prefix}_…" if obj.prefix else "—"
+
+    @admin.display(description=_("datasources"))
+    def scope(self, obj: ApiKey) -> str:
+        return ", ".join(ds.slug for ds in obj.datasources.all()) if obj.restricted else "all"
+
+    @admin.display(boolean=True, description=_("active"))
+    def active(self, obj: ApiKey) -> bool:
+        return obj.is_active
+
+    def get_queryset(self, request):
+        return super().get_queryset(request).select_related("user").prefetch_related("datasources")
+
+    def save_model(self, request, obj, form, change):
+        if not change:
+            request._datasources_new_api_key = apikeys.assign_new_key(obj)
+        super().save_model(request, obj, form, change)
+
+    def save_related(self, request, form, formsets, change):
+        super().save_related(request, form, formsets, change)
+        apikeys.sync_restriction(form.instance)
+
+    def response_add(self, request, obj, post_url_continue=None):
+        key = getattr(request, "_datasources_new_api_key", None)
+        if key is None:
+            return super().response_add(request, obj, post_url_continue)
+        context = {
+            **self.admin_site.each_context(request),
+            "title": _("API key created"),
+            "api_key": obj,
+            "key": key,
+            "opts": self.opts,
+        }
+        response = TemplateResponse(request, "admin/datasources/apikey/created.html", context)
+        response["Cache-Control"] = "no-store"
+        return response
+
+    @admin.action(description=_("Revoke the selected keys"), permissions=["change"])
+    def revoke_selected(self, request, queryset):
+        count = queryset.filter(revoked_at__isnull=True).update(revoked_at=timezone.now())
+        self.message_user(
+            request,
+            ngettext("Revoked %(count)d key.", "Revoked %(count)d keys.", count) % {"count": count},
+            messages.SUCCESS,
+        )

@@ -47,6 +47,10 @@ DEFAULTS: dict[str, Any] = {
     "PROXY_READ_TIMEOUT": 60.0,
     "PROXY_REPLAY_MAX_BYTES": 1024 * 1024,
     "PROXY_CHUNK_SIZE": 64 * 1024,
+    # Largest number of pooled keep-alive connections per upstream host, per process.
+    "PROXY_POOL_SIZE": 32,
+    # Proxy call counters are written to the database at most this often (seconds) per process.
+    "USAGE_FLUSH_INTERVAL": 1.0,
 }
 
 

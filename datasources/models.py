@@ -446,3 +446,72 @@ class AuthorizationRequest(models.Model):
 
     def __repr__(self) -> str:
         return f"<AuthorizationRequest {self.pk}: datasource={self.datasource_id}>"
+
+
+API_KEY_PREFIX = "dsk_"
+
+
+class ApiKey(models.Model):
+    """A credential for application code calling the proxy. Only a SHA-256 of the key is stored
+    (keys are 256-bit random, so a fast hash is enough); the key is shown once at creation."""
+
+    name = models.CharField(_("name"), max_length=200, help_text=_("Who or what uses this key."))
+    prefix = models.CharField(_("prefix"), max_length=8, unique=True, editable=False)
+    key_hash = models.CharField(max_length=64, editable=False)
+    datasources = models.ManyToManyField(
+        Datasource,
+        blank=True,
+        related_name="api_keys",
+        verbose_name=_("datasources"),
+        help_text=_("Restrict the key to these datasources. None selected: all datasources."),
+    )
+    restricted = models.BooleanField(default=False, editable=False)
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        on_delete=models.CASCADE,
+        null=True,
+        blank=True,
+        related_name="+",
+        verbose_name=_("acts for user"),
+        help_text=_("Optional: the user this key acts for."),
+    )
+    created_at = models.DateTimeField(_("created"), auto_now_add=True)
+    last_used_at = models.DateTimeField(_("last used"), null=True, blank=True, editable=False)
+    revoked_at = models.DateTimeField(_("revoked"), null=True, blank=True)
+
+    class Meta:
+        verbose_name = _("API key")
+        verbose_name_plural = _("API keys")
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({API_KEY_PREFIX}{self.prefix}_…)"
+
+    def __repr__(self) -> str:
+        return f"<ApiKey {self.pk}: {self.prefix}>"
+
+    @property
+    def is_active(self) -> bool:
+        return self.revoked_at is None
+
+
+class DatasourceUsage(models.Model):
+    """Proxy call counters, flushed from each process at most once a second."""
+
+    datasource = models.OneToOneField(
+        Datasource, on_delete=models.CASCADE, primary_key=True, related_name="usage"
+    )
+    calls = models.PositiveBigIntegerField(_("proxied calls"), default=0)
+    errors = models.PositiveBigIntegerField(
+        _("errors"), default=0, help_text=_("Calls answered with a 5xx or not forwarded.")
+    )
+    total_duration_ms = models.PositiveBigIntegerField(default=0)
+    last_status = models.PositiveSmallIntegerField(_("last status"), null=True, blank=True)
+    last_called_at = models.DateTimeField(_("last called"), null=True, blank=True)
+
+    class Meta:
+        verbose_name = _("datasource usage")
+        verbose_name_plural = _("datasource usage")
+
+    def __str__(self) -> str:
+        return f"Usage of {self.datasource_id}"

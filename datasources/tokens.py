@@ -62,16 +62,21 @@ def get_access_token(datasource: Datasource, *, leeway: float | None = None) -> 
     return token.access_token
 
 
-def get_valid_token(datasource: Datasource, *, leeway: float | None = None) -> Token:
+def get_valid_token(
+    datasource: Datasource, *, leeway: float | None = None, token: Token | None = None
+) -> Token:
     """The token row with a usable access token, refreshing (single-flight) if needed.
 
+    ``token`` may be passed when the caller just read it (the proxy does, with its datasource).
     Raises NotAuthorized, ReauthorizationRequired or TransientUpstreamError.
     """
     margin = app_settings.REQUEST_LEEWAY if leeway is None else leeway
-    token = _load(datasource)
+    token = token or _load(datasource)
     if token.is_fresh(margin):
         return token
-    return _refresh_single_flight(datasource, margin=margin, stale_access_token=None, wait=True)
+    return _refresh_single_flight(
+        datasource, margin=margin, stale_access_token=None, wait=True, token=token
+    )
 
 
 def refresh_after_rejection(datasource: Datasource, rejected_access_token: str) -> Token:
@@ -95,7 +100,9 @@ def refresh_token(
         else token_or_datasource
     )
     margin = app_settings.REFRESH_MARGIN if margin is None else margin
-    token = _load(datasource)
+    # A Token passed in (by the sweep's task) is only a starting point: it is re-read after
+    # the lease is won.
+    token = token_or_datasource if isinstance(token_or_datasource, Token) else _load(datasource)
     if token.status == TokenStatus.NEEDS_REAUTHORIZATION:
         return RefreshResult("reauthorization", token, token.last_error)
     if not force and token.is_fresh(margin) and not _too_old(token):
@@ -108,6 +115,7 @@ def refresh_token(
             margin=margin,
             stale_access_token=token.access_token if force or _too_old(token) else None,
             wait=False,
+            token=token,
         )
     except _LeaseBusy:
         return RefreshResult("skipped", token)
@@ -205,6 +213,12 @@ def _load(datasource: Datasource) -> Token:
     return token
 
 
+def _reload(token: Token, datasource: Datasource) -> Token:
+    fresh = Token.objects.get(pk=token.pk)
+    fresh.datasource = datasource
+    return fresh
+
+
 def _too_old(token: Token) -> bool:
     if token.status != TokenStatus.ACTIVE or token.last_refreshed_at is None:
         return False
@@ -241,11 +255,16 @@ def _needs_refresh(token: Token, margin: float, stale_access_token: str | None) 
 
 
 def _refresh_single_flight(
-    datasource: Datasource, *, margin: float, stale_access_token: str | None, wait: bool
+    datasource: Datasource,
+    *,
+    margin: float,
+    stale_access_token: str | None,
+    wait: bool,
+    token: Token | None = None,
 ) -> Token:
     deadline = time.monotonic() + app_settings.LEASE_WAIT
     while True:
-        token = _load(datasource)
+        token = token or _load(datasource)
         if not _needs_refresh(token, margin, stale_access_token):
             return token
         if _unrenewable_but_valid(datasource, token, stale_access_token):
@@ -253,18 +272,22 @@ def _refresh_single_flight(
         _raise_if_unusable(datasource, token)
         if wait and _in_backoff(token):
             return _backoff_answer(datasource, token, stale_access_token)
-        lease_id = _acquire_lease(token)
+        lease_id: str | None = _acquire_lease(token)
         if lease_id:
             try:
-                token = _load(datasource)  # re-check: the previous holder may have just finished
+                token = _reload(token, datasource)  # the previous holder may have just finished
                 if not _needs_refresh(token, margin, stale_access_token):
                     return token
                 _raise_if_unusable(datasource, token)
                 if wait and _in_backoff(token):
                     return _backoff_answer(datasource, token, stale_access_token)
-                return _perform_refresh(datasource, token, lease_id)
+                refreshed = _perform_refresh(datasource, token, lease_id)
+                lease_id = None  # released by the same UPDATE that stored the token
+                return refreshed
             finally:
-                _release_lease(token, lease_id)
+                if lease_id:
+                    _release_lease(token, lease_id)
+        token = None  # read it again next round
         if not wait:
             raise _LeaseBusy
         if time.monotonic() >= deadline:
@@ -349,26 +372,27 @@ def _store_refresh(
     """Persist access and (rotated) refresh token in one UPDATE, before anyone can use either."""
     now = timezone.now()
     fields = _token_fields(datasource, response, now, keep_refresh_token=True)
-    first_grant = token.status == TokenStatus.NOT_AUTHORIZED
+    if token.status == TokenStatus.NOT_AUTHORIZED:
+        fields["obtained_at"] = now
+    fields.update(status=TokenStatus.ACTIVE, last_error="", failure_count=0, next_attempt_at=None)
+    release = {"lease_id": "", "lease_expires_at": None}
     with transaction.atomic():
-        updated = Token.objects.filter(pk=token.pk).update(
-            **fields,
-            status=TokenStatus.ACTIVE,
-            last_error="",
-            failure_count=0,
-            next_attempt_at=None,
-            refresh_count=F("refresh_count") + 1,
-            **({"obtained_at": now} if first_grant else {}),
-        )
-        if updated:
-            record_event(datasource, TokenEvent.Kind.REFRESHED, _granted(response))
-    fresh = _load(datasource)
-    if fresh.lease_id != lease_id:
-        logger.warning(
-            "refresh lease of datasource %s lapsed before the refresh finished", datasource.slug
-        )
-    token_refreshed.send(sender=Datasource, datasource=datasource, token=fresh)
-    return fresh
+        rows = Token.objects.filter(pk=token.pk)
+        bump = {"refresh_count": F("refresh_count") + 1}
+        if not rows.filter(lease_id=lease_id).update(**fields, **bump, **release):
+            # Our lease lapsed mid-request. The response may carry the only valid (rotated)
+            # refresh token, so it is stored all the same.
+            logger.warning(
+                "refresh lease of datasource %s lapsed before the refresh finished",
+                datasource.slug,
+            )
+            rows.update(**fields, **bump)
+        record_event(datasource, TokenEvent.Kind.REFRESHED, _granted(response))
+    for name, value in {**fields, **release}.items():
+        setattr(token, name, value)
+    token.refresh_count += 1
+    token_refreshed.send(sender=Datasource, datasource=datasource, token=token)
+    return token
 
 
 def _token_fields(

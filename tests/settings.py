@@ -41,6 +41,7 @@ OAUTH2_PROVIDER = {
 DATASOURCES = {
     **DATASOURCES,  # noqa: F405
     "LEASE_WAIT": 20.0,
+    "USAGE_FLUSH_INTERVAL": 0,
 }
 
 # The live server answers each request in a new thread; persistent connections would outlive

@@ -1,0 +1,76 @@
+"""API keys for the proxy: created once, stored as a hash, checked in constant time."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from datetime import timedelta
+
+from django.db import transaction
+from django.utils import timezone
+
+from .models import API_KEY_PREFIX, ApiKey, Datasource
+
+#: last_used_at is written at most this often per key, to keep the proxy's hot path read-only.
+LAST_USED_RESOLUTION = timedelta(seconds=60)
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def new_key() -> tuple[str, str]:
+    """A fresh (prefix, key). The prefix is stored in clear to find the row; the key is not."""
+    while True:
+        prefix = secrets.token_hex(4)
+        if not ApiKey.objects.filter(prefix=prefix).exists():
+            return prefix, f"{API_KEY_PREFIX}{prefix}_{secrets.token_urlsafe(32)}"
+
+
+def assign_new_key(api_key: ApiKey) -> str:
+    """Give an unsaved ApiKey its prefix and hash; returns the plain key to show once."""
+    api_key.prefix, key = new_key()
+    api_key.key_hash = hash_key(key)
+    return key
+
+
+def create_api_key(
+    name: str, *, datasources: list[Datasource] | None = None, user=None
+) -> tuple[ApiKey, str]:
+    """Create a key; returns the row and the plain key, which is never retrievable again."""
+    with transaction.atomic():
+        api_key = ApiKey(name=name, user=user, restricted=bool(datasources))
+        key = assign_new_key(api_key)
+        api_key.save()
+        if datasources:
+            api_key.datasources.set(datasources)
+    return api_key, key
+
+
+def authenticate(key: str) -> ApiKey | None:
+    """The active ApiKey for ``key``, or None."""
+    if not key.startswith(API_KEY_PREFIX) or len(key) < len(API_KEY_PREFIX) + 10:
+        return None
+    prefix = key[len(API_KEY_PREFIX) : len(API_KEY_PREFIX) + 8]
+    api_key = ApiKey.objects.filter(prefix=prefix, revoked_at__isnull=True).first()
+    if api_key is None or not hmac.compare_digest(api_key.key_hash, hash_key(key)):
+        return None
+    now = timezone.now()
+    if api_key.last_used_at is None or api_key.last_used_at < now - LAST_USED_RESOLUTION:
+        ApiKey.objects.filter(pk=api_key.pk).update(last_used_at=now)
+    return api_key
+
+
+def allows(api_key: ApiKey, datasource: Datasource) -> bool:
+    if not api_key.restricted:
+        return True
+    return api_key.datasources.filter(pk=datasource.pk).exists()
+
+
+def sync_restriction(api_key: ApiKey) -> None:
+    """Keep the denormalised ``restricted`` flag in step with the M2M (after admin edits)."""
+    restricted = api_key.datasources.exists()
+    if restricted != api_key.restricted:
+        ApiKey.objects.filter(pk=api_key.pk).update(restricted=restricted)
+        api_key.restricted = restricted

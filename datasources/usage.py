@@ -1,0 +1,78 @@
+"""Per-datasource proxy counters, accumulated in memory and flushed at most once a second per
+process, so the proxy's hot path does not write to the database on every call."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+
+from django.db import IntegrityError, transaction
+from django.db.models import F
+from django.utils import timezone
+
+from .conf import app_settings
+from .models import DatasourceUsage
+
+
+@dataclass
+class _Pending:
+    calls: int = 0
+    errors: int = 0
+    duration_ms: int = 0
+    last_status: int | None = None
+    last_called_at: object = None
+
+
+_lock = threading.Lock()
+_pending: dict[int, _Pending] = defaultdict(_Pending)
+_last_flush = time.monotonic()
+
+
+def record(datasource_id: int, status: int, duration_ms: float, *, error: bool) -> None:
+    global _last_flush
+    with _lock:
+        entry = _pending[datasource_id]
+        entry.calls += 1
+        entry.errors += int(error)
+        entry.duration_ms += int(duration_ms)
+        entry.last_status = status
+        entry.last_called_at = timezone.now()
+        due = time.monotonic() - _last_flush >= app_settings.USAGE_FLUSH_INTERVAL
+    if due:
+        flush()
+
+
+def flush() -> None:
+    global _last_flush
+    with _lock:
+        batch = dict(_pending)
+        _pending.clear()
+        _last_flush = time.monotonic()
+    for datasource_id, entry in batch.items():
+        _write(datasource_id, entry)
+
+
+def _write(datasource_id: int, entry: _Pending) -> None:
+    values = {
+        "calls": F("calls") + entry.calls,
+        "errors": F("errors") + entry.errors,
+        "total_duration_ms": F("total_duration_ms") + entry.duration_ms,
+        "last_status": entry.last_status,
+        "last_called_at": entry.last_called_at,
+    }
+    if DatasourceUsage.objects.filter(datasource_id=datasource_id).update(**values):
+        return
+    try:
+        with transaction.atomic():
+            DatasourceUsage.objects.create(
+                datasource_id=datasource_id,
+                calls=entry.calls,
+                errors=entry.errors,
+                total_duration_ms=entry.duration_ms,
+                last_status=entry.last_status,
+                last_called_at=entry.last_called_at,
+            )
+    except IntegrityError:  # another process created it first, or the datasource is gone
+        DatasourceUsage.objects.filter(datasource_id=datasource_id).update(**values)
