@@ -97,22 +97,22 @@ def proxy(request: HttpRequest, slug: str, path: str = "") -> HttpResponse:
     if api_key is not None and not apikeys.allows(api_key, datasource):
         return _json_error(403, "forbidden", "This API key may not use this datasource.")
 
-    problem = path_problem(path)
-    target = None if problem else resolve_upstream_url(datasource.base_url, path)
-    if target is None:
-        return _json_error(
-            400, "invalid_path", f"The path would leave the datasource's base URL ({problem})."
-        )
-    query = request.META.get("QUERY_STRING", "")
-    if query:
-        target = f"{target}?{query}"
-
     def done(status: int) -> None:
         usage.record(
             datasource.pk, status, (time.perf_counter() - started) * 1000, error=status >= 500
         )
 
-    response = _forward(request, datasource, token, target, done)
+    problem = path_problem(path)
+    target = None if problem else resolve_upstream_url(datasource.base_url, path)
+    if target is None:
+        response = _json_error(
+            400, "invalid_path", f"The path would leave the datasource's base URL ({problem})."
+        )
+    else:
+        query = request.META.get("QUERY_STRING", "")
+        response = _forward(
+            request, datasource, token, f"{target}?{query}" if query else target, done
+        )
     if not isinstance(response, StreamingHttpResponse):
         done(response.status_code)
     return response

@@ -10,6 +10,7 @@ from oauth2_provider.oauth2_backends import get_oauthlib_core
 
 @csrf_exempt
 def echo(request, path):
+    raw_body = request.body  # read first: token validation may parse the form body
     valid, oauth_request = get_oauthlib_core().verify_request(request, scopes=[])
     if not valid:
         return JsonResponse({"error": "invalid_token"}, status=401)
@@ -27,6 +28,10 @@ def echo(request, path):
         response = StreamingHttpResponse(body(), content_type="application/octet-stream")
         response["Content-Length"] = str(size)
         return response
+    if path == "slow":
+        import time
+
+        time.sleep(2)
     if path == "redirect":
         response = HttpResponse(status=302)
         response["Location"] = "/upstream/elsewhere"
@@ -42,7 +47,7 @@ def echo(request, path):
             "path": path,
             "query": {k: v for k, v in request.GET.items() if k != "access_token"},
             "token_in_query": "access_token" in request.GET,
-            "body": request.body.decode("utf-8", "replace"),
+            "body": raw_body.decode("utf-8", "replace"),
             "content_type": request.content_type,
             "headers": {k: v for k, v in request.headers.items()},
             "cookies": dict(request.COOKIES),
