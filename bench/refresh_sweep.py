@@ -86,14 +86,18 @@ def main() -> None:
         server.terminate()
 
     print()
-    print(f"database: {env['DATABASE_URL'].split('://')[0]}, broker: {env['CELERY_BROKER_URL'].split('://')[0]}")
+    print(
+        f"database: {env['DATABASE_URL'].split('://')[0]}, broker: {env['CELERY_BROKER_URL'].split('://')[0]}"
+    )
     print(f"workers: {args.workers} x concurrency {args.concurrency}")
     print(f"tokens refreshed:            {args.tokens}")
     print(f"wall time:                   {wall:.2f} s")
     print(f"refreshes per second:        {rate:.0f}  (target >= 200)")
     print(f"token-endpoint calls:        {calls}  (must equal {args.tokens})")
     print(f"reused refresh tokens:       {stats['reused_refresh_tokens']}  (must be 0)")
-    print(f"queries per refresh:         {queries[0]:.1f} (batch of 10), {queries[1]:.1f} (batch of 100)")
+    print(
+        f"queries per refresh:         {queries[0]:.1f} (batch of 10), {queries[1]:.1f} (batch of 100)"
+    )
     print(f"baseline (raw endpoint, no DB, same client threads): {baseline_rate:.0f} calls/s")
     print(f"ratio ours / raw endpoint:   {rate / baseline_rate:.2f}")
     ok = calls == args.tokens and stats["reused_refresh_tokens"] == 0 and queries[0] == queries[1]
@@ -148,7 +152,9 @@ def seed(n: int, token_url: str, prefix: str = "bench") -> list[int]:
     from datasources.models import Datasource, Token
 
     now = timezone.now()
-    created = Datasource.objects.bulk_create(make_datasource_rows(n, token_url, prefix), batch_size=1000)
+    created = Datasource.objects.bulk_create(
+        make_datasource_rows(n, token_url, prefix), batch_size=1000
+    )
     Token.objects.bulk_create(
         [
             Token(
@@ -194,7 +200,9 @@ def baseline(token_url: str, threads: int, calls: int) -> float:
     def one(i: int) -> None:
         session = getattr(local, "s", None) or requests.Session()
         local.s = session
-        session.post(token_url, data={"grant_type": "refresh_token", "refresh_token": f"b{i}"}, timeout=10)
+        session.post(
+            token_url, data={"grant_type": "refresh_token", "refresh_token": f"b{i}"}, timeout=10
+        )
 
     started = time.perf_counter()
     with ThreadPoolExecutor(threads) as pool:
@@ -209,9 +217,19 @@ def run_workers(args, env, port: int, calls_before: int) -> tuple[float, float]:
     procs = [
         subprocess.Popen(
             [
-                sys.executable, "-m", "celery", "-A", "config", "worker", "--loglevel=WARNING",
-                f"--concurrency={args.concurrency}", "-Q", env["CELERY_TASK_DEFAULT_QUEUE"],
-                f"--hostname=bench{i}-{uuid.uuid4().hex[:6]}@%h", "--without-mingle", "--without-gossip",
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "config",
+                "worker",
+                "--loglevel=WARNING",
+                f"--concurrency={args.concurrency}",
+                "-Q",
+                env["CELERY_TASK_DEFAULT_QUEUE"],
+                f"--hostname=bench{i}-{uuid.uuid4().hex[:6]}@%h",
+                "--without-mingle",
+                "--without-gossip",
             ],
             cwd=ROOT,
             env=env,
@@ -230,7 +248,12 @@ def run_workers(args, env, port: int, calls_before: int) -> tuple[float, float]:
                 raise SystemExit("a worker died")
             time.sleep(0.1)
         # wait until the last results are stored too
-        while Token.objects.filter(refresh_count__gte=1, datasource__slug__startswith="bench-").count() < args.tokens:
+        while (
+            Token.objects.filter(
+                refresh_count__gte=1, datasource__slug__startswith="bench-"
+            ).count()
+            < args.tokens
+        ):
             time.sleep(0.1)
         wall = time.perf_counter() - started
     finally:

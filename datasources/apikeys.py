@@ -62,10 +62,11 @@ def authenticate(key: str) -> ApiKey | None:
     return api_key
 
 
-def allows(api_key: ApiKey, datasource: Datasource) -> bool:
+def allowed_datasource_ids(api_key: ApiKey) -> frozenset[int] | None:
+    """The datasources this key may use, or None for all of them."""
     if not api_key.restricted:
-        return True
-    return api_key.datasources.filter(pk=datasource.pk).exists()
+        return None
+    return frozenset(api_key.datasources.values_list("pk", flat=True))
 
 
 def sync_restriction(api_key: ApiKey) -> None:

@@ -49,6 +49,10 @@ DEFAULTS: dict[str, Any] = {
     "PROXY_CHUNK_SIZE": 64 * 1024,
     # Largest number of pooled keep-alive connections per upstream host, per process.
     "PROXY_POOL_SIZE": 32,
+    # How long (seconds) a process reuses a datasource's configuration, its current token and a
+    # verified API key without reading the database. Edits, revocations and re-authorizations
+    # made in other processes take effect within this time. 0 disables the cache.
+    "PROXY_CACHE_SECONDS": 5.0,
     # Proxy call counters are written to the database at most this often (seconds) per process.
     "USAGE_FLUSH_INTERVAL": 1.0,
 }

@@ -3,18 +3,24 @@
 The caller authenticates with an API key (or a session with ``use_datasource``); their own
 credentials and cookies never go upstream. Request bodies up to PROXY_REPLAY_MAX_BYTES are
 buffered so that a 401 can be answered by one refresh and one retry; larger ones stream through.
-Responses stream back. One pooled keep-alive session per process; no cookie jar; no redirects.
+Responses stream back. One pooled keep-alive connection pool per process (urllib3: no cookie
+jar, no redirects, no environment proxies). Verified API keys and each datasource's current
+token are kept in memory for PROXY_CACHE_SECONDS so the hot path does not query the database.
 """
 
 from __future__ import annotations
 
-import http.cookiejar
+import hashlib
 import logging
 import threading
 import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
-import requests
+import urllib3
+from django.db.models.signals import post_delete, post_save
+from django.dispatch import receiver
 from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.middleware.csrf import CsrfViewMiddleware
 from django.views.decorators.csrf import csrf_exempt
@@ -22,7 +28,7 @@ from django.views.decorators.csrf import csrf_exempt
 from . import apikeys, tokens, usage
 from .conf import app_settings
 from .exceptions import NotAuthorized, OAuthError, TransientUpstreamError
-from .models import Datasource, Token
+from .models import ApiKey, Datasource, Token
 from .upstream import path_problem, place_token, resolve_upstream_url
 
 logger = logging.getLogger(__name__)
@@ -56,27 +62,71 @@ NOT_FORWARDED = HOP_BY_HOP | {
 NOT_RETURNED = HOP_BY_HOP | {"set-cookie", "set-cookie2"}
 _UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
-_session_lock = threading.Lock()
-_session: requests.Session | None = None
+
+# --- process-wide state ---------------------------------------------------------------------
+
+_pool_lock = threading.Lock()
+_pool: urllib3.PoolManager | None = None
 
 
-def upstream_session() -> requests.Session:
-    """The process-wide pooled session: no default headers, no cookie jar, no env proxies."""
-    global _session
-    if _session is None:
-        with _session_lock:
-            if _session is None:
-                session = requests.Session()
-                session.trust_env = False
-                session.headers.clear()
-                session.cookies.set_policy(http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
-                adapter = requests.adapters.HTTPAdapter(
-                    pool_connections=16, pool_maxsize=app_settings.PROXY_POOL_SIZE, max_retries=0
+def upstream_pool() -> urllib3.PoolManager:
+    """The process-wide keep-alive pool. urllib3 keeps no cookies and follows nothing itself."""
+    global _pool
+    if _pool is None:
+        with _pool_lock:
+            if _pool is None:
+                _pool = urllib3.PoolManager(
+                    num_pools=64, maxsize=app_settings.PROXY_POOL_SIZE, retries=False, block=False
                 )
-                session.mount("http://", adapter)
-                session.mount("https://", adapter)
-                _session = session
-    return _session
+    return _pool
+
+
+class _TTLCache:
+    def __init__(self) -> None:
+        self._data: dict[Any, tuple[float, Any]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, key: Any) -> Any:
+        item = self._data.get(key)
+        if item is not None and item[0] > time.monotonic():
+            return item[1]
+        return None
+
+    def put(self, key: Any, value: Any) -> None:
+        ttl = app_settings.PROXY_CACHE_SECONDS
+        if ttl <= 0:
+            return
+        with self._lock:
+            if len(self._data) > 10_000:
+                self._data.clear()
+            self._data[key] = (time.monotonic() + ttl, value)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._data.clear()
+
+
+@dataclass(frozen=True)
+class _Caller:
+    api_key_id: int | None
+    allowed: frozenset[int] | None  # None: every datasource
+
+
+_tokens = _TTLCache()  # slug -> Token (with its datasource)
+_keys = _TTLCache()  # sha256(key) -> _Caller
+
+
+@receiver(post_save, sender=Datasource)
+@receiver(post_delete, sender=Datasource)
+@receiver(post_save, sender=ApiKey)
+@receiver(post_delete, sender=ApiKey)
+def _forget(**kwargs: Any) -> None:
+    """This process's edits apply at once; other processes' within PROXY_CACHE_SECONDS."""
+    _tokens.clear()
+    _keys.clear()
+
+
+# --- the view -------------------------------------------------------------------------------
 
 
 def _json_error(status: int, error: str, detail: str, **extra: Any) -> JsonResponse:
@@ -86,15 +136,17 @@ def _json_error(status: int, error: str, detail: str, **extra: Any) -> JsonRespo
 @csrf_exempt
 def proxy(request: HttpRequest, slug: str, path: str = "") -> HttpResponse:
     started = time.perf_counter()
-    denied = _authenticate(request)
-    if isinstance(denied, HttpResponse):
-        return denied
-    api_key = denied
-    token = Token.objects.select_related("datasource").filter(datasource__slug=slug).first()
+    caller = _authenticate(request)
+    if isinstance(caller, HttpResponse):
+        return caller
+    token = _tokens.get(slug)
     if token is None:
-        return _json_error(404, "not_found", f"No datasource with slug {slug!r}.")
+        try:
+            token = Token.objects.select_related("datasource").get(datasource__slug=slug)
+        except Token.DoesNotExist:
+            return _json_error(404, "not_found", f"No datasource with slug {slug!r}.")
     datasource = token.datasource
-    if api_key is not None and not apikeys.allows(api_key, datasource):
+    if caller.allowed is not None and datasource.pk not in caller.allowed:
         return _json_error(403, "forbidden", "This API key may not use this datasource.")
 
     def done(status: int) -> None:
@@ -105,32 +157,34 @@ def proxy(request: HttpRequest, slug: str, path: str = "") -> HttpResponse:
     problem = path_problem(path)
     target = None if problem else resolve_upstream_url(datasource.base_url, path)
     if target is None:
-        response = _json_error(
+        response: HttpResponse = _json_error(
             400, "invalid_path", f"The path would leave the datasource's base URL ({problem})."
         )
     else:
         query = request.META.get("QUERY_STRING", "")
-        response = _forward(
-            request, datasource, token, f"{target}?{query}" if query else target, done
-        )
+        response = _forward(request, token, f"{target}?{query}" if query else target, done)
     if not isinstance(response, StreamingHttpResponse):
         done(response.status_code)
     return response
 
 
 def _forward(
-    request: HttpRequest, datasource: Datasource, token: Token, target: str, done
+    request: HttpRequest, token: Token, target: str, done: Callable[[int], None]
 ) -> HttpResponse:
+    datasource = token.datasource
     headers = {
         name: value for name, value in request.headers.items() if name.lower() not in NOT_FORWARDED
     }
-    body, replayable = _request_body(request)
+    body, replayable = _request_body(request, headers)
     try:
         token = tokens.get_valid_token(datasource, token=token)
+        _tokens.put(datasource.slug, token)
         upstream = _send(request.method, datasource, token.access_token, target, headers, body)
-        if upstream.status_code == 401 and replayable:
-            upstream.close()
+        if upstream.status == 401 and replayable:
+            upstream.drain_conn()
+            upstream.release_conn()
             token = tokens.refresh_after_rejection(datasource, token.access_token)
+            _tokens.put(datasource.slug, token)
             upstream = _send(request.method, datasource, token.access_token, target, headers, body)
     except (NotAuthorized, OAuthError) as err:
         error = "not_authorized" if isinstance(err, NotAuthorized) else "reauthorization_required"
@@ -150,17 +204,18 @@ def _forward(
         if err.retry_after:
             response["Retry-After"] = str(max(1, int(err.retry_after)))
         return response
-    except requests.Timeout:
+    except urllib3.exceptions.NewConnectionError:  # (a ConnectTimeoutError subclass in urllib3)
+        return _json_error(502, "upstream_unreachable", "The upstream API refused the connection.")
+    except urllib3.exceptions.TimeoutError:
         return _json_error(504, "upstream_timeout", "The upstream API did not answer in time.")
-    except requests.RequestException as err:
+    except urllib3.exceptions.HTTPError as err:
         return _json_error(
             502, "upstream_unreachable", f"The upstream API is unreachable ({type(err).__name__})."
         )
     return _stream_back(upstream, done)
 
 
-def _authenticate(request: HttpRequest):
-    """The ApiKey used (None for a session user), or an error response."""
+def _authenticate(request: HttpRequest) -> _Caller | HttpResponse:
     header = request.META.get("HTTP_AUTHORIZATION", "")
     key = ""
     if header[:8].lower() == "api-key ":
@@ -168,10 +223,15 @@ def _authenticate(request: HttpRequest):
     elif request.META.get("HTTP_X_API_KEY"):
         key = request.META["HTTP_X_API_KEY"].strip()
     if key:
-        api_key = apikeys.authenticate(key)
-        if api_key is None:
-            return _unauthorized("The API key is not valid or was revoked.")
-        return api_key
+        digest = hashlib.sha256(key.encode()).digest()
+        caller = _keys.get(digest)
+        if caller is None:
+            api_key = apikeys.authenticate(key)
+            if api_key is None:
+                return _unauthorized("The API key is not valid or was revoked.")
+            caller = _Caller(api_key.pk, apikeys.allowed_datasource_ids(api_key))
+            _keys.put(digest, caller)
+        return caller
     user = getattr(request, "user", None)
     if user is not None and user.is_authenticated:
         if not user.has_perm("datasources.use_datasource"):
@@ -180,7 +240,7 @@ def _authenticate(request: HttpRequest):
             rejected = CsrfViewMiddleware(lambda r: None).process_view(request, None, (), {})
             if rejected is not None:
                 return _json_error(403, "csrf_failed", "CSRF verification failed.")
-        return None
+        return _Caller(None, None)
     return _unauthorized("Send Authorization: Api-Key <key>.")
 
 
@@ -191,29 +251,28 @@ def _unauthorized(detail: str) -> JsonResponse:
 
 
 class _BodyStream:
-    """A request body of known length, read from the WSGI input as requests sends it."""
+    """A request body of known length, read from the WSGI input as it is sent upstream."""
 
-    def __init__(self, request: HttpRequest, length: int) -> None:
+    def __init__(self, request: HttpRequest) -> None:
         self._request = request
-        self._length = length
-
-    def __len__(self) -> int:
-        return self._length
 
     def read(self, size: int = -1) -> bytes:
         return self._request.read(size)
 
 
-def _request_body(request: HttpRequest) -> tuple[bytes | _BodyStream | None, bool]:
+def _request_body(
+    request: HttpRequest, headers: dict[str, str]
+) -> tuple[bytes | _BodyStream | None, bool]:
     try:
         length = int(request.META.get("CONTENT_LENGTH") or 0)
     except ValueError:
         length = 0
     if length <= 0:
         return None, True
+    headers["Content-Length"] = str(length)
     if length <= app_settings.PROXY_REPLAY_MAX_BYTES:
         return request.read(), True
-    return _BodyStream(request, length), False
+    return _BodyStream(request), False
 
 
 def _send(
@@ -223,34 +282,40 @@ def _send(
     url: str,
     headers: dict[str, str],
     body: bytes | _BodyStream | None,
-) -> requests.Response:
+) -> urllib3.BaseHTTPResponse:
     url, headers = place_token(datasource, access_token, url, dict(headers))
-    return upstream_session().request(
+    return upstream_pool().request(
         method,
         url,
+        body=body,
         headers=headers,
-        data=body,
-        stream=True,
-        allow_redirects=False,
-        timeout=(app_settings.PROXY_CONNECT_TIMEOUT, app_settings.PROXY_READ_TIMEOUT),
+        preload_content=False,
+        decode_content=False,
+        redirect=False,
+        retries=False,
+        timeout=urllib3.Timeout(
+            connect=app_settings.PROXY_CONNECT_TIMEOUT, read=app_settings.PROXY_READ_TIMEOUT
+        ),
     )
 
 
-def _stream_back(upstream: requests.Response, done) -> StreamingHttpResponse:
+def _stream_back(
+    upstream: urllib3.BaseHTTPResponse, done: Callable[[int], None]
+) -> StreamingHttpResponse:
     chunk_size = app_settings.PROXY_CHUNK_SIZE
 
-    def content():
+    def content() -> Iterator[bytes]:
         try:
             # Raw bytes: a compressed body stays compressed, matching Content-Encoding.
-            yield from upstream.raw.stream(chunk_size, decode_content=False)
+            yield from upstream.stream(chunk_size, decode_content=False)
         finally:
-            upstream.close()
-            done(upstream.status_code)
+            upstream.release_conn()
+            done(upstream.status)
 
-    response = StreamingHttpResponse(content(), status=upstream.status_code)
+    response = StreamingHttpResponse(content(), status=upstream.status)
     if "Content-Type" not in upstream.headers:
         del response["Content-Type"]
-    for name, value in upstream.headers.items():
+    for name, value in upstream.headers.itermerged():
         if name.lower() not in NOT_RETURNED:
             response[name] = value
     return response

@@ -12,8 +12,8 @@ os.environ.setdefault(
 )
 os.environ.setdefault("DATA_DIR", str(Path(__file__).resolve().parent.parent / "var" / "test"))
 
-from config.settings import *  # noqa: E402,F403
-from config.settings import BASE_DIR, DATABASES, DATA_DIR, INSTALLED_APPS, TEMPLATES  # noqa: E402
+from config.settings import *  # noqa: F403
+from config.settings import BASE_DIR, DATA_DIR, DATABASES, INSTALLED_APPS, TEMPLATES
 
 INSTALLED_APPS = [*INSTALLED_APPS, "oauth2_provider"]
 ROOT_URLCONF = "tests.urls"
@@ -42,6 +42,7 @@ DATASOURCES = {
     **DATASOURCES,  # noqa: F405
     "LEASE_WAIT": 20.0,
     "USAGE_FLUSH_INTERVAL": 0,
+    "PROXY_CACHE_SECONDS": 0,
 }
 
 # The live server answers each request in a new thread; persistent connections would outlive

@@ -1,5 +1,7 @@
 """Secrets are ciphertext at rest, a wrong key raises, and keys rotate."""
 
+import io
+
 import pytest
 from cryptography.fernet import InvalidToken
 from django.core.management import call_command
@@ -64,7 +66,7 @@ def test_rotate_encryption_keys_command_reencrypts_every_secret(settings):
     datasource = make_datasource()
     store_tokens(datasource, "access-token-value", "refresh-token-value")
     settings.FERNET_KEYS = [KEY_NEW, KEY_A, KEY_B]
-    call_command("rotate_encryption_keys", stdout=open("/dev/null", "w"))
+    call_command("rotate_encryption_keys", stdout=io.StringIO())
     settings.FERNET_KEYS = [KEY_NEW]  # old keys removed after rotation
     token = Token.objects.select_related("datasource").get(datasource=datasource)
     assert token.datasource.client_secret == SECRET

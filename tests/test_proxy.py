@@ -131,7 +131,7 @@ def test_paths_that_leave_base_url_are_rejected_without_upstream_call(ready, mon
 
 
 def test_authentication_failures(ready, django_user_model):
-    datasource, client, key = ready()
+    datasource, client, _key = ready()
     assert Client().get(url(datasource, "me")).status_code == 401
     bad = Client(HTTP_AUTHORIZATION="Api-Key dsk_00000000_nope")
     assert bad.get(url(datasource, "me")).status_code == 401

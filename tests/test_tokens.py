@@ -137,7 +137,7 @@ def test_single_flight_across_threads(auth_server, authorize, monkeypatch):
         try:
             barrier.wait()
             results.append(tokens.get_access_token(datasource))
-        except Exception as err:  # noqa: BLE001
+        except Exception as err:
             errors.append(err)
         finally:
             connection.close()
@@ -178,7 +178,7 @@ def test_single_flight_across_processes(auth_server, authorize):
         for _ in range(4)
     ]
     outputs = [proc.communicate(timeout=120) for proc in procs]
-    for proc, (out, err) in zip(procs, outputs, strict=True):
+    for proc, (_out, err) in zip(procs, outputs, strict=True):
         assert proc.returncode == 0, err[-2000:]
     printed = {out.strip() for out, _ in outputs}
     assert len(printed) == 1
