@@ -37,7 +37,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tokens", type=int, default=10_000)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--concurrency", type=int, default=2)
+    parser.add_argument("--pool", default="prefork", choices=["prefork", "threads", "solo"])
     args = parser.parse_args()
 
     shutil.rmtree(BENCH_DIR, ignore_errors=True)
@@ -89,7 +90,7 @@ def main() -> None:
     print(
         f"database: {env['DATABASE_URL'].split('://')[0]}, broker: {env['CELERY_BROKER_URL'].split('://')[0]}"
     )
-    print(f"workers: {args.workers} x concurrency {args.concurrency}")
+    print(f"workers: {args.workers} x concurrency {args.concurrency} ({args.pool} pool)")
     print(f"tokens refreshed:            {args.tokens}")
     print(f"wall time:                   {wall:.2f} s")
     print(f"refreshes per second:        {rate:.0f}  (target >= 200)")

@@ -154,16 +154,16 @@ def proxy(request: HttpRequest, slug: str, path: str = "") -> HttpResponse:
             datasource.pk, status, (time.perf_counter() - started) * 1000, error=status >= 500
         )
 
-    problem = path_problem(path)
-    target = None if problem else resolve_upstream_url(datasource.base_url, path)
+    target = resolve_upstream_url(datasource.base_url, path)
     if target is None:
+        problem = path_problem(path) or "it would leave the base URL"
         response: HttpResponse = _json_error(
             400, "invalid_path", f"The path would leave the datasource's base URL ({problem})."
         )
     else:
         query = request.META.get("QUERY_STRING", "")
         response = _forward(request, token, f"{target}?{query}" if query else target, done)
-    if not isinstance(response, StreamingHttpResponse):
+    if not response.streaming:  # a streamed answer is counted when its body has been sent
         done(response.status_code)
     return response
 
@@ -299,10 +299,18 @@ def _send(
     )
 
 
-def _stream_back(
-    upstream: urllib3.BaseHTTPResponse, done: Callable[[int], None]
-) -> StreamingHttpResponse:
+def _stream_back(upstream: urllib3.BaseHTTPResponse, done: Callable[[int], None]) -> HttpResponse:
     chunk_size = app_settings.PROXY_CHUNK_SIZE
+    length = upstream.headers.get("Content-Length", "")
+    if length.isdigit() and int(length) <= chunk_size:
+        # Small bodies (most API answers) are relayed in one piece: cheaper than a stream.
+        try:
+            body = upstream.read(decode_content=False)
+        finally:
+            upstream.release_conn()
+        response: HttpResponse = HttpResponse(body, status=upstream.status)
+        _copy_headers(upstream, response)
+        return response
 
     def content() -> Iterator[bytes]:
         try:
@@ -312,10 +320,14 @@ def _stream_back(
             upstream.release_conn()
             done(upstream.status)
 
-    response = StreamingHttpResponse(content(), status=upstream.status)
+    streaming = StreamingHttpResponse(content(), status=upstream.status)
+    _copy_headers(upstream, streaming)
+    return streaming
+
+
+def _copy_headers(upstream: urllib3.BaseHTTPResponse, response: HttpResponse) -> None:
     if "Content-Type" not in upstream.headers:
         del response["Content-Type"]
     for name, value in upstream.headers.itermerged():
         if name.lower() not in NOT_RETURNED:
             response[name] = value
-    return response

@@ -33,8 +33,9 @@ def sweep() -> int:
 )
 def refresh(token_id: int) -> str:
     """Refresh one token; idempotent (fresh tokens are left alone) and single-flight."""
-    token = Token.objects.select_related("datasource").filter(pk=token_id).first()
-    if token is None:
+    try:
+        token = Token.objects.select_related("datasource").get(pk=token_id)
+    except Token.DoesNotExist:  # the datasource was deleted since the sweep
         return "missing"
     result = tokens.refresh_token(token)
     if result.outcome in ("transient", "reauthorization"):
