@@ -341,8 +341,18 @@ class DatasourceAdmin(admin.ModelAdmin):
         super().delete_model(request, obj)
 
 
+class ReadOnlyAdmin(admin.ModelAdmin):
+    """Bookkeeping written by the services only."""
+
+    def has_add_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+
 @admin.register(Token)
-class TokenAdmin(admin.ModelAdmin):
+class TokenAdmin(ReadOnlyAdmin):
     """Read-only bookkeeping; secret columns are not even listed."""
 
     list_display = (
@@ -381,26 +391,14 @@ class TokenAdmin(admin.ModelAdmin):
     def has_refresh_token(self, obj: Token) -> bool:
         return obj.has_refresh_token
 
-    def has_add_permission(self, request, obj=None) -> bool:
-        return False
-
-    def has_change_permission(self, request, obj=None) -> bool:
-        return False
-
 
 @admin.register(TokenEvent)
-class TokenEventAdmin(admin.ModelAdmin):
+class TokenEventAdmin(ReadOnlyAdmin):
     list_display = ("created_at", "datasource", "kind", "detail")
     list_filter = ("kind",)
     list_select_related = ("datasource",)
     search_fields = ("datasource__slug", "detail")
     date_hierarchy = "created_at"
-
-    def has_add_permission(self, request, obj=None) -> bool:
-        return False
-
-    def has_change_permission(self, request, obj=None) -> bool:
-        return False
 
 
 @admin.register(ApiKey)

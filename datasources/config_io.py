@@ -10,31 +10,11 @@ from django.core.exceptions import ValidationError
 from django.db import transaction
 
 from . import tokens
-from .models import Datasource, GrantType
+from .models import CONFIG_FIELDS, Datasource, GrantType
 from .oauth import RESERVED_AUTH_PARAMS
 
 #: Fields import accepts and export writes (the client secret is import-only).
-EXPORTED_FIELDS = (
-    "name",
-    "slug",
-    "base_url",
-    "grant_type",
-    "authorization_url",
-    "access_token_url",
-    "client_id",
-    "scopes",
-    "custom_auth_params",
-    "token_placement",
-    "header_prefix",
-    "query_param_name",
-    "client_authentication",
-    "use_pkce",
-    "audience",
-    "resource",
-    "revocation_url",
-    "issuer",
-    "token_lifetime",
-)
+EXPORTED_FIELDS = CONFIG_FIELDS
 IMPORTED_FIELDS = frozenset(EXPORTED_FIELDS) | {"client_secret"}
 _CREDENTIAL_FIELDS = ("client_id", "client_secret", "access_token_url", "scopes")
 

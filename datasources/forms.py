@@ -6,7 +6,7 @@ from django import forms
 from django.db import models
 from django.utils.translation import gettext_lazy as _
 
-from .models import Datasource, GrantType, normalize_scopes
+from .models import CONFIG_FIELDS, Datasource, GrantType, normalize_scopes
 from .oauth import RESERVED_AUTH_PARAMS
 
 
@@ -44,28 +44,7 @@ class DatasourceForm(forms.ModelForm):
     class Meta:
         model = Datasource
         formfield_callback = _formfield
-        fields = (
-            "name",
-            "slug",
-            "base_url",
-            "grant_type",
-            "authorization_url",
-            "access_token_url",
-            "client_id",
-            "client_secret",
-            "scopes",
-            "client_authentication",
-            "use_pkce",
-            "token_placement",
-            "header_prefix",
-            "query_param_name",
-            "custom_auth_params",
-            "audience",
-            "resource",
-            "revocation_url",
-            "issuer",
-            "token_lifetime",
-        )
+        fields = (*CONFIG_FIELDS, "client_secret")
         widgets = {
             "custom_auth_params": forms.Textarea(attrs={"rows": 3, "cols": 60}),
             "scopes": forms.TextInput(attrs={"size": 60}),

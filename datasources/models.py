@@ -299,6 +299,31 @@ class Datasource(models.Model):
         return DatasourceSession(self)
 
 
+#: The configuration fields builders edit, in form order (the client secret is handled apart:
+#: it is write-only, and never exported).
+CONFIG_FIELDS = (
+    "name",
+    "slug",
+    "base_url",
+    "grant_type",
+    "authorization_url",
+    "access_token_url",
+    "client_id",
+    "scopes",
+    "client_authentication",
+    "use_pkce",
+    "token_placement",
+    "header_prefix",
+    "query_param_name",
+    "custom_auth_params",
+    "audience",
+    "resource",
+    "revocation_url",
+    "issuer",
+    "token_lifetime",
+)
+
+
 def validate_issuer(value: str) -> str | None:
     from .transport import transport_problem
 
