@@ -340,6 +340,11 @@ class DatasourceAdmin(admin.ModelAdmin):
             tokens.disconnect(obj)
         super().delete_model(request, obj)
 
+    def delete_queryset(self, request, queryset):
+        for obj in queryset.exclude(revocation_url=""):
+            tokens.disconnect(obj)
+        super().delete_queryset(request, queryset)
+
 
 class ReadOnlyAdmin(admin.ModelAdmin):
     """Bookkeeping written by the services only."""

@@ -8,4 +8,6 @@ class DatasourcesConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        from . import checks, encryption  # noqa: F401  (registers checks and signal receivers)
+        from . import checks, encryption, logfilters  # noqa: F401  (checks, receivers)
+
+        logfilters.install()

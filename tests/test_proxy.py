@@ -237,3 +237,16 @@ def test_admin_shows_new_key_once(staff_client):
     change = staff_client.get(f"/admin/datasources/apikey/{stored.pk}/change/").content.decode()
     key = html.split('class="new-api-key"')[1].split(">", 1)[1].split("<", 1)[0]
     assert key.startswith("dsk_") and key not in change
+
+
+def test_query_placed_token_never_reaches_logs(ready, caplog):
+    import logging
+
+    caplog.set_level(logging.DEBUG)
+    datasource, client, key = ready(token_placement="query")
+    echo(client.get(url(datasource, "me"), {"x": "1"}))
+    token = Token.objects.get(datasource=datasource)
+    text = "\n".join(record.getMessage() for record in caplog.records)
+    assert "/upstream/me?[redacted]" in text  # urllib3 logged the request line, redacted
+    for secret in (token.access_token, token.refresh_token, key, SECRET):
+        assert secret not in text
