@@ -166,7 +166,13 @@ DATASOURCES = {
     "SWEEP_INTERVAL": env.int("DATASOURCES_SWEEP_INTERVAL", default=60),
     "SWEEP_BATCH_SIZE": env.int("DATASOURCES_SWEEP_BATCH_SIZE", default=1000),
     "HTTP_TIMEOUT": env.float("DATASOURCES_HTTP_TIMEOUT", default=10.0),
+    "METRICS_TOKEN": env.str("DATASOURCES_METRICS_TOKEN", default=""),
 }
+
+# Email (re-authorization notices to datasource owners). Default: printed to the console.
+EMAIL_CONFIG = env.email_url("EMAIL_URL", default="consolemail://")
+vars().update(EMAIL_CONFIG)
+DEFAULT_FROM_EMAIL = env.str("DEFAULT_FROM_EMAIL", default="datasources@localhost")
 
 LOGGING = {
     "version": 1,

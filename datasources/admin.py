@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from django.contrib import admin, messages
 from django.db import models
+from django.db.models import Prefetch
 from django.http import HttpRequest, HttpResponseNotAllowed, HttpResponseRedirect
 from django.shortcuts import get_object_or_404
 from django.template.response import TemplateResponse
@@ -46,10 +47,11 @@ def status_badge(token: Token | None):
 
 
 def _token(obj: Datasource) -> Token | None:
-    try:
-        return obj.token
-    except Token.DoesNotExist:
-        return None
+    """The shared token, prefetched for list pages."""
+    prefetched = getattr(obj, "shared_tokens", None)
+    if prefetched is not None:
+        return prefetched[0] if prefetched else None
+    return obj.token if obj.pk else None
 
 
 @admin.register(Datasource)
@@ -58,8 +60,7 @@ class DatasourceAdmin(admin.ModelAdmin):
     formfield_overrides = {models.URLField: {"assume_scheme": "https"}}
     change_form_template = "admin/datasources/datasource/change_form.html"
     list_display = ("name", "slug", "grant_type", "status", "expires", "last_refreshed")
-    list_filter = ("grant_type", "token__status")
-    list_select_related = ("token",)
+    list_filter = ("grant_type", "token_sharing", "tokens__status")
     search_fields = ("name", "slug", "base_url")
     prepopulated_fields = {"slug": ("name",)}
     actions = ("authorize_selected", "refresh_selected", "disconnect_selected")
@@ -71,6 +72,7 @@ class DatasourceAdmin(admin.ModelAdmin):
         "last_error",
         "recent_events",
         "proxy_usage",
+        "user_tokens",
     )
     fieldsets = (
         (
@@ -81,6 +83,7 @@ class DatasourceAdmin(admin.ModelAdmin):
                     "slug",
                     "base_url",
                     "grant_type",
+                    "token_sharing",
                     "authorization_url",
                     "access_token_url",
                 )
@@ -114,6 +117,7 @@ class DatasourceAdmin(admin.ModelAdmin):
                     "revocation_url",
                     "issuer",
                     "token_lifetime",
+                    "owner",
                 ),
             },
         ),
@@ -128,6 +132,7 @@ class DatasourceAdmin(admin.ModelAdmin):
                     "last_error",
                     "recent_events",
                     "proxy_usage",
+                    "user_tokens",
                 )
             },
         ),
@@ -135,11 +140,11 @@ class DatasourceAdmin(admin.ModelAdmin):
 
     # --- read-only status --------------------------------------------------------------------
 
-    @admin.display(description=_("status"), ordering="token__status")
+    @admin.display(description=_("status"), ordering="tokens__status")
     def status(self, obj: Datasource):
         return status_badge(_token(obj))
 
-    @admin.display(description=_("expires"), ordering="token__expires_at")
+    @admin.display(description=_("expires"), ordering="tokens__expires_at")
     def expires(self, obj: Datasource):
         token = _token(obj)
         if not token or not token.expires_at:
@@ -148,7 +153,7 @@ class DatasourceAdmin(admin.ModelAdmin):
         suffix = " (expired)" if token.is_expired() else ""
         return f"{when:%Y-%m-%d %H:%M:%S %Z}{suffix}"
 
-    @admin.display(description=_("last refreshed"), ordering="token__last_refreshed_at")
+    @admin.display(description=_("last refreshed"), ordering="tokens__last_refreshed_at")
     def last_refreshed(self, obj: Datasource):
         token = _token(obj)
         if not token or not token.last_refreshed_at:
@@ -192,6 +197,42 @@ class DatasourceAdmin(admin.ModelAdmin):
             ),
         )
         return format_html('<table class="datasource-events">{}</table>', rows)
+
+    @admin.display(description=_("per-user tokens"))
+    def user_tokens(self, obj: Datasource):
+        if not obj.pk or not obj.per_user:
+            return "— (shared)"
+        rows = Token.objects.filter(datasource=obj, user__isnull=False).select_related("user")
+        if not rows:
+            return "No user has authorized yet."
+        return format_html(
+            '<table class="datasource-user-tokens">{}</table>',
+            format_html_join(
+                "",
+                "<tr><td>{}</td><td>{}</td><td>{}</td></tr>",
+                (
+                    (
+                        t.user.get_username(),
+                        t.get_status_display(),
+                        f"{timezone.localtime(t.expires_at):%Y-%m-%d %H:%M:%S}"
+                        if t.expires_at
+                        else "—",
+                    )
+                    for t in rows
+                ),
+            ),
+        )
+
+    def get_queryset(self, request):
+        return (
+            super()
+            .get_queryset(request)
+            .prefetch_related(
+                Prefetch(
+                    "tokens", queryset=Token.objects.filter(user=None), to_attr="shared_tokens"
+                )
+            )
+        )
 
     @admin.display(description=_("proxy usage"))
     def proxy_usage(self, obj: Datasource):
@@ -238,6 +279,8 @@ class DatasourceAdmin(admin.ModelAdmin):
         return super().render_change_form(request, context, add, change, form_url, obj)
 
     def save_model(self, request, obj, form, change):
+        if not change and obj.owner_id is None:
+            obj.owner = request.user
         super().save_model(request, obj, form, change)
         if change and form.credentials_changed:
             tokens.reset_after_reconfiguration(obj)
@@ -362,6 +405,7 @@ class TokenAdmin(ReadOnlyAdmin):
 
     list_display = (
         "datasource",
+        "user",
         "status",
         "expires_at",
         "last_refreshed_at",
@@ -369,10 +413,11 @@ class TokenAdmin(ReadOnlyAdmin):
         "refresh_count",
     )
     list_filter = ("status",)
-    list_select_related = ("datasource",)
+    list_select_related = ("datasource", "user")
     search_fields = ("datasource__name", "datasource__slug")
     fields = (
         "datasource",
+        "user",
         "status",
         "has_access_token",
         "has_refresh_token",

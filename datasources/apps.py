@@ -8,6 +8,6 @@ class DatasourcesConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        from . import checks, encryption, logfilters  # noqa: F401  (checks, receivers)
+        from . import checks, encryption, logfilters, notifications  # noqa: F401
 
         logfilters.install()

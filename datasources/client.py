@@ -27,9 +27,10 @@ class OutsideBaseUrl(DatasourceError, ValueError):
 
 
 class DatasourceSession(requests.Session):
-    def __init__(self, datasource: Datasource) -> None:
+    def __init__(self, datasource: Datasource, user=None) -> None:
         super().__init__()
         self.datasource = datasource
+        self.user = user
         self.trust_env = False
 
     def request(  # type: ignore[override]
@@ -43,11 +44,13 @@ class DatasourceSession(requests.Session):
     ) -> requests.Response:
         target = self._target(url)
         kwargs.setdefault("timeout", 30)
-        token = tokens.get_valid_token(self.datasource)
+        token = tokens.get_valid_token(self.datasource, user=self.user)
         response = self._send(method, target, token.access_token, params, data, headers, kwargs)
         if response.status_code == 401 and _replayable(data):
             response.close()
-            token = tokens.refresh_after_rejection(self.datasource, token.access_token)
+            token = tokens.refresh_after_rejection(
+                self.datasource, token.access_token, user=self.user
+            )
             response = self._send(method, target, token.access_token, params, data, headers, kwargs)
         return response
 

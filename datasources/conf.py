@@ -53,6 +53,10 @@ DEFAULTS: dict[str, Any] = {
     # verified API key without reading the database. Edits, revocations and re-authorizations
     # made in other processes take effect within this time. 0 disables the cache.
     "PROXY_CACHE_SECONDS": 5.0,
+    # Bearer token Prometheus sends to /metrics. Empty: only users who may view datasources.
+    "METRICS_TOKEN": "",
+    # Email the datasource's owner when it needs re-authorization.
+    "EMAIL_OWNER_ON_REAUTHORIZATION": True,
     # Proxy call counters are written to the database at most this often (seconds) per process.
     "USAGE_FLUSH_INTERVAL": 1.0,
 }

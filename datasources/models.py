@@ -56,6 +56,11 @@ class ClientAuthentication(models.TextChoices):
     BODY = "body", _("Send client credentials in body")
 
 
+class TokenSharing(models.TextChoices):
+    SHARED = "shared", _("One authorization shared by all users")
+    PER_USER = "per_user", _("Each user authorizes for themselves")
+
+
 class TokenStatus(models.TextChoices):
     NOT_AUTHORIZED = "not_authorized", _("Not authorized")
     ACTIVE = "active", _("Active")
@@ -207,6 +212,26 @@ class Datasource(models.Model):
             "(RFC 9207 mix-up defence)."
         ),
     )
+    token_sharing = models.CharField(
+        _("token sharing"),
+        max_length=16,
+        choices=TokenSharing.choices,
+        default=TokenSharing.SHARED,
+        help_text=_(
+            "Shared: one authorization serves every caller. Per user: each user authorizes "
+            "for themselves (at /api/v1/datasources/SLUG/connect) and the proxy uses the calling "
+            "user's token. Authorization code only."
+        ),
+    )
+    owner = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        on_delete=models.SET_NULL,
+        null=True,
+        blank=True,
+        related_name="+",
+        verbose_name=_("owner"),
+        help_text=_("Emailed when the datasource needs re-authorization."),
+    )
     token_lifetime = models.PositiveIntegerField(
         _("default token lifetime"),
         null=True,
@@ -235,7 +260,7 @@ class Datasource(models.Model):
     def save(self, *args, **kwargs) -> None:
         self.scopes = normalize_scopes(self.scopes)
         super().save(*args, **kwargs)
-        Token.objects.get_or_create(datasource=self)
+        Token.objects.get_or_create(datasource=self, user=None)
 
     def clean(self) -> None:
         errors: dict[str, str] = {}
@@ -252,6 +277,14 @@ class Datasource(models.Model):
             errors["custom_auth_params"] = _(
                 'Enter a JSON object whose values are strings, e.g. {"prompt": "consent"}.'
             )
+        if (
+            self.token_sharing == TokenSharing.PER_USER
+            and self.grant_type != GrantType.AUTHORIZATION_CODE
+        ):
+            errors["token_sharing"] = _(
+                "Per-user tokens need the authorization code grant: with client credentials "
+                "there is no user."
+            )
         if self.token_placement == TokenPlacement.QUERY and not self.query_param_name:
             self.query_param_name = "access_token"
         if self.issuer:
@@ -261,6 +294,19 @@ class Datasource(models.Model):
         self.scopes = normalize_scopes(self.scopes)
         if errors:
             raise ValidationError(errors)
+
+    @property
+    def token(self) -> Token:
+        """The shared token (the one used unless tokens are per user)."""
+        cached = getattr(self, "_shared_token", None)
+        if cached is None:
+            cached, _ = Token.objects.get_or_create(datasource=self, user=None)
+            self._shared_token = cached
+        return cached
+
+    @property
+    def per_user(self) -> bool:
+        return self.token_sharing == TokenSharing.PER_USER
 
     @property
     def scope_list(self) -> list[str]:
@@ -286,17 +332,23 @@ class Datasource(models.Model):
     def get_authorize_url(self) -> str:
         return reverse("admin:datasources_datasource_authorize", args=[self.pk])
 
-    def get_access_token(self) -> str:
-        """A valid access token, refreshed first when it is about to expire."""
+    def get_connect_url(self) -> str:
+        return reverse("datasources:connect", args=[self.slug])
+
+    def get_access_token(self, user=None) -> str:
+        """A valid access token, refreshed first when it is about to expire.
+
+        ``user`` selects whose token when tokens are per user.
+        """
         from .tokens import get_access_token
 
-        return get_access_token(self)
+        return get_access_token(self, user=user)
 
-    def session(self) -> DatasourceSession:
-        """A requests session that talks to ``base_url`` with the token attached."""
+    def session(self, user=None) -> DatasourceSession:
+        """A requests session that talks to ``base_url`` with the (user's) token attached."""
         from .client import DatasourceSession
 
-        return DatasourceSession(self)
+        return DatasourceSession(self, user=user)
 
 
 #: The configuration fields builders edit, in form order (the client secret is handled apart:
@@ -321,6 +373,7 @@ CONFIG_FIELDS = (
     "revocation_url",
     "issuer",
     "token_lifetime",
+    "token_sharing",
 )
 
 
@@ -332,8 +385,17 @@ def validate_issuer(value: str) -> str | None:
 
 
 class Token(models.Model):
-    datasource = models.OneToOneField(
-        Datasource, on_delete=models.CASCADE, related_name="token", verbose_name=_("datasource")
+    datasource = models.ForeignKey(
+        Datasource, on_delete=models.CASCADE, related_name="tokens", verbose_name=_("datasource")
+    )
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        on_delete=models.CASCADE,
+        null=True,
+        blank=True,
+        related_name="+",
+        verbose_name=_("user"),
+        help_text=_("Whose token, when the datasource has per-user tokens; empty: shared."),
     )
     access_token = EncryptedTextField(_("access token"), null=True, blank=True)
     refresh_token = EncryptedTextField(_("refresh token"), null=True, blank=True)
@@ -386,9 +448,18 @@ class Token(models.Model):
             models.Index(fields=["status", "expires_at"], name="ds_token_status_expiry"),
             models.Index(fields=["next_attempt_at"], name="ds_token_next_attempt"),
         ]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["datasource"],
+                condition=models.Q(user__isnull=True),
+                name="ds_token_one_shared",
+            ),
+            models.UniqueConstraint(fields=["datasource", "user"], name="ds_token_one_per_user"),
+        ]
 
     def __str__(self) -> str:
-        return f"Token for {self.datasource_id} ({self.status})"
+        whose = f", user {self.user_id}" if self.user_id else ""
+        return f"Token for {self.datasource_id}{whose} ({self.status})"
 
     def __repr__(self) -> str:
         return f"<Token {self.pk}: datasource={self.datasource_id} status={self.status}>"

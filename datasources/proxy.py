@@ -110,9 +110,10 @@ class _TTLCache:
 class _Caller:
     api_key_id: int | None
     allowed: frozenset[int] | None  # None: every datasource
+    user_id: int | None  # the session user, or the user an API key acts for
 
 
-_tokens = _TTLCache()  # slug -> Token (with its datasource)
+_tokens = _TTLCache()  # (slug, user id or None) -> Token (with its datasource)
 _keys = _TTLCache()  # sha256(key) -> _Caller
 
 
@@ -139,13 +140,23 @@ def proxy(request: HttpRequest, slug: str, path: str = "") -> HttpResponse:
     caller = _authenticate(request)
     if isinstance(caller, HttpResponse):
         return caller
-    token = _tokens.get(slug)
+    token = _tokens.get((slug, caller.user_id)) or _tokens.get((slug, None))
     if token is None:
         try:
-            token = Token.objects.select_related("datasource").get(datasource__slug=slug)
+            token = Token.objects.select_related("datasource").get(datasource__slug=slug, user=None)
         except Token.DoesNotExist:
             return _json_error(404, "not_found", f"No datasource with slug {slug!r}.")
     datasource = token.datasource
+    if datasource.per_user and token.user_id is None:
+        if caller.user_id is None:
+            return _json_error(
+                409,
+                "user_required",
+                f"Datasource {slug!r} has per-user tokens: call it as a user, or with an API key "
+                "that acts for one.",
+                datasource=slug,
+            )
+        token = tokens.load_token(datasource, caller.user_id)
     if caller.allowed is not None and datasource.pk not in caller.allowed:
         return _json_error(403, "forbidden", "This API key may not use this datasource.")
 
@@ -178,22 +189,28 @@ def _forward(
     body, replayable = _request_body(request, headers)
     try:
         token = tokens.get_valid_token(datasource, token=token)
-        _tokens.put(datasource.slug, token)
+        _tokens.put((datasource.slug, token.user_id), token)
         upstream = _send(request.method, datasource, token.access_token, target, headers, body)
         if upstream.status == 401 and replayable:
             upstream.drain_conn()
             upstream.release_conn()
-            token = tokens.refresh_after_rejection(datasource, token.access_token)
-            _tokens.put(datasource.slug, token)
+            token = tokens.refresh_after_rejection(
+                datasource, token.access_token, user=token.user_id
+            )
+            _tokens.put((datasource.slug, token.user_id), token)
             upstream = _send(request.method, datasource, token.access_token, target, headers, body)
     except (NotAuthorized, OAuthError) as err:
         error = "not_authorized" if isinstance(err, NotAuthorized) else "reauthorization_required"
+        if datasource.per_user:
+            where, url = "by the calling user", datasource.get_connect_url()
+        else:
+            where, url = "in the admin", datasource.get_authorize_url()
         return _json_error(
             409,
             error,
-            f"Datasource {datasource.slug!r} needs to be authorized in the admin.",
+            f"Datasource {datasource.slug!r} needs to be authorized {where}.",
             datasource=datasource.slug,
-            authorize_url=request.build_absolute_uri(datasource.get_authorize_url()),
+            authorize_url=request.build_absolute_uri(url),
         )
     except TransientUpstreamError as err:
         response = _json_error(
@@ -229,7 +246,7 @@ def _authenticate(request: HttpRequest) -> _Caller | HttpResponse:
             api_key = apikeys.authenticate(key)
             if api_key is None:
                 return _unauthorized("The API key is not valid or was revoked.")
-            caller = _Caller(api_key.pk, apikeys.allowed_datasource_ids(api_key))
+            caller = _Caller(api_key.pk, apikeys.allowed_datasource_ids(api_key), api_key.user_id)
             _keys.put(digest, caller)
         return caller
     user = getattr(request, "user", None)
@@ -240,7 +257,7 @@ def _authenticate(request: HttpRequest) -> _Caller | HttpResponse:
             rejected = CsrfViewMiddleware(lambda r: None).process_view(request, None, (), {})
             if rejected is not None:
                 return _json_error(403, "csrf_failed", "CSRF verification failed.")
-        return _Caller(None, None)
+        return _Caller(None, None, user.pk)
     return _unauthorized("Send Authorization: Api-Key <key>.")
 
 

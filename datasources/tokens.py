@@ -55,15 +55,22 @@ class RefreshResult:
     error: str = ""
 
 
-def get_access_token(datasource: Datasource, *, leeway: float | None = None) -> str:
-    """A valid access token, refreshed first when it expires within ``leeway`` seconds."""
-    token = get_valid_token(datasource, leeway=leeway)
+def get_access_token(datasource: Datasource, *, leeway: float | None = None, user=None) -> str:
+    """A valid access token, refreshed first when it expires within ``leeway`` seconds.
+
+    ``user`` (a user or user id) selects whose token when the datasource has per-user tokens.
+    """
+    token = get_valid_token(datasource, leeway=leeway, user=user)
     assert token.access_token
     return token.access_token
 
 
 def get_valid_token(
-    datasource: Datasource, *, leeway: float | None = None, token: Token | None = None
+    datasource: Datasource,
+    *,
+    leeway: float | None = None,
+    token: Token | None = None,
+    user=None,
 ) -> Token:
     """The token row with a usable access token, refreshing (single-flight) if needed.
 
@@ -71,7 +78,7 @@ def get_valid_token(
     Raises NotAuthorized, ReauthorizationRequired or TransientUpstreamError.
     """
     margin = app_settings.REQUEST_LEEWAY if leeway is None else leeway
-    token = token or _load(datasource)
+    token = token or _load(datasource, token_owner(datasource, user))
     if token.is_fresh(margin):
         return token
     return _refresh_single_flight(
@@ -79,12 +86,30 @@ def get_valid_token(
     )
 
 
-def refresh_after_rejection(datasource: Datasource, rejected_access_token: str) -> Token:
+def refresh_after_rejection(
+    datasource: Datasource, rejected_access_token: str, *, user=None
+) -> Token:
     """The upstream API answered 401 to ``rejected_access_token``: refresh unless someone else
     already replaced it, and return the token to retry with."""
     return _refresh_single_flight(
-        datasource, margin=0, stale_access_token=rejected_access_token, wait=True
+        datasource,
+        margin=0,
+        stale_access_token=rejected_access_token,
+        wait=True,
+        token=_load(datasource, token_owner(datasource, user)),
     )
+
+
+def token_owner(datasource: Datasource, user) -> int | None:
+    """Whose token serves a call: nobody's (shared) or the given user's (per-user tokens)."""
+    if not datasource.per_user:
+        return None
+    user_id = getattr(user, "pk", user)
+    if user_id is None:
+        raise NotAuthorized(
+            f"Datasource {datasource.slug!r} has per-user tokens and no user was given."
+        )
+    return user_id
 
 
 def refresh_token(
@@ -102,7 +127,9 @@ def refresh_token(
     margin = app_settings.REFRESH_MARGIN if margin is None else margin
     # A Token passed in (by the sweep's task) is only a starting point: it is re-read after
     # the lease is won.
-    token = token_or_datasource if isinstance(token_or_datasource, Token) else _load(datasource)
+    token = (
+        token_or_datasource if isinstance(token_or_datasource, Token) else _load(datasource, None)
+    )
     if token.status == TokenStatus.NEEDS_REAUTHORIZATION:
         return RefreshResult("reauthorization", token, token.last_error)
     if not force and token.is_fresh(margin) and not _too_old(token):
@@ -122,19 +149,24 @@ def refresh_token(
     except NotAuthorized as err:
         return RefreshResult("skipped", token, str(err))
     except ReauthorizationRequired as err:
-        return RefreshResult("reauthorization", _load(datasource), str(err))
+        return RefreshResult("reauthorization", _load(datasource, token.user_id), str(err))
     except TransientUpstreamError as err:
-        return RefreshResult("transient", _load(datasource), str(err))
+        return RefreshResult("transient", _load(datasource, token.user_id), str(err))
     return RefreshResult("refreshed", token)
 
 
 def store_authorization(
     datasource: Datasource, response: oauth.TokenResponse, *, user=None
 ) -> Token:
-    """Store the token from a completed authorization-code flow (replaces any previous one)."""
+    """Store the token from a completed authorization-code flow (replaces any previous one).
+
+    With per-user tokens it becomes ``user``'s token; otherwise the shared one.
+    """
     now = timezone.now()
+    owner = token_owner(datasource, user)
+    _load(datasource, owner)
     with transaction.atomic():
-        Token.objects.filter(datasource=datasource).update(
+        Token.objects.filter(datasource=datasource, user_id=owner).update(
             **_token_fields(datasource, response, now, keep_refresh_token=False),
             obtained_at=now,
             status=TokenStatus.ACTIVE,
@@ -145,15 +177,27 @@ def store_authorization(
             lease_expires_at=None,
         )
         record_event(datasource, TokenEvent.Kind.AUTHORIZED, _granted(response))
-    token = _load(datasource)
+    token = _load(datasource, owner)
     datasource_authorized.send(sender=Datasource, datasource=datasource, user=user)
     return token
 
 
 def disconnect(datasource: Datasource) -> list[str]:
     """Revoke at ``revocation_url`` (refresh token first, RFC 7009 §2) when set, then forget the
-    stored tokens. Returns the problems met while revoking (secret-free)."""
-    token = _load(datasource)
+    stored tokens (every user's, with per-user tokens). Returns the problems met while revoking
+    (secret-free)."""
+    problems: list[str] = []
+    for token in Token.objects.filter(datasource=datasource):
+        problems += _disconnect_one(datasource, token)
+    record_event(
+        datasource,
+        TokenEvent.Kind.REVOKED,
+        "Disconnected" + (" (revocation failed)" if problems else ""),
+    )
+    return problems
+
+
+def _disconnect_one(datasource: Datasource, token: Token) -> list[str]:
     problems: list[str] = []
     if datasource.revocation_url:
         for value, hint in (
@@ -181,11 +225,6 @@ def disconnect(datasource: Datasource) -> list[str]:
             lease_id="",
             lease_expires_at=None,
         )
-        record_event(
-            datasource,
-            TokenEvent.Kind.REVOKED,
-            "Disconnected" + (" (revocation failed)" if problems else ""),
-        )
     return problems
 
 
@@ -201,6 +240,11 @@ def record_event(datasource: Datasource, kind: str, detail: str = "") -> TokenEv
     return TokenEvent.objects.create(datasource=datasource, kind=kind, detail=detail[:500])
 
 
+def load_token(datasource: Datasource, user_id: int | None) -> Token:
+    """The token row for (datasource, user), created empty if the user has none yet."""
+    return _load(datasource, user_id)
+
+
 # --- internals -------------------------------------------------------------------------------
 
 
@@ -208,8 +252,10 @@ class _LeaseBusy(Exception):
     pass
 
 
-def _load(datasource: Datasource) -> Token:
-    token, _ = Token.objects.select_related("datasource").get_or_create(datasource=datasource)
+def _load(datasource: Datasource, user_id: int | None) -> Token:
+    token, _ = Token.objects.select_related("datasource").get_or_create(
+        datasource=datasource, user_id=user_id
+    )
     return token
 
 
@@ -260,11 +306,12 @@ def _refresh_single_flight(
     margin: float,
     stale_access_token: str | None,
     wait: bool,
-    token: Token | None = None,
+    token: Token,
 ) -> Token:
     deadline = time.monotonic() + app_settings.LEASE_WAIT
+    user_id = token.user_id
     while True:
-        token = token or _load(datasource)
+        token = token or _load(datasource, user_id)
         if not _needs_refresh(token, margin, stale_access_token):
             return token
         if _unrenewable_but_valid(datasource, token, stale_access_token):
@@ -291,7 +338,7 @@ def _refresh_single_flight(
         if not wait:
             raise _LeaseBusy
         if time.monotonic() >= deadline:
-            token = _load(datasource)
+            token = _load(datasource, user_id)
             if stale_access_token is None and token.access_token and not token.is_expired():
                 return token
             raise TransientUpstreamError("Timed out waiting for another refresh of this token.")

@@ -1,11 +1,14 @@
 from django.urls import path
 
-from . import proxy, views
+from . import ops, proxy, views
 
 app_name = "datasources"
 
 urlpatterns = [
+    path("healthz", ops.healthz, name="healthz"),
+    path("metrics", ops.metrics, name="metrics"),
     path("api/v1/datasources/authorize", views.authorization_callback, name="callback"),
+    path("api/v1/datasources/<slug:slug>/connect", views.connect, name="connect"),
     path("api/v1/datasources/<slug:slug>/proxy/", proxy.proxy, name="proxy-root"),
     path("api/v1/datasources/<slug:slug>/proxy/<path:path>", proxy.proxy, name="proxy"),
 ]

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from django.contrib import messages
-from django.contrib.admin.views.decorators import staff_member_required
+from django.contrib.auth.decorators import login_required
 from django.core.exceptions import PermissionDenied
-from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
+from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import get_object_or_404, render
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET
@@ -36,8 +36,24 @@ def start_authorization(request: HttpRequest, pk: int) -> HttpResponse:
 
 
 @never_cache
+@login_required
+def connect(request: HttpRequest, slug: str) -> HttpResponse:
+    """A user authorizes a per-user datasource for themselves."""
+    datasource = get_object_or_404(Datasource, slug=slug)
+    if not datasource.per_user:
+        raise Http404("This datasource shares one authorization; an admin authorizes it.")
+    if not request.user.has_perm("datasources.use_datasource"):
+        raise PermissionDenied
+    try:
+        url = flow.start(request, datasource)
+    except DatasourceError as err:
+        return _failure(request, f"Cannot start the authorization: {err}", datasource=datasource)
+    return HttpResponseRedirect(url)
+
+
+@never_cache
 @require_GET
-@staff_member_required
+@login_required
 def authorization_callback(request: HttpRequest) -> HttpResponse:
     """``/api/v1/datasources/authorize``: the provider sends the browser back here."""
     try:
@@ -62,7 +78,7 @@ def authorization_callback(request: HttpRequest) -> HttpResponse:
             request,
             f"{text}{': ' + description if description else ''}. The stored token is unchanged.",
         )
-        return HttpResponseRedirect(datasource.get_admin_url())
+        return _back(request, datasource)
     code = request.GET.get("code", "")
     if not code:
         return _failure(request, "The authorization response has no code.", datasource=datasource)
@@ -70,9 +86,20 @@ def authorization_callback(request: HttpRequest) -> HttpResponse:
         flow.complete(auth_request, code, user=request.user)
     except DatasourceError as err:
         messages.error(request, f"Authorization failed: {err}. The stored token is unchanged.")
-        return HttpResponseRedirect(datasource.get_admin_url())
+        return _back(request, datasource)
     messages.success(request, f"“{datasource}” is authorized and active.")
-    return HttpResponseRedirect(datasource.get_admin_url())
+    return _back(request, datasource)
+
+
+def _back(request: HttpRequest, datasource: Datasource) -> HttpResponse:
+    """Staff return to the admin page; other users (per-user tokens) see a result page."""
+    if request.user.is_staff:
+        return HttpResponseRedirect(datasource.get_admin_url())
+    return render(
+        request,
+        "datasources/authorization_result.html",
+        {"datasource": datasource, "title": str(datasource)},
+    )
 
 
 def _failure(request: HttpRequest, message: str, datasource: Datasource | None = None):

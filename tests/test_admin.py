@@ -32,6 +32,8 @@ def form_data(datasource: Datasource, **overrides) -> dict:
         "revocation_url": "",
         "issuer": "",
         "token_lifetime": "",
+        "token_sharing": "shared",
+        "owner": "",
     }
     data.update(overrides)
     return data
