@@ -14,7 +14,7 @@ from django.utils.html import format_html, format_html_join
 from django.utils.translation import gettext_lazy as _
 from django.utils.translation import ngettext
 
-from . import apikeys, flow, tokens, views
+from . import apikeys, flow, presets, tokens, views
 from .forms import DatasourceForm
 from .models import (
     API_KEY_PREFIX,
@@ -84,6 +84,8 @@ class DatasourceAdmin(admin.ModelAdmin):
                     "base_url",
                     "grant_type",
                     "token_sharing",
+                    "issuer",
+                    "discover",
                     "authorization_url",
                     "access_token_url",
                 )
@@ -97,6 +99,7 @@ class DatasourceAdmin(admin.ModelAdmin):
                     "client_secret",
                     "clear_client_secret",
                     "scopes",
+                    "scope_separator",
                     "client_authentication",
                     "use_pkce",
                 )
@@ -115,7 +118,7 @@ class DatasourceAdmin(admin.ModelAdmin):
                     "audience",
                     "resource",
                     "revocation_url",
-                    "issuer",
+                    "issuer_returns_iss",
                     "token_lifetime",
                     "owner",
                 ),
@@ -270,7 +273,21 @@ class DatasourceAdmin(admin.ModelAdmin):
             *super().get_urls(),
         ]
 
+    def get_changeform_initial_data(self, request):
+        initial = super().get_changeform_initial_data(request)
+        preset = request.GET.get("preset")
+        if preset:
+            initial.update(presets.initial_for(preset))
+        return initial
+
     def render_change_form(self, request, context, add=False, change=False, form_url="", obj=None):
+        chosen = presets.all_presets().get(request.GET.get("preset", "")) if add else None
+        context.update(
+            presets=sorted(presets.all_presets().items(), key=lambda kv: kv[1]["label"])
+            if add
+            else (),
+            preset=chosen,
+        )
         context.update(
             callback_url=flow.callback_url(request),
             token=_token(obj) if obj else None,
@@ -282,6 +299,14 @@ class DatasourceAdmin(admin.ModelAdmin):
         if not change and obj.owner_id is None:
             obj.owner = request.user
         super().save_model(request, obj, form, change)
+        metadata = getattr(form, "discovered", None)
+        if metadata:
+            messages.info(
+                request,
+                f"Endpoints filled from {metadata.issuer}'s metadata"
+                f" (PKCE S256 {'supported' if metadata.pkce_s256 else 'not advertised'},"
+                f" iss {'returned' if metadata.returns_iss else 'not returned'}).",
+            )
         if change and form.credentials_changed:
             tokens.reset_after_reconfiguration(obj)
         if obj.token_placement == TokenPlacement.QUERY:

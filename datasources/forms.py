@@ -6,6 +6,8 @@ from django import forms
 from django.db import models
 from django.utils.translation import gettext_lazy as _
 
+from . import oauth
+from .exceptions import DatasourceError
 from .models import CONFIG_FIELDS, Datasource, GrantType, normalize_scopes
 from .oauth import RESERVED_AUTH_PARAMS
 
@@ -35,6 +37,15 @@ class DatasourceForm(forms.ModelForm):
         strip=True,
         widget=WriteOnlySecretInput,
     )
+    discover = forms.BooleanField(
+        label=_("Fill the endpoints from the issuer's metadata"),
+        required=False,
+        help_text=_(
+            "Fetches /.well-known/openid-configuration (or RFC 8414 oauth-authorization-server) "
+            "from the issuer and fills the authorization, token and revocation URLs, PKCE and iss "
+            "support."
+        ),
+    )
     clear_client_secret = forms.BooleanField(
         label=_("Clear the stored client secret"),
         required=False,
@@ -52,6 +63,8 @@ class DatasourceForm(forms.ModelForm):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        if self.data.get("discover") and "access_token_url" in self.fields:
+            self.fields["access_token_url"].required = False  # discovery fills it
         stored = bool(self.instance.pk and self.instance.client_secret)
         field = self.fields["client_secret"]
         field.help_text = (
@@ -83,6 +96,8 @@ class DatasourceForm(forms.ModelForm):
 
     def clean(self):
         cleaned = super().clean()
+        if cleaned.get("discover"):
+            self._discover(cleaned)
         secret = cleaned.get("client_secret")
         if cleaned.get("clear_client_secret"):
             cleaned["client_secret"] = None
@@ -99,6 +114,25 @@ class DatasourceForm(forms.ModelForm):
                 "client_secret", _("The client credentials grant needs a client secret.")
             )
         return cleaned
+
+    def _discover(self, cleaned: dict) -> None:
+        issuer = cleaned.get("issuer")
+        if not issuer:
+            self.add_error("issuer", _("Enter the issuer URL to discover its endpoints."))
+            return
+        try:
+            metadata = oauth.discover(issuer)
+        except DatasourceError as err:
+            self.add_error("issuer", str(err))
+            return
+        cleaned["access_token_url"] = metadata.token_endpoint
+        if metadata.authorization_endpoint:
+            cleaned["authorization_url"] = metadata.authorization_endpoint
+        if metadata.revocation_endpoint:
+            cleaned["revocation_url"] = metadata.revocation_endpoint
+        cleaned["use_pkce"] = metadata.pkce_s256
+        cleaned["issuer_returns_iss"] = metadata.returns_iss
+        self.discovered = metadata
 
     @property
     def credentials_changed(self) -> bool:

@@ -56,6 +56,11 @@ class ClientAuthentication(models.TextChoices):
     BODY = "body", _("Send client credentials in body")
 
 
+class ScopeSeparator(models.TextChoices):
+    SPACE = " ", _("Space (RFC 6749)")
+    COMMA = ",", _("Comma (e.g. Slack, Zoho)")
+
+
 class TokenSharing(models.TextChoices):
     SHARED = "shared", _("One authorization shared by all users")
     PER_USER = "per_user", _("Each user authorizes for themselves")
@@ -167,6 +172,15 @@ class Datasource(models.Model):
         blank=True,
         help_text=_("Name of the query parameter when the token is added to the query string."),
     )
+    scope_separator = models.CharField(
+        _("scope separator"),
+        max_length=1,
+        choices=ScopeSeparator.choices,
+        default=ScopeSeparator.SPACE,
+        help_text=_(
+            "How scopes are joined when sent. RFC 6749 says spaces; a few APIs want commas."
+        ),
+    )
     client_authentication = models.CharField(
         _("client authentication"),
         max_length=16,
@@ -231,6 +245,14 @@ class Datasource(models.Model):
         related_name="+",
         verbose_name=_("owner"),
         help_text=_("Emailed when the datasource needs re-authorization."),
+    )
+    issuer_returns_iss = models.BooleanField(
+        _("server returns iss"),
+        default=True,
+        help_text=_(
+            "The server puts iss in authorization responses (RFC 9207). When on and an issuer is "
+            "set, a response without iss is rejected; when off, only a wrong iss is."
+        ),
     )
     token_lifetime = models.PositiveIntegerField(
         _("default token lifetime"),
@@ -313,6 +335,11 @@ class Datasource(models.Model):
         return self.scopes.split() if self.scopes else []
 
     @property
+    def scope_param(self) -> str:
+        """The scopes as sent to the server."""
+        return (self.scope_separator or " ").join(self.scope_list)
+
+    @property
     def effective_header_prefix(self) -> str:
         return self.header_prefix.strip() or "Bearer"
 
@@ -372,6 +399,8 @@ CONFIG_FIELDS = (
     "resource",
     "revocation_url",
     "issuer",
+    "issuer_returns_iss",
+    "scope_separator",
     "token_lifetime",
     "token_sharing",
 )

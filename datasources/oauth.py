@@ -36,7 +36,12 @@ from oauthlib.oauth2 import (
 )
 
 from .conf import app_settings
-from .exceptions import OAuthError, ReauthorizationRequired, TransientUpstreamError
+from .exceptions import (
+    DatasourceError,
+    OAuthError,
+    ReauthorizationRequired,
+    TransientUpstreamError,
+)
 from .transport import check_transport
 
 if TYPE_CHECKING:
@@ -114,7 +119,7 @@ def build_authorization_url(
         ("state", state),
     ]
     if datasource.scopes:
-        params.append(("scope", datasource.scopes))
+        params.append(("scope", datasource.scope_param))
     if code_challenge:
         params += [("code_challenge", code_challenge), ("code_challenge_method", "S256")]
     params += _extra_token_params(datasource)
@@ -162,7 +167,7 @@ def client_credentials(datasource: Datasource) -> TokenResponse:
     """Client credentials grant (RFC 6749 §4.4)."""
     client = BackendApplicationClient(datasource.client_id)
     extra = dict(_extra_token_params(datasource))
-    scope = datasource.scopes or None
+    scope = datasource.scope_param or None
     body, headers = _with_client_auth(
         datasource, lambda **auth: client.prepare_request_body(scope=scope, **auth, **extra)
     )
@@ -189,6 +194,77 @@ def revoke(datasource: Datasource, token: str, token_type_hint: str) -> None:
         return
     _raise_for_error_response(response, datasource, secrets=[token], what="revocation")
     raise TransientUpstreamError(f"Revocation endpoint answered HTTP {response.status_code}.")
+
+
+@dataclass(frozen=True)
+class ServerMetadata:
+    """What discovery found (RFC 8414 / OpenID Connect Discovery)."""
+
+    issuer: str
+    authorization_endpoint: str
+    token_endpoint: str
+    revocation_endpoint: str
+    pkce_s256: bool
+    returns_iss: bool
+
+
+class DiscoveryError(DatasourceError):
+    """Discovery failed; the message says why and names the URL tried."""
+
+
+def discover(issuer: str) -> ServerMetadata:
+    """Fetch the issuer's metadata: OpenID Connect first, then RFC 8414. The ``issuer`` in the
+    document must equal the one asked for (RFC 8414 §3.3), or the document is refused."""
+    check_transport(issuer)
+    wanted = issuer.rstrip("/")
+    parts = urlsplit(wanted)
+    candidates = [
+        f"{wanted}/.well-known/openid-configuration",
+        f"{parts.scheme}://{parts.netloc}/.well-known/oauth-authorization-server{parts.path}",
+    ]
+    tried = []
+    for url in candidates:
+        tried.append(url)
+        try:
+            response = http_session().get(
+                url,
+                headers={"Accept": "application/json"},
+                timeout=app_settings.HTTP_TIMEOUT,
+                allow_redirects=False,
+            )
+        except requests.RequestException as err:
+            raise DiscoveryError(
+                f"The issuer's metadata at {url} is unreachable ({type(err).__name__})."
+            ) from None
+        if response.status_code == 404:
+            continue
+        if response.status_code != 200:
+            raise DiscoveryError(f"{url} answered HTTP {response.status_code}.")
+        document = _json_or_none(response.text)
+        if not isinstance(document, dict):
+            raise DiscoveryError(f"{url} did not answer with a JSON object.")
+        found = str(document.get("issuer") or "")
+        if found.rstrip("/") != wanted:
+            raise DiscoveryError(
+                f"The metadata at {url} names the issuer {found[:200]!r}, not {issuer!r}; "
+                "refusing it (RFC 8414 §3.3)."
+            )
+        endpoints = {}
+        for key in ("authorization_endpoint", "token_endpoint", "revocation_endpoint"):
+            value = document.get(key) or ""
+            if value and not isinstance(value, str):
+                raise DiscoveryError(f"{url}: {key} is not a string.")
+            endpoints[key] = value
+        if not endpoints["token_endpoint"]:
+            raise DiscoveryError(f"{url} has no token_endpoint.")
+        methods = document.get("code_challenge_methods_supported") or []
+        return ServerMetadata(
+            issuer=found,
+            pkce_s256=isinstance(methods, list) and "S256" in methods,
+            returns_iss=document.get("authorization_response_iss_parameter_supported") is True,
+            **endpoints,
+        )
+    raise DiscoveryError("No metadata found at " + " or ".join(tried) + ".")
 
 
 # --- internals -------------------------------------------------------------------------------
@@ -286,7 +362,7 @@ def _token_request(
             f"{' (' + content_type + ')' if content_type else ''}."
         )
     try:
-        token = client.parse_request_body_response(text, scope=datasource.scopes or None)
+        token = client.parse_request_body_response(text, scope=datasource.scope_list or None)
     except Warning as warning:  # granted scope differs from the requested one: that's allowed
         token = warning.token
     except MissingTokenError:

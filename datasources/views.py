@@ -61,7 +61,12 @@ def authorization_callback(request: HttpRequest) -> HttpResponse:
     except InvalidState as err:
         return _failure(request, str(err))
     datasource = auth_request.datasource
-    if datasource.issuer and request.GET.get("iss") != datasource.issuer:
+    iss = request.GET.get("iss")
+    if (
+        datasource.issuer
+        and (iss is not None or datasource.issuer_returns_iss)
+        and iss != datasource.issuer
+    ):
         return _failure(
             request,
             "The authorization response came from an unexpected issuer (RFC 9207 “iss” does "

@@ -28,13 +28,29 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # A file, not :memory:, so worker and helper processes see the same test database.
     DATABASES["default"]["TEST"] = {"NAME": str(DATA_DIR / "pytest-db.sqlite3")}
 
+
+def _rsa_private_key() -> str:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    ).decode()
+
+
 OAUTH2_PROVIDER = {
+    # OpenID Connect on, so discovery runs against DOT's real metadata document.
+    "OIDC_ENABLED": True,
+    "OIDC_RSA_PRIVATE_KEY": _rsa_private_key(),
     "PKCE_REQUIRED": True,
     "ROTATE_REFRESH_TOKEN": True,
     "REFRESH_TOKEN_REUSE_PROTECTION": True,
     "REFRESH_TOKEN_GRACE_PERIOD_SECONDS": 0,
     "ACCESS_TOKEN_EXPIRE_SECONDS": 3600,
-    "SCOPES": {"read": "Read", "write": "Write"},
+    "SCOPES": {"openid": "OpenID Connect", "read": "Read", "write": "Write"},
     "ALLOWED_REDIRECT_URI_SCHEMES": ["http", "https"],
 }
 

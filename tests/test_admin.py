@@ -33,6 +33,8 @@ def form_data(datasource: Datasource, **overrides) -> dict:
         "issuer": "",
         "token_lifetime": "",
         "token_sharing": "shared",
+        "scope_separator": " ",
+        "issuer_returns_iss": "on",
         "owner": "",
     }
     data.update(overrides)

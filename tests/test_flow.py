@@ -144,6 +144,19 @@ def test_matching_issuer_is_accepted(auth_server, staff_client):
     assert Token.objects.get(datasource=datasource).status == TokenStatus.ACTIVE
 
 
+@pytest.mark.parametrize(("returns_iss", "expected"), [(True, 400), (False, 302)])
+def test_missing_iss_depends_on_whether_the_server_returns_it(
+    auth_server, staff_client, returns_iss, expected
+):
+    auth_server.app("client-basic")
+    datasource = make_datasource(
+        auth_server, issuer="https://issuer.example.com", issuer_returns_iss=returns_iss
+    )
+    params = authorize_via_provider(auth_server, start(staff_client, datasource))
+    assert "iss" not in params  # django-oauth-toolkit does not send RFC 9207 iss
+    assert staff_client.get(CALLBACK_PATH, params).status_code == expected
+
+
 def test_provider_error_is_explained_and_token_untouched(auth_server, staff_client):
     auth_server.app("client-basic")
     datasource = make_datasource(auth_server)

@@ -57,7 +57,9 @@ def test_per_user_tokens_end_to_end(auth_server, django_user_model):
     bob_client.force_login(bob)
     response = bob_client.get(f"/api/v1/datasources/{datasource.slug}/proxy/me")
     assert response.status_code == 409
-    assert response.json()["authorize_url"].endswith(f"/api/v1/datasources/{datasource.slug}/connect")
+    assert response.json()["authorize_url"].endswith(
+        f"/api/v1/datasources/{datasource.slug}/connect"
+    )
     # A key that acts for nobody cannot use a per-user datasource.
     _, anonymous_key = create_api_key("nobody")
     response = Client(HTTP_AUTHORIZATION=f"Api-Key {anonymous_key}").get(
@@ -178,6 +180,7 @@ def test_admin_sets_the_creator_as_owner(staff_client):
             "base_url": "https://api.example.com/",
             "grant_type": "client_credentials",
             "token_sharing": "shared",
+            "scope_separator": " ",
             "access_token_url": "https://example.com/token",
             "client_id": "cid",
             "client_secret": "a-secret",
