@@ -22,7 +22,8 @@ env = environ.Env(
     ALLOWED_HOSTS=(list, ["localhost", "127.0.0.1", "[::1]"]),
     FERNET_KEYS=(list, []),
 )
-env.read_env(BASE_DIR / ".env")
+# A .env file (written by `make run`) fills in variables the environment does not set.
+env.read_env(env.str("ENV_FILE", default=str(BASE_DIR / ".env")))
 
 DEBUG = env("DEBUG")
 SECRET_KEY = env.str("SECRET_KEY", default="")

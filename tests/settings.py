@@ -4,6 +4,7 @@ server and a small protected upstream API, both served by the same Django proces
 import os
 from pathlib import Path
 
+os.environ.setdefault("ENV_FILE", os.devnull)  # hermetic: ignore a developer's .env
 os.environ.setdefault("SECRET_KEY", "test-secret-key-not-for-production")
 # Two keys so rotation paths are exercised; the first encrypts.
 os.environ.setdefault(

@@ -1,0 +1,119 @@
+"""Which tokens the sweep picks, the cron command, and startup configuration errors."""
+
+import subprocess
+import sys
+from datetime import timedelta
+
+import pytest
+from django.core.management import call_command
+from django.utils import timezone
+
+from datasources import tokens
+from datasources.models import Token
+
+from .conftest import make_datasource
+from .helpers import ROOT
+
+pytestmark = pytest.mark.django_db
+
+OK = (
+    200,
+    '{"access_token": "fresh-access", "refresh_token": "fresh-refresh", "expires_in": 3600}',
+    {"Content-Type": "application/json"},
+)
+
+
+def token_for(slug: str, **fields) -> Token:
+    datasource = make_datasource(slug=slug, name=slug)
+    defaults = dict(
+        access_token="a",
+        refresh_token="r",
+        status="active",
+        expires_at=timezone.now() + timedelta(hours=1),
+        last_refreshed_at=timezone.now(),
+    )
+    defaults.update(fields)
+    Token.objects.filter(datasource=datasource).update(**defaults)
+    return Token.objects.get(datasource=datasource)
+
+
+def test_due_selects_exactly_the_tokens_that_need_work():
+    now = timezone.now()
+    expiring = token_for("expiring", expires_at=now + timedelta(minutes=2))
+    idle = token_for(
+        "idle", expires_at=now + timedelta(days=30), last_refreshed_at=now - timedelta(days=2)
+    )
+    retry_due = token_for("retry", next_attempt_at=now - timedelta(seconds=1), failure_count=1)
+    cc = make_datasource(
+        slug="cc", name="cc", grant_type="client_credentials", authorization_url=""
+    )
+    token_for("fresh")
+    token_for(
+        "backoff", expires_at=now + timedelta(minutes=1), next_attempt_at=now + timedelta(minutes=5)
+    )
+    token_for("dead", status="needs_reauthorization", expires_at=now - timedelta(hours=1))
+    token_for(
+        "leased",
+        expires_at=now + timedelta(minutes=1),
+        lease_id="x",
+        lease_expires_at=now + timedelta(seconds=20),
+    )
+    token_for(
+        "never", status="not_authorized", access_token=None, refresh_token=None, expires_at=None
+    )
+    due = set(tokens.due_token_ids())
+    assert due == {expiring.pk, idle.pk, retry_due.pk, cc.token.pk}
+
+
+def test_idle_long_lived_token_is_refreshed_daily(fake_token_endpoint):
+    token = token_for(
+        "idle",
+        expires_at=timezone.now() + timedelta(days=30),
+        last_refreshed_at=timezone.now() - timedelta(days=2),
+    )
+    fake_token_endpoint.queue(OK)
+    assert tokens.refresh_token(token).outcome == "refreshed"
+    token.refresh_from_db()
+    assert token.refresh_token == "fresh-refresh"
+
+
+def test_refresh_tokens_command_reports_a_summary(fake_token_endpoint, capsys):
+    token_for("one", expires_at=timezone.now() + timedelta(minutes=1))
+    token_for("two", expires_at=timezone.now() + timedelta(minutes=1))
+    token_for("three", expires_at=timezone.now() + timedelta(minutes=1))
+    fake_token_endpoint.queue(OK, (503, "down", {}), (400, '{"error": "invalid_grant"}', {}))
+    call_command("refresh_tokens")
+    out = capsys.readouterr().out
+    assert "[3/3]" in out
+    assert "1 refreshed, 1 failed transiently, 1 need re-authorization" in out
+
+
+def test_missing_keys_without_debug_is_a_startup_error():
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "DJANGO_SETTINGS_MODULE": "config.settings",
+        "SECRET_KEY": "k",
+        "DEBUG": "0",
+        "ENV_FILE": "/dev/null",
+        "DATA_DIR": str(ROOT / "var" / "test"),
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", "import django; django.setup()"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0
+    assert "FERNET_KEYS is not set" in result.stderr
+    debug = subprocess.run(
+        [sys.executable, "-c", "import django; django.setup(); print('ok')"],
+        cwd=ROOT,
+        env={**env, "DEBUG": "1"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert debug.stdout.strip() == "ok"
+    assert "deriving an encryption key from SECRET_KEY" in debug.stderr
