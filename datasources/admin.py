@@ -35,8 +35,23 @@ _STATUS_COLOURS = {
 }
 
 
+#: Read-only status shown on the change page.
+STATUS_FIELDS = (
+    "status",
+    "expires",
+    "last_refreshed",
+    "granted_scope",
+    "last_error",
+    "recent_events",
+    "proxy_usage",
+    "user_tokens",
+)
+
+
 def status_badge(token: Token | None):
     status = token.status if token else TokenStatus.NOT_AUTHORIZED
+    if token and token.lease_expires_at and token.lease_expires_at > timezone.now():
+        status = TokenStatus.REFRESHING  # a refresh holds the lease right now
     label = TokenStatus(status).label
     return format_html(
         '<strong class="datasource-status datasource-status-{}" style="color:{}">{}</strong>',
@@ -64,16 +79,7 @@ class DatasourceAdmin(admin.ModelAdmin):
     search_fields = ("name", "slug", "base_url")
     prepopulated_fields = {"slug": ("name",)}
     actions = ("authorize_selected", "refresh_selected", "disconnect_selected")
-    readonly_fields = (
-        "status",
-        "expires",
-        "last_refreshed",
-        "granted_scope",
-        "last_error",
-        "recent_events",
-        "proxy_usage",
-        "user_tokens",
-    )
+    readonly_fields = STATUS_FIELDS
     fieldsets = (
         (
             _("Connection"),
@@ -124,21 +130,7 @@ class DatasourceAdmin(admin.ModelAdmin):
                 ),
             },
         ),
-        (
-            _("Token status"),
-            {
-                "fields": (
-                    "status",
-                    "expires",
-                    "last_refreshed",
-                    "granted_scope",
-                    "last_error",
-                    "recent_events",
-                    "proxy_usage",
-                    "user_tokens",
-                )
-            },
-        ),
+        (_("Token status"), {"fields": STATUS_FIELDS}),
     )
 
     # --- read-only status --------------------------------------------------------------------
