@@ -166,7 +166,12 @@ def proxy(request: HttpRequest, slug: str, path: str = "") -> HttpResponse:
         )
 
     target = resolve_upstream_url(datasource.base_url, path)
-    if target is None:
+    if "chunked" in request.META.get("HTTP_TRANSFER_ENCODING", "").lower():
+        # WSGI gives no portable access to a chunked body; refuse rather than send it empty.
+        response = _json_error(
+            411, "length_required", "Send the request body with a Content-Length."
+        )
+    elif target is None:
         problem = path_problem(path) or "it would leave the base URL"
         response: HttpResponse = _json_error(
             400, "invalid_path", f"The path would leave the datasource's base URL ({problem})."

@@ -250,3 +250,14 @@ def test_query_placed_token_never_reaches_logs(ready, caplog):
     assert "/upstream/me?[redacted]" in text  # urllib3 logged the request line, redacted
     for secret in (token.access_token, token.refresh_token, key, SECRET):
         assert secret not in text
+
+
+def test_chunked_request_body_is_refused_not_dropped(ready, monkeypatch):
+    datasource, client, _ = ready()
+    calls = []
+    monkeypatch.setattr(proxy_module, "_send", lambda *a, **k: calls.append(a))
+    response = client.post(
+        url(datasource, "me"), b"data", content_type="text/plain", HTTP_TRANSFER_ENCODING="chunked"
+    )
+    assert response.status_code == 411
+    assert calls == []
