@@ -1,6 +1,7 @@
 """Real Celery workers (subprocesses) with beat, on the filesystem broker or on Redis when
 REDIS_URL is set, refreshing tokens at django-oauth-toolkit with no traffic."""
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -71,7 +72,14 @@ class Workers:
             if number == 0:
                 args += ["--beat", f"--schedule={tmp_path / 'beat-schedule'}"]
             self.procs.append(
-                subprocess.Popen(args, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+                subprocess.Popen(
+                    args,
+                    env=env,
+                    cwd=ROOT,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,  # its own process group: children are stopped too
+                )
             )
             self.logs.append(log)
 
@@ -93,6 +101,9 @@ class Workers:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(5)
+            # Pool children that outlived their parent would keep database sessions open.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
 
 
 @pytest.fixture
