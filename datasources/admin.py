@@ -10,9 +10,11 @@ from django.shortcuts import get_object_or_404
 from django.template.response import TemplateResponse
 from django.urls import path
 from django.utils import timezone
+from django.utils.decorators import method_decorator
 from django.utils.html import format_html, format_html_join
 from django.utils.translation import gettext_lazy as _
 from django.utils.translation import ngettext
+from django.views.decorators.debug import sensitive_post_parameters
 
 from . import apikeys, flow, presets, tokens, views
 from .forms import DatasourceForm
@@ -264,6 +266,11 @@ class DatasourceAdmin(admin.ModelAdmin):
             ),
             *super().get_urls(),
         ]
+
+    @method_decorator(sensitive_post_parameters("client_secret"))
+    def changeform_view(self, request, object_id=None, form_url="", extra_context=None):
+        """Error reports never include the typed client secret."""
+        return super().changeform_view(request, object_id, form_url, extra_context)
 
     def get_changeform_initial_data(self, request):
         initial = super().get_changeform_initial_data(request)

@@ -9,6 +9,7 @@ from datetime import timedelta
 
 from django.db import transaction
 from django.utils import timezone
+from django.views.decorators.debug import sensitive_variables
 
 from .models import API_KEY_PREFIX, ApiKey, Datasource
 
@@ -20,6 +21,7 @@ def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
+@sensitive_variables()
 def new_key() -> tuple[str, str]:
     """A fresh (prefix, key). The prefix is stored in clear to find the row; the key is not."""
     while True:
@@ -28,6 +30,7 @@ def new_key() -> tuple[str, str]:
             return prefix, f"{API_KEY_PREFIX}{prefix}_{secrets.token_urlsafe(32)}"
 
 
+@sensitive_variables()
 def assign_new_key(api_key: ApiKey) -> str:
     """Give an unsaved ApiKey its prefix and hash; returns the plain key to show once."""
     api_key.prefix, key = new_key()
@@ -35,6 +38,7 @@ def assign_new_key(api_key: ApiKey) -> str:
     return key
 
 
+@sensitive_variables()
 def create_api_key(
     name: str, *, datasources: list[Datasource] | None = None, user=None
 ) -> tuple[ApiKey, str]:
@@ -48,6 +52,7 @@ def create_api_key(
     return api_key, key
 
 
+@sensitive_variables()
 def authenticate(key: str) -> ApiKey | None:
     """The active ApiKey for ``key``, or None."""
     if not key.startswith(API_KEY_PREFIX) or len(key) < len(API_KEY_PREFIX) + 10:

@@ -14,6 +14,7 @@ from django.db import transaction
 from django.http import HttpRequest
 from django.urls import reverse
 from django.utils import timezone
+from django.views.decorators.debug import sensitive_variables
 
 from . import oauth, tokens
 from .conf import app_settings
@@ -34,6 +35,7 @@ def callback_url(request: HttpRequest | None = None) -> str:
     return request.build_absolute_uri(path)
 
 
+@sensitive_variables()
 def start(request: HttpRequest, datasource: Datasource) -> str:
     """Create a pending request and return the provider URL to redirect the browser to."""
     binding = request.session.get(SESSION_BINDING_KEY)
@@ -109,6 +111,7 @@ def consume(request: HttpRequest) -> AuthorizationRequest:
     return found
 
 
+@sensitive_variables()
 def complete(auth_request: AuthorizationRequest, code: str, *, user=None) -> Token:
     """Exchange the code and store the token. Raises the oauth module's classified errors."""
     response = oauth.exchange_code(

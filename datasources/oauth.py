@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlencode, urlsplit
 
 import requests
+from django.views.decorators.debug import sensitive_variables
 from oauthlib.common import add_params_to_uri
 from oauthlib.oauth2 import (
     BackendApplicationClient,
@@ -126,6 +127,7 @@ def build_authorization_url(
     return add_params_to_uri(datasource.authorization_url, params)
 
 
+@sensitive_variables()
 def exchange_code(
     datasource: Datasource, *, code: str, redirect_uri: str, code_verifier: str | None
 ) -> TokenResponse:
@@ -150,6 +152,7 @@ def exchange_code(
     )
 
 
+@sensitive_variables()
 def refresh(datasource: Datasource, refresh_token: str) -> TokenResponse:
     """Refresh token grant (RFC 6749 §6). Client credentials are always sent as configured."""
     client = WebApplicationClient(datasource.client_id)
@@ -163,6 +166,7 @@ def refresh(datasource: Datasource, refresh_token: str) -> TokenResponse:
     )
 
 
+@sensitive_variables()
 def client_credentials(datasource: Datasource) -> TokenResponse:
     """Client credentials grant (RFC 6749 §4.4)."""
     client = BackendApplicationClient(datasource.client_id)
@@ -176,6 +180,7 @@ def client_credentials(datasource: Datasource) -> TokenResponse:
     )
 
 
+@sensitive_variables()
 def revoke(datasource: Datasource, token: str, token_type_hint: str) -> None:
     """RFC 7009 revocation. Raises like the token calls; callers decide whether to go on."""
     check_transport(datasource.revocation_url)
@@ -279,6 +284,7 @@ def _extra_token_params(datasource: Datasource) -> list[tuple[str, str]]:
     return params
 
 
+@sensitive_variables()
 def _with_client_auth(datasource: Datasource, prepare) -> tuple[str, dict[str, str]]:
     """Apply the datasource's client authentication (RFC 6749 §2.3.1) to a token request."""
     headers = {
@@ -338,6 +344,7 @@ def _post(
     return response
 
 
+@sensitive_variables()
 def _token_request(
     datasource: Datasource,
     client: Client,

@@ -24,6 +24,7 @@ from django.dispatch import receiver
 from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.middleware.csrf import CsrfViewMiddleware
 from django.views.decorators.csrf import csrf_exempt
+from django.views.decorators.debug import sensitive_variables
 
 from . import apikeys, tokens, usage
 from .conf import app_settings
@@ -237,6 +238,7 @@ def _forward(
     return _stream_back(upstream, done)
 
 
+@sensitive_variables()
 def _authenticate(request: HttpRequest) -> _Caller | HttpResponse:
     header = request.META.get("HTTP_AUTHORIZATION", "")
     key = ""
@@ -297,6 +299,7 @@ def _request_body(
     return _BodyStream(request), False
 
 
+@sensitive_variables()
 def _send(
     method: str,
     datasource: Datasource,

@@ -22,6 +22,7 @@ from datetime import datetime, timedelta
 from django.db import transaction
 from django.db.models import F, Q
 from django.utils import timezone
+from django.views.decorators.debug import sensitive_variables
 
 from . import oauth
 from .conf import app_settings
@@ -155,6 +156,7 @@ def refresh_token(
     return RefreshResult("refreshed", token)
 
 
+@sensitive_variables()
 def store_authorization(
     datasource: Datasource, response: oauth.TokenResponse, *, user=None
 ) -> Token:
@@ -197,6 +199,7 @@ def disconnect(datasource: Datasource) -> list[str]:
     return problems
 
 
+@sensitive_variables()
 def _disconnect_one(datasource: Datasource, token: Token) -> list[str]:
     problems: list[str] = []
     if datasource.revocation_url:
@@ -394,6 +397,7 @@ def _backoff_answer(datasource: Datasource, token: Token, stale_access_token: st
     )
 
 
+@sensitive_variables()
 def _perform_refresh(datasource: Datasource, token: Token, lease_id: str) -> Token:
     try:
         if datasource.grant_type == GrantType.CLIENT_CREDENTIALS:
@@ -413,6 +417,7 @@ def _perform_refresh(datasource: Datasource, token: Token, lease_id: str) -> Tok
     return _store_refresh(datasource, token, response, lease_id)
 
 
+@sensitive_variables()
 def _store_refresh(
     datasource: Datasource, token: Token, response: oauth.TokenResponse, lease_id: str
 ) -> Token:

@@ -418,3 +418,24 @@ def test_session_refuses_urls_outside_base(auth_server, authorize):
     for bad in ("../o/token/", "https://evil.example.com/x", "a/%2e%2e/%2e%2e/o/"):
         with pytest.raises(OutsideBaseUrl):
             api.get(bad)
+
+
+def test_error_reports_hide_secrets_in_local_variables(monkeypatch):
+    """Django's error reports (DEBUG pages, admin emails) show frame locals unless hidden."""
+    from django.views.debug import ExceptionReporter
+
+    datasource = authorized_fake()
+
+    def explode(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(oauth, "_post", explode)
+    try:
+        tokens.refresh_token(datasource)
+    except RuntimeError:
+        report = ExceptionReporter(None, *sys.exc_info()).get_traceback_text()
+    else:
+        raise AssertionError("expected the error to propagate")
+    assert "_token_request" in report  # the frames are there...
+    for secret in (SECRET, "old-access-token-value", "old-refresh-token-value"):
+        assert secret not in report  # ...their secret locals are not
