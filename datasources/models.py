@@ -222,8 +222,8 @@ class Datasource(models.Model):
         max_length=2000,
         blank=True,
         help_text=_(
-            "Optional issuer identifier. When set, the callback's iss parameter must equal it "
-            "(RFC 9207 mix-up defence)."
+            "Optional issuer URL. Used for discovery, and when set an iss parameter in the "
+            "callback must equal it (RFC 9207 mix-up defence; see “server returns iss”)."
         ),
     )
     token_sharing = models.CharField(
