@@ -49,6 +49,8 @@ test: $(VENV)/.installed-test browser
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	ENV_FILE=/dev/null SECRET_KEY=lint FERNET_KEYS=lint DATA_DIR=var/lint \
+	  $(BIN)/python manage.py makemigrations --check --dry-run
 
 format: $(VENV)/.installed-test
 	$(BIN)/ruff check --fix .
