@@ -118,6 +118,26 @@ def workers(tmp_path):
     yield start
     for group in started:
         group.stop()
+    _wait_for_worker_sessions_to_close()
+
+
+def _wait_for_worker_sessions_to_close(timeout: float = 10.0) -> None:
+    """A killed worker's PostgreSQL backend ends a moment after the process; wait for it so the
+    test database can be dropped at the end of the run."""
+    from django.db import connection
+
+    if connection.vendor != "postgresql":
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT count(*) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+            if cursor.fetchone()[0] == 0:
+                return
+        time.sleep(0.1)
 
 
 def wait_for(predicate, timeout: float, group: Workers) -> None:
