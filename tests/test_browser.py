@@ -5,6 +5,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from django.db import connections
 
 from datasources.models import Datasource, TokenStatus
 
@@ -40,6 +41,9 @@ def browser_page(monkeypatch):
             yield page
         finally:
             browser.close()
+            # The ORM calls made while Playwright's loop runs use their own (context-local)
+            # connection; close it, or it keeps the test database busy at teardown.
+            connections.close_all()
 
 
 def test_builder_creates_authorizes_and_sees_active(auth_server, browser_page, django_user_model):
