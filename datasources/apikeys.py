@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import secrets
 from datetime import timedelta
@@ -11,14 +10,15 @@ from django.db import transaction
 from django.utils import timezone
 from django.views.decorators.debug import sensitive_variables
 
-from .models import API_KEY_PREFIX, ApiKey, Datasource
+from .models import API_KEY_PREFIX, ApiKey, Datasource, sha256_hex
 
 #: last_used_at is written at most this often per key, to keep the proxy's hot path read-only.
 LAST_USED_RESOLUTION = timedelta(seconds=60)
 
 
 def hash_key(key: str) -> str:
-    return hashlib.sha256(key.encode()).hexdigest()
+    """What is stored (and cached) instead of the key."""
+    return sha256_hex(key)
 
 
 @sensitive_variables()

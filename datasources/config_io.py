@@ -11,7 +11,6 @@ from django.db import transaction
 
 from . import tokens
 from .models import CONFIG_FIELDS, Datasource, GrantType
-from .oauth import RESERVED_AUTH_PARAMS
 
 #: Fields import accepts and export writes (the client secret is import-only).
 EXPORTED_FIELDS = CONFIG_FIELDS
@@ -93,12 +92,6 @@ def _plan(entry: dict[str, Any], environ) -> tuple[Datasource, bool, bool]:
             except ValueError as err:
                 field_errors.setdefault(name, []).append(str(err))
                 continue
-        elif name == "custom_auth_params" and isinstance(value, dict):
-            reserved = sorted(RESERVED_AUTH_PARAMS.intersection(value))
-            if reserved:
-                field_errors.setdefault(name, []).append(
-                    f"these parameters are set by the flow and cannot be overridden: {', '.join(reserved)}"
-                )
         elif name == "scopes" and isinstance(value, list):
             value = " ".join(str(v) for v in value)
         setattr(datasource, name, value)

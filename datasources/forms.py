@@ -9,7 +9,6 @@ from django.utils.translation import gettext_lazy as _
 from . import oauth
 from .exceptions import DatasourceError
 from .models import CONFIG_FIELDS, Datasource, GrantType, normalize_scopes
-from .oauth import RESERVED_AUTH_PARAMS
 
 
 class WriteOnlySecretInput(forms.PasswordInput):
@@ -84,15 +83,7 @@ class DatasourceForm(forms.ModelForm):
             return {}
         if not isinstance(value, dict):
             raise forms.ValidationError(_('Enter a JSON object, e.g. {"prompt": "consent"}.'))
-        reserved = sorted(RESERVED_AUTH_PARAMS.intersection(value))
-        if reserved:
-            raise forms.ValidationError(
-                _(
-                    "These parameters are set by the flow itself and cannot be overridden: %(names)s."
-                ),
-                params={"names": ", ".join(reserved)},
-            )
-        return value
+        return value  # its keys and values are checked by Datasource.clean()
 
     def clean(self):
         cleaned = super().clean()

@@ -19,6 +19,7 @@ from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 from fernet_fields import EncryptedTextField
 
+from .oauth import RESERVED_AUTH_PARAMS
 from .querysets import TokenQuerySet
 from .transport import validate_secure_url
 
@@ -299,6 +300,10 @@ class Datasource(models.Model):
             errors["custom_auth_params"] = _(
                 'Enter a JSON object whose values are strings, e.g. {"prompt": "consent"}.'
             )
+        elif reserved := sorted(RESERVED_AUTH_PARAMS.intersection(params)):
+            errors["custom_auth_params"] = _(
+                "These parameters are set by the flow itself and cannot be overridden: %(names)s."
+            ) % {"names": ", ".join(reserved)}
         if (
             self.token_sharing == TokenSharing.PER_USER
             and self.grant_type != GrantType.AUTHORIZATION_CODE

@@ -10,7 +10,6 @@ token are kept in memory for PROXY_CACHE_SECONDS so the hot path does not query 
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 import time
@@ -115,7 +114,7 @@ class _Caller:
 
 
 _tokens = _TTLCache()  # (slug, user id or None) -> Token (with its datasource)
-_keys = _TTLCache()  # sha256(key) -> _Caller
+_keys = _TTLCache()  # apikeys.hash_key(key) -> _Caller
 
 
 @receiver(post_save, sender=Datasource)
@@ -247,7 +246,7 @@ def _authenticate(request: HttpRequest) -> _Caller | HttpResponse:
     elif request.META.get("HTTP_X_API_KEY"):
         key = request.META["HTTP_X_API_KEY"].strip()
     if key:
-        digest = hashlib.sha256(key.encode()).digest()
+        digest = apikeys.hash_key(key)
         caller = _keys.get(digest)
         if caller is None:
             api_key = apikeys.authenticate(key)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from django.db import transaction
-from django.db.models import F, Q
+from django.db.models import F
 from django.utils import timezone
 from django.views.decorators.debug import sensitive_variables
 
@@ -44,6 +44,9 @@ from .signals import (
 logger = logging.getLogger(__name__)
 
 _POLL_INTERVAL = 0.05
+#: Field values that clear a lease, and the bookkeeping of past failures.
+_NO_LEASE = {"lease_id": "", "lease_expires_at": None}
+_NO_FAILURE = {"last_error": "", "failure_count": 0, "next_attempt_at": None}
 
 
 @dataclass(frozen=True)
@@ -79,7 +82,7 @@ def get_valid_token(
     Raises NotAuthorized, ReauthorizationRequired or TransientUpstreamError.
     """
     margin = app_settings.REQUEST_LEEWAY if leeway is None else leeway
-    token = token or _load(datasource, token_owner(datasource, user))
+    token = token or load_token(datasource, token_owner(datasource, user))
     if token.is_fresh(margin):
         return token
     return _refresh_single_flight(
@@ -97,7 +100,7 @@ def refresh_after_rejection(
         margin=0,
         stale_access_token=rejected_access_token,
         wait=True,
-        token=_load(datasource, token_owner(datasource, user)),
+        token=load_token(datasource, token_owner(datasource, user)),
     )
 
 
@@ -129,11 +132,14 @@ def refresh_token(
     # A Token passed in (by the sweep's task) is only a starting point: it is re-read after
     # the lease is won.
     token = (
-        token_or_datasource if isinstance(token_or_datasource, Token) else _load(datasource, None)
+        token_or_datasource
+        if isinstance(token_or_datasource, Token)
+        else load_token(datasource, None)
     )
     if token.status == TokenStatus.NEEDS_REAUTHORIZATION:
         return RefreshResult("reauthorization", token, token.last_error)
-    if not force and token.is_fresh(margin) and not _too_old(token):
+    too_old = _too_old(token)
+    if not force and token.is_fresh(margin) and not too_old:
         return RefreshResult("fresh", token)
     if not force and _unrenewable_but_valid(datasource, token, None):
         return RefreshResult("fresh", token)
@@ -141,7 +147,7 @@ def refresh_token(
         token = _refresh_single_flight(
             datasource,
             margin=margin,
-            stale_access_token=token.access_token if force or _too_old(token) else None,
+            stale_access_token=token.access_token if force or too_old else None,
             wait=False,
             token=token,
         )
@@ -150,9 +156,9 @@ def refresh_token(
     except NotAuthorized as err:
         return RefreshResult("skipped", token, str(err))
     except ReauthorizationRequired as err:
-        return RefreshResult("reauthorization", _load(datasource, token.user_id), str(err))
+        return RefreshResult("reauthorization", load_token(datasource, token.user_id), str(err))
     except TransientUpstreamError as err:
-        return RefreshResult("transient", _load(datasource, token.user_id), str(err))
+        return RefreshResult("transient", load_token(datasource, token.user_id), str(err))
     return RefreshResult("refreshed", token)
 
 
@@ -166,20 +172,17 @@ def store_authorization(
     """
     now = timezone.now()
     owner = token_owner(datasource, user)
-    _load(datasource, owner)
+    load_token(datasource, owner)
     with transaction.atomic():
         Token.objects.filter(datasource=datasource, user_id=owner).update(
             **_token_fields(datasource, response, now, keep_refresh_token=False),
             obtained_at=now,
             status=TokenStatus.ACTIVE,
-            last_error="",
-            failure_count=0,
-            next_attempt_at=None,
-            lease_id="",
-            lease_expires_at=None,
+            **_NO_FAILURE,
+            **_NO_LEASE,
         )
         record_event(datasource, TokenEvent.Kind.AUTHORIZED, _granted(response))
-    token = _load(datasource, owner)
+    token = load_token(datasource, owner)
     datasource_authorized.send(sender=Datasource, datasource=datasource, user=user)
     return token
 
@@ -222,11 +225,8 @@ def _disconnect_one(datasource: Datasource, token: Token) -> list[str]:
             expires_at=None,
             obtained_at=None,
             status=TokenStatus.NOT_AUTHORIZED,
-            last_error="",
-            failure_count=0,
-            next_attempt_at=None,
-            lease_id="",
-            lease_expires_at=None,
+            **_NO_FAILURE,
+            **_NO_LEASE,
         )
     return problems
 
@@ -235,17 +235,12 @@ def reset_after_reconfiguration(datasource: Datasource) -> None:
     """Credentials were edited: a client-credentials datasource may try again at once."""
     if datasource.grant_type == GrantType.CLIENT_CREDENTIALS:
         Token.objects.filter(datasource=datasource).exclude(status=TokenStatus.ACTIVE).update(
-            status=TokenStatus.NOT_AUTHORIZED, failure_count=0, next_attempt_at=None, last_error=""
+            status=TokenStatus.NOT_AUTHORIZED, **_NO_FAILURE
         )
 
 
 def record_event(datasource: Datasource, kind: str, detail: str = "") -> TokenEvent:
     return TokenEvent.objects.create(datasource=datasource, kind=kind, detail=detail[:500])
-
-
-def load_token(datasource: Datasource, user_id: int | None) -> Token:
-    """The token row for (datasource, user), created empty if the user has none yet."""
-    return _load(datasource, user_id)
 
 
 # --- internals -------------------------------------------------------------------------------
@@ -255,7 +250,8 @@ class _LeaseBusy(Exception):
     pass
 
 
-def _load(datasource: Datasource, user_id: int | None) -> Token:
+def load_token(datasource: Datasource, user_id: int | None) -> Token:
+    """The token row for (datasource, user), created empty if the user has none yet."""
     token, _ = Token.objects.select_related("datasource").get_or_create(
         datasource=datasource, user_id=user_id
     )
@@ -280,7 +276,7 @@ def _acquire_lease(token: Token) -> str | None:
     now = timezone.now()
     won = (
         Token.objects.filter(pk=token.pk)
-        .filter(Q(lease_expires_at__isnull=True) | Q(lease_expires_at__lt=now))
+        .unleased(now)
         .update(
             lease_id=lease_id, lease_expires_at=now + timedelta(seconds=app_settings.LEASE_SECONDS)
         )
@@ -289,7 +285,7 @@ def _acquire_lease(token: Token) -> str | None:
 
 
 def _release_lease(token: Token, lease_id: str) -> None:
-    Token.objects.filter(pk=token.pk, lease_id=lease_id).update(lease_id="", lease_expires_at=None)
+    Token.objects.filter(pk=token.pk, lease_id=lease_id).update(**_NO_LEASE)
 
 
 def _same_secret(a: str | None, b: str | None) -> bool:
@@ -314,7 +310,7 @@ def _refresh_single_flight(
     deadline = time.monotonic() + app_settings.LEASE_WAIT
     user_id = token.user_id
     while True:
-        token = token or _load(datasource, user_id)
+        token = token or load_token(datasource, user_id)
         if not _needs_refresh(token, margin, stale_access_token):
             return token
         if _unrenewable_but_valid(datasource, token, stale_access_token):
@@ -341,8 +337,8 @@ def _refresh_single_flight(
         if not wait:
             raise _LeaseBusy
         if time.monotonic() >= deadline:
-            token = _load(datasource, user_id)
-            if stale_access_token is None and token.access_token and not token.is_expired():
+            token = load_token(datasource, user_id)
+            if _usable_as_is(token, stale_access_token):
                 return token
             raise TransientUpstreamError("Timed out waiting for another refresh of this token.")
         time.sleep(_POLL_INTERVAL)
@@ -380,6 +376,11 @@ def _unrenewable_but_valid(
     )
 
 
+def _usable_as_is(token: Token, stale_access_token: str | None) -> bool:
+    """Not expired, and not the token the upstream API just rejected."""
+    return stale_access_token is None and bool(token.access_token) and not token.is_expired()
+
+
 def _in_backoff(token: Token) -> bool:
     return bool(token.next_attempt_at and token.next_attempt_at > timezone.now())
 
@@ -387,7 +388,7 @@ def _in_backoff(token: Token) -> bool:
 def _backoff_answer(datasource: Datasource, token: Token, stale_access_token: str | None) -> Token:
     """During a transient-failure backoff the request path does not hammer the server: it uses
     the current token while that is still valid, and otherwise reports the recorded failure."""
-    if stale_access_token is None and token.access_token and not token.is_expired():
+    if _usable_as_is(token, stale_access_token):
         return token
     assert token.next_attempt_at is not None
     raise TransientUpstreamError(
@@ -426,12 +427,11 @@ def _store_refresh(
     fields = _token_fields(datasource, response, now, keep_refresh_token=True)
     if token.status == TokenStatus.NOT_AUTHORIZED:
         fields["obtained_at"] = now
-    fields.update(status=TokenStatus.ACTIVE, last_error="", failure_count=0, next_attempt_at=None)
-    release = {"lease_id": "", "lease_expires_at": None}
+    fields.update(status=TokenStatus.ACTIVE, **_NO_FAILURE)
     with transaction.atomic():
         rows = Token.objects.filter(pk=token.pk)
         bump = {"refresh_count": F("refresh_count") + 1}
-        if not rows.filter(lease_id=lease_id).update(**fields, **bump, **release):
+        if not rows.filter(lease_id=lease_id).update(**fields, **bump, **_NO_LEASE):
             # Our lease lapsed mid-request. The response may carry the only valid (rotated)
             # refresh token, so it is stored all the same.
             logger.warning(
@@ -440,7 +440,7 @@ def _store_refresh(
             )
             rows.update(**fields, **bump)
         record_event(datasource, TokenEvent.Kind.REFRESHED, _granted(response))
-    for name, value in {**fields, **release}.items():
+    for name, value in {**fields, **_NO_LEASE}.items():
         setattr(token, name, value)
     token.refresh_count += 1
     token_refreshed.send(sender=Datasource, datasource=datasource, token=token)
