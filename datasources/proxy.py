@@ -147,6 +147,8 @@ def proxy(request: HttpRequest, slug: str, path: str = "") -> HttpResponse:
         except Token.DoesNotExist:
             return _json_error(404, "not_found", f"No datasource with slug {slug!r}.")
     datasource = token.datasource
+    if caller.allowed is not None and datasource.pk not in caller.allowed:
+        return _json_error(403, "forbidden", "This API key may not use this datasource.")
     if datasource.per_user and token.user_id is None:
         if caller.user_id is None:
             return _json_error(
@@ -157,8 +159,6 @@ def proxy(request: HttpRequest, slug: str, path: str = "") -> HttpResponse:
                 datasource=slug,
             )
         token = tokens.load_token(datasource, caller.user_id)
-    if caller.allowed is not None and datasource.pk not in caller.allowed:
-        return _json_error(403, "forbidden", "This API key may not use this datasource.")
 
     def done(status: int) -> None:
         usage.record(

@@ -68,6 +68,14 @@ def test_per_user_tokens_end_to_end(auth_server, django_user_model):
     assert response.status_code == 409
     assert response.json()["error"] == "user_required"
 
+    # A key restricted to other datasources is refused before anything per-user is said.
+    other = make_datasource(slug="other", name="Other")
+    _, restricted = create_api_key("restricted", datasources=[other], user=bob)
+    response = Client(HTTP_AUTHORIZATION=f"Api-Key {restricted}").get(
+        f"/api/v1/datasources/{datasource.slug}/proxy/me"
+    )
+    assert response.status_code == 403
+
     # Python API: per user, and refresh works per user.
     Token.objects.filter(pk=alice_token.pk).update(expires_at=timezone.now())
     assert datasource.get_access_token(user=alice) != alice_token.access_token
