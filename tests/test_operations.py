@@ -70,7 +70,7 @@ def test_per_user_tokens_end_to_end(auth_server, django_user_model):
 
     # A key restricted to other datasources is refused before anything per-user is said.
     other = make_datasource(slug="other", name="Other")
-    _, restricted = create_api_key("restricted", datasources=[other], user=bob)
+    _, restricted = create_api_key("restricted", datasources=[other])
     response = Client(HTTP_AUTHORIZATION=f"Api-Key {restricted}").get(
         f"/api/v1/datasources/{datasource.slug}/proxy/me"
     )
