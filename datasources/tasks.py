@@ -7,7 +7,6 @@ import logging
 from celery import shared_task
 
 from . import tokens
-from .models import Token
 
 logger = logging.getLogger(__name__)
 
@@ -16,8 +15,10 @@ logger = logging.getLogger(__name__)
 def sweep() -> int:
     """Enqueue a refresh for every due token (bounded by SWEEP_BATCH_SIZE per run)."""
     ids = tokens.due_token_ids()
-    for token_id in ids:
-        refresh.delay(token_id)
+    # One producer (and broker connection) for the whole fan-out rather than one per message.
+    with sweep.app.producer_or_acquire() as producer:
+        for token_id in ids:
+            refresh.apply_async((token_id,), producer=producer)
     tokens.prune_history()
     if ids:
         logger.info("sweep enqueued %d token refresh(es)", len(ids))
@@ -33,11 +34,7 @@ def sweep() -> int:
 )
 def refresh(token_id: int) -> str:
     """Refresh one token; idempotent (fresh tokens are left alone) and single-flight."""
-    try:
-        token = Token.objects.select_related("datasource").get(pk=token_id)
-    except Token.DoesNotExist:  # the datasource was deleted since the sweep
-        return "missing"
-    result = tokens.refresh_token(token)
+    result = tokens.refresh_token_by_id(token_id)
     if result.outcome in ("transient", "reauthorization"):
-        logger.info("refresh of datasource %s: %s", token.datasource.slug, result.outcome)
+        logger.info("refresh of datasource %s: %s", result.token.datasource.slug, result.outcome)
     return result.outcome

@@ -121,7 +121,7 @@ def refresh_token(
 ) -> RefreshResult:
     """One background refresh attempt; never raises for upstream failures, never waits long.
 
-    Used by the Celery task, ``manage.py refresh_tokens`` and the admin's "refresh now".
+    Used by ``manage.py refresh_tokens`` and the admin's "refresh now".
     """
     datasource = (
         token_or_datasource.datasource
@@ -129,27 +129,53 @@ def refresh_token(
         else token_or_datasource
     )
     margin = app_settings.REFRESH_MARGIN if margin is None else margin
-    # A Token passed in (by the sweep's task) is only a starting point: it is re-read after
-    # the lease is won.
+    # A Token passed in is only a starting point: it is re-read after the lease is won.
     token = (
         token_or_datasource
         if isinstance(token_or_datasource, Token)
         else load_token(datasource, None)
     )
-    if token.status == TokenStatus.NEEDS_REAUTHORIZATION:
-        return RefreshResult("reauthorization", token, token.last_error)
-    too_old = _too_old(token)
-    if not force and token.is_fresh(margin) and not too_old:
-        return RefreshResult("fresh", token)
-    if not force and _unrenewable_but_valid(datasource, token, None):
-        return RefreshResult("fresh", token)
+    return _attempt(datasource, token, margin=margin, force=force, lease_id=None)
+
+
+def refresh_token_by_id(token_id: int, *, margin: float | None = None) -> RefreshResult:
+    """The background task's refresh: lease the row first, then read it once.
+
+    The sweep already chose the token, so taking the lease before reading saves the read that
+    :func:`refresh_token` does before leasing (one query fewer per token, and the one with the
+    most columns). A token leased elsewhere, or deleted since the sweep, is ``skipped``.
+    """
+    margin = app_settings.REFRESH_MARGIN if margin is None else margin
+    lease_id = _acquire_lease(token_id)
+    if lease_id is None:
+        return RefreshResult("skipped")
+    try:
+        token = Token.objects.select_related("datasource").get(pk=token_id)
+    except Token.DoesNotExist:
+        return RefreshResult("skipped")
+    return _attempt(token.datasource, token, margin=margin, force=False, lease_id=lease_id)
+
+
+def _attempt(
+    datasource: Datasource, token: Token, *, margin: float, force: bool, lease_id: str | None
+) -> RefreshResult:
+    """Refresh unless there is nothing to do; upstream failures become outcomes, not raises.
+
+    ``lease_id`` is a lease already held on ``token`` (read after the lease was won).
+    """
+    early = _nothing_to_do(datasource, token, margin=margin, force=force)
+    if early is not None:
+        if lease_id:
+            _release_lease(token, lease_id)
+        return early
     try:
         token = _refresh_single_flight(
             datasource,
             margin=margin,
-            stale_access_token=token.access_token if force or too_old else None,
+            stale_access_token=token.access_token if force or _too_old(token) else None,
             wait=False,
             token=token,
+            lease_id=lease_id,
         )
     except _LeaseBusy:
         return RefreshResult("skipped", token)
@@ -160,6 +186,20 @@ def refresh_token(
     except TransientUpstreamError as err:
         return RefreshResult("transient", load_token(datasource, token.user_id), str(err))
     return RefreshResult("refreshed", token)
+
+
+def _nothing_to_do(
+    datasource: Datasource, token: Token, *, margin: float, force: bool
+) -> RefreshResult | None:
+    if token.status == TokenStatus.NEEDS_REAUTHORIZATION:
+        return RefreshResult("reauthorization", token, token.last_error)
+    if force:
+        return None
+    if token.is_fresh(margin) and not _too_old(token):
+        return RefreshResult("fresh", token)
+    if _unrenewable_but_valid(datasource, token, None):
+        return RefreshResult("fresh", token)
+    return None
 
 
 @sensitive_variables()
@@ -271,11 +311,11 @@ def _too_old(token: Token) -> bool:
     return age >= app_settings.MAX_TOKEN_AGE
 
 
-def _acquire_lease(token: Token) -> str | None:
+def _acquire_lease(token_id: int) -> str | None:
     lease_id = uuid.uuid4().hex
     now = timezone.now()
     won = (
-        Token.objects.filter(pk=token.pk)
+        Token.objects.filter(pk=token_id)
         .unleased(now)
         .update(
             lease_id=lease_id, lease_expires_at=now + timedelta(seconds=app_settings.LEASE_SECONDS)
@@ -306,22 +346,26 @@ def _refresh_single_flight(
     stale_access_token: str | None,
     wait: bool,
     token: Token,
+    lease_id: str | None = None,
 ) -> Token:
+    """``lease_id``: the caller already holds the lease and read ``token`` after winning it."""
     deadline = time.monotonic() + app_settings.LEASE_WAIT
     user_id = token.user_id
     while True:
-        token = token or load_token(datasource, user_id)
-        if not _needs_refresh(token, margin, stale_access_token):
-            return token
-        if _unrenewable_but_valid(datasource, token, stale_access_token):
-            return token
-        _raise_if_unusable(datasource, token)
-        if wait and _in_backoff(token):
-            return _backoff_answer(datasource, token, stale_access_token)
-        lease_id: str | None = _acquire_lease(token)
+        if lease_id is None:
+            token = token or load_token(datasource, user_id)
+            if not _needs_refresh(token, margin, stale_access_token):
+                return token
+            if _unrenewable_but_valid(datasource, token, stale_access_token):
+                return token
+            _raise_if_unusable(datasource, token)
+            if wait and _in_backoff(token):
+                return _backoff_answer(datasource, token, stale_access_token)
+            lease_id = _acquire_lease(token.pk)
+            if lease_id:
+                token = _reload(token, datasource)  # the previous holder may have just finished
         if lease_id:
             try:
-                token = _reload(token, datasource)  # the previous holder may have just finished
                 if not _needs_refresh(token, margin, stale_access_token):
                     return token
                 _raise_if_unusable(datasource, token)
@@ -428,18 +472,19 @@ def _store_refresh(
     if token.status == TokenStatus.NOT_AUTHORIZED:
         fields["obtained_at"] = now
     fields.update(status=TokenStatus.ACTIVE, **_NO_FAILURE)
-    with transaction.atomic():
-        rows = Token.objects.filter(pk=token.pk)
-        bump = {"refresh_count": F("refresh_count") + 1}
-        if not rows.filter(lease_id=lease_id).update(**fields, **bump, **_NO_LEASE):
-            # Our lease lapsed mid-request. The response may carry the only valid (rotated)
-            # refresh token, so it is stored all the same.
-            logger.warning(
-                "refresh lease of datasource %s lapsed before the refresh finished",
-                datasource.slug,
-            )
-            rows.update(**fields, **bump)
-        record_event(datasource, TokenEvent.Kind.REFRESHED, _granted(response))
+    # No transaction around the two writes: the UPDATE commits on its own, so a failure to
+    # write the event row can never roll back the only valid (rotated) refresh token.
+    rows = Token.objects.filter(pk=token.pk)
+    bump = {"refresh_count": F("refresh_count") + 1}
+    if not rows.filter(lease_id=lease_id).update(**fields, **bump, **_NO_LEASE):
+        # Our lease lapsed mid-request. The response may carry the only valid (rotated)
+        # refresh token, so it is stored all the same.
+        logger.warning(
+            "refresh lease of datasource %s lapsed before the refresh finished",
+            datasource.slug,
+        )
+        rows.update(**fields, **bump)
+    record_event(datasource, TokenEvent.Kind.REFRESHED, _granted(response))
     for name, value in {**fields, **_NO_LEASE}.items():
         setattr(token, name, value)
     token.refresh_count += 1

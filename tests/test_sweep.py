@@ -6,10 +6,13 @@ from datetime import timedelta
 
 import pytest
 from django.core.management import call_command
+from django.db import DatabaseError, connection
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from datasources import tokens
-from datasources.models import Token
+from datasources.models import Token, TokenEvent
+from datasources.tasks import refresh
 
 from .conftest import make_datasource
 from .helpers import ROOT
@@ -75,6 +78,68 @@ def test_idle_long_lived_token_is_refreshed_daily(fake_token_endpoint):
     assert tokens.refresh_token(token).outcome == "refreshed"
     token.refresh_from_db()
     assert token.refresh_token == "fresh-refresh"
+
+
+def test_refresh_task_refreshes_from_the_id_in_four_queries(fake_token_endpoint):
+    token = token_for("due", expires_at=timezone.now() + timedelta(minutes=1))
+    fake_token_endpoint.queue(OK)
+    with CaptureQueriesContext(connection) as ctx:
+        assert refresh.run(token.pk) == "refreshed"
+    # lease UPDATE, read, store UPDATE (also releases the lease), event INSERT
+    assert len(ctx.captured_queries) == 4
+    token.refresh_from_db()
+    assert (token.refresh_token, token.refresh_count, token.lease_id) == ("fresh-refresh", 1, "")
+    assert TokenEvent.objects.filter(datasource=token.datasource, kind="refreshed").count() == 1
+
+
+def test_refresh_task_leaves_a_token_leased_elsewhere_alone(fake_token_endpoint):
+    until = timezone.now() + timedelta(seconds=20)
+    token = token_for(
+        "busy",
+        expires_at=timezone.now() + timedelta(minutes=1),
+        lease_id="other-worker",
+        lease_expires_at=until,
+    )
+    assert refresh.run(token.pk) == "skipped"
+    token.refresh_from_db()
+    assert fake_token_endpoint.calls == []
+    assert (token.lease_id, token.lease_expires_at, token.refresh_token) == (
+        "other-worker",
+        until,
+        "r",
+    )
+
+
+def test_refresh_task_releases_the_lease_of_a_token_refreshed_meanwhile(fake_token_endpoint):
+    token = token_for("fresh-now")  # e.g. the proxy refreshed it after the sweep picked it
+    assert refresh.run(token.pk) == "fresh"
+    token.refresh_from_db()
+    assert fake_token_endpoint.calls == []
+    assert (token.lease_id, token.lease_expires_at) == ("", None)
+
+
+def test_refresh_task_skips_a_deleted_token(fake_token_endpoint):
+    token = token_for("gone", expires_at=timezone.now() + timedelta(minutes=1))
+    token.datasource.delete()
+    assert refresh.run(token.pk) == "skipped"
+    assert fake_token_endpoint.calls == []
+
+
+def test_rotated_refresh_token_is_kept_when_the_event_cannot_be_written(
+    fake_token_endpoint, monkeypatch
+):
+    token = token_for("event-fails", expires_at=timezone.now() + timedelta(minutes=1))
+    fake_token_endpoint.queue(OK)
+
+    def fail(*args, **kwargs):
+        raise DatabaseError("could not write the event row")
+
+    monkeypatch.setattr(tokens, "record_event", fail)
+    with pytest.raises(DatabaseError):
+        refresh.run(token.pk)
+    token.refresh_from_db()
+    # The server has already rotated: the old refresh token is dead, the new one must be stored.
+    assert (token.access_token, token.refresh_token) == ("fresh-access", "fresh-refresh")
 
 
 def test_refresh_tokens_command_reports_a_summary(fake_token_endpoint, capsys):
