@@ -67,18 +67,18 @@ class AppSettings:
 
     def __init__(self, defaults: dict[str, Any]) -> None:
         self._defaults = defaults
-        self._cache: dict[str, Any] = {}
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_") or name not in self._defaults:
             raise AttributeError(f"Invalid datasources setting: {name!r}")
-        if name not in self._cache:
-            user = getattr(settings, "DATASOURCES", {}) or {}
-            self._cache[name] = user.get(name, self._defaults[name])
-        return self._cache[name]
+        user = getattr(settings, "DATASOURCES", {}) or {}
+        value = user.get(name, self._defaults[name])
+        self.__dict__[name] = value  # later reads are plain attribute reads (the proxy's hot path)
+        return value
 
     def reload(self) -> None:
-        self._cache.clear()
+        for name in self._defaults:
+            self.__dict__.pop(name, None)
 
 
 app_settings = AppSettings(DEFAULTS)

@@ -6,6 +6,7 @@ the datasource's ``base_url``.
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
@@ -36,8 +37,12 @@ def path_problem(path: str) -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=4096)
 def resolve_upstream_url(base_url: str, path: str) -> str | None:
-    """``base_url`` + ``path`` (percent-encoded again), or None if ``path`` would escape it."""
+    """``base_url`` + ``path`` (percent-encoded again), or None if ``path`` would escape it.
+
+    A pure function of its two strings, cached because API calls repeat the same few paths.
+    """
     if path_problem(path):
         return None
     base = base_url if base_url.endswith("/") else base_url + "/"
