@@ -6,7 +6,7 @@ that forwards with a new requests session per request. Prints requests/s, p50/p9
 the ratios from one run, then streams a 1 GB response through the proxy and reports the growth
 of the gunicorn workers' resident memory.
 
-    python bench/proxy.py [--duration 10] [--connections 16] [--stream-bytes 1000000000]
+    python bench/proxy.py [--duration 10] [--rounds 5] [--connections 16] [--stream-bytes 1000000000]
 
 Needs wrk (Debian package `wrk`). Uses BENCH_DATABASE_URL (default: SQLite under var/bench).
 """
@@ -17,6 +17,7 @@ import argparse
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import threading
@@ -31,6 +32,7 @@ BENCH_DIR = ROOT / "var" / "bench-proxy"
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--duration", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--stream-bytes", type=int, default=1_000_000_000)
     parser.add_argument("--gunicorn-workers", type=int, default=2)
@@ -108,6 +110,9 @@ def main() -> None:
             str(args.threads),
             "--log-level",
             "warning",
+            # One listening socket per worker: the kernel spreads connections across workers.
+            # With a shared socket one worker often accepts every keep-alive connection.
+            "--reuse-port",
         ],
         cwd=ROOT,
         env=env,
@@ -115,13 +120,12 @@ def main() -> None:
     try:
         wait_until_up(f"http://127.0.0.1:{port}/admin/login/")
         auth = f"Authorization: Api-Key {key}"
-        runs = {
-            "direct": run_wrk(f"http://127.0.0.1:{upstream_port}/items", args, None),
-            "proxy": run_wrk(
-                f"http://127.0.0.1:{port}/api/v1/datasources/bench/proxy/items", args, auth
-            ),
-            "naive": run_wrk(f"http://127.0.0.1:{port}/naive/bench/items", args, None),
+        targets = {
+            "direct": (f"http://127.0.0.1:{upstream_port}/items", None),
+            "proxy": (f"http://127.0.0.1:{port}/api/v1/datasources/bench/proxy/items", auth),
+            "naive": (f"http://127.0.0.1:{port}/naive/bench/items", None),
         }
+        runs = interleaved(targets, args)
         single = {
             "direct": run_wrk(f"http://127.0.0.1:{upstream_port}/items", args, None, connections=1),
             "proxy": run_wrk(
@@ -139,7 +143,7 @@ def main() -> None:
 
     print()
     print(
-        f"gunicorn: {args.gunicorn_workers} workers x {args.threads} threads; wrk: {args.connections} connections, {args.duration}s each"
+        f"gunicorn: {args.gunicorn_workers} workers x {args.threads} threads; wrk: {args.connections} connections, {args.duration}s each in {args.rounds} interleaved rounds"
     )
     print(f"{'':8} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8}")
     for name, (rps, p50, p99) in runs.items():
@@ -183,12 +187,38 @@ def wait_until_up(url: str) -> None:
     raise SystemExit("gunicorn did not start")
 
 
+def interleaved(
+    targets: dict[str, tuple[str, str | None]], args
+) -> dict[str, tuple[float, float, float]]:
+    """Each target gets --duration seconds in all, in --rounds slices taken in turn, so that a
+    slow spell on this shared machine falls on every target alike rather than on one of them.
+    Returns requests/s over all slices and the median p50 and p99 of the slices."""
+    seconds = max(1, round(args.duration / args.rounds))
+    slices: dict[str, list[tuple[float, float, float]]] = {name: [] for name in targets}
+    for _ in range(args.rounds):
+        for name, (url, header) in targets.items():
+            slices[name].append(run_wrk(url, args, header, duration=seconds))
+    return {
+        name: (
+            statistics.fmean(rps for rps, _, _ in runs),
+            statistics.median(p50 for _, p50, _ in runs),
+            statistics.median(p99 for _, _, p99 in runs),
+        )
+        for name, runs in slices.items()
+    }
+
+
 def run_wrk(
-    url: str, args, header: str | None, connections: int | None = None
+    url: str,
+    args,
+    header: str | None,
+    connections: int | None = None,
+    duration: int | None = None,
 ) -> tuple[float, float, float]:
     connections = connections or args.connections
     threads = min(2, connections)
-    cmd = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{args.duration}s", "--latency", url]
+    duration = duration or args.duration
+    cmd = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{duration}s", "--latency", url]
     if header:
         cmd[1:1] = ["-H", header]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
