@@ -351,8 +351,9 @@ def _refresh_single_flight(
     """``lease_id``: the caller already holds the lease and read ``token`` after winning it."""
     deadline = time.monotonic() + app_settings.LEASE_WAIT
     user_id = token.user_id
+    held = lease_id is not None
     while True:
-        if lease_id is None:
+        if not held:
             token = token or load_token(datasource, user_id)
             if not _needs_refresh(token, margin, stale_access_token):
                 return token
@@ -362,10 +363,10 @@ def _refresh_single_flight(
             if wait and _in_backoff(token):
                 return _backoff_answer(datasource, token, stale_access_token)
             lease_id = _acquire_lease(token.pk)
-            if lease_id:
-                token = _reload(token, datasource)  # the previous holder may have just finished
         if lease_id:
             try:
+                if not held:  # the previous holder may have just finished
+                    token = _reload(token, datasource)
                 if not _needs_refresh(token, margin, stale_access_token):
                     return token
                 _raise_if_unusable(datasource, token)
