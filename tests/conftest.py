@@ -1,11 +1,14 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
 from django.contrib.auth import get_user_model
+from django.dispatch import Signal
 
 from datasources.conf import app_settings
 from datasources.models import Datasource
@@ -101,6 +104,25 @@ def auth_server(live_server) -> AuthServer:
     return AuthServer(
         base=base, browser_base=f"http://{other}:{port}", user=user, password=password
     )
+
+
+@contextmanager
+def captured(signal: Signal) -> Iterator[list[dict]]:
+    """The keyword arguments of every ``signal`` sent inside the block.
+
+    Disconnects only its own receiver: the app's receivers (the owner email on
+    ``reauthorization_required``) stay connected for the tests that follow.
+    """
+    received: list[dict] = []
+
+    def receiver(**kwargs) -> None:
+        received.append(kwargs)
+
+    signal.connect(receiver, weak=False)
+    try:
+        yield received
+    finally:
+        signal.disconnect(receiver)
 
 
 SECRET = "s3cret-" + "x" * 20

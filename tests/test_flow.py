@@ -10,7 +10,7 @@ from django.utils import timezone
 from datasources.models import AuthorizationRequest, Token, TokenEvent, TokenStatus
 from datasources.signals import datasource_authorized
 
-from .conftest import CALLBACK_PATH, authorize_via_provider, make_datasource
+from .conftest import CALLBACK_PATH, authorize_via_provider, captured, make_datasource
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -27,9 +27,7 @@ def test_full_flow_stores_token_for_each_client_authentication(auth_server, staf
     datasource = make_datasource(
         auth_server, client_id=f"client-{method}", client_authentication=method
     )
-    received = []
-    datasource_authorized.connect(lambda **kw: received.append(kw), weak=False)
-    try:
+    with captured(datasource_authorized) as received:
         provider_url = start(staff_client, datasource)
         query = parse_qs(urlsplit(provider_url).query)
         assert query["response_type"] == ["code"]
@@ -38,8 +36,6 @@ def test_full_flow_stores_token_for_each_client_authentication(auth_server, staf
         assert query["redirect_uri"] == [f"http://testserver{CALLBACK_PATH}"]
         params = authorize_via_provider(auth_server, provider_url)
         response = staff_client.get(CALLBACK_PATH, params, follow=True)
-    finally:
-        datasource_authorized.receivers.clear()
     assert response.redirect_chain[-1][0] == datasource.get_admin_url()
     assert "is authorized and active" in response.content.decode()
     token = Token.objects.get(datasource=datasource)

@@ -19,7 +19,7 @@ from datasources.exceptions import NotAuthorized, ReauthorizationRequired, Trans
 from datasources.models import Token, TokenEvent, TokenStatus
 from datasources.signals import reauthorization_required, token_refresh_failed
 
-from .conftest import SECRET, make_datasource
+from .conftest import SECRET, captured, make_datasource
 from .helpers import ROOT, subprocess_env
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -249,12 +249,8 @@ def test_transient_failures_keep_the_token_and_back_off(fake_token_endpoint, cap
     caplog.set_level(logging.DEBUG)
     datasource = authorized_fake()
     fake_token_endpoint.queue(TRANSIENT_SHAPES[shape])
-    failures = []
-    token_refresh_failed.connect(lambda **kw: failures.append(kw), weak=False)
-    try:
+    with captured(token_refresh_failed) as failures:
         result = tokens.refresh_token(datasource)
-    finally:
-        token_refresh_failed.receivers.clear()
     assert result.outcome == "transient"
     token = Token.objects.get(datasource=datasource)
     assert token.status == TokenStatus.ACTIVE
@@ -283,12 +279,8 @@ def test_permanent_failures_need_reauthorization(fake_token_endpoint, caplog, er
             {"Content-Type": "application/json"},
         )
     )
-    signalled = []
-    reauthorization_required.connect(lambda **kw: signalled.append(kw), weak=False)
-    try:
+    with captured(reauthorization_required) as signalled:
         result = tokens.refresh_token(datasource)
-    finally:
-        reauthorization_required.receivers.clear()
     assert result.outcome == "reauthorization"
     token = Token.objects.get(datasource=datasource)
     assert token.status == TokenStatus.NEEDS_REAUTHORIZATION
