@@ -163,7 +163,8 @@ def _attempt(
 
     ``lease_id`` is a lease already held on ``token`` (read after the lease was won).
     """
-    early = _nothing_to_do(datasource, token, margin=margin, force=force)
+    too_old = _too_old(token)
+    early = _nothing_to_do(datasource, token, margin=margin, force=force, too_old=too_old)
     if early is not None:
         if lease_id:
             _release_lease(token, lease_id)
@@ -172,7 +173,7 @@ def _attempt(
         token = _refresh_single_flight(
             datasource,
             margin=margin,
-            stale_access_token=token.access_token if force or _too_old(token) else None,
+            stale_access_token=token.access_token if force or too_old else None,
             wait=False,
             token=token,
             lease_id=lease_id,
@@ -189,13 +190,13 @@ def _attempt(
 
 
 def _nothing_to_do(
-    datasource: Datasource, token: Token, *, margin: float, force: bool
+    datasource: Datasource, token: Token, *, margin: float, force: bool, too_old: bool
 ) -> RefreshResult | None:
     if token.status == TokenStatus.NEEDS_REAUTHORIZATION:
         return RefreshResult("reauthorization", token, token.last_error)
     if force:
         return None
-    if token.is_fresh(margin) and not _too_old(token):
+    if token.is_fresh(margin) and not too_old:
         return RefreshResult("fresh", token)
     if _unrenewable_but_valid(datasource, token, None):
         return RefreshResult("fresh", token)
