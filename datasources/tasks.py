@@ -1,10 +1,16 @@
-"""Celery tasks: a sweep that fans out one refresh task per due token. Thin by design."""
+"""Celery tasks: a sweep that fans out one refresh task per due token. Thin by design.
+
+Also the database-connection hygiene around these tasks (see :func:`_recycle_connections`).
+"""
 
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from celery import shared_task
+from celery.signals import task_postrun, task_prerun
+from django.db import DatabaseError, connections
 
 from . import tokens
 
@@ -38,3 +44,57 @@ def refresh(token_id: int) -> str:
     if result.outcome in ("transient", "reauthorization"):
         logger.info("refresh of datasource %s: %s", result.token.datasource.slug, result.outcome)
     return result.outcome
+
+
+# --- database connections around our tasks --------------------------------------------------
+
+#: Literal names: reading ``sweep.name`` here would evaluate the shared_task proxies at import.
+_OWN_TASKS = frozenset({"datasources.tasks.sweep", "datasources.tasks.refresh"})
+
+
+def _recycle_connections(sender: Any = None, **kwargs: Any) -> None:
+    """Give each of our tasks a database connection that works: Django's request cycle for tasks.
+
+    Why: Django drops broken or too-old connections only in ``close_old_connections``, which
+    runs at the start and end of each *HTTP request*. In a worker, Celery's Django fixup closes
+    connections around tasks instead, but with ``CELERY_DB_REUSE_MAX`` (which we set: connecting
+    per task cost more than the refresh) it does so only once every ``2 * CELERY_DB_REUSE_MAX``
+    tasks. After PostgreSQL cuts the sessions (``pg_terminate_backend``, a restart, a
+    failover), every pool process then keeps its dead connection and each task fails with "the
+    connection is closed" until the worker is restarted: Django never reconnects a connection
+    object that it has not closed itself.
+
+    What: before and after each of this app's tasks, ``close_if_unusable_or_obsolete()`` on
+    every connection this thread has opened, as Django does per request. It
+
+    - closes a connection whose last query failed and which no longer answers (``is_usable``),
+      or one past ``CONN_MAX_AGE``, so the next query opens a fresh one;
+    - resets ``health_check_done``, so with ``CONN_HEALTH_CHECKS`` (on in the project settings)
+      the task's first query checks the connection (``close_if_health_check_failed``: one cheap
+      ``SELECT 1`` per task) and reconnects when the server went away *between* tasks. That is
+      what makes the first task after a failover work; without health checks that first task
+      fails, its connection is closed after it, and the next task works.
+
+    It keeps the connection otherwise, so reuse (the point of ``CELERY_DB_REUSE_MAX``) is
+    preserved. Limited to our tasks: other apps' tasks in the same worker keep whatever policy
+    their project chose. Skipped for eager tasks (run inline by a caller, maybe inside its
+    transaction) and for connections inside an atomic block, where closing would break the
+    caller's transaction.
+    """
+    if getattr(sender, "name", None) not in _OWN_TASKS:
+        return
+    if getattr(getattr(sender, "request", None), "is_eager", False):
+        return
+    for connection in connections.all(initialized_only=True):
+        if connection.in_atomic_block:
+            continue
+        try:
+            connection.close_if_unusable_or_obsolete()
+        except DatabaseError:
+            # Closing a broken connection can fail; Django forgets it all the same (close()
+            # clears it in a ``finally``), so the next query reconnects. Go on with the others.
+            logger.warning("closing database connection %r failed", connection.alias, exc_info=True)
+
+
+task_prerun.connect(_recycle_connections, weak=False, dispatch_uid="datasources.tasks.prerun")
+task_postrun.connect(_recycle_connections, weak=False, dispatch_uid="datasources.tasks.postrun")

@@ -48,8 +48,10 @@ def _require_redis(url: str) -> None:
 
 
 class Workers:
-    def __init__(self, tmp_path, count: int, concurrency: int = 2) -> None:
-        env = subprocess_env(**broker_env(tmp_path))
+    def __init__(
+        self, tmp_path, count: int, concurrency: int = 2, env: dict[str, str] | None = None
+    ) -> None:
+        env = subprocess_env(**broker_env(tmp_path), **(env or {}))
         self.procs = []
         self.logs = []
         for number in range(count):
@@ -110,8 +112,8 @@ class Workers:
 def workers(tmp_path):
     started = []
 
-    def start(count: int = 1, concurrency: int = 2) -> Workers:
-        group = Workers(tmp_path, count, concurrency)
+    def start(count: int = 1, concurrency: int = 2, env: dict[str, str] | None = None) -> Workers:
+        group = Workers(tmp_path, count, concurrency, env)
         started.append(group)
         return group
 
@@ -215,3 +217,97 @@ def test_two_workers_never_refresh_the_same_token_twice(auth_server, authorize, 
     assert counts == [1] * len(datasources)
     assert RefreshToken.objects.count() == refresh_rows_before + len(datasources)
     assert not Token.objects.exclude(status=TokenStatus.ACTIVE).exists()
+
+
+# --- database failover ----------------------------------------------------------------------
+
+WORKER_APPLICATION_NAME = "datasources-failover-worker"
+
+
+def persistent_connection_settings(tmp_path) -> dict[str, str]:
+    """Environment for a worker that keeps its database connections as in production.
+
+    tests/settings.py sets CONN_MAX_AGE=0 for the live server's threads; a worker with that
+    setting would get a new connection whenever something closes the old one, which hides the
+    failure this test is about. The worker gets the production shape instead (persistent
+    connections, health checks on) and names its sessions so the test can see them.
+    """
+    module = tmp_path / "failover_worker_settings.py"
+    module.write_text(
+        "from tests.settings import *  # noqa: F403\n"
+        "from tests.settings import DATABASES\n"
+        'DATABASES["default"]["CONN_MAX_AGE"] = 600\n'
+        'DATABASES["default"]["CONN_HEALTH_CHECKS"] = True\n'
+        'DATABASES["default"]["OPTIONS"] = {\n'
+        '    **DATABASES["default"].get("OPTIONS", {}),\n'
+        f'    "application_name": "{WORKER_APPLICATION_NAME}",\n'
+        "}\n"
+    )
+    return {
+        "DJANGO_SETTINGS_MODULE": module.stem,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), str(tmp_path)]),
+    }
+
+
+def worker_sessions() -> list[int]:
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT pid FROM pg_stat_activity "
+            "WHERE datname = current_database() AND application_name = %s",
+            [WORKER_APPLICATION_NAME],
+        )
+        return [row[0] for row in cursor.fetchall()]
+
+
+def terminate_other_sessions() -> list[tuple[str, bool]]:
+    """What a PostgreSQL restart or failover does to every client: their sessions end."""
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT application_name, pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+        return list(cursor.fetchall())
+
+
+@pytest.mark.postgres_only
+def test_worker_survives_its_database_connections_being_cut(
+    auth_server, authorize, workers, tmp_path
+):
+    auth_server.app("client-basic")
+    datasource = make_datasource(auth_server)
+    authorize(datasource)
+    Token.objects.filter(datasource=datasource).update(
+        expires_at=timezone.now() + timedelta(seconds=3)
+    )
+    # One pool process: the connection that is cut is the one the next task must use.
+    group = workers(1, concurrency=1, env=persistent_connection_settings(tmp_path))
+    wait_for(lambda: Token.objects.get(datasource=datasource).refresh_count == 1, 60, group)
+    # The worker keeps its connection between tasks (CELERY_DB_REUSE_MAX + CONN_MAX_AGE): the
+    # sweep runs every second, so a session of its pool process is there to be cut.
+    wait_for(lambda: bool(worker_sessions()), 10, group)
+    cut = set(worker_sessions())
+
+    killed = terminate_other_sessions()
+    assert (WORKER_APPLICATION_NAME, True) in killed, killed
+    Token.objects.filter(datasource=datasource).update(
+        expires_at=timezone.now() + timedelta(seconds=3)
+    )
+
+    wait_for(lambda: Token.objects.get(datasource=datasource).refresh_count == 2, 30, group)
+    token = Token.objects.get(datasource=datasource)
+    assert token.status == TokenStatus.ACTIVE
+    assert RefreshToken.objects.get(revoked__isnull=True).token == token.refresh_token
+    import requests
+
+    echo = requests.get(
+        f"{auth_server.base}/upstream/me",
+        headers={"Authorization": f"Bearer {token.access_token}"},
+        timeout=10,
+    )
+    assert echo.status_code == 200
+    # It works on a new session, not on a resurrected one.
+    assert set(worker_sessions()).isdisjoint(cut)
