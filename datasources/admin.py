@@ -128,6 +128,7 @@ class DatasourceAdmin(admin.ModelAdmin):
                     "revocation_url",
                     "issuer_returns_iss",
                     "token_lifetime",
+                    "expiry_status_codes",
                     "owner",
                 ),
             },
@@ -144,10 +145,15 @@ class DatasourceAdmin(admin.ModelAdmin):
     @admin.display(description=_("expires"), ordering="tokens__expires_at")
     def expires(self, obj: Datasource):
         token = _token(obj)
-        if not token or not token.expires_at:
+        if not token or not token.access_token:
             return "—"
+        if not token.expires_at:
+            return _("no known expiry")
         when = timezone.localtime(token.expires_at)
-        suffix = " (expired)" if token.is_expired() else ""
+        if not token.expiry_known:
+            suffix = " (assumed: next refresh)"
+        else:
+            suffix = " (expired)" if token.is_expired() else ""
         return f"{when:%Y-%m-%d %H:%M:%S %Z}{suffix}"
 
     @admin.display(description=_("last refreshed"), ordering="tokens__last_refreshed_at")
@@ -172,6 +178,12 @@ class DatasourceAdmin(admin.ModelAdmin):
             if token.next_attempt_at
             else ""
         )
+        if token.failure_kind == "configuration":
+            return format_html(
+                '<strong class="datasource-configuration-error" style="color:#cf222e">{}</strong>{}',
+                token.last_error,
+                retry,
+            )
         return f"{token.last_error}{retry}"
 
     @admin.display(description=_("recent events"))
@@ -287,9 +299,11 @@ class DatasourceAdmin(admin.ModelAdmin):
             else (),
             preset=chosen,
         )
+        token = _token(obj) if obj else None
         context.update(
             callback_url=flow.callback_url(request),
-            token=_token(obj) if obj else None,
+            token=token,
+            no_refresh_token=views.no_refresh_token_warning(obj, token) if token else "",
             query_placement=bool(obj and obj.token_placement == TokenPlacement.QUERY),
         )
         return super().render_change_form(request, context, add, change, form_url, obj)

@@ -27,12 +27,21 @@ def check_encryption_keys(app_configs=None, **kwargs):
 @register()
 def check_refresh_timing(app_configs=None, **kwargs):
     problems = []
-    if app_settings.LEASE_SECONDS <= app_settings.HTTP_TIMEOUT:
+    longest_call = max(app_settings.HTTP_TIMEOUT, app_settings.REFRESH_TIMEOUT)
+    if longest_call >= app_settings.LEASE_SECONDS:
         problems.append(
             Error(
-                "DATASOURCES['LEASE_SECONDS'] must exceed DATASOURCES['HTTP_TIMEOUT'], or a slow "
-                "refresh could lose its lease to a second refresh of the same token.",
+                "DATASOURCES['LEASE_SECONDS'] must exceed DATASOURCES['REFRESH_TIMEOUT'] and "
+                "DATASOURCES['HTTP_TIMEOUT'], or a slow refresh could lose its lease to a second "
+                "refresh of the same token.",
                 id="datasources.E003",
+            )
+        )
+    if not 0 < app_settings.LIFETIME_FRACTION < 1:
+        problems.append(
+            Error(
+                "DATASOURCES['LIFETIME_FRACTION'] must be between 0 and 1 (exclusive).",
+                id="datasources.E004",
             )
         )
     if app_settings.REFRESH_MARGIN <= app_settings.SWEEP_INTERVAL:

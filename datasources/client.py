@@ -4,8 +4,9 @@
         api.get("users/me").json()
 
 Relative URLs resolve under ``base_url`` (absolute ones must stay below it); the token is
-placed as the datasource says, refreshed when about to expire, and on a 401 refreshed once and
-the request retried once.
+placed as the datasource says, refreshed when about to expire, and on an "expired" answer (401
+unless the datasource says otherwise) refreshed once and the request retried once, unless the
+token is too young to blame.
 """
 
 from __future__ import annotations
@@ -46,12 +47,15 @@ class DatasourceSession(requests.Session):
         kwargs.setdefault("timeout", 30)
         token = tokens.get_valid_token(self.datasource, user=self.user)
         response = self._send(method, target, token.access_token, params, data, headers, kwargs)
-        if response.status_code == 401 and _replayable(data):
-            response.close()
-            token = tokens.refresh_after_rejection(
+        if response.status_code in self.datasource.expiry_statuses and _replayable(data):
+            retry = tokens.refresh_after_rejection(
                 self.datasource, token.access_token, user=self.user
             )
-            response = self._send(method, target, token.access_token, params, data, headers, kwargs)
+            if retry is not None:
+                response.close()
+                response = self._send(
+                    method, target, retry.access_token, params, data, headers, kwargs
+                )
         return response
 
     def _send(self, method, url, access_token, params, data, headers, kwargs):

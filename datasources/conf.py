@@ -16,12 +16,24 @@ DEFAULTS: dict[str, Any] = {
     "REFRESH_MARGIN": 300,
     # Seconds before expiry at which the request path (proxy, client API) refreshes first.
     "REQUEST_LEEWAY": 30,
+    # The margin and the leeway are capped at this fraction of a token's lifetime, so a token
+    # is refreshed about once per lifetime however short it lives.
+    "LIFETIME_FRACTION": 0.5,
+    # While a token is expired and refreshing fails, the request path tries again (one caller,
+    # single-flight) at most this often, never before the server's Retry-After.
+    "PROBE_INTERVAL": 5.0,
+    # An upstream "expired" answer (401) triggers a refresh only when the rejected token is at
+    # least this old, so an API that always answers 401 cannot cause a refresh per call.
+    "REJECTION_COOLDOWN": 30.0,
     # Refresh at least this often even when tokens live longer (idle refresh tokens get revoked).
     "MAX_TOKEN_AGE": 86400,
     # Lifetime assumed when the token endpoint sends no expires_in and the datasource sets none.
     "DEFAULT_TOKEN_LIFETIME": 3600,
-    # Timeout (seconds) for every call to an authorization server.
+    # Timeout (seconds) for discovery and revocation calls to an authorization server.
     "HTTP_TIMEOUT": 10.0,
+    # Timeout (seconds) for token requests (refresh, code exchange, client credentials): longer,
+    # because giving up on a refresh the server may still complete can cost a rotated token.
+    "REFRESH_TIMEOUT": 20.0,
     "USER_AGENT": "django-oauth2-datasources/0.1",
     # http:// is refused except for loopback hosts (127.0.0.0/8, ::1, localhost) when this is on.
     "ALLOW_LOOPBACK_HTTP": True,
@@ -29,9 +41,11 @@ DEFAULTS: dict[str, Any] = {
     "STATE_LIFETIME": 600,
     # At most this many pending authorization requests per browser session.
     "MAX_PENDING_AUTHORIZATIONS": 10,
-    # Refresh lease: a crashed holder's lease lapses after this many seconds (must exceed HTTP_TIMEOUT).
-    "LEASE_SECONDS": 30,
-    # How long a caller that lost the refresh race waits for the winner's result.
+    # Refresh lease: a crashed holder's lease lapses after this many seconds (must exceed
+    # REFRESH_TIMEOUT).
+    "LEASE_SECONDS": 60,
+    # How long a caller with an expired token waits for another holder's refresh (callers whose
+    # token is still valid never wait).
     "LEASE_WAIT": 15.0,
     # Transient-failure backoff: base * 2**(failures-1), capped, with +/-20% jitter.
     "BACKOFF_BASE": 30,

@@ -19,21 +19,31 @@ class OAuthError(DatasourceError):
     Carries the error code and a short description, never the response body verbatim.
     """
 
-    def __init__(self, error: str, description: str = "") -> None:
+    def __init__(self, error: str, description: str = "", *, status: int | None = None) -> None:
         self.error = error
         self.description = description
+        self.status = status  # the HTTP status it came with (200 for errors in a 200 answer)
         super().__init__(f"{error}: {description}" if description else error)
 
 
 class ReauthorizationRequired(OAuthError):
-    """invalid_grant, invalid_client, unauthorized_client, or a revoked refresh token."""
+    """The grant is dead (invalid_grant, invalid_client, unauthorized_client, a bare 401, or a
+    token that cannot be renewed): only a person can fix it. Raised by the token service after
+    classifying what the server said (``datasources.tokens.failures.classify``)."""
 
 
 class TransientUpstreamError(DatasourceError):
-    """Network error, timeout, 5xx, 429 or an unparseable body: retry later, keep the token."""
+    """Network error, timeout, 5xx, 429 or an unparseable body: retry later, keep the token.
 
-    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+    ``outcome_unknown``: the request was sent and its answer lost (read timeout, connection
+    dropped mid-answer), so the server may have acted on it, e.g. rotated a refresh token.
+    """
+
+    def __init__(
+        self, message: str, *, retry_after: float | None = None, outcome_unknown: bool = False
+    ) -> None:
         self.retry_after = retry_after
+        self.outcome_unknown = outcome_unknown
         super().__init__(message)
 
 

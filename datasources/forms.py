@@ -128,6 +128,14 @@ class DatasourceForm(forms.ModelForm):
     @property
     def credentials_changed(self) -> bool:
         return bool(
-            {"client_id", "client_secret", "access_token_url", "scopes", "client_authentication"}
+            {
+                "client_id",
+                "client_secret",
+                "access_token_url",
+                "scopes",
+                "client_authentication",
+                "audience",
+                "resource",
+            }
             & set(self.changed_data)
         ) or bool(self.cleaned_data.get("clear_client_secret"))

@@ -6,9 +6,10 @@ Secrets (client secret, tokens, PKCE verifiers) are Fernet-encrypted columns; ``
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import TYPE_CHECKING
 
 from django.conf import settings
@@ -38,6 +39,22 @@ def normalize_scopes(value: str) -> str:
     return " ".join(seen)
 
 
+@functools.lru_cache(maxsize=256)
+def parse_status_codes(value: str) -> frozenset[int]:
+    """``"401, 403"`` → {401, 403}; ValueError saying what is wrong. Cached: the proxy asks on
+    every call."""
+    codes = set()
+    for part in re.split(r"[\s,]+", value or ""):
+        if not part:
+            continue
+        if not part.isdigit() or not 400 <= int(part) <= 599:
+            raise ValueError(
+                f"{part!r} is not an HTTP error status (400-599); separate codes with commas."
+            )
+        codes.add(int(part))
+    return frozenset(codes)
+
+
 def sha256_hex(value: str) -> str:
     return hashlib.sha256(value.encode()).hexdigest()
 
@@ -65,6 +82,11 @@ class ScopeSeparator(models.TextChoices):
 class TokenSharing(models.TextChoices):
     SHARED = "shared", _("One authorization shared by all users")
     PER_USER = "per_user", _("Each user authorizes for themselves")
+
+
+class FailureKindChoices(models.TextChoices):
+    TRANSIENT = "transient", _("Transient (retrying)")
+    CONFIGURATION = "configuration", _("Configuration error (retrying)")
 
 
 class TokenStatus(models.TextChoices):
@@ -260,9 +282,21 @@ class Datasource(models.Model):
         null=True,
         blank=True,
         help_text=_(
-            "Seconds an access token is assumed to live when the server sends no expires_in. "
-            "Empty: the DATASOURCES['DEFAULT_TOKEN_LIFETIME'] setting. Such tokens are also "
-            "refreshed when the API answers 401."
+            "Seconds after which a token is refreshed when the server says nothing about its "
+            "expiry (no expires_in, and the token is not a JWT with exp). Only schedules "
+            "refreshes: such a token is used until the API rejects it. Empty: the "
+            "DATASOURCES['DEFAULT_TOKEN_LIFETIME'] setting."
+        ),
+    )
+    expiry_status_codes = models.CharField(
+        _("expired-token status codes"),
+        max_length=100,
+        default="401",
+        blank=True,
+        help_text=_(
+            "HTTP statuses with which this API says the access token is no longer valid, "
+            "comma separated (usually 401; some APIs use 403). On such an answer the token is "
+            "refreshed once and the call retried once. Empty: never."
         ),
     )
     created_at = models.DateTimeField(_("created"), auto_now_add=True)
@@ -318,6 +352,12 @@ class Datasource(models.Model):
             problem = validate_issuer(self.issuer)
             if problem:
                 errors["issuer"] = problem
+        try:
+            codes = parse_status_codes(self.expiry_status_codes)
+        except ValueError as err:
+            errors["expiry_status_codes"] = str(err)
+        else:
+            self.expiry_status_codes = ",".join(str(code) for code in sorted(codes))
         self.scopes = normalize_scopes(self.scopes)
         if errors:
             raise ValidationError(errors)
@@ -330,6 +370,14 @@ class Datasource(models.Model):
             cached, _ = Token.objects.get_or_create(datasource=self, user=None)
             self._shared_token = cached
         return cached
+
+    @property
+    def expiry_statuses(self) -> frozenset[int]:
+        """The upstream statuses that mean "token expired" (see ``expiry_status_codes``)."""
+        try:
+            return parse_status_codes(self.expiry_status_codes)
+        except ValueError:
+            return frozenset({401})
 
     @property
     def per_user(self) -> bool:
@@ -407,6 +455,7 @@ CONFIG_FIELDS = (
     "issuer_returns_iss",
     "scope_separator",
     "token_lifetime",
+    "expiry_status_codes",
     "token_sharing",
 )
 
@@ -443,7 +492,24 @@ class Token(models.Model):
         help_text=_("The scope the server granted (may differ from the one requested)."),
     )
     expires_at = models.DateTimeField(
-        _("expires at"), null=True, blank=True, help_text=_("When the access token expires.")
+        _("expires at"),
+        null=True,
+        blank=True,
+        help_text=_("When the access token expires (empty: no known expiry)."),
+    )
+    expiry_known = models.BooleanField(
+        _("expiry known"),
+        default=True,
+        help_text=_(
+            "Off when the server said nothing about the expiry and expires_at is an assumption "
+            "that only schedules the next refresh."
+        ),
+    )
+    client_id = models.CharField(
+        _("issued to client ID"),
+        max_length=500,
+        blank=True,
+        help_text=_("The client ID the tokens were issued to."),
     )
     obtained_at = models.DateTimeField(
         _("obtained at"), null=True, blank=True, help_text=_("When the authorization was granted.")
@@ -461,11 +527,39 @@ class Token(models.Model):
     failure_count = models.PositiveIntegerField(
         _("consecutive failures"), default=0, help_text=_("Reset by a successful refresh.")
     )
+    failure_kind = models.CharField(
+        _("failure kind"),
+        max_length=16,
+        choices=FailureKindChoices.choices,
+        blank=True,
+        help_text=_("What the last failure was, while the token is kept (cleared by a success)."),
+    )
     next_attempt_at = models.DateTimeField(
         _("next attempt at"),
         null=True,
         blank=True,
-        help_text=_("After a transient failure, when the refresh is retried."),
+        help_text=_("After a failure, when the background retries the refresh."),
+    )
+    retry_not_before = models.DateTimeField(
+        _("retry not before"),
+        null=True,
+        blank=True,
+        help_text=_("The server asked not to be called again before this (Retry-After)."),
+    )
+    last_attempt_at = models.DateTimeField(
+        _("last attempt at"),
+        null=True,
+        blank=True,
+        help_text=_("When the token endpoint was last asked for this token."),
+    )
+    outcome_unknown_at = models.DateTimeField(
+        _("answer lost at"),
+        null=True,
+        blank=True,
+        help_text=_(
+            "A refresh was sent and its answer lost (timeout, stopped worker): the server may "
+            "have rotated the refresh token. Cleared by a success."
+        ),
     )
     refresh_count = models.PositiveIntegerField(_("refreshes"), default=0)
     lease_id = models.CharField(_("refresh lease"), max_length=64, blank=True, editable=False)
@@ -506,19 +600,11 @@ class Token(models.Model):
     def has_refresh_token(self) -> bool:
         return bool(self.refresh_token)
 
-    def is_fresh(self, margin: float, now: datetime | None = None) -> bool:
-        """Usable for at least ``margin`` more seconds."""
-        if not self.access_token or self.status == TokenStatus.NEEDS_REAUTHORIZATION:
-            return False
-        if self.expires_at is None:
-            return True
-        now = now or timezone.now()
-        return self.expires_at - timedelta(seconds=margin) > now
-
     def is_expired(self, now: datetime | None = None) -> bool:
+        """Past a known expiry (an assumed one never makes a token unusable)."""
         if not self.access_token:
             return True
-        if self.expires_at is None:
+        if self.expires_at is None or not self.expiry_known:
             return False
         return self.expires_at <= (now or timezone.now())
 
@@ -530,6 +616,7 @@ class TokenEvent(models.Model):
         REFRESH_FAILED = "refresh_failed", _("Refresh failed")
         REAUTHORIZATION_REQUIRED = "reauthorization_required", _("Re-authorization required")
         REVOKED = "revoked", _("Revoked")
+        LOST_RESPONSE = "lost_response", _("Refresh answer lost")
 
     datasource = models.ForeignKey(
         Datasource, on_delete=models.CASCADE, related_name="events", verbose_name=_("datasource")

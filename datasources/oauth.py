@@ -7,8 +7,10 @@ environment variables for loopback http:// and changed scopes. Here:
 
 * every URL passes :mod:`datasources.transport` first (https, or http on loopback only);
 * every request has a timeout, our User-Agent and no redirect following;
-* failures come back classified: :class:`ReauthorizationRequired` (the grant is dead),
-  :class:`OAuthError` (another RFC 6749 error), :class:`TransientUpstreamError` (retry later);
+* failures come back as :class:`OAuthError` (the server answered with an RFC 6749 error code,
+  whatever the HTTP status, including errors inside a 200 answer) or
+  :class:`TransientUpstreamError` (network, timeout, 5xx, 429, garbage: retry later); what an
+  error code means for the token is decided in ``datasources.tokens.failures.classify``;
 * no exception message or log line contains a secret or the response body.
 """
 
@@ -23,9 +25,10 @@ import threading
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
-from urllib.parse import quote, urlencode, urlsplit
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit
 
 import requests
+import urllib3
 from django.views.decorators.debug import sensitive_variables
 from oauthlib.common import add_params_to_uri
 from oauthlib.oauth2 import (
@@ -37,12 +40,7 @@ from oauthlib.oauth2 import (
 )
 
 from .conf import app_settings
-from .exceptions import (
-    DatasourceError,
-    OAuthError,
-    ReauthorizationRequired,
-    TransientUpstreamError,
-)
+from .exceptions import DatasourceError, OAuthError, TransientUpstreamError
 from .transport import check_transport
 
 if TYPE_CHECKING:
@@ -50,8 +48,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-#: Token-endpoint error codes after which only a person can fix things (RFC 6749 §5.2).
-PERMANENT_ERRORS = frozenset({"invalid_grant", "invalid_client", "unauthorized_client"})
 #: Authorization parameters that custom parameters may not override.
 RESERVED_AUTH_PARAMS = frozenset(
     {
@@ -75,7 +71,9 @@ class TokenResponse:
 
     access_token: str = field(repr=False)
     token_type: str = "Bearer"
-    expires_in: int | None = None
+    #: As sent (a number or a string, possibly 0, negative or absurd); interpreted by
+    #: ``datasources.tokens.expiry``.
+    expires_in: Any = None
     refresh_token: str | None = field(default=None, repr=False)
     scope: str = ""
 
@@ -194,7 +192,14 @@ def revoke(datasource: Datasource, token: str, token_type_hint: str) -> None:
         return urlencode(params)
 
     body, headers = _with_client_auth(datasource, prepare)
-    response = _post(datasource.revocation_url, body, headers, datasource, "revocation")
+    response = _post(
+        datasource.revocation_url,
+        body,
+        headers,
+        datasource,
+        "revocation",
+        app_settings.HTTP_TIMEOUT,
+    )
     if response.status_code == 200:
         return
     _raise_for_error_response(response, datasource, secrets=[token], what="revocation")
@@ -306,32 +311,35 @@ def _with_client_auth(datasource: Datasource, prepare) -> tuple[str, dict[str, s
 
 
 def _post(
-    url: str, body: str, headers: dict[str, str], datasource: Datasource, what: str
+    url: str,
+    body: str,
+    headers: dict[str, str],
+    datasource: Datasource,
+    what: str,
+    timeout: float,
 ) -> requests.Response:
     check_transport(url)
     host = urlsplit(url).hostname
     started = time.monotonic()
     try:
         response = http_session().post(
-            url,
-            data=body,
-            headers=headers,
-            timeout=app_settings.HTTP_TIMEOUT,
-            allow_redirects=False,
+            url, data=body, headers=headers, timeout=timeout, allow_redirects=False
         )
-    except requests.Timeout:
-        logger.warning("%s for datasource %s: %s timed out", what, datasource.slug, host)
-        raise TransientUpstreamError(f"The {what} request to {host} timed out.") from None
     except requests.RequestException as err:
+        unknown = _answer_lost(err)
         logger.warning(
-            "%s for datasource %s: %s unreachable (%s)",
+            "%s for datasource %s: %s %s (%s)",
             what,
             datasource.slug,
             host,
+            "did not answer in time" if isinstance(err, requests.Timeout) else "unreachable",
             type(err).__name__,
         )
+        text = "timed out" if isinstance(err, requests.Timeout) else f"failed: {type(err).__name__}"
         raise TransientUpstreamError(
-            f"The {what} request to {host} failed: {type(err).__name__}."
+            f"The {what} request to {host} {text}"
+            + (" after it was sent; the server may have acted on it." if unknown else "."),
+            outcome_unknown=unknown,
         ) from None
     logger.info(
         "%s for datasource %s: %s answered HTTP %s in %.0f ms",
@@ -344,6 +352,24 @@ def _post(
     return response
 
 
+def _answer_lost(err: requests.RequestException) -> bool:
+    """Whether the request may have reached the server (its answer was lost): a read timeout or
+    a connection dropped mid-answer, as opposed to a connection that was never made."""
+    if isinstance(err, requests.ConnectTimeout):
+        return False
+    if isinstance(err, requests.Timeout):
+        return True
+    if isinstance(err, requests.ConnectionError):
+        reason = getattr(err.args[0], "reason", None) if err.args else None
+        never_connected = (
+            urllib3.exceptions.NewConnectionError,
+            urllib3.exceptions.NameResolutionError,
+            urllib3.exceptions.ConnectTimeoutError,
+        )
+        return not isinstance(reason, never_connected)
+    return False
+
+
 @sensitive_variables()
 def _token_request(
     datasource: Datasource,
@@ -354,7 +380,14 @@ def _token_request(
     secrets: list[str | None],
     what: str,
 ) -> TokenResponse:
-    response = _post(datasource.access_token_url, body, headers, datasource, what)
+    response = _post(
+        datasource.access_token_url,
+        body,
+        headers,
+        datasource,
+        what,
+        app_settings.REFRESH_TIMEOUT,
+    )
     all_secrets = [s for s in [*secrets, datasource.client_secret] if s]
     if response.status_code != 200:
         _raise_for_error_response(response, datasource, secrets=all_secrets, what=what)
@@ -362,14 +395,18 @@ def _token_request(
             f"The token endpoint answered HTTP {response.status_code} to the {what}."
         )
     content_type = response.headers.get("Content-Type", "").split(";")[0].strip().lower()
-    text = response.text
-    if content_type != "application/x-www-form-urlencoded" and _json_or_none(text) is None:
+    params = _token_params(response.text, content_type)
+    if params is None:
         raise TransientUpstreamError(
-            f"The token endpoint's answer to the {what} is not JSON"
+            f"The token endpoint's answer to the {what} is not a JSON object"
             f"{' (' + content_type + ')' if content_type else ''}."
         )
+    # expires_in is interpreted by us (strings, 0, huge values); oauthlib would int() it.
+    expires_in = params.pop("expires_in", None)
     try:
-        token = client.parse_request_body_response(text, scope=datasource.scope_list or None)
+        token = client.parse_request_body_response(
+            json.dumps(params), scope=datasource.scope_list or None
+        )
     except Warning as warning:  # granted scope differs from the requested one: that's allowed
         token = warning.token
     except MissingTokenError:
@@ -377,7 +414,7 @@ def _token_request(
             f"The token endpoint's answer to the {what} has no access_token."
         ) from None
     except OAuth2Error as err:
-        raise _classified(err.error, err.description, all_secrets) from None
+        raise _classified(err.error, err.description, all_secrets, 200) from None
     except (ValueError, TypeError):
         raise TransientUpstreamError(
             f"The token endpoint's answer to the {what} is malformed."
@@ -388,7 +425,7 @@ def _token_request(
     return TokenResponse(
         access_token=str(token["access_token"]),
         token_type=str(token.get("token_type") or "Bearer"),
-        expires_in=token.get("expires_in"),
+        expires_in=expires_in,
         refresh_token=(str(token["refresh_token"]) if token.get("refresh_token") else None),
         scope=str(scope),
     )
@@ -413,18 +450,31 @@ def _raise_for_error_response(
         )
     payload = _json_or_none(response.text)
     if isinstance(payload, dict) and isinstance(payload.get("error"), str):
-        raise _classified(payload["error"], payload.get("error_description"), secrets)
+        raise _classified(payload["error"], payload.get("error_description"), secrets, status)
     if status == 401:
-        raise ReauthorizationRequired(
-            "invalid_client", "The authorization server rejected the client credentials (HTTP 401)."
+        raise OAuthError(
+            "invalid_client",
+            "The authorization server rejected the client credentials (HTTP 401).",
+            status=401,
         )
 
 
-def _classified(error: Any, description: Any, secrets: list[str]) -> OAuthError:
+def _classified(error: Any, description: Any, secrets: list[str], status: int) -> OAuthError:
     code = str(error) if isinstance(error, str) and _ERROR_CODE.match(error) else "invalid_response"
-    text = sanitize_description(description, secrets)
-    cls = ReauthorizationRequired if code in PERMANENT_ERRORS else OAuthError
-    return cls(code, text)
+    return OAuthError(code, sanitize_description(description, secrets), status=status)
+
+
+def _token_params(text: str, content_type: str) -> dict[str, Any] | None:
+    """The token answer as a dict: a JSON object, or a form-encoded body (GitHub answers so
+    unless asked for JSON, and some servers label JSON wrongly)."""
+    payload = _json_or_none(text)
+    if isinstance(payload, dict):
+        return payload
+    if payload is None and content_type in ("application/x-www-form-urlencoded", "text/plain"):
+        pairs = parse_qsl(text.strip(), keep_blank_values=True)
+        if pairs and all(key for key, _ in pairs):
+            return dict(pairs)
+    return None
 
 
 def sanitize_description(description: Any, secrets: list[str]) -> str:

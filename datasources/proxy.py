@@ -28,7 +28,7 @@ from django.views.decorators.debug import sensitive_variables
 
 from . import apikeys, tokens, usage
 from .conf import app_settings
-from .exceptions import NotAuthorized, OAuthError, TransientUpstreamError
+from .exceptions import NotAuthorized, ReauthorizationRequired, TransientUpstreamError
 from .models import ApiKey, Datasource, Token
 from .upstream import path_problem, place_token, resolve_upstream_url
 
@@ -197,15 +197,21 @@ def _forward(
         token = tokens.get_valid_token(datasource, token=token)
         _tokens.put((datasource.slug, token.user_id), token)
         upstream = _send(request.method, datasource, token.access_token, target, headers, body)
-        if upstream.status == 401 and replayable:
-            upstream.drain_conn()
-            upstream.release_conn()
-            token = tokens.refresh_after_rejection(
+        if upstream.status in datasource.expiry_statuses and replayable:
+            # Refresh once and retry once, unless the rules say the answer stands (the token is
+            # too young to blame, or a refresh failed moments ago): then it is passed on.
+            retry = tokens.refresh_after_rejection(
                 datasource, token.access_token, user=token.user_id
             )
-            _tokens.put((datasource.slug, token.user_id), token)
-            upstream = _send(request.method, datasource, token.access_token, target, headers, body)
-    except (NotAuthorized, OAuthError) as err:
+            if retry is not None:
+                upstream.drain_conn()
+                upstream.release_conn()
+                token = retry
+                _tokens.put((datasource.slug, token.user_id), token)
+                upstream = _send(
+                    request.method, datasource, token.access_token, target, headers, body
+                )
+    except (NotAuthorized, ReauthorizationRequired) as err:
         error = "not_authorized" if isinstance(err, NotAuthorized) else "reauthorization_required"
         if datasource.per_user:
             where, url = "by the calling user", datasource.get_connect_url()

@@ -7,12 +7,13 @@ from django.contrib.auth.decorators import login_required
 from django.core.exceptions import PermissionDenied
 from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import get_object_or_404, render
+from django.utils import timezone
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET
 
 from . import flow
 from .exceptions import DatasourceError, InvalidState
-from .models import Datasource
+from .models import Datasource, Token
 from .oauth import sanitize_description
 
 
@@ -88,12 +89,38 @@ def authorization_callback(request: HttpRequest) -> HttpResponse:
     if not code:
         return _failure(request, "The authorization response has no code.", datasource=datasource)
     try:
-        flow.complete(auth_request, code, user=request.user)
+        token = flow.complete(auth_request, code, user=request.user)
     except DatasourceError as err:
         messages.error(request, f"Authorization failed: {err}. The stored token is unchanged.")
         return _back(request, datasource)
     messages.success(request, f"“{datasource}” is authorized and active.")
+    warning = no_refresh_token_warning(datasource, token)
+    if warning:
+        messages.warning(request, warning)
     return _back(request, datasource)
+
+
+def no_refresh_token_warning(datasource: Datasource, token: Token) -> str:
+    """What a builder must know when an authorization left no way to renew the token."""
+    if datasource.grant_type != "authorization_code" or not token.access_token:
+        return ""
+    if token.refresh_token or token.status != "active":
+        return ""
+    hint = (
+        "Providers usually send one only when asked: prompt=consent and access_type=offline "
+        "(Google) in the custom authentication parameters, or the offline_access scope."
+    )
+    if token.expires_at is None:
+        return (
+            "The provider sent no refresh token and no expiry: the token is used until the API "
+            f"rejects it, then “{datasource}” needs re-authorizing. {hint}"
+        )
+    when = timezone.localtime(token.expires_at)
+    return (
+        f"The provider sent no refresh token: this connection stops working at "
+        f"{when:%Y-%m-%d %H:%M %Z}, when the access token expires, unless it is re-authorized. "
+        f"{hint}"
+    )
 
 
 def _back(request: HttpRequest, datasource: Datasource) -> HttpResponse:

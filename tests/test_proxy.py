@@ -7,7 +7,7 @@ import pytest
 from django.core.management import call_command
 from django.test import Client
 from django.utils import timezone
-from oauth2_provider.models import AccessToken
+from oauth2_provider.models import AccessToken, RefreshToken
 
 from datasources import proxy as proxy_module
 from datasources.apikeys import create_api_key
@@ -90,9 +90,38 @@ def test_large_response_streams(ready):
 
 def test_refreshes_once_on_401_and_retries(ready):
     datasource, client, _ = ready()
+    Token.objects.filter(datasource=datasource).update(
+        last_refreshed_at=timezone.now() - timedelta(minutes=5)
+    )
     AccessToken.objects.update(expires=timezone.now() - timedelta(seconds=1))
     echo(client.post(url(datasource, "me"), {"a": "1"}))
     assert Token.objects.get(datasource=datasource).refresh_count == 1
+
+
+def test_a_401_storm_causes_one_refresh_per_cooldown(ready, settings):
+    """An upstream that always answers 401 (wrong base path, missing scope) gets its answer
+    passed on; only the first rejection of a token older than the cooldown refreshes."""
+    datasource, client, _ = ready()
+    Token.objects.filter(datasource=datasource).update(
+        last_refreshed_at=timezone.now() - timedelta(minutes=5)
+    )
+    statuses = [client.get(url(datasource, "always-401")).status_code for _ in range(30)]
+    assert statuses == [401] * 30
+    assert Token.objects.get(datasource=datasource).refresh_count == 1
+    assert RefreshToken.objects.count() == 2  # the authorization and the one refresh
+    # The token still works where the API accepts it.
+    echo(client.get(url(datasource, "me")))
+
+
+def test_expiry_statuses_are_configurable(ready):
+    """An API that says "expired" with 403: 401 is then passed on untouched."""
+    datasource, client, _ = ready(expiry_status_codes="403")
+    Token.objects.filter(datasource=datasource).update(
+        last_refreshed_at=timezone.now() - timedelta(minutes=5)
+    )
+    AccessToken.objects.update(expires=timezone.now() - timedelta(seconds=1))
+    assert client.get(url(datasource, "me")).status_code == 401
+    assert Token.objects.get(datasource=datasource).refresh_count == 0
 
 
 def test_expired_token_is_refreshed_before_the_call(ready):

@@ -204,7 +204,8 @@ def test_refresh_ahead_within_margin(auth_server, authorize):
     datasource = make_datasource(auth_server)
     authorize(datasource)
     Token.objects.filter(datasource=datasource).update(
-        expires_at=timezone.now() + timedelta(seconds=120)
+        expires_at=timezone.now() + timedelta(seconds=120),
+        last_refreshed_at=timezone.now() - timedelta(hours=1),
     )
     assert tokens.refresh_token(datasource).outcome == "refreshed"  # margin 300s
     assert tokens.refresh_token(datasource).outcome == "fresh"
@@ -395,6 +396,14 @@ def test_session_refreshes_once_on_401_and_retries(auth_server, authorize):
     authorize(datasource)
     # Expired at the provider early (e.g. revoked); we still think it is valid.
     AccessToken.objects.update(expires=timezone.now() - timedelta(seconds=1))
+    # A token the upstream rejects right after it was issued is not refreshed (an API that
+    # always answers 401 must not cause a refresh per call): the 401 is handed back.
+    assert datasource.session().get("me").status_code == 401
+    assert Token.objects.get(datasource=datasource).refresh_count == 0
+    # Older than the rejection cooldown: refreshed once, retried once.
+    Token.objects.filter(datasource=datasource).update(
+        last_refreshed_at=timezone.now() - timedelta(minutes=5)
+    )
     response = datasource.session().get("me")
     assert response.status_code == 200
     assert Token.objects.get(datasource=datasource).refresh_count == 1

@@ -11,6 +11,8 @@ from oauth2_provider.oauth2_backends import get_oauthlib_core
 @csrf_exempt
 def echo(request, path):
     raw_body = request.body  # read first: token validation may parse the form body
+    if path == "always-401":  # e.g. a wrong base path or a missing scope
+        return JsonResponse({"error": "invalid_token"}, status=401)
     valid, oauth_request = get_oauthlib_core().verify_request(request, scopes=[])
     if not valid:
         return JsonResponse({"error": "invalid_token"}, status=401)

@@ -35,6 +35,7 @@ class Command(BaseCommand):
             self.style.SUCCESS(
                 f"Swept {total} token(s): {outcomes['refreshed']} refreshed, "
                 f"{outcomes['transient']} failed transiently, "
+                f"{outcomes['configuration']} failed on a configuration error, "
                 f"{outcomes['reauthorization']} need re-authorization, "
                 f"{outcomes['fresh'] + outcomes['skipped']} skipped."
             )

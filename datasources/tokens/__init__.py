@@ -1,0 +1,48 @@
+"""Getting a valid access token: the one service behind the proxy, the tasks, the admin and app
+code.
+
+* :mod:`.decide` — one pure function: what to do with a token now (the rules, table-tested);
+* :mod:`.service` — carrying decisions out: single-flight refresh, waiting, raising;
+* :mod:`.lease` — one refresh at a time per token, across processes and machines;
+* :mod:`.failures` — what an error means (dead grant, configuration, transient), backoff, record;
+* :mod:`.expiry` — when a new token expires, from whatever the provider sent;
+* :mod:`.lifecycle` — storing, disconnecting and resetting tokens; which rows are due.
+"""
+
+from .failures import backoff_seconds, classify, record_event
+from .lifecycle import (
+    disconnect,
+    due_token_ids,
+    load_token,
+    prune_history,
+    reset_after_reconfiguration,
+    store_authorization,
+    token_owner,
+)
+from .service import (
+    RefreshResult,
+    get_access_token,
+    get_valid_token,
+    refresh_after_rejection,
+    refresh_token,
+    refresh_token_by_id,
+)
+
+__all__ = [
+    "RefreshResult",
+    "backoff_seconds",
+    "classify",
+    "disconnect",
+    "due_token_ids",
+    "get_access_token",
+    "get_valid_token",
+    "load_token",
+    "prune_history",
+    "record_event",
+    "refresh_after_rejection",
+    "refresh_token",
+    "refresh_token_by_id",
+    "reset_after_reconfiguration",
+    "store_authorization",
+    "token_owner",
+]

@@ -1,0 +1,235 @@
+"""Writing tokens: a new authorization, a refresh, a disconnect, a reset; and reading rows.
+
+Every write of a new token goes through :func:`token_fields`, so the expiry rules and the
+"keep the stored refresh token when none is sent" rule hold for the callback, the refresh and
+the client-credentials grant alike.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timedelta
+
+from django.db import transaction
+from django.db.models import F
+from django.utils import timezone
+from django.views.decorators.debug import sensitive_variables
+
+from .. import oauth
+from ..conf import app_settings
+from ..exceptions import DatasourceError, NotAuthorized
+from ..models import Datasource, GrantType, Token, TokenEvent, TokenStatus
+from ..signals import datasource_authorized, token_refreshed
+from .expiry import expiry_of, parse_expires_in
+from .failures import record_event
+from .lease import NO_LEASE
+
+logger = logging.getLogger(__name__)
+
+#: Cleared by a success: the bookkeeping of past failures.
+NO_FAILURE = {
+    "last_error": "",
+    "failure_count": 0,
+    "failure_kind": "",
+    "next_attempt_at": None,
+    "retry_not_before": None,
+    "outcome_unknown_at": None,
+}
+
+
+def load_token(datasource: Datasource, user_id: int | None) -> Token:
+    """The token row for (datasource, user), created empty if the user has none yet."""
+    token, _ = Token.objects.select_related("datasource").get_or_create(
+        datasource=datasource, user_id=user_id
+    )
+    return token
+
+
+def reload(token: Token, datasource: Datasource) -> Token:
+    """The row as stored now (a new instance: cached instances are shared between threads)."""
+    fresh = Token.objects.get(pk=token.pk)
+    fresh.datasource = datasource
+    return fresh
+
+
+def token_owner(datasource: Datasource, user) -> int | None:
+    """Whose token serves a call: nobody's (shared) or the given user's (per-user tokens)."""
+    if not datasource.per_user:
+        return None
+    user_id = getattr(user, "pk", user)
+    if user_id is None:
+        raise NotAuthorized(
+            f"Datasource {datasource.slug!r} has per-user tokens and no user was given."
+        )
+    return user_id
+
+
+@sensitive_variables()
+def token_fields(
+    datasource: Datasource, token: Token, response: oauth.TokenResponse, now: datetime
+) -> dict:
+    """The columns a token response sets. A response without a refresh token keeps the stored
+    one (Google sends it only on first consent; many providers never rotate), unless the stored
+    one was issued to another client ID or is known to be dead."""
+    keep = token.status != TokenStatus.NEEDS_REAUTHORIZATION and (
+        not token.client_id or token.client_id == datasource.client_id
+    )
+    refresh_token = response.refresh_token or (token.refresh_token if keep else None)
+    renewable = datasource.grant_type == GrantType.CLIENT_CREDENTIALS or bool(refresh_token)
+    expiry = expiry_of(
+        expires_in=response.expires_in,
+        access_token=response.access_token,
+        renewable=renewable,
+        assumed_lifetime=datasource.effective_token_lifetime,
+        now=now,
+    )
+    return {
+        "access_token": response.access_token,
+        "refresh_token": refresh_token,
+        "client_id": datasource.client_id[:500],
+        "token_type": response.token_type[:50],
+        "scope": (response.scope or datasource.scopes)[:2000],
+        "expires_at": expiry.expires_at,
+        "expiry_known": expiry.known,
+        "last_refreshed_at": now,
+        "last_attempt_at": now,
+        "status": TokenStatus.ACTIVE,
+        **NO_FAILURE,
+    }
+
+
+@sensitive_variables()
+def store_authorization(
+    datasource: Datasource, response: oauth.TokenResponse, *, user=None
+) -> Token:
+    """Store the token from a completed authorization-code flow.
+
+    With per-user tokens it becomes ``user``'s token; otherwise the shared one.
+    """
+    now = timezone.now()
+    owner = token_owner(datasource, user)
+    current = load_token(datasource, owner)
+    fields = token_fields(datasource, current, response, now)
+    with transaction.atomic():
+        Token.objects.filter(pk=current.pk).update(**fields, obtained_at=now, **NO_LEASE)
+        detail = granted(response)
+        if fields["refresh_token"] and not response.refresh_token:
+            detail += "; no new refresh token: the stored one is kept"
+        record_event(datasource, TokenEvent.Kind.AUTHORIZED, detail)
+    token = load_token(datasource, owner)
+    datasource_authorized.send(sender=Datasource, datasource=datasource, user=user)
+    return token
+
+
+@sensitive_variables()
+def store_refresh(
+    datasource: Datasource, token: Token, response: oauth.TokenResponse, lease_id: str
+) -> Token:
+    """Persist access and (rotated) refresh token in one UPDATE, before anyone can use either."""
+    now = timezone.now()
+    fields = token_fields(datasource, token, response, now)
+    if token.status == TokenStatus.NOT_AUTHORIZED:
+        fields["obtained_at"] = now
+    # No transaction around the two writes: the UPDATE commits on its own, so a failure to
+    # write the event row can never roll back the only valid (rotated) refresh token.
+    rows = Token.objects.filter(pk=token.pk)
+    bump = {"refresh_count": F("refresh_count") + 1}
+    if not rows.filter(lease_id=lease_id).update(**fields, **bump, **NO_LEASE):
+        # Our lease lapsed mid-request. The response may carry the only valid (rotated)
+        # refresh token, so it is stored all the same.
+        logger.warning(
+            "refresh lease of datasource %s lapsed before the refresh finished", datasource.slug
+        )
+        rows.update(**fields, **bump)
+    record_event(datasource, TokenEvent.Kind.REFRESHED, granted(response))
+    for name, value in {**fields, **NO_LEASE}.items():
+        setattr(token, name, value)
+    token.refresh_count += 1
+    token_refreshed.send(sender=Datasource, datasource=datasource, token=token)
+    return token
+
+
+def disconnect(datasource: Datasource) -> list[str]:
+    """Revoke at ``revocation_url`` (refresh token first, RFC 7009 §2) when set, then forget the
+    stored tokens (every user's, with per-user tokens). Returns the problems met while revoking
+    (secret-free)."""
+    problems: list[str] = []
+    for token in Token.objects.filter(datasource=datasource):
+        problems += _disconnect_one(datasource, token)
+    record_event(
+        datasource,
+        TokenEvent.Kind.REVOKED,
+        "Disconnected" + (" (revocation failed)" if problems else ""),
+    )
+    return problems
+
+
+@sensitive_variables()
+def _disconnect_one(datasource: Datasource, token: Token) -> list[str]:
+    problems: list[str] = []
+    if datasource.revocation_url:
+        for value, hint in (
+            (token.refresh_token, "refresh_token"),
+            (token.access_token, "access_token"),
+        ):
+            if not value:
+                continue
+            try:
+                oauth.revoke(datasource, value, hint)
+            except DatasourceError as err:
+                problems.append(f"Revoking the {hint.replace('_', ' ')} failed: {err}")
+    Token.objects.filter(pk=token.pk).update(
+        access_token=None,
+        refresh_token=None,
+        client_id="",
+        token_type="",
+        scope="",
+        expires_at=None,
+        expiry_known=True,
+        obtained_at=None,
+        last_attempt_at=None,
+        status=TokenStatus.NOT_AUTHORIZED,
+        **NO_FAILURE,
+        **NO_LEASE,
+    )
+    return problems
+
+
+def reset_after_reconfiguration(datasource: Datasource) -> None:
+    """Credentials were edited: whatever failed may work now, so retry at once."""
+    tokens = Token.objects.filter(datasource=datasource)
+    if datasource.grant_type == GrantType.CLIENT_CREDENTIALS:
+        tokens.exclude(status=TokenStatus.ACTIVE).update(
+            status=TokenStatus.NOT_AUTHORIZED, **NO_FAILURE
+        )
+    tokens.filter(status=TokenStatus.ACTIVE).exclude(failure_kind="").update(
+        **NO_FAILURE, last_attempt_at=None
+    )
+
+
+def granted(response: oauth.TokenResponse) -> str:
+    seconds = parse_expires_in(response.expires_in)
+    parts = [f"expires in {seconds}s" if seconds is not None else "no expiry given"]
+    if response.scope:
+        parts.append(f"scope: {response.scope}")
+    if response.refresh_token:
+        parts.append("new refresh token")
+    return "; ".join(parts)
+
+
+def due_token_ids(limit: int | None = None) -> list[int]:
+    """Ids of the tokens the background sweep should look at now, most urgent first."""
+    limit = app_settings.SWEEP_BATCH_SIZE if limit is None else limit
+    due = Token.objects.due(
+        margin=app_settings.REFRESH_MARGIN, max_age=app_settings.MAX_TOKEN_AGE
+    ).order_by(F("expires_at").asc(nulls_first=True))
+    return list(due.values_list("pk", flat=True)[:limit])
+
+
+def prune_history() -> int:
+    """Drop token events past the retention period and stale authorization requests."""
+    from ..flow import purge_expired
+
+    cutoff = timezone.now() - timedelta(days=app_settings.EVENT_RETENTION_DAYS)
+    deleted, _ = TokenEvent.objects.filter(created_at__lt=cutoff).delete()
+    return deleted + purge_expired()

@@ -1,0 +1,356 @@
+"""Carrying out decisions: get a usable token, refresh single-flight, record what happened.
+
+Every caller asks :func:`~datasources.tokens.decide.decide` what to do and this module does it:
+take the lease, re-read the row and ask again (another holder may have just finished), call the
+token endpoint, store the result or record the failure, wait for another holder, or raise the
+error the caller maps to a response (409 needs a person, 503 try later).
+"""
+
+from __future__ import annotations
+
+import hmac
+import time
+from dataclasses import dataclass
+
+from django.utils import timezone
+from django.views.decorators.debug import sensitive_variables
+
+from .. import oauth
+from ..conf import app_settings
+from ..exceptions import (
+    DatasourceError,
+    NotAuthorized,
+    OAuthError,
+    ReauthorizationRequired,
+    TransientUpstreamError,
+)
+from ..models import Datasource, GrantType, Token, TokenEvent
+from . import lease
+from .decide import Action, Decision, Policy, Situation, TokenState, decide
+from .failures import FailureKind, classify, record_event, record_permanent, record_retryable
+from .lifecycle import load_token, reload, store_refresh, token_owner
+
+_POLL_INTERVAL = 0.05
+#: Rounds of "decide, act" without waiting before giving up (a guard, never reached in practice).
+_MAX_ROUNDS = 20
+
+
+@dataclass(frozen=True)
+class RefreshResult:
+    """What one background or forced attempt did: ``refreshed``, ``fresh`` (nothing to do),
+    ``transient`` or ``configuration`` (failed, will retry), ``reauthorization`` or ``skipped``
+    (someone else holds the lease, backoff, not authorized, nothing to renew with)."""
+
+    outcome: str
+    token: Token | None = None
+    error: str = ""
+
+
+class _RetryableFailure(Exception):
+    """A refresh failed in a way that keeps the token; already recorded."""
+
+    def __init__(self, error: DatasourceError, kind: FailureKind) -> None:
+        self.error = error
+        self.kind = kind
+        super().__init__(str(error))
+
+
+# --- the request path -----------------------------------------------------------------------
+
+
+def get_access_token(datasource: Datasource, *, user=None) -> str:
+    """A usable access token, refreshed first when the rules say so.
+
+    ``user`` (a user or user id) selects whose token when the datasource has per-user tokens.
+    """
+    token = get_valid_token(datasource, user=user)
+    assert token.access_token
+    return token.access_token
+
+
+def get_valid_token(datasource: Datasource, *, token: Token | None = None, user=None) -> Token:
+    """The token row to call the API with, refreshing (single-flight) if needed.
+
+    ``token`` may be passed when the caller just read it (the proxy does, with its datasource).
+    Raises NotAuthorized, ReauthorizationRequired or TransientUpstreamError.
+    """
+    token = token or load_token(datasource, token_owner(datasource, user))
+    result = _obtain(datasource, token, Situation.REQUEST)
+    assert result is not None
+    return result
+
+
+def refresh_after_rejection(
+    datasource: Datasource, rejected_access_token: str, *, user=None
+) -> Token | None:
+    """The upstream API answered an "expired" status to ``rejected_access_token``.
+
+    Returns the token to retry with (refreshed now, or replaced by someone else meanwhile), or
+    None when the answer should be passed on: the token is too young to blame (an upstream that
+    always answers 401 must not cause a refresh per call) or refreshing failed moments ago.
+    """
+    token = load_token(datasource, token_owner(datasource, user))
+    return _obtain(datasource, token, Situation.REJECTED, rejected=rejected_access_token)
+
+
+def _obtain(
+    datasource: Datasource, token: Token, situation: Situation, *, rejected: str | None = None
+) -> Token | None:
+    policy = Policy.of(datasource)
+    seen_refreshes = token.refresh_count
+    waited = False
+    deadline: float | None = None
+    rounds = 0
+    while True:
+        now = timezone.now()
+        decision = decide(
+            TokenState.of(token, now),
+            policy,
+            situation,
+            now,
+            rejected_is_current=rejected is None or _same_secret(token.access_token, rejected),
+            refreshed_meanwhile=waited and token.refresh_count != seen_refreshes,
+        )
+        if decision.action is Action.USE:
+            return token
+        if decision.action is Action.PASS:
+            return None
+        if decision.action is Action.WAIT:
+            deadline = deadline or time.monotonic() + app_settings.LEASE_WAIT
+            if time.monotonic() >= deadline:
+                raise TransientUpstreamError(
+                    f"Timed out waiting for another refresh of datasource {datasource.slug!r}.",
+                    retry_after=policy.probe_interval,
+                )
+            time.sleep(_POLL_INTERVAL)
+            token, waited = reload(token, datasource), True
+            continue
+        if decision.action is not Action.REFRESH:
+            _raise_for(datasource, token, decision)
+        rounds += 1
+        if rounds > _MAX_ROUNDS:
+            raise TransientUpstreamError(f"Could not settle the token of {datasource.slug!r}.")
+        lease_id = lease.acquire(token.pk)
+        if lease_id is None:  # someone else is refreshing: use or wait, as the rules say
+            token = reload(token, datasource)
+            continue
+        try:
+            token, refreshed = _refresh_leased(
+                datasource, token, lease_id, situation, policy, rejected
+            )
+        except _RetryableFailure:
+            token = reload(token, datasource)  # decide again: use the old token, or 503
+            continue
+        if refreshed:
+            return token
+
+
+def _raise_for(datasource: Datasource, token: Token, decision: Decision) -> None:
+    slug = datasource.slug
+    if decision.action is Action.NOT_AUTHORIZED:
+        raise NotAuthorized(f"Datasource {slug!r} has not been authorized yet.")
+    if decision.action is Action.REAUTHORIZE:
+        if decision.reason == "needs_reauthorization":
+            raise ReauthorizationRequired(
+                "reauthorization_required",
+                f"Datasource {slug!r} needs to be re-authorized in the admin.",
+            )
+        err = ReauthorizationRequired("no_refresh_token", _no_refresh_token_message(slug, decision))
+        record_permanent(datasource, token, str(err))
+        raise err
+    if decision.action is Action.UNAVAILABLE:
+        raise TransientUpstreamError(
+            f"Refreshing datasource {slug!r} failed recently ({token.last_error}); "
+            f"trying again in {max(1, round(decision.retry_after or 0))}s.",
+            retry_after=decision.retry_after,
+        )
+    raise TransientUpstreamError(f"No usable token for datasource {slug!r} ({decision.reason}).")
+
+
+def _no_refresh_token_message(slug: str, decision: Decision) -> str:
+    what = (
+        "The API rejected the token"
+        if decision.reason == "rejected_without_refresh_token"
+        else "The token expired"
+    )
+    return (
+        f"{what} of datasource {slug!r} and the server gave no refresh token to renew it; "
+        "re-authorize in the admin."
+    )
+
+
+# --- background, cron and admin ---------------------------------------------------------------
+
+
+def refresh_token(token_or_datasource: Token | Datasource, *, force: bool = False) -> RefreshResult:
+    """One background (or, with ``force``, a person's) refresh attempt; never raises for
+    upstream failures, never waits. Used by ``manage.py refresh_tokens`` and the admin."""
+    if isinstance(token_or_datasource, Token):
+        token, datasource = token_or_datasource, token_or_datasource.datasource
+    else:
+        datasource = token_or_datasource
+        token = load_token(datasource, None)
+    situation = Situation.FORCED if force else Situation.BACKGROUND
+    return _attempt(datasource, token, situation, lease_id=None)
+
+
+def refresh_token_by_id(token_id: int) -> RefreshResult:
+    """The background task's refresh: lease the row first, then read it once.
+
+    The sweep already chose the token, so taking the lease before reading saves a read (4
+    statements per refresh). A token leased elsewhere, or deleted since the sweep, is skipped.
+    """
+    lease_id = lease.acquire(token_id)
+    if lease_id is None:
+        return RefreshResult("skipped")
+    try:
+        token = Token.objects.select_related("datasource").get(pk=token_id)
+    except Token.DoesNotExist:
+        return RefreshResult("skipped")
+    return _attempt(token.datasource, token, Situation.BACKGROUND, lease_id=lease_id)
+
+
+def _attempt(
+    datasource: Datasource, token: Token, situation: Situation, *, lease_id: str | None
+) -> RefreshResult:
+    """``lease_id``: a lease already held on ``token`` (which was read after winning it)."""
+    policy = Policy.of(datasource)
+    now = timezone.now()
+    decision = decide(TokenState.of(token, now, own_lease=lease_id), policy, situation, now)
+    if decision.action is not Action.REFRESH:
+        if lease_id:
+            lease.release(token.pk, lease_id)
+        return _settled(datasource, token, decision)
+    if lease_id is None:
+        lease_id = lease.acquire(token.pk)
+        if lease_id is None:
+            return RefreshResult("skipped", token, "Another refresh of this token is running.")
+        # Read again under the lease: the previous holder may have just finished.
+        return _attempt(datasource, reload(token, datasource), situation, lease_id=lease_id)
+    try:
+        token, refreshed = _refresh_leased(
+            datasource, token, lease_id, situation, policy, None, reread=False
+        )
+    except _RetryableFailure as failure:
+        return RefreshResult(
+            failure.kind.value, load_token(datasource, token.user_id), str(failure.error)
+        )
+    except ReauthorizationRequired as err:
+        return RefreshResult("reauthorization", load_token(datasource, token.user_id), str(err))
+    if refreshed:
+        return RefreshResult("refreshed", token)
+    return RefreshResult("fresh", token)
+
+
+def _settled(datasource: Datasource, token: Token, decision: Decision) -> RefreshResult:
+    """The result for an attempt that decided not to refresh."""
+    if decision.action is Action.REAUTHORIZE:
+        try:
+            _raise_for(datasource, token, decision)
+        except ReauthorizationRequired as err:
+            return RefreshResult("reauthorization", token, str(err))
+    if decision.reason == "fresh":
+        return RefreshResult("fresh", token)
+    reasons = {
+        "leased": "Another refresh of this token is running.",
+        "backoff": "Waiting for the next attempt after a failure.",
+        "not_authorized": "Not authorized yet.",
+        "no_refresh_token": "The server gave no refresh token; re-authorize to renew the token.",
+    }
+    return RefreshResult("skipped", token, reasons.get(decision.reason, decision.reason))
+
+
+# --- one refresh under the lease -----------------------------------------------------------------
+
+
+def _refresh_leased(
+    datasource: Datasource,
+    token: Token,
+    lease_id: str,
+    situation: Situation,
+    policy: Policy,
+    rejected: str | None,
+    *,
+    reread: bool = True,
+) -> tuple[Token, bool]:
+    """Refresh while holding ``lease_id``: (token, True) when refreshed; (current token, False)
+    when, read again under the lease, there turned out to be nothing to do. Retryable failures
+    raise _RetryableFailure and dead grants ReauthorizationRequired, both already recorded."""
+    stored = False
+    try:
+        if reread:
+            token = reload(token, datasource)
+            now = timezone.now()
+            decision = decide(
+                TokenState.of(token, now, own_lease=lease_id),
+                policy,
+                situation,
+                now,
+                rejected_is_current=rejected is None or _same_secret(token.access_token, rejected),
+            )
+            if decision.action is not Action.REFRESH:
+                return token, False
+        try:
+            response = _call_token_endpoint(datasource, token)
+        except DatasourceError as err:
+            kind = classify(err)
+            if kind is not FailureKind.PERMANENT:
+                record_retryable(datasource, token, err, kind)
+                raise _RetryableFailure(err, kind) from None
+            current = reload(token, datasource)
+            if _rotated_elsewhere(token, current):
+                return current, False
+            raise _dead_grant(datasource, token, err) from None
+        stored = True  # the UPDATE that stores the token releases the lease
+        return store_refresh(datasource, token, response, lease_id), True
+    finally:
+        if not stored:
+            lease.release(token.pk, lease_id)
+            token.lease_id, token.lease_expires_at = "", None
+
+
+@sensitive_variables()
+def _call_token_endpoint(datasource: Datasource, token: Token) -> oauth.TokenResponse:
+    if datasource.grant_type == GrantType.CLIENT_CREDENTIALS:
+        return oauth.client_credentials(datasource)
+    if not token.refresh_token:  # decide() never asks for this; a guard, not a path
+        raise NotAuthorized(f"Datasource {datasource.slug!r} has no refresh token.")
+    return oauth.refresh(datasource, token.refresh_token)
+
+
+@sensitive_variables()
+def _rotated_elsewhere(sent: Token, current: Token) -> bool:
+    """Another holder stored a new token while ours was being rejected (a lapsed lease, or a
+    re-authorization): its result stands, the grant is not dead."""
+    if current.refresh_token and not _same_secret(current.refresh_token, sent.refresh_token):
+        return True
+    return bool(
+        current.last_refreshed_at
+        and sent.last_refreshed_at
+        and current.last_refreshed_at > sent.last_refreshed_at
+        and current.access_token
+    )
+
+
+def _dead_grant(
+    datasource: Datasource, token: Token, err: DatasourceError
+) -> ReauthorizationRequired:
+    code = err.error if isinstance(err, OAuthError) else "invalid_grant"
+    description = err.description if isinstance(err, OAuthError) else str(err)
+    dead = ReauthorizationRequired(code, description)
+    message = str(dead)
+    if token.outcome_unknown_at and code == "invalid_grant":
+        when = timezone.localtime(token.outcome_unknown_at)
+        note = (
+            f"An earlier refresh (around {when:%Y-%m-%d %H:%M:%S %Z}) got no answer (a timeout "
+            "or a stopped worker). The provider probably rotated the refresh token in that lost "
+            "answer, so the stored one is no longer valid; re-authorize to continue."
+        )
+        record_event(datasource, TokenEvent.Kind.LOST_RESPONSE, note)
+        message = f"{message} — {note}"
+    record_permanent(datasource, token, message)
+    return dead
+
+
+def _same_secret(a: str | None, b: str | None) -> bool:
+    return bool(a) and bool(b) and hmac.compare_digest(a.encode(), b.encode())
