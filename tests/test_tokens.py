@@ -242,6 +242,14 @@ TRANSIENT_SHAPES = {
     "html-200": (200, "<html>login</html>", {"Content-Type": "text/html"}),
     "no-access-token": (200, '{"token_type": "Bearer"}', {"Content-Type": "application/json"}),
     "429": (429, "slow down", {"Retry-After": "120"}),
+    "temporarily_unavailable-400": (
+        400,
+        '{"error": "temporarily_unavailable"}',
+        {"Content-Type": "application/json"},
+    ),
+    "server_error-400": (400, '{"error": "server_error"}', {"Content-Type": "application/json"}),
+    "unknown-code-400": (400, '{"error": "try_later_maybe"}', {"Content-Type": "application/json"}),
+    "read-timeout": requests.ReadTimeout("read timed out"),
 }
 
 
@@ -293,6 +301,203 @@ def test_permanent_failures_need_reauthorization(fake_token_endpoint, caplog, er
         datasource.get_access_token()
     assert len(fake_token_endpoint.calls) == 1  # not retried
     assert_no_secrets(caplog, token.last_error)
+
+
+@pytest.mark.parametrize("error", ["invalid_scope", "invalid_request", "unsupported_grant_type"])
+def test_configuration_errors_keep_the_token_and_say_so(fake_token_endpoint, error):
+    datasource = authorized_fake()
+    fake_token_endpoint.queue(
+        (400, f'{{"error": "{error}"}}', {"Content-Type": "application/json"})
+    )
+    with captured(reauthorization_required) as signalled:
+        result = tokens.refresh_token(datasource)
+    assert result.outcome == "configuration"
+    token = Token.objects.get(datasource=datasource)
+    assert token.status == TokenStatus.ACTIVE
+    assert token.failure_kind == "configuration"
+    assert token.last_error.startswith("Configuration error: " + error)
+    assert token.refresh_token == "old-refresh-token-value"
+    assert token.next_attempt_at > timezone.now()  # retried with backoff
+    assert not signalled  # nobody is told the grant is dead
+
+
+def test_an_error_inside_a_200_answer_is_classified(fake_token_endpoint):
+    """Slack and GitHub answer errors with HTTP 200."""
+    datasource = authorized_fake()
+    fake_token_endpoint.queue(
+        (
+            200,
+            '{"ok": false, "error": "invalid_refresh_token"}',
+            {"Content-Type": "application/json"},
+        )
+    )
+    assert tokens.refresh_token(datasource).outcome == "reauthorization"
+    token = Token.objects.get(datasource=datasource)
+    assert token.status == TokenStatus.NEEDS_REAUTHORIZATION
+
+
+def test_rotation_race_uses_the_other_holders_result(fake_token_endpoint, monkeypatch):
+    """invalid_grant because someone else already used (and rotated) the refresh token: their
+    result is used and the grant is not declared dead."""
+    datasource = authorized_fake()
+    original = fake_token_endpoint.send
+
+    def rotated_meanwhile(request, **kwargs):
+        Token.objects.filter(datasource=datasource).update(
+            access_token="their-access-token",
+            refresh_token="their-refresh-token",
+            expires_at=timezone.now() + timedelta(hours=1),
+            last_refreshed_at=timezone.now(),
+        )
+        return original(request, **kwargs)
+
+    monkeypatch.setattr(fake_token_endpoint, "send", rotated_meanwhile)
+    fake_token_endpoint.queue(
+        (400, '{"error": "invalid_grant"}', {"Content-Type": "application/json"})
+    )
+    assert datasource.get_access_token() == "their-access-token"
+    token = Token.objects.get(datasource=datasource)
+    assert token.status == TokenStatus.ACTIVE
+    assert token.refresh_token == "their-refresh-token"
+    assert token.lease_id == ""
+    assert not TokenEvent.objects.filter(kind="reauthorization_required").exists()
+
+
+def test_invalid_grant_after_a_lost_answer_explains_it(fake_token_endpoint):
+    """The refresh timed out after it was sent; the provider rotated in the answer we never
+    got, so the next refresh is invalid_grant. The builder is told why."""
+    datasource = authorized_fake()
+    fake_token_endpoint.queue(requests.ReadTimeout("read timed out"))
+    assert tokens.refresh_token(datasource).outcome == "transient"
+    token = Token.objects.get(datasource=datasource)
+    assert token.outcome_unknown_at is not None
+    assert "may have acted on it" in token.last_error
+    Token.objects.filter(pk=token.pk).update(next_attempt_at=timezone.now())
+    fake_token_endpoint.queue(
+        (400, '{"error": "invalid_grant"}', {"Content-Type": "application/json"})
+    )
+    assert tokens.refresh_token(datasource).outcome == "reauthorization"
+    lost = TokenEvent.objects.get(kind="lost_response")
+    assert "rotated the refresh token in that lost answer" in lost.detail
+    token.refresh_from_db()
+    assert token.status == TokenStatus.NEEDS_REAUTHORIZATION
+    assert "lost answer" in token.last_error
+
+
+def test_a_connect_timeout_is_not_a_lost_answer(fake_token_endpoint):
+    datasource = authorized_fake()
+    fake_token_endpoint.queue(requests.ConnectTimeout("connect timed out"))
+    tokens.refresh_token(datasource)
+    assert Token.objects.get(datasource=datasource).outcome_unknown_at is None
+
+
+def test_a_valid_token_never_waits_for_another_holder(fake_token_endpoint, monkeypatch):
+    """Within the leeway but not expired, with another process holding the lease: the caller
+    gets the current token at once (no sleeping, no token-endpoint call)."""
+    from datasources.tokens import service
+
+    datasource = authorized_fake()
+    Token.objects.filter(datasource=datasource).update(
+        expires_at=timezone.now() + timedelta(seconds=20),
+        lease_id="someone-else",
+        lease_expires_at=timezone.now() + timedelta(seconds=60),
+    )
+
+    def no_waiting(seconds):
+        raise AssertionError("a caller with a valid token waited")
+
+    monkeypatch.setattr(service.time, "sleep", no_waiting)
+    assert datasource.get_access_token() == "old-access-token-value"
+    assert fake_token_endpoint.calls == []
+
+
+def test_request_path_probes_every_few_seconds_while_expired(fake_token_endpoint):
+    """After many failures the background backs off for an hour, but the request path tries
+    again once PROBE_INTERVAL has passed, so service returns within seconds of the provider."""
+    datasource = authorized_fake()
+    Token.objects.filter(datasource=datasource).update(
+        failure_count=20,
+        failure_kind="transient",
+        last_error="The authorization server answered HTTP 503.",
+        next_attempt_at=timezone.now() + timedelta(hours=1),
+        last_attempt_at=timezone.now() - timedelta(seconds=1),
+    )
+    with pytest.raises(TransientUpstreamError) as raised:
+        datasource.get_access_token()
+    assert 3 <= raised.value.retry_after <= 5
+    assert fake_token_endpoint.calls == []  # no probe within the interval
+    Token.objects.filter(datasource=datasource).update(
+        last_attempt_at=timezone.now() - timedelta(seconds=6)
+    )
+    fake_token_endpoint.queue(
+        (200, '{"access_token": "back", "expires_in": 3600}', {"Content-Type": "application/json"})
+    )
+    assert datasource.get_access_token() == "back"
+    token = Token.objects.get(datasource=datasource)
+    assert (token.failure_count, token.failure_kind, token.next_attempt_at) == (0, "", None)
+
+
+def test_retry_after_holds_back_the_probe(fake_token_endpoint):
+    datasource = authorized_fake()
+    fake_token_endpoint.queue((429, "slow down", {"Retry-After": "60"}))
+    with pytest.raises(TransientUpstreamError):
+        datasource.get_access_token()
+    Token.objects.filter(datasource=datasource).update(
+        last_attempt_at=timezone.now() - timedelta(seconds=30)
+    )
+    with pytest.raises(TransientUpstreamError) as raised:
+        datasource.get_access_token()
+    assert raised.value.retry_after > 50
+    assert len(fake_token_endpoint.calls) == 1
+
+
+def test_an_assumed_expiry_never_makes_a_token_unusable(fake_token_endpoint):
+    """No expires_in: the token is refreshed at the assumed time, and if that fails it is still
+    used (it was never known to expire)."""
+    datasource = authorized_fake()
+    fake_token_endpoint.queue(
+        (200, '{"access_token": "no-expiry-given"}', {"Content-Type": "application/json"})
+    )
+    assert datasource.get_access_token() == "no-expiry-given"
+    token = Token.objects.get(datasource=datasource)
+    assert token.expiry_known is False
+    assert token.refresh_token == "old-refresh-token-value"
+    Token.objects.filter(pk=token.pk).update(
+        expires_at=timezone.now() - timedelta(seconds=1),
+        last_refreshed_at=timezone.now() - timedelta(hours=1),
+    )
+    fake_token_endpoint.queue((503, "down", {}))
+    assert datasource.get_access_token() == "no-expiry-given"
+    assert len(fake_token_endpoint.calls) == 2
+
+
+def test_reauthorization_without_a_refresh_token_keeps_the_stored_one():
+    from datasources.oauth import TokenResponse
+
+    datasource = authorized_fake()
+    token = tokens.store_authorization(
+        datasource, TokenResponse(access_token="reconsented", expires_in=3599)
+    )
+    assert token.access_token == "reconsented"
+    assert token.refresh_token == "old-refresh-token-value"
+    assert "stored one is kept" in TokenEvent.objects.get(kind="authorized").detail
+    # Not when the client changed, nor when the stored one is known to be dead.
+    Token.objects.filter(pk=token.pk).update(client_id="another-client")
+    token = tokens.store_authorization(datasource, TokenResponse(access_token="other-client"))
+    assert token.refresh_token is None
+    assert token.expires_at is None  # no refresh token and no expiry: used until rejected
+
+
+def test_huge_and_odd_expires_in_never_break_a_refresh(fake_token_endpoint):
+    datasource = authorized_fake()
+    for value, known in (("1000000000000", True), ("0", False), ("-30", False), ('"3600"', True)):
+        Token.objects.filter(datasource=datasource).update(
+            expires_at=timezone.now() - timedelta(seconds=1)
+        )
+        body = f'{{"access_token": "t{len(fake_token_endpoint.calls)}", "expires_in": {value}}}'
+        fake_token_endpoint.queue((200, body, {"Content-Type": "application/json"}))
+        assert tokens.refresh_token(datasource).outcome == "refreshed"
+        assert Token.objects.get(datasource=datasource).expiry_known is known
 
 
 def test_backoff_grows_and_recovers(fake_token_endpoint):
