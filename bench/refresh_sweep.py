@@ -192,9 +192,11 @@ def seed(n: int, token_url: str, prefix: str = "bench") -> list[int]:
                 access_token=f"seed-access-{ds.pk}",
                 refresh_token=f"seed-refresh-{ds.pk}",
                 status="active",
+                # Hourly tokens a minute from expiry: due (a margin is capped at half the
+                # lifetime, so a token issued just now with a 60 s life would not be).
                 expires_at=now + timedelta(seconds=60),
-                obtained_at=now,
-                last_refreshed_at=now,
+                obtained_at=now - timedelta(seconds=3540),
+                last_refreshed_at=now - timedelta(seconds=3540),
             )
             for ds in created
         ],
