@@ -23,13 +23,18 @@ class TokenQuerySet(models.QuerySet):
         """Tokens the background sweep should refresh now.
 
         Expiring within the margin, refreshed longer than ``max_age`` ago (idle refresh tokens get
-        revoked by some providers), or client-credentials datasources never fetched, excluding
+        revoked by some providers; only tokens that can be renewed), or client-credentials
+        datasources never fetched, excluding
         tokens in a transient-failure backoff, needing re-authorization, or leased.
         """
         now = now or timezone.now()
         wanted = (
             Q(status="active", expires_at__lte=now + timedelta(seconds=margin))
-            | Q(status="active", last_refreshed_at__lte=now - timedelta(seconds=max_age))
+            | Q(
+                Q(refresh_token__isnull=False) | Q(datasource__grant_type="client_credentials"),
+                status="active",
+                last_refreshed_at__lte=now - timedelta(seconds=max_age),
+            )
             | Q(
                 status="not_authorized",
                 datasource__grant_type="client_credentials",

@@ -67,6 +67,9 @@ def test_due_selects_exactly_the_tokens_that_need_work():
     token_for(
         "never", status="not_authorized", access_token=None, refresh_token=None, expires_at=None
     )
+    token_for(  # GitHub-style: no refresh token, no expiry, old: nothing to do, ever
+        "github", refresh_token=None, expires_at=None, last_refreshed_at=now - timedelta(days=9)
+    )
     due = set(tokens.due_token_ids())
     assert due == {expiring.pk, idle.pk, retry_due.pk, cc.token.pk}
 
