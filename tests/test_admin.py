@@ -32,6 +32,7 @@ def form_data(datasource: Datasource, **overrides) -> dict:
         "revocation_url": "",
         "issuer": "",
         "token_lifetime": "",
+        "expiry_status_codes": "401",
         "token_sharing": "shared",
         "scope_separator": " ",
         "issuer_returns_iss": "on",
@@ -164,3 +165,41 @@ def test_public_base_url_setting_builds_the_callback(staff_client, settings):
     datasource = make_datasource()
     html = staff_client.get(change_url(datasource)).content.decode()
     assert "https://ds.example.com/api/v1/datasources/authorize" in html
+
+
+def test_change_page_shows_a_configuration_error_and_a_missing_refresh_token(staff_client):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    datasource = make_datasource()
+    Token.objects.filter(datasource=datasource).update(
+        access_token="a",
+        refresh_token=None,
+        status="active",
+        expires_at=timezone.now() + timedelta(minutes=30),
+        failure_kind="configuration",
+        last_error="Configuration error: invalid_scope: unknown scope write",
+    )
+    page = staff_client.get(change_url(datasource)).content.decode()
+    assert "datasource-banner-configuration" in page
+    assert "invalid_scope: unknown scope write" in page
+    assert "fix the datasource's settings" in page
+    assert "datasource-banner-no-refresh-token" in page
+    assert "stops working at" in page and "access_type=offline" in page
+
+
+def test_expiry_status_codes_are_validated(staff_client):
+    datasource = make_datasource()
+    response = staff_client.post(
+        change_url(datasource), form_data(datasource, expiry_status_codes="401, teapot")
+    )
+    assert response.status_code == 200
+    assert "not an HTTP error status" in response.content.decode()
+    response = staff_client.post(
+        change_url(datasource), form_data(datasource, expiry_status_codes="403 401")
+    )
+    assert response.status_code == 302
+    datasource.refresh_from_db()
+    assert datasource.expiry_status_codes == "401,403"
+    assert datasource.expiry_statuses == {401, 403}
