@@ -448,9 +448,10 @@ class TokenAdmin(ReadOnlyAdmin):
         "expires_at",
         "last_refreshed_at",
         "failure_count",
+        "failure_kind",
         "refresh_count",
     )
-    list_filter = ("status",)
+    list_filter = ("status", "failure_kind")
     list_select_related = ("datasource", "user")
     search_fields = ("datasource__name", "datasource__slug")
     fields = (
@@ -462,11 +463,16 @@ class TokenAdmin(ReadOnlyAdmin):
         "token_type",
         "scope",
         "expires_at",
+        "expiry_known",
         "obtained_at",
         "last_refreshed_at",
+        "last_attempt_at",
         "refresh_count",
         "failure_count",
+        "failure_kind",
         "next_attempt_at",
+        "retry_not_before",
+        "outcome_unknown_at",
         "last_error",
     )
     readonly_fields = fields
