@@ -413,6 +413,15 @@ ROWS = [
         "wait",
     ),
     (
+        "rejected while a refresh is in flight, however young: wait for it",
+        replace(HOURLY, issued_at=at(-2), leased_elsewhere=True),
+        POLICY,
+        J,
+        {},
+        Action.WAIT,
+        "wait",
+    ),
+    (
         "rejected, refresh failed moments ago: pass the answer on",
         replace(HOURLY, **FAILED),
         POLICY,

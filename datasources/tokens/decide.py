@@ -243,10 +243,12 @@ def _unrenewable(
 def _rejected(state: TokenState, policy: Policy, now: datetime, is_current: bool) -> Decision:
     if not is_current:
         return Decision(Action.USE, "replaced")
+    if state.leased_elsewhere:
+        # A refresh in flight explains the rejection (many providers revoke the old access
+        # token the moment they issue the new one): wait for it and retry with its result.
+        return Decision(Action.WAIT, "wait")
     if _younger_than(state, policy.rejection_cooldown, now):
         return Decision(Action.PASS, "cooldown")
-    if state.leased_elsewhere:
-        return Decision(Action.WAIT, "wait")
     if state.failure_kind and _probe_wait(state, policy, now) > 0:
         return Decision(Action.PASS, "probe_later")
     return Decision(Action.REFRESH, "rejected")
