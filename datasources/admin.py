@@ -17,7 +17,7 @@ from django.utils.translation import ngettext
 from django.views.decorators.debug import sensitive_post_parameters
 
 from . import apikeys, flow, presets, tokens, views
-from .forms import DatasourceForm
+from .forms import ApiKeyForm, DatasourceForm
 from .models import (
     API_KEY_PREFIX,
     ApiKey,
@@ -28,6 +28,7 @@ from .models import (
     TokenPlacement,
     TokenStatus,
 )
+from .proxy import cache as proxy_cache
 
 _STATUS_COLOURS = {
     TokenStatus.ACTIVE: "#1a7f37",
@@ -116,6 +117,13 @@ class DatasourceAdmin(admin.ModelAdmin):
         (
             _("Token placement"),
             {"fields": ("token_placement", "header_prefix", "query_param_name")},
+        ),
+        (
+            _("Calls to the API"),
+            {
+                "classes": ("collapse",),
+                "fields": ("allowed_methods", "default_headers", "default_query_params"),
+            },
         ),
         (
             _("Advanced"),
@@ -497,17 +505,19 @@ class TokenEventAdmin(ReadOnlyAdmin):
 
 @admin.register(ApiKey)
 class ApiKeyAdmin(admin.ModelAdmin):
-    """Keys are shown once, on the page right after creation; only a hash is stored."""
+    """Keys are shown once, on the page right after creation; only a hash is stored. A new key
+    may call nothing until datasources are chosen or "all datasources" is ticked."""
 
+    form = ApiKeyForm
     list_display = ("name", "key_prefix", "scope", "user", "created_at", "last_used_at", "active")
-    list_filter = ("revoked_at",)
+    list_filter = ("revoked_at", "all_datasources")
     search_fields = ("name", "prefix")
     filter_horizontal = ("datasources",)
     readonly_fields = ("key_prefix", "created_at", "last_used_at", "revoked_at")
     actions = ("revoke_selected",)
 
     def get_fields(self, request, obj=None):
-        fields = ["name", "datasources", "user"]
+        fields = ["name", "all_datasources", "datasources", "user"]
         return fields if obj is None else ["key_prefix", *fields, *self.readonly_fields[1:]]
 
     @admin.display(description=_("key"))
@@ -516,7 +526,10 @@ class ApiKeyAdmin(admin.ModelAdmin):
 
     @admin.display(description=_("datasources"))
     def scope(self, obj: ApiKey) -> str:
-        return ", ".join(ds.slug for ds in obj.datasources.all()) if obj.restricted else "all"
+        if obj.all_datasources:
+            return _("all")
+        slugs = ", ".join(ds.slug for ds in obj.datasources.all())
+        return slugs or _("none")
 
     @admin.display(boolean=True, description=_("active"))
     def active(self, obj: ApiKey) -> bool:
@@ -529,10 +542,6 @@ class ApiKeyAdmin(admin.ModelAdmin):
         if not change:
             request._datasources_new_api_key = apikeys.assign_new_key(obj)
         super().save_model(request, obj, form, change)
-
-    def save_related(self, request, form, formsets, change):
-        super().save_related(request, form, formsets, change)
-        apikeys.sync_restriction(form.instance)
 
     def response_add(self, request, obj, post_url_continue=None):
         key = getattr(request, "_datasources_new_api_key", None)
@@ -552,6 +561,7 @@ class ApiKeyAdmin(admin.ModelAdmin):
     @admin.action(description=_("Revoke the selected keys"), permissions=["change"])
     def revoke_selected(self, request, queryset):
         count = queryset.filter(revoked_at__isnull=True).update(revoked_at=timezone.now())
+        proxy_cache.forget()  # this process stops accepting them at once
         self.message_user(
             request,
             ngettext("Revoked %(count)d key.", "Revoked %(count)d keys.", count) % {"count": count},

@@ -42,9 +42,13 @@ def assign_new_key(api_key: ApiKey) -> str:
 def create_api_key(
     name: str, *, datasources: list[Datasource] | None = None, user=None
 ) -> tuple[ApiKey, str]:
-    """Create a key; returns the row and the plain key, which is never retrievable again."""
+    """Create a key; returns the row and the plain key, which is never retrievable again.
+
+    ``datasources``: the datasources the key may call; None means every datasource (an explicit
+    choice in the admin and in ``manage.py create_api_key``). An empty list allows nothing.
+    """
     with transaction.atomic():
-        api_key = ApiKey(name=name, user=user, restricted=bool(datasources))
+        api_key = ApiKey(name=name, user=user, all_datasources=datasources is None)
         key = assign_new_key(api_key)
         api_key.save()
         if datasources:
@@ -68,15 +72,8 @@ def authenticate(key: str) -> ApiKey | None:
 
 
 def allowed_datasource_ids(api_key: ApiKey) -> frozenset[int] | None:
-    """The datasources this key may use, or None for all of them."""
-    if not api_key.restricted:
+    """The datasources this key may use, or None for all of them. A key restricted to
+    datasources that were all deleted may use none."""
+    if api_key.all_datasources:
         return None
     return frozenset(api_key.datasources.values_list("pk", flat=True))
-
-
-def sync_restriction(api_key: ApiKey) -> None:
-    """Keep the denormalised ``restricted`` flag in step with the M2M (after admin edits)."""
-    restricted = api_key.datasources.exists()
-    if restricted != api_key.restricted:
-        ApiKey.objects.filter(pk=api_key.pk).update(restricted=restricted)
-        api_key.restricted = restricted

@@ -9,5 +9,6 @@ class DatasourcesConfig(AppConfig):
 
     def ready(self) -> None:
         from . import checks, encryption, logfilters, notifications  # noqa: F401
+        from .proxy import cache  # noqa: F401  (empties the caches on edits)
 
         logfilters.install()

@@ -3,21 +3,26 @@
     with datasource.session() as api:
         api.get("users/me").json()
 
-Relative URLs resolve under ``base_url`` (absolute ones must stay below it); the token is
-placed as the datasource says, refreshed when about to expire, and on an "expired" answer (401
-unless the datasource says otherwise) refreshed once and the request retried once, unless the
-token is too young to blame.
+Relative URLs resolve under ``base_url`` (absolute ones must stay below it) by the proxy's own
+rule (:mod:`datasources.proxy.target`); redirects are never followed, so a request cannot be
+sent anywhere else either; every request has a timeout (``timeout=`` per session or per call,
+default ``DATASOURCES['CLIENT_TIMEOUT']``). The datasource's allowed methods, default headers and
+query parameters apply as they do in the proxy. The token is placed as the datasource says,
+refreshed when about to expire, and on an "expired" answer (401 unless the datasource says
+otherwise) refreshed once and the request retried once, unless the token is too young to blame.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlencode
 
 import requests
 
 from . import tokens
+from .conf import app_settings
 from .exceptions import DatasourceError
-from .upstream import place_token, resolve_upstream_url
+from .proxy import target
 
 if TYPE_CHECKING:
     from .models import Datasource
@@ -27,12 +32,18 @@ class OutsideBaseUrl(DatasourceError, ValueError):
     """The URL asked for is not below the datasource's base URL."""
 
 
+class MethodNotAllowed(DatasourceError, ValueError):
+    """The datasource does not allow this HTTP method (see its allowed methods)."""
+
+
 class DatasourceSession(requests.Session):
-    def __init__(self, datasource: Datasource, user=None) -> None:
+    def __init__(self, datasource: Datasource, user=None, timeout: Any = None) -> None:
         super().__init__()
         self.datasource = datasource
         self.user = user
+        self.timeout = app_settings.CLIENT_TIMEOUT if timeout is None else timeout
         self.trust_env = False
+        self.max_redirects = 0
 
     def request(  # type: ignore[override]
         self,
@@ -43,10 +54,16 @@ class DatasourceSession(requests.Session):
         headers: dict[str, str] | None = None,
         **kwargs: Any,
     ) -> requests.Response:
-        target = self._target(url)
-        kwargs.setdefault("timeout", 30)
+        method = method.upper()
+        if method not in self.datasource.allowed_method_set:
+            raise MethodNotAllowed(
+                f"Datasource {self.datasource.slug!r} does not allow {method} calls."
+            )
+        path_url, query = self._target(url, params)
+        kwargs.setdefault("timeout", self.timeout)
+        kwargs["allow_redirects"] = False
         token = tokens.get_valid_token(self.datasource, user=self.user)
-        response = self._send(method, target, token.access_token, params, data, headers, kwargs)
+        response = self._send(method, path_url, query, token.access_token, data, headers, kwargs)
         if response.status_code in self.datasource.expiry_statuses and _replayable(data):
             retry = tokens.refresh_after_rejection(
                 self.datasource, token.access_token, user=self.user
@@ -54,25 +71,57 @@ class DatasourceSession(requests.Session):
             if retry is not None:
                 response.close()
                 response = self._send(
-                    method, target, retry.access_token, params, data, headers, kwargs
+                    method, path_url, query, retry.access_token, data, headers, kwargs
                 )
         return response
 
-    def _send(self, method, url, access_token, params, data, headers, kwargs):
-        url, headers = place_token(self.datasource, access_token, url, dict(headers or {}))
-        return super().request(method, url, params=params, data=data, headers=headers, **kwargs)
+    def _send(self, method, url, query, access_token, data, headers, kwargs):
+        sent = dict(self.datasource.default_headers or {})
+        for name, value in (headers or {}).items():
+            sent = {k: v for k, v in sent.items() if k.lower() != name.lower()}
+            sent[name] = value
+        placed = target.token_header(self.datasource, access_token)
+        if placed is not None:
+            sent = {k: v for k, v in sent.items() if k.lower() != placed[0].lower()}
+            sent[placed[0]] = placed[1]
+        full_url = target.with_query(url, target.build_query(self.datasource, query, access_token))
+        return super().request(method, full_url, data=data, headers=sent, **kwargs)
 
-    def _target(self, url: str) -> str:
+    def _target(self, url: str, params: Any) -> tuple[str, str]:
+        """(upstream URL without query, query string) for ``url`` and ``params``."""
         base = self.datasource.base_url
+        url, _, fragment = url.partition("#")
+        if fragment:
+            raise OutsideBaseUrl("A URL fragment ('#') is not sent to an API.")
         if "://" in url:
             prefix = base.rstrip("/")
-            if url != prefix and not url.startswith(prefix + "/"):
+            if url != prefix and not url.startswith((prefix + "/", prefix + "?")):
                 raise OutsideBaseUrl("That URL is not below the datasource's base URL.")
             url = url[len(prefix) :]
-        target = resolve_upstream_url(base, url.lstrip("/"))
-        if target is None:
-            raise OutsideBaseUrl("That path would leave the datasource's base URL.")
-        return target
+        path, _, query = url.partition("?")
+        try:
+            resolved = target.resolve(base, path.lstrip("/"))
+        except target.InvalidPath as err:
+            raise OutsideBaseUrl(
+                f"That path would leave the datasource's base URL ({err.reason})."
+            ) from None
+        extra = _encode_params(params)
+        return resolved, "&".join(part for part in (query, extra) if part)
+
+
+def _encode_params(params: Any) -> str:
+    if not params:
+        return ""
+    if isinstance(params, bytes):
+        return params.decode("ascii")
+    if isinstance(params, str):
+        return params
+    items = params.items() if hasattr(params, "items") else params
+    pairs = []
+    for name, value in items:
+        values = value if isinstance(value, list | tuple) else [value]
+        pairs.extend((name, v) for v in values if v is not None)
+    return urlencode(pairs)
 
 
 def _replayable(data: Any) -> bool:

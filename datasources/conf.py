@@ -29,11 +29,16 @@ DEFAULTS: dict[str, Any] = {
     "MAX_TOKEN_AGE": 86400,
     # Lifetime assumed when the token endpoint sends no expires_in and the datasource sets none.
     "DEFAULT_TOKEN_LIFETIME": 3600,
-    # Timeout (seconds) for discovery and revocation calls to an authorization server.
+    # Deadline (seconds, for the whole call: connecting, sending, every byte of the answer) of
+    # discovery and revocation calls to an authorization server.
     "HTTP_TIMEOUT": 10.0,
-    # Timeout (seconds) for token requests (refresh, code exchange, client credentials): longer,
-    # because giving up on a refresh the server may still complete can cost a rotated token.
+    # Deadline (seconds, whole call) of token requests (refresh, code exchange, client
+    # credentials): longer, because giving up on a refresh the server may still complete can
+    # cost a rotated token.
     "REFRESH_TIMEOUT": 20.0,
+    # Largest answer read from an authorization server (token, revocation, discovery); a larger
+    # one is abandoned unread, as a transient failure.
+    "HTTP_MAX_RESPONSE_BYTES": 1024 * 1024,
     "USER_AGENT": "django-oauth2-datasources/0.1",
     # http:// is refused except for loopback hosts (127.0.0.0/8, ::1, localhost) when this is on.
     "ALLOW_LOOPBACK_HTTP": True,
@@ -73,6 +78,15 @@ DEFAULTS: dict[str, Any] = {
     "EMAIL_OWNER_ON_REAUTHORIZATION": True,
     # Proxy call counters are written to the database at most this often (seconds) per process.
     "USAGE_FLUSH_INTERVAL": 1.0,
+    # Timeout (seconds, or a (connect, read) pair) of the Python client (datasource.session())
+    # unless one is given per session or per call.
+    "CLIENT_TIMEOUT": 30.0,
+    # import_datasources: {"env": NAME} may only name environment variables starting with this
+    # prefix, so an import file cannot read the project's own secrets (SECRET_KEY, FERNET_KEYS,
+    # DATABASE_URL ...) and send them to a token URL it names.
+    "IMPORT_ENV_PREFIX": "DATASOURCE_SECRET_",
+    # import_datasources: the largest file read (bytes).
+    "IMPORT_MAX_BYTES": 1024 * 1024,
 }
 
 

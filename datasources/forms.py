@@ -8,7 +8,7 @@ from django.utils.translation import gettext_lazy as _
 
 from . import oauth
 from .exceptions import DatasourceError
-from .models import CONFIG_FIELDS, Datasource, GrantType, normalize_scopes
+from .models import CONFIG_FIELDS, ApiKey, Datasource, GrantType, normalize_scopes
 
 
 class WriteOnlySecretInput(forms.PasswordInput):
@@ -57,6 +57,8 @@ class DatasourceForm(forms.ModelForm):
         fields = (*CONFIG_FIELDS, "client_secret")
         widgets = {
             "custom_auth_params": forms.Textarea(attrs={"rows": 3, "cols": 60}),
+            "default_headers": forms.Textarea(attrs={"rows": 3, "cols": 60}),
+            "default_query_params": forms.Textarea(attrs={"rows": 3, "cols": 60}),
             "scopes": forms.TextInput(attrs={"size": 60}),
         }
 
@@ -84,6 +86,22 @@ class DatasourceForm(forms.ModelForm):
         if not isinstance(value, dict):
             raise forms.ValidationError(_('Enter a JSON object, e.g. {"prompt": "consent"}.'))
         return value  # its keys and values are checked by Datasource.clean()
+
+    def clean_default_headers(self):
+        return self._json_object("default_headers")
+
+    def clean_default_query_params(self):
+        return self._json_object("default_query_params")
+
+    def _json_object(self, name: str):
+        value = self.cleaned_data.get(name)
+        if value in (None, ""):
+            return {}
+        if not isinstance(value, dict):
+            raise forms.ValidationError(
+                _('Enter a JSON object, e.g. {"Accept": "application/json"}.')
+            )
+        return value  # names and values are checked by Datasource.clean()
 
     def clean(self):
         cleaned = super().clean()
@@ -139,3 +157,25 @@ class DatasourceForm(forms.ModelForm):
             }
             & set(self.changed_data)
         ) or bool(self.cleaned_data.get("clear_client_secret"))
+
+
+class ApiKeyForm(forms.ModelForm):
+    """Least privilege by default: a key gets the datasources chosen, or all of them only when
+    that is ticked; choosing neither (or both) is an error, not a silent "all"."""
+
+    class Meta:
+        model = ApiKey
+        fields = ("name", "all_datasources", "datasources", "user")
+
+    def clean(self):
+        cleaned = super().clean()
+        chosen = cleaned.get("datasources")
+        if cleaned.get("all_datasources") and chosen:
+            raise forms.ValidationError(
+                _("Either tick “all datasources” or choose datasources, not both.")
+            )
+        if not cleaned.get("all_datasources") and not chosen and "datasources" not in self.errors:
+            raise forms.ValidationError(
+                _("Choose the datasources this key may call, or tick “all datasources”.")
+            )
+        return cleaned

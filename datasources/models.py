@@ -55,6 +55,63 @@ def parse_status_codes(value: str) -> frozenset[int]:
     return frozenset(codes)
 
 
+#: Methods the proxy forwards unless a datasource says otherwise.
+DEFAULT_ALLOWED_METHODS = "GET,HEAD,POST,PUT,PATCH,DELETE,OPTIONS"
+#: Methods never forwarded: TRACE/TRACK echo the request (with the token) back to the caller,
+#: CONNECT opens a tunnel.
+FORBIDDEN_METHODS = frozenset({"TRACE", "TRACK", "CONNECT"})
+_METHOD = re.compile(r"^[A-Z][A-Z0-9_-]{0,31}$")
+#: RFC 9110 field names (tokens) and values without control characters.
+_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,100}$")
+_HEADER_VALUE = re.compile(r"^[\t\x20-\x7e\x80-\xff]{0,4000}$")
+#: Headers a datasource's default headers may not set: the caller's identity, what the
+#: transport sets itself, and the proxy and override headers the proxy strips from callers.
+RESERVED_DEFAULT_HEADERS = frozenset(
+    {
+        "authorization",
+        "proxy-authorization",
+        "cookie",
+        "host",
+        "content-length",
+        "transfer-encoding",
+        "connection",
+        "keep-alive",
+        "te",
+        "trailer",
+        "upgrade",
+        "expect",
+        "forwarded",
+        "x-forwarded-for",
+        "x-forwarded-host",
+        "x-forwarded-proto",
+        "x-original-url",
+        "x-rewrite-url",
+        "x-http-method-override",
+        "x-http-method",
+        "x-method-override",
+    }
+)
+
+
+@functools.lru_cache(maxsize=256)
+def parse_methods(value: str) -> frozenset[str]:
+    """``"get, post"`` → {"GET", "POST"}; ValueError saying what is wrong."""
+    methods = set()
+    for part in re.split(r"[\s,]+", value or ""):
+        if not part:
+            continue
+        method = part.upper()
+        if not _METHOD.match(method):
+            raise ValueError(f"{part!r} is not an HTTP method; separate methods with commas.")
+        if method in FORBIDDEN_METHODS:
+            raise ValueError(
+                f"{method} is never forwarded (TRACE echoes the access token back, CONNECT "
+                "opens a tunnel)."
+            )
+        methods.add(method)
+    return frozenset(methods)
+
+
 def sha256_hex(value: str) -> str:
     return hashlib.sha256(value.encode()).hexdigest()
 
@@ -299,6 +356,35 @@ class Datasource(models.Model):
             "refreshed once and the call retried once. Empty: never."
         ),
     )
+    allowed_methods = models.CharField(
+        _("allowed methods"),
+        max_length=200,
+        default=DEFAULT_ALLOWED_METHODS,
+        help_text=_(
+            "HTTP methods the proxy forwards to this API, comma separated; any other method is "
+            "answered 405. TRACE, TRACK and CONNECT are never forwarded."
+        ),
+    )
+    default_headers = models.JSONField(
+        _("default headers"),
+        default=dict,
+        blank=True,
+        help_text=_(
+            "Headers sent with every call unless the caller sends the same header, as a JSON "
+            'object of strings, e.g. {"Accept": "application/json", "X-Api-Version": "2"}. '
+            "The header that carries the token cannot be set here."
+        ),
+    )
+    default_query_params = models.JSONField(
+        _("default query parameters"),
+        default=dict,
+        blank=True,
+        help_text=_(
+            "Query parameters added to every call unless the caller sends the same parameter, "
+            'as a JSON object of strings, e.g. {"api-version": "2024-01-01"}. The parameter '
+            "that carries the token cannot be set here."
+        ),
+    )
     created_at = models.DateTimeField(_("created"), auto_now_add=True)
     updated_at = models.DateTimeField(_("updated"), auto_now=True)
 
@@ -358,9 +444,63 @@ class Datasource(models.Model):
             errors["expiry_status_codes"] = str(err)
         else:
             self.expiry_status_codes = ",".join(str(code) for code in sorted(codes))
+        try:
+            methods = parse_methods(self.allowed_methods)
+        except ValueError as err:
+            errors["allowed_methods"] = str(err)
+        else:
+            if not methods:
+                errors["allowed_methods"] = _("Allow at least one method, e.g. GET.")
+            else:
+                self.allowed_methods = ",".join(sorted(methods))
+        for name, problem in self._default_problems().items():
+            errors[name] = problem
         self.scopes = normalize_scopes(self.scopes)
         if errors:
             raise ValidationError(errors)
+
+    def _default_problems(self) -> dict[str, str]:
+        problems: dict[str, str] = {}
+        for field in ("default_headers", "default_query_params"):
+            value = getattr(self, field)
+            if value in (None, ""):
+                setattr(self, field, {})
+            elif not isinstance(value, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+            ):
+                problems[field] = _(
+                    'Enter a JSON object whose values are strings, e.g. {"a": "b"}.'
+                )
+        if "default_headers" not in problems:
+            for name, value in self.default_headers.items():
+                if not _HEADER_NAME.match(name):
+                    problems["default_headers"] = _("%(name)r is not a valid header name.") % {
+                        "name": name
+                    }
+                elif name.lower() in RESERVED_DEFAULT_HEADERS or name.lower().startswith(
+                    "x-forwarded-"
+                ):
+                    problems["default_headers"] = _(
+                        "%(name)s cannot be set here: it carries credentials or is set by the "
+                        "proxy itself."
+                    ) % {"name": name}
+                elif not _HEADER_VALUE.match(value):
+                    problems["default_headers"] = _(
+                        "The value of %(name)s has control or non-Latin-1 characters, or is too long."
+                    ) % {"name": name}
+        if "default_query_params" not in problems:
+            token_param = self.query_param_name or "access_token"
+            for name, value in self.default_query_params.items():
+                if not name or any(ord(c) < 0x20 or ord(c) == 0x7F for c in name + value):
+                    problems["default_query_params"] = _(
+                        "Parameter names must be non-empty and names and values free of control "
+                        "characters."
+                    )
+                elif self.token_placement == TokenPlacement.QUERY and name == token_param:
+                    problems["default_query_params"] = _(
+                        "%(name)s carries the access token and cannot be set here."
+                    ) % {"name": name}
+        return problems
 
     @property
     def token(self) -> Token:
@@ -378,6 +518,14 @@ class Datasource(models.Model):
             return parse_status_codes(self.expiry_status_codes)
         except ValueError:
             return frozenset({401})
+
+    @property
+    def allowed_method_set(self) -> frozenset[str]:
+        """The methods the proxy forwards (see ``allowed_methods``)."""
+        try:
+            return parse_methods(self.allowed_methods) or parse_methods(DEFAULT_ALLOWED_METHODS)
+        except ValueError:
+            return parse_methods(DEFAULT_ALLOWED_METHODS)
 
     @property
     def per_user(self) -> bool:
@@ -457,6 +605,9 @@ CONFIG_FIELDS = (
     "token_lifetime",
     "expiry_status_codes",
     "token_sharing",
+    "allowed_methods",
+    "default_headers",
+    "default_query_params",
 )
 
 
@@ -675,14 +826,21 @@ class ApiKey(models.Model):
     name = models.CharField(_("name"), max_length=200, help_text=_("Who or what uses this key."))
     prefix = models.CharField(_("prefix"), max_length=8, unique=True, editable=False)
     key_hash = models.CharField(max_length=64, editable=False)
+    all_datasources = models.BooleanField(
+        _("all datasources"),
+        default=False,
+        help_text=_(
+            "The key may call every datasource, including ones added later. Off: only the "
+            "datasources selected below (none left, e.g. after they were deleted: nothing)."
+        ),
+    )
     datasources = models.ManyToManyField(
         Datasource,
         blank=True,
         related_name="api_keys",
         verbose_name=_("datasources"),
-        help_text=_("Restrict the key to these datasources. None selected: all datasources."),
+        help_text=_("The datasources this key may call (unless it may call all of them)."),
     )
-    restricted = models.BooleanField(default=False, editable=False)
     user = models.ForeignKey(
         settings.AUTH_USER_MODEL,
         on_delete=models.CASCADE,

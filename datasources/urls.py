@@ -1,6 +1,7 @@
 from django.urls import path
 
-from . import ops, proxy, views
+from . import ops, views
+from .proxy.view import proxy
 
 app_name = "datasources"
 
@@ -9,6 +10,6 @@ urlpatterns = [
     path("metrics", ops.metrics, name="metrics"),
     path("api/v1/datasources/authorize", views.authorization_callback, name="callback"),
     path("api/v1/datasources/<slug:slug>/connect", views.connect, name="connect"),
-    path("api/v1/datasources/<slug:slug>/proxy/", proxy.proxy, name="proxy-root"),
-    path("api/v1/datasources/<slug:slug>/proxy/<path:path>", proxy.proxy, name="proxy"),
+    path("api/v1/datasources/<slug:slug>/proxy/", proxy, name="proxy-root"),
+    path("api/v1/datasources/<slug:slug>/proxy/<path:path>", proxy, name="proxy"),
 ]

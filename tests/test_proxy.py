@@ -1,4 +1,9 @@
-"""The proxy end to end: our view -> django-oauth-toolkit-protected upstream (live server)."""
+"""The proxy end to end: our view -> django-oauth-toolkit-protected upstream (live server).
+
+Every test runs twice: with the test settings (no caches, counters written at once) and with
+the production defaults (API keys and tokens cached for PROXY_CACHE_SECONDS, counters batched),
+so the cached paths are exercised too.
+"""
 
 import json
 from datetime import timedelta
@@ -9,13 +14,38 @@ from django.test import Client
 from django.utils import timezone
 from oauth2_provider.models import AccessToken, RefreshToken
 
-from datasources import proxy as proxy_module
 from datasources.apikeys import create_api_key
+from datasources.conf import DEFAULTS
 from datasources.models import DatasourceUsage, Token
+from datasources.proxy import cache as proxy_cache
+from datasources.proxy import transport, usage
 
 from .conftest import SECRET, make_datasource
 
 pytestmark = pytest.mark.django_db(transaction=True)
+
+PRODUCTION = {
+    "PROXY_CACHE_SECONDS": DEFAULTS["PROXY_CACHE_SECONDS"],
+    "USAGE_FLUSH_INTERVAL": DEFAULTS["USAGE_FLUSH_INTERVAL"],
+}
+
+
+@pytest.fixture(autouse=True, params=["test-settings", "production-defaults"])
+def proxy_settings(request, settings):
+    """Caches and batching as configured; nothing remembered from an earlier test."""
+    if request.param == "production-defaults":
+        assert PRODUCTION["PROXY_CACHE_SECONDS"] > 0 and PRODUCTION["USAGE_FLUSH_INTERVAL"] > 0
+        settings.DATASOURCES = {**settings.DATASOURCES, **PRODUCTION}
+    proxy_cache.forget()
+    usage.flush()
+    yield request.param
+    proxy_cache.forget()
+
+
+def changed_elsewhere() -> None:
+    """A change made with a queryset .update() stands for another process's change: this
+    process sees it once its cache entries expire (PROXY_CACHE_SECONDS); skip that wait."""
+    proxy_cache.forget()
 
 
 @pytest.fixture
@@ -132,6 +162,12 @@ def test_expired_token_is_refreshed_before_the_call(ready):
 
 
 SSRF_PATHS = [
+    "a%3F/../../o/token/",
+    "a%3f/..%2f..%2fo/token/",
+    "..;/o/token/",
+    "a/..;/..;/o/token/",
+    "%2e%2e;/o/token/",
+    "a%23/../../o/token/",
     "../o/token/",
     "a/../../o/token/",
     "%2e%2e/o/token/",
@@ -152,7 +188,7 @@ SSRF_PATHS = [
 def test_paths_that_leave_base_url_are_rejected_without_upstream_call(ready, monkeypatch, path):
     datasource, client, _ = ready()
     calls = []
-    monkeypatch.setattr(proxy_module, "_send", lambda *a, **k: calls.append(a))
+    monkeypatch.setattr(transport, "send", lambda *a, **k: calls.append(a))
     response = client.get(url(datasource) + path)
     assert response.status_code == 400, path
     assert response.json()["error"] == "invalid_path"
@@ -173,6 +209,7 @@ def test_authentication_failures(ready, django_user_model):
     from datasources.models import ApiKey
 
     ApiKey.objects.filter(name="app").update(revoked_at=timezone.now())
+    changed_elsewhere()
     assert client.get(url(datasource, "me")).status_code == 401
 
 
@@ -238,9 +275,10 @@ def test_calls_are_counted(ready):
     for _ in range(3):
         body_of(client.get(url(datasource, "me")))
     body_of(client.get(url(datasource, "../x")))
-    usage = DatasourceUsage.objects.get(datasource=datasource)
-    assert usage.calls == 4
-    assert usage.last_status == 400
+    usage.flush()  # batched in production: written at most once per USAGE_FLUSH_INTERVAL
+    counted = DatasourceUsage.objects.get(datasource=datasource)
+    assert counted.calls == 4
+    assert counted.last_status == 400
 
 
 def test_create_api_key_command_prints_key_once(ready, capsys):
@@ -253,10 +291,26 @@ def test_create_api_key_command_prints_key_once(ready, capsys):
 
     stored = ApiKey.objects.get(name="cli")
     assert out[0] not in (stored.key_hash, stored.prefix)
+    assert not stored.all_datasources
+
+
+def test_create_api_key_command_needs_an_explicit_scope(ready):
+    """Least privilege: no silent "all datasources"."""
+    from django.core.management.base import CommandError
+
+    from datasources.models import ApiKey
+
+    ready()
+    with pytest.raises(CommandError):
+        call_command("create_api_key", "no-scope")
+    call_command("create_api_key", "everything", "--all-datasources")
+    assert ApiKey.objects.get(name="everything").all_datasources
 
 
 def test_admin_shows_new_key_once(staff_client):
-    response = staff_client.post("/admin/datasources/apikey/add/", {"name": "from-admin"})
+    response = staff_client.post(
+        "/admin/datasources/apikey/add/", {"name": "from-admin", "all_datasources": "on"}
+    )
     assert response.status_code == 200
     html = response.content.decode()
     assert "cannot be shown again" in html
@@ -284,7 +338,7 @@ def test_query_placed_token_never_reaches_logs(ready, caplog):
 def test_chunked_request_body_is_refused_not_dropped(ready, monkeypatch):
     datasource, client, _ = ready()
     calls = []
-    monkeypatch.setattr(proxy_module, "_send", lambda *a, **k: calls.append(a))
+    monkeypatch.setattr(transport, "send", lambda *a, **k: calls.append(a))
     response = client.post(
         url(datasource, "me"), b"data", content_type="text/plain", HTTP_TRANSFER_ENCODING="chunked"
     )

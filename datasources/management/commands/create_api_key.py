@@ -7,28 +7,39 @@ from datasources.models import Datasource
 class Command(BaseCommand):
     help = (
         "Create an API key for the proxy and print it once on its own line. Only a hash is "
-        "stored: the key cannot be shown again."
+        "stored: the key cannot be shown again. Say which datasources it may call "
+        "(--datasource, repeatable) or --all-datasources."
     )
 
     def add_arguments(self, parser):
         parser.add_argument("name", help="Who or what uses the key.")
-        parser.add_argument(
+        scope = parser.add_mutually_exclusive_group(required=True)
+        scope.add_argument(
             "--datasource",
             action="append",
             default=[],
             metavar="SLUG",
-            help="Restrict the key to this datasource (repeatable). Default: all datasources.",
+            help="Let the key call this datasource (repeatable).",
+        )
+        scope.add_argument(
+            "--all-datasources",
+            action="store_true",
+            help="Let the key call every datasource, including ones added later.",
         )
 
-    def handle(self, *args, name: str, datasource: list[str], **options):
+    def handle(self, *args, name: str, datasource: list[str], all_datasources: bool, **options):
         found = list(Datasource.objects.filter(slug__in=datasource))
         missing = sorted(set(datasource) - {ds.slug for ds in found})
         if missing:
             raise CommandError(f"No datasource with slug: {', '.join(missing)}.")
-        api_key, key = create_api_key(name, datasources=found)
+        api_key, key = create_api_key(name, datasources=None if all_datasources else found)
         self.stderr.write(
             f"Created API key {api_key.name!r}"
-            + (f" for {', '.join(sorted(datasource))}" if datasource else " for all datasources")
+            + (
+                " for all datasources"
+                if all_datasources
+                else f" for {', '.join(sorted(datasource))}"
+            )
             + ". Store it now; it cannot be shown again:"
         )
         self.stdout.write(key)

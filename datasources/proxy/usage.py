@@ -12,8 +12,8 @@ from django.db import IntegrityError, transaction
 from django.db.models import F
 from django.utils import timezone
 
-from .conf import app_settings
-from .models import DatasourceUsage
+from ..conf import app_settings
+from ..models import DatasourceUsage
 
 
 @dataclass

@@ -1,0 +1,82 @@
+"""Who is calling the proxy: an API key (``Authorization: Api-Key <key>`` or ``X-Api-Key``), or a
+signed-in user with the ``datasources.use_datasource`` permission (a browser session, which must
+pass the CSRF check for unsafe methods). Neither credential ever goes upstream."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from django.http import HttpRequest
+from django.middleware.csrf import CsrfViewMiddleware
+from django.views.decorators.debug import sensitive_variables
+
+from .. import apikeys
+from . import cache
+
+_CSRF_SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
+
+
+class Refused(Exception):
+    """The proxy refuses the call before anything is sent upstream."""
+
+    def __init__(self, status: int, error: str, detail: str, **extra) -> None:
+        self.status = status
+        self.error = error
+        self.detail = detail
+        self.extra = extra
+        self.headers: dict[str, str] = {}
+        super().__init__(detail)
+
+
+@dataclass(frozen=True)
+class Caller:
+    api_key_id: int | None
+    #: The datasource ids an API key may use; None: every datasource.
+    allowed: frozenset[int] | None
+    #: The session user, or the user an API key acts for.
+    user_id: int | None
+
+    @property
+    def is_browser(self) -> bool:
+        """A signed-in session: the answer is rendered by a browser on our own origin."""
+        return self.api_key_id is None
+
+    def may_use(self, datasource_id: int) -> bool:
+        return self.allowed is None or datasource_id in self.allowed
+
+
+@sensitive_variables()
+def authenticate(request: HttpRequest) -> Caller:
+    """The caller, or Refused (401 no or bad credentials, 403 no permission or CSRF)."""
+    header = request.META.get("HTTP_AUTHORIZATION", "")
+    key = ""
+    if header[:8].lower() == "api-key ":
+        key = header[8:].strip()
+    elif request.META.get("HTTP_X_API_KEY"):
+        key = request.META["HTTP_X_API_KEY"].strip()
+    if key:
+        digest = apikeys.hash_key(key)
+        caller = cache.keys.get(digest)
+        if caller is None:
+            api_key = apikeys.authenticate(key)
+            if api_key is None:
+                raise _unauthorized("The API key is not valid or was revoked.")
+            caller = Caller(api_key.pk, apikeys.allowed_datasource_ids(api_key), api_key.user_id)
+            cache.keys.put(digest, caller)
+        return caller
+    user = getattr(request, "user", None)
+    if user is not None and user.is_authenticated:
+        if not user.has_perm("datasources.use_datasource"):
+            raise Refused(403, "forbidden", "You may not use datasources.")
+        if request.method not in _CSRF_SAFE_METHODS:
+            rejected = CsrfViewMiddleware(lambda r: None).process_view(request, None, (), {})
+            if rejected is not None:
+                raise Refused(403, "csrf_failed", "CSRF verification failed.")
+        return Caller(None, None, user.pk)
+    raise _unauthorized("Send Authorization: Api-Key <key>.")
+
+
+def _unauthorized(detail: str) -> Refused:
+    refused = Refused(401, "unauthorized", detail)
+    refused.headers["WWW-Authenticate"] = 'Api-Key realm="datasources"'
+    return refused

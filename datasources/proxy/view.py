@@ -1,0 +1,197 @@
+"""``/api/v1/datasources/<slug>/proxy/<path>``: forward a call upstream with a valid token.
+
+Thin: who is calling (:mod:`.callers`), which datasource and token (:mod:`.cache`), where the call
+goes (:mod:`.target`), sending it and relaying the answer (:mod:`.transport`), counting it
+(:mod:`.usage`). Everything refused is refused before anything is sent upstream.
+"""
+
+from __future__ import annotations
+
+import time
+
+import urllib3
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.utils.log import log_response
+from django.views.decorators.csrf import csrf_exempt
+
+from .. import tokens
+from ..exceptions import NotAuthorized, ReauthorizationRequired, TransientUpstreamError
+from ..models import Datasource, Token
+from . import cache, callers, target, transport, usage
+from .callers import Refused
+
+
+@csrf_exempt  # session callers are CSRF-checked in callers.authenticate (API keys need none)
+def proxy(request: HttpRequest, slug: str, path: str = "") -> HttpResponse:
+    started = time.perf_counter()
+    datasource: Datasource | None = None
+
+    def done(status: int) -> None:
+        if datasource is not None:
+            elapsed = (time.perf_counter() - started) * 1000
+            usage.record(datasource.pk, status, elapsed, error=status >= 500)
+
+    try:
+        caller = callers.authenticate(request)
+        token = _token_for(slug, caller)
+        datasource = token.datasource
+        url = _check_request(request, datasource, path)
+        response = _forward(request, caller, token, url, done)
+    except Refused as refused:
+        response = _refusal(request, refused)
+    if not response.streaming:  # a streamed answer is counted when its body has been sent
+        done(response.status_code)
+    return response
+
+
+def _token_for(slug: str, caller: callers.Caller) -> Token:
+    token = cache.tokens.get((slug, caller.user_id)) or cache.tokens.get((slug, None))
+    if token is None:
+        try:
+            token = Token.objects.select_related("datasource").get(datasource__slug=slug, user=None)
+        except Token.DoesNotExist:
+            raise Refused(404, "not_found", f"No datasource with slug {slug!r}.") from None
+    datasource = token.datasource
+    if not caller.may_use(datasource.pk):
+        raise Refused(403, "forbidden", "This API key may not use this datasource.")
+    if datasource.per_user and token.user_id is None:
+        if caller.user_id is None:
+            raise Refused(
+                409,
+                "user_required",
+                f"Datasource {slug!r} has per-user tokens: call it as a user, or with an API key "
+                "that acts for one.",
+                datasource=slug,
+            )
+        token = tokens.load_token(datasource, caller.user_id)
+    return token
+
+
+def _check_request(request: HttpRequest, datasource: Datasource, path: str) -> str:
+    """The upstream URL (without query), or Refused: 405 method, 400 path, 411 chunked body."""
+    if request.method not in datasource.allowed_method_set:
+        refused = Refused(
+            405,
+            "method_not_allowed",
+            f"Datasource {datasource.slug!r} does not allow {request.method} calls.",
+        )
+        refused.headers["Allow"] = ", ".join(sorted(datasource.allowed_method_set))
+        raise refused
+    try:
+        url = target.resolve(datasource.base_url, path)
+    except target.InvalidPath as err:
+        raise Refused(
+            400,
+            "invalid_path",
+            f"The path would leave the datasource's base URL or be read ambiguously "
+            f"({err.reason}).",
+        ) from None
+    if request.META.get("HTTP_TRANSFER_ENCODING"):
+        # WSGI gives no portable access to a chunked body; refuse rather than send it empty.
+        raise Refused(411, "length_required", "Send the request body with a Content-Length.")
+    return url
+
+
+def _forward(
+    request: HttpRequest,
+    caller: callers.Caller,
+    token: Token,
+    url: str,
+    done,
+) -> HttpResponse:
+    datasource = token.datasource
+    query = request.META.get("QUERY_STRING", "")
+    body, length, replayable = transport.request_body(request)
+
+    def headers_for(token: Token) -> dict[str, str]:
+        placed = target.token_header(datasource, token.access_token)
+        return transport.request_headers(datasource, request.headers, placed, length)
+
+    try:
+        token = tokens.get_valid_token(datasource, token=token)
+        cache.tokens.put((datasource.slug, token.user_id), token)
+        upstream = _send(request.method, datasource, token, url, query, headers_for(token), body)
+        if upstream.status in datasource.expiry_statuses and replayable:
+            # Refresh once and retry once, unless the rules say the answer stands (the token is
+            # too young to blame, or a refresh failed moments ago): then it is passed on.
+            retry = tokens.refresh_after_rejection(
+                datasource, token.access_token, user=token.user_id
+            )
+            if retry is not None:
+                upstream.drain_conn()
+                upstream.release_conn()
+                token = retry
+                cache.tokens.put((datasource.slug, token.user_id), token)
+                upstream = _send(
+                    request.method, datasource, token, url, query, headers_for(token), body
+                )
+    except (NotAuthorized, ReauthorizationRequired) as err:
+        error = "not_authorized" if isinstance(err, NotAuthorized) else "reauthorization_required"
+        if datasource.per_user:
+            where, authorize_url = "by the calling user", datasource.get_connect_url()
+        else:
+            where, authorize_url = "in the admin", datasource.get_authorize_url()
+        raise Refused(
+            409,
+            error,
+            f"Datasource {datasource.slug!r} needs to be authorized {where}.",
+            datasource=datasource.slug,
+            authorize_url=request.build_absolute_uri(authorize_url),
+        ) from None
+    except TransientUpstreamError as err:
+        refused = Refused(
+            503,
+            "token_unavailable",
+            f"Could not get an access token for {datasource.slug!r}: {err}",
+        )
+        if err.retry_after:
+            refused.headers["Retry-After"] = str(max(1, int(err.retry_after)))
+        raise refused from None
+    except urllib3.exceptions.NewConnectionError:  # (a ConnectTimeoutError subclass in urllib3)
+        raise Refused(
+            502, "upstream_unreachable", "The upstream API refused the connection."
+        ) from None
+    except urllib3.exceptions.TimeoutError:
+        raise Refused(504, "upstream_timeout", "The upstream API did not answer in time.") from None
+    except urllib3.exceptions.HTTPError as err:
+        raise Refused(
+            502, "upstream_unreachable", f"The upstream API is unreachable ({type(err).__name__})."
+        ) from None
+    response = transport.relay(upstream, browser=caller.is_browser, done=done)
+    if response.status_code >= 500:
+        # The upstream's own error, passed on: not an error of this server.
+        log_response(
+            "Upstream of datasource %s answered %s: %s",
+            datasource.slug,
+            response.status_code,
+            request.path,
+            response=response,
+            request=request,
+            level="warning",
+        )
+    return response
+
+
+def _send(method, datasource, token, url, query, headers, body):
+    full_url = target.with_query(url, target.build_query(datasource, query, token.access_token))
+    return transport.send(method, datasource, full_url, headers, body)
+
+
+def _refusal(request: HttpRequest, refused: Refused) -> JsonResponse:
+    response = JsonResponse(
+        {"error": refused.error, "detail": refused.detail, **refused.extra}, status=refused.status
+    )
+    for name, value in refused.headers.items():
+        response[name] = value
+    # Expected outcomes (bad credentials, a datasource needing authorization, the token endpoint
+    # down) are warnings: Django would log every 5xx at ERROR, one line per call in an outage.
+    log_response(
+        "Proxy call refused (%s %s): %s",
+        refused.status,
+        refused.error,
+        request.path,
+        response=response,
+        request=request,
+        level="warning",
+    )
+    return response
