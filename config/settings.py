@@ -170,6 +170,7 @@ DATASOURCES = {
     "SWEEP_BATCH_SIZE": env.int("DATASOURCES_SWEEP_BATCH_SIZE", default=1000),
     "HTTP_TIMEOUT": env.float("DATASOURCES_HTTP_TIMEOUT", default=10.0),
     "METRICS_TOKEN": env.str("DATASOURCES_METRICS_TOKEN", default=""),
+    "IMPORT_ENV_PREFIX": env.str("DATASOURCES_IMPORT_ENV_PREFIX", default="DATASOURCE_SECRET_"),
 }
 
 # Email (re-authorization notices to datasource owners). Default: printed to the console.

@@ -54,3 +54,19 @@ def check_refresh_timing(app_configs=None, **kwargs):
             )
         )
     return problems
+
+
+@register()
+def check_import_env_prefix(app_configs=None, **kwargs):
+    prefix = app_settings.IMPORT_ENV_PREFIX
+    if not isinstance(prefix, str) or len(prefix) < 4:
+        return [
+            Error(
+                "DATASOURCES['IMPORT_ENV_PREFIX'] must be a prefix of at least 4 characters: "
+                'import files may read {"env": NAME} only for variables named with it, so that '
+                "they cannot read the project's own secrets.",
+                hint='The default is "DATASOURCE_SECRET_".',
+                id="datasources.E005",
+            )
+        ]
+    return []

@@ -1,21 +1,47 @@
-"""Config as code: validate-then-write import and secret-free export of datasources."""
+"""Config as code: validate-then-write import and secret-free export of datasources.
+
+An import file is untrusted input: it is read up to IMPORT_MAX_BYTES, must be UTF-8 JSON no more
+than a few levels deep, with the JSON type each field needs (a number is not silently turned
+into a name), no duplicate keys, NaN or NUL characters; ``{"env": NAME}`` reads only variables
+named with IMPORT_ENV_PREFIX. Any problem is reported, one line each, and nothing is written.
+"""
 
 from __future__ import annotations
 
+import codecs
+import json
+import math
 import os
+import re
 from dataclasses import dataclass
-from typing import Any
+from typing import IO, Any
 
 from django.core.exceptions import ValidationError
-from django.db import transaction
+from django.db import models, transaction
 
 from . import tokens
+from .conf import app_settings
 from .models import CONFIG_FIELDS, Datasource, GrantType
 
 #: Fields import accepts and export writes (the client secret is import-only).
 EXPORTED_FIELDS = CONFIG_FIELDS
 IMPORTED_FIELDS = frozenset(EXPORTED_FIELDS) | {"client_secret"}
 _CREDENTIAL_FIELDS = ("client_id", "client_secret", "access_token_url", "scopes")
+#: A list of objects whose values are at most an object of strings: 3 levels; a little slack.
+MAX_DEPTH = 5
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+#: Never readable through {"env": ...}, whatever the prefix: the project's own settings.
+PROTECTED_ENV = frozenset(
+    {
+        "SECRET_KEY",
+        "FERNET_KEYS",
+        "DATABASE_URL",
+        "REDIS_URL",
+        "CELERY_BROKER_URL",
+        "EMAIL_URL",
+        "DATASOURCES_METRICS_TOKEN",
+    }
+)
 
 
 class ImportFailed(Exception):
@@ -28,6 +54,70 @@ class ImportFailed(Exception):
 class ImportResult:
     created: list[str]
     updated: list[str]
+
+
+def read_file(handle: IO[bytes], name: str) -> Any:
+    """The parsed JSON of an import file, or ImportFailed with one line saying what is wrong."""
+    limit = app_settings.IMPORT_MAX_BYTES
+    data = handle.read(limit + 1)
+    if len(data) > limit:
+        raise ImportFailed([f"{name} is larger than {limit} bytes (IMPORT_MAX_BYTES)."])
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)) or (
+        len(data) >= 2 and (data[0] == 0 or data[1] == 0)
+    ):
+        raise ImportFailed([f"{name} is not UTF-8 (it looks like UTF-16); save it as UTF-8."])
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise ImportFailed(
+            [f"{name} is not UTF-8 (invalid byte at position {err.start}); save it as UTF-8."]
+        ) from None
+    depth = _nesting_depth(text)
+    if depth > MAX_DEPTH:
+        raise ImportFailed([f"{name} is nested deeper than {MAX_DEPTH} levels."])
+    try:
+        return json.loads(text, object_pairs_hook=_no_duplicate_keys, parse_constant=_no_constant)
+    except json.JSONDecodeError as err:
+        raise ImportFailed([f"{name} is not valid JSON: {err.msg} (line {err.lineno})."]) from None
+    except ValueError as err:  # duplicate keys, NaN, absurdly long numbers
+        raise ImportFailed([f"{name} is not acceptable JSON: {err}."]) from None
+
+
+def _nesting_depth(text: str) -> int:
+    """How deeply ``[``/``{`` nest outside strings (checked before parsing, which recurses)."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for char in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+            if deepest > MAX_DEPTH:
+                return deepest
+        elif char in "]}":
+            depth -= 1
+    return deepest
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise ValueError(f"the key {key[:50]!r} appears twice in one object")
+        result[key] = value
+    return result
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
 
 
 def export_datasources() -> list[dict[str, Any]]:
@@ -59,7 +149,11 @@ def import_datasources(entries: Any, environ: dict[str, str] | None = None) -> I
             seen.add(slug)
         unknown = sorted(set(entry) - IMPORTED_FIELDS)
         if unknown:
-            errors.append(f"{label}: unknown field(s): {', '.join(unknown)}.")
+            errors.append(f"{label}: unknown field(s): {', '.join(unknown)[:500]}.")
+            continue
+        problems = list(_type_problems(entry))
+        if problems:
+            errors.extend(f"{label}: {field}: {problem}" for field, problem in problems)
             continue
         try:
             planned.append(_plan(entry, environ))
@@ -116,6 +210,93 @@ def _plan(entry: dict[str, Any], environ) -> tuple[Datasource, bool, bool]:
     return datasource, existing is None, changed
 
 
+_JSON_TYPE_NAMES = {
+    str: "a string",
+    bool: "true or false",
+    int: "a whole number",
+    dict: "an object",
+    list: "a list",
+    type(None): "null",
+    float: "a number",
+}
+
+
+def _expected_types(name: str) -> tuple[type, ...]:
+    if name == "client_secret":
+        return (str, dict, type(None))
+    if name == "scopes":
+        return (str, list)
+    field = Datasource._meta.get_field(name)
+    nullable = (type(None),) if field.null else ()
+    if isinstance(field, models.BooleanField):
+        return (bool,)
+    if isinstance(field, models.IntegerField):
+        return (int, *nullable)
+    if isinstance(field, models.JSONField):
+        return (dict, *nullable)
+    return (str, *nullable)
+
+
+def _type_problems(entry: dict[str, Any]):
+    """(field, problem) for values of the wrong JSON type or with characters no database
+    stores (NUL, lone surrogates); ``"name": 5`` is an error, not the name "5"."""
+    for name, value in entry.items():
+        expected = _expected_types(name)
+        actual = type(value)
+        if not isinstance(value, expected) or (actual is bool and bool not in expected):
+            wanted = " or ".join(_JSON_TYPE_NAMES[t] for t in expected)
+            yield name, f"must be {wanted}, not {_JSON_TYPE_NAMES.get(actual, actual.__name__)}."
+            continue
+        if (
+            name == "scopes"
+            and isinstance(value, list)
+            and not all(isinstance(v, str) for v in value)
+        ):
+            yield name, "must be a string or a list of strings."
+            continue
+        problem = _text_problem(value)
+        if problem:
+            yield name, problem
+
+
+def _text_problem(value: Any) -> str | None:
+    if isinstance(value, dict):
+        for key, item in value.items():
+            problem = _text_problem(key) or _text_problem(item)
+            if problem:
+                return problem
+    elif isinstance(value, list):
+        for item in value:
+            problem = _text_problem(item)
+            if problem:
+                return problem
+    elif isinstance(value, str):
+        if "\x00" in value:
+            return "contains a NUL character."
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return "contains an invalid Unicode character (a lone surrogate)."
+    elif isinstance(value, float) and not math.isfinite(value):
+        return "is not a finite number."
+    return None
+
+
+def env_name_problem(name: str) -> str | None:
+    """Why ``{"env": name}`` may not be read, or None."""
+    prefix = app_settings.IMPORT_ENV_PREFIX
+    if not _ENV_NAME.match(name):
+        return f"{name[:100]!r} is not an environment variable name"
+    if not prefix or not name.startswith(prefix) or name == prefix:
+        return (
+            f"environment variable {name} may not be read: only variables named "
+            f"{prefix or '(prefix not set)'}… can hold imported secrets (IMPORT_ENV_PREFIX)"
+        )
+    if name in PROTECTED_ENV or name.startswith("DATASOURCES_"):
+        return f"environment variable {name} is one of the project's own settings"
+    return None
+
+
 def _resolve_secret(value: Any, environ) -> str | None:
     if value is None or value == "":
         return None
@@ -123,6 +304,9 @@ def _resolve_secret(value: Any, environ) -> str | None:
         return value
     if isinstance(value, dict) and set(value) == {"env"} and isinstance(value["env"], str):
         name = value["env"]
+        problem = env_name_problem(name)
+        if problem:
+            raise ValueError(problem)
         if name not in environ or not environ[name]:
             raise ValueError(f"environment variable {name} is not set")
         return environ[name]

@@ -17,7 +17,7 @@ VALID = {
     "grant_type": "client_credentials",
     "access_token_url": "https://crm.example.com/oauth/token",
     "client_id": "crm-client",
-    "client_secret": {"env": "CRM_SECRET"},
+    "client_secret": {"env": "DATASOURCE_SECRET_CRM"},
     "scopes": "read,write",
 }
 
@@ -29,7 +29,7 @@ def write(tmp_path, data) -> str:
 
 
 def test_import_creates_and_upserts(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("CRM_SECRET", "from-the-environment")
+    monkeypatch.setenv("DATASOURCE_SECRET_CRM", "from-the-environment")
     call_command("import_datasources", write(tmp_path, [VALID]))
     crm = Datasource.objects.get(slug="crm")
     assert crm.client_secret == "from-the-environment"
@@ -47,7 +47,7 @@ def test_import_creates_and_upserts(tmp_path, monkeypatch, capsys):
     ("entries", "expected"),
     [
         ([{**VALID, "base_url": "not a url"}], "entry 2 (slug 'crm'): base_url"),
-        ([{**VALID, "client_secret": {"env": "MISSING_VAR"}}], "MISSING_VAR is not set"),
+        ([{**VALID, "client_secret": {"env": "DATASOURCE_SECRET_MISSING"}}], "DATASOURCE_SECRET_MISSING is not set"),
         ([{**VALID, "bogus": 1}], "unknown field(s): bogus"),
         ([VALID, VALID], "appears more than once"),
         ([{**VALID, "grant_type": "authorization_code"}], "authorization_url"),
@@ -56,7 +56,7 @@ def test_import_creates_and_upserts(tmp_path, monkeypatch, capsys):
     ],
 )
 def test_bad_file_changes_nothing(tmp_path, monkeypatch, entries, expected):
-    monkeypatch.setenv("CRM_SECRET", "s")
+    monkeypatch.setenv("DATASOURCE_SECRET_CRM", "s")
     existing = make_datasource()
     good_second = {**VALID, "slug": "good", "name": "Good"}
     payload = [good_second, *entries] if isinstance(entries, list) else entries
@@ -83,8 +83,8 @@ def test_export_never_contains_secrets_and_round_trips(tmp_path, capsys, monkeyp
     assert exported[0]["slug"] == "example"
     assert "client_secret" not in exported[0]
     Datasource.objects.all().delete()
-    exported[0]["client_secret"] = {"env": "EXAMPLE_SECRET"}
-    monkeypatch.setenv("EXAMPLE_SECRET", SECRET)
+    exported[0]["client_secret"] = {"env": "DATASOURCE_SECRET_EXAMPLE"}
+    monkeypatch.setenv("DATASOURCE_SECRET_EXAMPLE", SECRET)
     call_command("import_datasources", write(tmp_path, exported))
     assert Datasource.objects.get(slug="example").client_secret == SECRET
 

@@ -1,15 +1,15 @@
-import json
 import sys
 
 from django.core.management.base import BaseCommand, CommandError
 
-from datasources.config_io import ImportFailed, import_datasources
+from datasources.config_io import ImportFailed, import_datasources, read_file
 
 
 class Command(BaseCommand):
     help = (
         "Create or update datasources from a JSON file (a list of objects, upsert by slug). "
-        'A client_secret may be {"env": "VAR"}. Nothing is written unless every entry is valid.'
+        'A client_secret may be {"env": "VAR"} with VAR named DATASOURCE_SECRET_… (the '
+        "IMPORT_ENV_PREFIX setting). Nothing is written unless every entry is valid."
     )
 
     def add_arguments(self, parser):
@@ -18,19 +18,16 @@ class Command(BaseCommand):
     def handle(self, *args, file: str, **options):
         try:
             if file == "-":
-                entries = json.load(sys.stdin)
+                entries = read_file(sys.stdin.buffer, "standard input")
             else:
-                with open(file, encoding="utf-8") as handle:
-                    entries = json.load(handle)
+                with open(file, "rb") as handle:
+                    entries = read_file(handle, file)
+            result = import_datasources(entries)
         except OSError as err:
             raise CommandError(f"Cannot read {file}: {err.strerror}.") from None
-        except json.JSONDecodeError as err:
-            raise CommandError(
-                f"{file} is not valid JSON: {err.msg} (line {err.lineno})."
-            ) from None
-        try:
-            result = import_datasources(entries)
         except ImportFailed as err:
+            if len(err.errors) == 1 and not err.errors[0].startswith("entry "):
+                raise CommandError(f"Nothing was imported: {err.errors[0]}") from None
             raise CommandError(
                 "Nothing was imported; fix these problems first:\n  " + "\n  ".join(err.errors)
             ) from None
