@@ -6,7 +6,8 @@ bodies (client secret, code, refresh token, access token) at DEBUG level and nee
 environment variables for loopback http:// and changed scopes. Here:
 
 * every URL passes :mod:`datasources.transport` first (https, or http on loopback only);
-* every request has a timeout, our User-Agent and no redirect following;
+* every request has a total deadline (not only a per-read timeout), a size cap on the answer,
+  our User-Agent and no redirect following (:mod:`datasources.outbound`);
 * failures come back as :class:`OAuthError` (the server answered with an RFC 6749 error code,
   whatever the HTTP status, including errors inside a 200 answer) or
   :class:`TransientUpstreamError` (network, timeout, 5xx, 429, garbage: retry later); what an
@@ -39,6 +40,7 @@ from oauthlib.oauth2 import (
     WebApplicationClient,
 )
 
+from . import outbound
 from .conf import app_settings
 from .exceptions import DatasourceError, OAuthError, TransientUpstreamError
 from .transport import check_transport
@@ -85,14 +87,32 @@ class PkcePair:
 
 
 def http_session() -> requests.Session:
-    """One pooled session per thread, with our User-Agent. Timeouts are passed on every call."""
+    """One pooled session per thread, with our User-Agent and connections that a call's total
+    deadline can end (:mod:`datasources.outbound`). Deadlines are set on every call."""
     session = getattr(_local, "session", None)
     if session is None:
         session = requests.Session()
         session.headers["User-Agent"] = app_settings.USER_AGENT
+        # Uncompressed answers: the size cap then counts what the server sent.
+        session.headers["Accept-Encoding"] = "identity"
         session.trust_env = False
+        session.mount("https://", outbound.BoundedAdapter())
+        session.mount("http://", outbound.BoundedAdapter())
         _local.session = session
     return session
+
+
+def _bounded_request(method: str, url: str, timeout: float, **kwargs: Any) -> requests.Response:
+    """A call ending within ``timeout`` seconds in all, its answer read up to
+    HTTP_MAX_RESPONSE_BYTES. Raises outbound.DeadlineExceeded / outbound.TooLarge too."""
+    return outbound.request(
+        http_session(),
+        method,
+        url,
+        timeout=timeout,
+        max_bytes=app_settings.HTTP_MAX_RESPONSE_BYTES,
+        **kwargs,
+    )
 
 
 def new_pkce_pair() -> PkcePair:
@@ -236,12 +256,18 @@ def discover(issuer: str) -> ServerMetadata:
     for url in candidates:
         tried.append(url)
         try:
-            response = http_session().get(
-                url,
-                headers={"Accept": "application/json"},
-                timeout=app_settings.HTTP_TIMEOUT,
-                allow_redirects=False,
+            response = _bounded_request(
+                "GET", url, app_settings.HTTP_TIMEOUT, headers={"Accept": "application/json"}
             )
+        except outbound.DeadlineExceeded:
+            raise DiscoveryError(
+                f"The issuer's metadata at {url} did not arrive within "
+                f"{app_settings.HTTP_TIMEOUT:g} s."
+            ) from None
+        except outbound.TooLarge as err:
+            raise DiscoveryError(
+                f"The issuer's metadata at {url} is larger than {err.limit} bytes."
+            ) from None
         except requests.RequestException as err:
             raise DiscoveryError(
                 f"The issuer's metadata at {url} is unreachable ({type(err).__name__})."
@@ -322,9 +348,32 @@ def _post(
     host = urlsplit(url).hostname
     started = time.monotonic()
     try:
-        response = http_session().post(
-            url, data=body, headers=headers, timeout=timeout, allow_redirects=False
+        response = _bounded_request("POST", url, timeout, data=body, headers=headers)
+    except outbound.DeadlineExceeded:
+        logger.warning(
+            "%s for datasource %s: %s did not finish its answer within %g s",
+            what,
+            datasource.slug,
+            host,
+            timeout,
         )
+        raise TransientUpstreamError(
+            f"The {what} request to {host} did not finish within {timeout:g} s; the server "
+            "may have acted on it.",
+            outcome_unknown=True,
+        ) from None
+    except outbound.TooLarge as err:
+        logger.warning(
+            "%s for datasource %s: %s answered more than %d bytes",
+            what,
+            datasource.slug,
+            host,
+            err.limit,
+        )
+        raise TransientUpstreamError(
+            f"The answer of {host} to the {what} is larger than {err.limit} bytes.",
+            outcome_unknown=True,
+        ) from None
     except requests.RequestException as err:
         unknown = _answer_lost(err)
         logger.warning(
