@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: run test lint format bench-refresh bench-proxy browser clean
+.PHONY: run test lint format bench-refresh bench-proxy browser nginx clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -43,7 +43,14 @@ browser:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	  else echo "chromium not installed: the browser test will be skipped (apt-get install chromium)"; fi; }
 
-test: $(VENV)/.installed-test browser
+# Debian's nginx for the production-recipe test (tests/test_deploy.py runs deploy/nginx.conf).
+nginx:
+	@command -v nginx >/dev/null 2>&1 || test -x /usr/sbin/nginx || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx >/dev/null; \
+	  else echo "nginx not installed: the production-recipe test will be skipped (apt-get install nginx)"; fi; }
+
+test: $(VENV)/.installed-test browser nginx
 	$(BIN)/python -m pytest
 
 lint: $(VENV)/.installed-test

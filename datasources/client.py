@@ -43,7 +43,6 @@ class DatasourceSession(requests.Session):
         self.user = user
         self.timeout = app_settings.CLIENT_TIMEOUT if timeout is None else timeout
         self.trust_env = False
-        self.max_redirects = 0
 
     def request(  # type: ignore[override]
         self,

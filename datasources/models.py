@@ -572,11 +572,12 @@ class Datasource(models.Model):
 
         return get_access_token(self, user=user)
 
-    def session(self, user=None) -> DatasourceSession:
-        """A requests session that talks to ``base_url`` with the (user's) token attached."""
+    def session(self, user=None, timeout=None) -> DatasourceSession:
+        """A requests session that talks to ``base_url`` with the (user's) token attached;
+        ``timeout`` (seconds or (connect, read)) defaults to DATASOURCES['CLIENT_TIMEOUT']."""
         from .client import DatasourceSession
 
-        return DatasourceSession(self, user=user)
+        return DatasourceSession(self, user=user, timeout=timeout)
 
 
 #: The configuration fields builders edit, in form order (the client secret is handled apart:

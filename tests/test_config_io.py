@@ -47,7 +47,10 @@ def test_import_creates_and_upserts(tmp_path, monkeypatch, capsys):
     ("entries", "expected"),
     [
         ([{**VALID, "base_url": "not a url"}], "entry 2 (slug 'crm'): base_url"),
-        ([{**VALID, "client_secret": {"env": "DATASOURCE_SECRET_MISSING"}}], "DATASOURCE_SECRET_MISSING is not set"),
+        (
+            [{**VALID, "client_secret": {"env": "DATASOURCE_SECRET_MISSING"}}],
+            "DATASOURCE_SECRET_MISSING is not set",
+        ),
         ([{**VALID, "bogus": 1}], "unknown field(s): bogus"),
         ([VALID, VALID], "appears more than once"),
         ([{**VALID, "grant_type": "authorization_code"}], "authorization_url"),

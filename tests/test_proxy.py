@@ -37,7 +37,7 @@ def proxy_settings(request, settings):
         assert PRODUCTION["PROXY_CACHE_SECONDS"] > 0 and PRODUCTION["USAGE_FLUSH_INTERVAL"] > 0
         settings.DATASOURCES = {**settings.DATASOURCES, **PRODUCTION}
     proxy_cache.forget()
-    usage.flush()
+    usage.discard()
     yield request.param
     proxy_cache.forget()
 

@@ -26,7 +26,7 @@ class Command(BaseCommand):
         except OSError as err:
             raise CommandError(f"Cannot read {file}: {err.strerror}.") from None
         except ImportFailed as err:
-            if len(err.errors) == 1 and not err.errors[0].startswith("entry "):
+            if len(err.errors) == 1:
                 raise CommandError(f"Nothing was imported: {err.errors[0]}") from None
             raise CommandError(
                 "Nothing was imported; fix these problems first:\n  " + "\n  ".join(err.errors)
