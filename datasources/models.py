@@ -360,9 +360,11 @@ class Datasource(models.Model):
         _("allowed methods"),
         max_length=200,
         default=DEFAULT_ALLOWED_METHODS,
+        blank=True,
         help_text=_(
             "HTTP methods the proxy forwards to this API, comma separated; any other method is "
-            "answered 405. TRACE, TRACK and CONNECT are never forwarded."
+            "answered 405. Empty: GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS. TRACE, TRACK "
+            "and CONNECT are never forwarded."
         ),
     )
     default_headers = models.JSONField(
@@ -449,10 +451,7 @@ class Datasource(models.Model):
         except ValueError as err:
             errors["allowed_methods"] = str(err)
         else:
-            if not methods:
-                errors["allowed_methods"] = _("Allow at least one method, e.g. GET.")
-            else:
-                self.allowed_methods = ",".join(sorted(methods))
+            self.allowed_methods = ",".join(sorted(methods)) or DEFAULT_ALLOWED_METHODS
         for name, problem in self._default_problems().items():
             errors[name] = problem
         self.scopes = normalize_scopes(self.scopes)

@@ -38,7 +38,7 @@ class Migration(migrations.Migration):
         migrations.AddField(
             model_name='datasource',
             name='allowed_methods',
-            field=models.CharField(default='GET,HEAD,POST,PUT,PATCH,DELETE,OPTIONS', help_text='HTTP methods the proxy forwards to this API, comma separated; any other method is answered 405. TRACE, TRACK and CONNECT are never forwarded.', max_length=200, verbose_name='allowed methods'),
+            field=models.CharField(blank=True, default='GET,HEAD,POST,PUT,PATCH,DELETE,OPTIONS', help_text='HTTP methods the proxy forwards to this API, comma separated; any other method is answered 405. Empty: GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS. TRACE, TRACK and CONNECT are never forwarded.', max_length=200, verbose_name='allowed methods'),
         ),
         migrations.AddField(
             model_name='datasource',
