@@ -299,6 +299,7 @@ def _refresh_leased(
                 raise _RetryableFailure(err, kind) from None
             current = reload(token, datasource)
             if _rotated_elsewhere(token, current):
+                current.lease_id, current.lease_expires_at = "", None  # released below
                 return current, False
             raise _dead_grant(datasource, token, err) from None
         stored = True  # the UPDATE that stores the token releases the lease
