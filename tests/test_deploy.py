@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import gunicorn
 import pytest
 import requests
 from django.contrib.auth.models import Permission
@@ -178,6 +179,8 @@ def stack(django_db_setup, django_db_blocker, tmp_path_factory) -> Iterator[Stac
                 str(THREADS),
                 "-b",
                 f"127.0.0.1:{ports['gunicorn']}",
+                # gunicorn 27's control socket is one path per user: not shared with others.
+                *(["--no-control-socket"] if gunicorn.version_info >= (27,) else []),
             ],
             cwd=ROOT,
             env=env,
