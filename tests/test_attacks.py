@@ -218,6 +218,86 @@ def test_ordinary_paths_reach_the_upstream_exactly(spy, path, reached):
     assert spy.targets() == [reached]
 
 
+PIECES = [
+    "a",
+    "b",
+    "..",
+    ".",
+    "%2e",
+    "%2E",
+    "%252e",
+    "%25",
+    "2e",
+    "/",
+    "%2f",
+    "%2F",
+    "%252f",
+    ";",
+    "%3b",
+    "?",
+    "%3f",
+    "%253f",
+    "#",
+    "%23",
+    "\\",
+    "%5c",
+    "%c0%ae",
+    "%ef%bc%8e",
+    "\uff0e",
+    "%00",
+    " ",
+    "%20",
+    "@",
+    ":",
+    "x=1",
+    "~",
+]
+
+
+def test_every_accepted_path_stays_under_the_base_url_however_it_is_decoded():
+    """A property check, independent of the resolver's own proof: random paths built from
+    dangerous pieces; whatever is accepted must stay under /api/ after 0-5 further decodings,
+    with or without ;parameters, with backslashes as slashes, cut at ? or #, dot segments
+    (and dot-only segments, as Windows reads them) removed."""
+    import posixpath
+    import random
+    from urllib.parse import unquote, unquote_to_bytes
+
+    from django.utils.encoding import repercent_broken_unicode
+
+    from datasources.proxy.target import InvalidPath, resolve
+
+    rng = random.Random(12)
+    accepted = 0
+    for _ in range(5000):
+        raw = "".join(rng.choice(PIECES) for _ in range(rng.randint(1, 8)))
+        # What Django hands the view: decoded once, invalid UTF-8 percent-encoded again.
+        path = repercent_broken_unicode(unquote_to_bytes(raw)).decode()
+        try:
+            url = resolve("https://api.example.com/api/", path)
+        except InvalidPath:
+            continue
+        accepted += 1
+        assert url.startswith("https://api.example.com/api/"), (raw, url)
+        current = urlsplit(url).path
+        for _depth in range(6):
+            for variant in (
+                current,
+                "/".join(seg.split(";")[0] for seg in current.split("/")),
+                current.replace("\\", "/"),
+            ):
+                cut = variant.split("?")[0].split("#")[0]
+                segments = ["" if set(seg) <= {".", " "} and seg else seg for seg in cut.split("/")]
+                dots = [".." if set(seg) <= {".", " "} and seg else seg for seg in cut.split("/")]
+                for candidate in ("/".join(dots), "/".join(segments)):
+                    normal = posixpath.normpath(candidate)
+                    assert normal == "/api" or normal.startswith("/api/"), (raw, url, variant)
+            current = unquote(current)
+    assert accepted > 500  # the check saw plenty of accepted paths
+    with pytest.raises(InvalidPath):
+        resolve("https://api.example.com/api/", "a/\udcc0/b")  # a lone surrogate
+
+
 def test_python_client_refuses_the_same_escapes(spy):
     datasource = connected(spy)
     for path in ("a%3F/../../admin", "..;/admin", "a/../../admin", "%2e%2e/admin", "a\\..\\admin"):

@@ -113,6 +113,10 @@ def _check_segment(segment: str, *, first: bool) -> None:
 
 def _decodings(text: str) -> list[str]:
     """``text`` and each further percent-decoding of it, until nothing changes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidPath("characters that are not valid Unicode are not allowed") from None
     forms = [text]
     for _ in range(MAX_DECODE_DEPTH):
         try:
