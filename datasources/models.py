@@ -374,7 +374,8 @@ class Datasource(models.Model):
         help_text=_(
             "Headers sent with every call unless the caller sends the same header, as a JSON "
             'object of strings, e.g. {"Accept": "application/json", "X-Api-Version": "2"}. '
-            "The header that carries the token cannot be set here."
+            "The header that carries the token cannot be set here. Not for secrets: these "
+            "values are shown in the admin and exported."
         ),
     )
     default_query_params = models.JSONField(
@@ -384,7 +385,8 @@ class Datasource(models.Model):
         help_text=_(
             "Query parameters added to every call unless the caller sends the same parameter, "
             'as a JSON object of strings, e.g. {"api-version": "2024-01-01"}. The parameter '
-            "that carries the token cannot be set here."
+            "that carries the token cannot be set here. Not for secrets: these values are "
+            "shown in the admin and exported."
         ),
     )
     created_at = models.DateTimeField(_("created"), auto_now_add=True)

@@ -43,12 +43,12 @@ class Migration(migrations.Migration):
         migrations.AddField(
             model_name='datasource',
             name='default_headers',
-            field=models.JSONField(blank=True, default=dict, help_text='Headers sent with every call unless the caller sends the same header, as a JSON object of strings, e.g. {"Accept": "application/json", "X-Api-Version": "2"}. The header that carries the token cannot be set here.', verbose_name='default headers'),
+            field=models.JSONField(blank=True, default=dict, help_text='Headers sent with every call unless the caller sends the same header, as a JSON object of strings, e.g. {"Accept": "application/json", "X-Api-Version": "2"}. The header that carries the token cannot be set here. Not for secrets: these values are shown in the admin and exported.', verbose_name='default headers'),
         ),
         migrations.AddField(
             model_name='datasource',
             name='default_query_params',
-            field=models.JSONField(blank=True, default=dict, help_text='Query parameters added to every call unless the caller sends the same parameter, as a JSON object of strings, e.g. {"api-version": "2024-01-01"}. The parameter that carries the token cannot be set here.', verbose_name='default query parameters'),
+            field=models.JSONField(blank=True, default=dict, help_text='Query parameters added to every call unless the caller sends the same parameter, as a JSON object of strings, e.g. {"api-version": "2024-01-01"}. The parameter that carries the token cannot be set here. Not for secrets: these values are shown in the admin and exported.', verbose_name='default query parameters'),
         ),
         migrations.AlterField(
             model_name='apikey',
