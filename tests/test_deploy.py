@@ -120,8 +120,8 @@ def recipe(directory: Path, *, http: int, https: int, gunicorn: int) -> Path:
     """deploy/nginx.conf with this machine's ports and paths, inside a minimal nginx.conf."""
     text = (ROOT / "deploy" / "nginx.conf").read_text()
     cert, key = self_signed(directory)
-    static = directory / "static"
-    static.mkdir()
+    (directory / "static").mkdir()
+    (directory / "static" / "probe.txt").write_text("served by nginx")
     for old, new, count in (
         ("server 127.0.0.1:8000;", f"server 127.0.0.1:{gunicorn};", 1),
         ("listen 80;", f"listen 127.0.0.1:{http};", 1),
@@ -131,7 +131,7 @@ def recipe(directory: Path, *, http: int, https: int, gunicorn: int) -> Path:
         ("/etc/ssl/certs/datasources.pem", str(cert), 1),
         ("/etc/ssl/private/datasources.key", str(key), 1),
         ("/var/log/nginx/datasources.access.log", str(directory / "access.log"), 2),
-        ("/srv/datasources/var/static/", f"{static}/", 1),
+        ("root /srv/datasources/var;", f"root {directory};", 1),
     ):
         assert text.count(old) == count, f"deploy/nginx.conf changed shape: {old!r}"
         text = text.replace(old, new)
@@ -229,6 +229,10 @@ def test_the_proxy_works_through_the_recipe(stack, spy, django_user_model):
     _, key = create_api_key("through-nginx", datasources=[datasource])
     auth = {"Authorization": f"Api-Key {key}"}
     proxied = f"/api/v1/datasources/{datasource.slug}/proxy/"
+
+    # Static files come from STATIC_ROOT.
+    static = stack.get("/static/probe.txt")
+    assert (static.status_code, static.text) == (200, "served by nginx")
 
     # http:// is redirected to https://, and nothing is proxied over plain http.
     plain = requests.get(f"{stack.http}{proxied}things", headers=auth, allow_redirects=False)
