@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 from celery import Celery
+from celery.signals import beat_init, celeryd_init
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
 
@@ -24,4 +25,19 @@ def _install_beat_schedule(sender: Celery, **kwargs: object) -> None:
             "schedule": float(app_settings.SWEEP_INTERVAL),
             "options": {"expires": float(app_settings.SWEEP_INTERVAL)},
         },
+        # Snapshots of the proxy counters for the admin's 24-hour usage charts.
+        "datasources-usage-samples": {
+            "task": "datasources.tasks.sample_usage",
+            "schedule": float(app_settings.USAGE_SAMPLE_INTERVAL),
+            "options": {"expires": float(app_settings.USAGE_SAMPLE_INTERVAL)},
+        },
     }
+
+
+@celeryd_init.connect
+@beat_init.connect
+def _data_dirs(**kwargs: object) -> None:
+    """The worker and beat create DATA_DIR (beat schedule, filesystem broker) on start."""
+    from config.paths import ensure_data_dirs
+
+    ensure_data_dirs()

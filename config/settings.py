@@ -13,17 +13,21 @@ from pathlib import Path
 import environ
 from django.core.exceptions import ImproperlyConfigured
 
+from config.paths import broker_folders
+
 BASE_DIR = Path(__file__).resolve().parent.parent
-DATA_DIR = Path(environ.Env().str("DATA_DIR", default=str(BASE_DIR / "var")))
-DATA_DIR.mkdir(parents=True, exist_ok=True)
 
 env = environ.Env(
     DEBUG=(bool, False),
     ALLOWED_HOSTS=(list, ["localhost", "127.0.0.1", "[::1]"]),
     FERNET_KEYS=(list, []),
 )
-# A .env file (written by `make run`) fills in variables the environment does not set.
+# A .env file (written by `make run`) fills in variables the environment does not set; it is
+# read before any other variable, DATA_DIR included.
 env.read_env(env.str("ENV_FILE", default=str(BASE_DIR / ".env")))
+# SQLite file, filesystem broker, beat schedule. Created by the entry points (manage.py, WSGI,
+# the Celery worker: config.paths.ensure_data_dirs), not by importing the settings.
+DATA_DIR = Path(env.str("DATA_DIR", default=str(BASE_DIR / "var")))
 
 DEBUG = env("DEBUG")
 SECRET_KEY = env.str("SECRET_KEY", default="")
@@ -68,6 +72,9 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    # Static files (the admin's CSS and JS) with DEBUG=0 too, from the app directories or from
+    # STATIC_ROOT after `manage.py collectstatic` (compressed copies and far-future caching).
+    "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -129,10 +136,20 @@ USE_TZ = True
 STATIC_URL = "static/"
 STATICFILES_DIRS = [BASE_DIR / "static"]
 STATIC_ROOT = DATA_DIR / "static"
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    # Compressed copies written by collectstatic; no manifest, so a missing collectstatic
+    # never breaks a page (WhiteNoise then serves the files from the app directories).
+    "staticfiles": {"BACKEND": "whitenoise.storage.CompressedStaticFilesStorage"},
+}
+WHITENOISE_USE_FINDERS = env.bool("WHITENOISE_USE_FINDERS", default=True)
 
 # Behind a TLS-terminating proxy, set SECURE_PROXY_SSL_HEADER_ENABLED=1.
 if env.bool("SECURE_PROXY_SSL_HEADER_ENABLED", default=False):
     SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+# With DEBUG=0 the session and CSRF cookies are sent over https only, so signing in over plain
+# http (other than on this machine through a TLS proxy) fails with "CSRF cookie not set". The
+# system check datasources.W010 says so; set both to 0 only on a trusted network.
 SESSION_COOKIE_SECURE = env.bool("SESSION_COOKIE_SECURE", default=not DEBUG)
 CSRF_COOKIE_SECURE = env.bool("CSRF_COOKIE_SECURE", default=not DEBUG)
 
@@ -142,15 +159,13 @@ REDIS_URL = env.str("REDIS_URL", default="")
 CELERY_BROKER_URL = env.str("CELERY_BROKER_URL", default=REDIS_URL or "filesystem://")
 CELERY_BROKER_TRANSPORT_OPTIONS: dict = {}
 if CELERY_BROKER_URL.startswith("filesystem://"):
-    _queue_dir = DATA_DIR / "broker"
-    for _sub in ("in", "processed", "control"):
-        (_queue_dir / _sub).mkdir(parents=True, exist_ok=True)
+    _folders = broker_folders(DATA_DIR)
     CELERY_BROKER_TRANSPORT_OPTIONS = {
-        "data_folder_in": str(_queue_dir / "in"),
-        "data_folder_out": str(_queue_dir / "in"),
-        "processed_folder": str(_queue_dir / "processed"),
+        "data_folder_in": str(_folders["in"]),
+        "data_folder_out": str(_folders["in"]),
+        "processed_folder": str(_folders["processed"]),
         # Exchange tables; kombu's default is ./control, relative to the working directory.
-        "control_folder": str(_queue_dir / "control"),
+        "control_folder": str(_folders["control"]),
         "store_processed": False,
     }
 CELERY_TASK_DEFAULT_QUEUE = env.str("CELERY_TASK_DEFAULT_QUEUE", default="celery")

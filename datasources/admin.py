@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 from django.contrib import admin, messages
-from django.db import models
-from django.db.models import Prefetch
-from django.http import HttpRequest, HttpResponseNotAllowed, HttpResponseRedirect
-from django.shortcuts import get_object_or_404
+from django.contrib.admin.views.main import ChangeList
+from django.db import models, transaction
+from django.db.models import OuterRef, Prefetch, Subquery
+from django.http import HttpResponseRedirect
 from django.template.response import TemplateResponse
 from django.urls import path
 from django.utils import timezone
@@ -16,17 +18,19 @@ from django.utils.translation import gettext_lazy as _
 from django.utils.translation import ngettext
 from django.views.decorators.debug import sensitive_post_parameters
 
-from . import apikeys, flow, presets, tokens, views
+from . import admin_views, apikeys, dashboard, flow, presets, tokens, views
 from .forms import ApiKeyForm, DatasourceForm
 from .models import (
     API_KEY_PREFIX,
     ApiKey,
     Datasource,
     DatasourceUsage,
+    GrantType,
     Token,
     TokenEvent,
     TokenPlacement,
     TokenStatus,
+    UsageSample,
 )
 from .proxy import cache as proxy_cache
 
@@ -51,16 +55,30 @@ STATUS_FIELDS = (
 )
 
 
-def status_badge(token: Token | None):
+def status_badge(token: Token | None, datasource: Datasource | None = None):
+    if datasource is not None and datasource.per_user:
+        return format_html(
+            '<strong class="datasource-status datasource-status-per-user">{}</strong>',
+            _("Per user"),
+        )
     status = token.status if token else TokenStatus.NOT_AUTHORIZED
     if token and token.lease_expires_at and token.lease_expires_at > timezone.now():
         status = TokenStatus.REFRESHING  # a refresh holds the lease right now
     label = TokenStatus(status).label
+    trouble = ""
+    if token and status == TokenStatus.ACTIVE and token.failure_kind:
+        trouble = (
+            " (renewal failing: settings)"
+            if token.failure_kind == "configuration"
+            else " (renewal failing: retrying)"
+        )
+    colour = "#9a6700" if trouble else _STATUS_COLOURS.get(status, "inherit")
     return format_html(
-        '<strong class="datasource-status datasource-status-{}" style="color:{}">{}</strong>',
+        '<strong class="datasource-status datasource-status-{}" style="color:{}">{}{}</strong>',
         status,
-        _STATUS_COLOURS.get(status, "inherit"),
+        colour,
         label,
+        trouble,
     )
 
 
@@ -72,17 +90,49 @@ def _token(obj: Datasource) -> Token | None:
     return obj.token if obj.pk else None
 
 
+def _shared(field: str) -> Subquery:
+    """One column of the shared token, for sorting the list without joining every token (a
+    join would list a per-user datasource once per user token)."""
+    return Subquery(Token.objects.filter(datasource=OuterRef("pk"), user=None).values(field)[:1])
+
+
+class SharedStatusFilter(admin.SimpleListFilter):
+    title = _("status")
+    parameter_name = "status"
+
+    def lookups(self, request, model_admin):
+        return [*TokenStatus.choices, ("per_user", _("Per user"))]
+
+    def queryset(self, request, queryset):
+        value = self.value()
+        if value == "per_user":
+            return queryset.filter(token_sharing="per_user")
+        if value:
+            return queryset.exclude(token_sharing="per_user").filter(shared_status=value)
+        return queryset
+
+
 @admin.register(Datasource)
 class DatasourceAdmin(admin.ModelAdmin):
     form = DatasourceForm
     formfield_overrides = {models.URLField: {"assume_scheme": "https"}}
     change_form_template = "admin/datasources/datasource/change_form.html"
-    list_display = ("name", "slug", "grant_type", "status", "expires", "last_refreshed")
-    list_filter = ("grant_type", "token_sharing", "tokens__status")
+    list_display = (
+        "name",
+        "slug",
+        "grant_type",
+        "status",
+        "expires",
+        "last_refreshed",
+        "last_error_short",
+        "usage_24h",
+    )
+    list_filter = ("grant_type", "token_sharing", SharedStatusFilter)
     search_fields = ("name", "slug", "base_url")
     prepopulated_fields = {"slug": ("name",)}
     actions = ("authorize_selected", "refresh_selected", "disconnect_selected")
     readonly_fields = STATUS_FIELDS
+    # Reference-docs order: connection, client, scopes, placement; the rest folded away.
     fieldsets = (
         (
             _("Connection"),
@@ -93,10 +143,10 @@ class DatasourceAdmin(admin.ModelAdmin):
                     "base_url",
                     "grant_type",
                     "token_sharing",
-                    "issuer",
-                    "discover",
                     "authorization_url",
                     "access_token_url",
+                    "issuer",
+                    "discover",
                 )
             },
         ),
@@ -106,13 +156,15 @@ class DatasourceAdmin(admin.ModelAdmin):
                 "fields": (
                     "client_id",
                     "client_secret",
+                    "secret_hold",
                     "clear_client_secret",
-                    "scopes",
-                    "scope_separator",
                     "client_authentication",
-                    "use_pkce",
                 )
             },
+        ),
+        (
+            _("Scopes and consent"),
+            {"fields": ("scopes", "scope_separator", "custom_auth_params")},
         ),
         (
             _("Token placement"),
@@ -130,7 +182,7 @@ class DatasourceAdmin(admin.ModelAdmin):
             {
                 "classes": ("collapse",),
                 "fields": (
-                    "custom_auth_params",
+                    "use_pkce",
                     "audience",
                     "resource",
                     "revocation_url",
@@ -144,32 +196,76 @@ class DatasourceAdmin(admin.ModelAdmin):
         (_("Token status"), {"fields": STATUS_FIELDS}),
     )
 
+    class Media:
+        js = ("datasources/datasource_form.js",)
+        css = {"all": ("datasources/admin.css",)}
+
+    def get_fieldsets(self, request, obj=None):
+        stored = bool(obj and obj.pk and obj.client_secret)
+        fieldsets = []
+        for name, options in super().get_fieldsets(request, obj):
+            if obj is None and name == _("Token status"):
+                continue  # nothing to show before the first save
+            fields = tuple(f for f in options["fields"] if stored or f != "clear_client_secret")
+            fieldsets.append((name, {**options, "fields": fields}))
+        return fieldsets
+
+    def get_form(self, request, obj=None, change=False, **kwargs):
+        form = super().get_form(request, obj, change, **kwargs)
+        form.request = request  # the session keeps a typed secret across validation errors
+        return form
+
     # --- read-only status --------------------------------------------------------------------
 
-    @admin.display(description=_("status"), ordering="tokens__status")
+    @admin.display(description=_("status"), ordering="shared_status")
     def status(self, obj: Datasource):
-        return status_badge(_token(obj))
+        return status_badge(_token(obj), obj)
 
-    @admin.display(description=_("expires"), ordering="tokens__expires_at")
+    @admin.display(description=_("expires"), ordering="shared_expires_at")
     def expires(self, obj: Datasource):
+        if obj.per_user:
+            return _("per user")
         token = _token(obj)
         if not token or not token.access_token:
             return "—"
         if not token.expires_at:
             return _("no known expiry")
         when = timezone.localtime(token.expires_at)
-        if not token.expiry_known:
-            suffix = " (assumed: next refresh)"
-        else:
-            suffix = " (expired)" if token.is_expired() else ""
-        return f"{when:%Y-%m-%d %H:%M:%S %Z}{suffix}"
+        return format_html(
+            '<span title="{}">{}</span>',
+            f"{when:%Y-%m-%d %H:%M:%S %Z}",
+            dashboard.time_to_expiry(token),
+        )
 
-    @admin.display(description=_("last refreshed"), ordering="tokens__last_refreshed_at")
+    @admin.display(description=_("last refreshed"), ordering="shared_last_refreshed_at")
     def last_refreshed(self, obj: Datasource):
         token = _token(obj)
-        if not token or not token.last_refreshed_at:
+        if obj.per_user or not token or not token.last_refreshed_at:
             return "—"
         return f"{timezone.localtime(token.last_refreshed_at):%Y-%m-%d %H:%M:%S %Z}"
+
+    @admin.display(description=_("last error"))
+    def last_error_short(self, obj: Datasource):
+        token = _token(obj)
+        if obj.per_user or not token or not token.last_error:
+            return "—"
+        text = token.last_error
+        return format_html(
+            '<span title="{}">{}</span>', text, text if len(text) <= 80 else text[:77] + "…"
+        )
+
+    @admin.display(description=_("proxy calls, 24 h"))
+    def usage_24h(self, obj: Datasource):
+        samples = getattr(obj, "recent_samples", None)
+        if samples is None:
+            usage = dashboard.usage_of(obj)
+        else:
+            usage = dashboard.hourly(samples, getattr(obj, "live_usage", None))
+        return format_html(
+            '{}<br><small class="datasource-usage-summary">{}</small>',
+            dashboard.chart(usage, width=192, height=28),
+            usage.summary(),
+        )
 
     @admin.display(description=_("granted scope"))
     def granted_scope(self, obj: Datasource):
@@ -244,12 +340,20 @@ class DatasourceAdmin(admin.ModelAdmin):
         return (
             super()
             .get_queryset(request)
+            .annotate(
+                shared_status=_shared("status"),
+                shared_expires_at=_shared("expires_at"),
+                shared_last_refreshed_at=_shared("last_refreshed_at"),
+            )
             .prefetch_related(
                 Prefetch(
                     "tokens", queryset=Token.objects.filter(user=None), to_attr="shared_tokens"
                 )
             )
         )
+
+    def get_changelist(self, request, **kwargs):
+        return _HealthChangeList
 
     @admin.display(description=_("proxy usage"))
     def proxy_usage(self, obj: Datasource):
@@ -262,27 +366,33 @@ class DatasourceAdmin(admin.ModelAdmin):
             if found.last_called_at
             else ""
         )
-        return f"{found.calls} calls, {found.errors} errors, {average:.1f} ms average{last}"
+        return f"{found.calls} calls, {found.errors} errors, {average:.1f} ms average in all{last}"
 
     # --- pages and buttons -------------------------------------------------------------------
 
     def get_urls(self):
         info = self.opts.app_label, self.opts.model_name
+        wrap = self.admin_site.admin_view
         return [
             path(
                 "<int:pk>/authorize/",
-                self.admin_site.admin_view(views.start_authorization),
+                wrap(views.start_authorization),
                 name="{}_{}_authorize".format(*info),
             ),
             path(
                 "<int:pk>/refresh/",
-                self.admin_site.admin_view(self.refresh_view),
+                wrap(admin_views.RefreshView.as_view(model_admin=self)),
                 name="{}_{}_refresh".format(*info),
             ),
             path(
                 "<int:pk>/disconnect/",
-                self.admin_site.admin_view(self.disconnect_view),
+                wrap(admin_views.DisconnectView.as_view(model_admin=self)),
                 name="{}_{}_disconnect".format(*info),
+            ),
+            path(
+                "<int:pk>/test/",
+                wrap(admin_views.TestCallView.as_view(model_admin=self)),
+                name="{}_{}_test".format(*info),
             ),
             *super().get_urls(),
         ]
@@ -294,6 +404,7 @@ class DatasourceAdmin(admin.ModelAdmin):
 
     def get_changeform_initial_data(self, request):
         initial = super().get_changeform_initial_data(request)
+        initial.pop("preset", None)
         preset = request.GET.get("preset")
         if preset:
             initial.update(presets.initial_for(preset))
@@ -306,20 +417,29 @@ class DatasourceAdmin(admin.ModelAdmin):
             if add
             else (),
             preset=chosen,
-        )
-        token = _token(obj) if obj else None
-        context.update(
             callback_url=flow.callback_url(request),
-            token=token,
-            no_refresh_token=views.no_refresh_token_warning(obj, token) if token else "",
-            query_placement=bool(obj and obj.token_placement == TokenPlacement.QUERY),
+            redirect_notes=dashboard.redirect_uri_notes(request, obj),
+            show_save_and_authorize=True,
         )
+        if obj is not None and obj.pk:
+            token = _token(obj)
+            usage = dashboard.usage_of(obj)
+            context.update(
+                token=token,
+                status_badge=status_badge(token, obj),
+                time_to_expiry=dashboard.time_to_expiry(token),
+                banners=dashboard.banners(obj, token),
+                usage=usage,
+                usage_chart=dashboard.chart(usage, width=288, height=36),
+                query_placement=obj.token_placement == TokenPlacement.QUERY,
+            )
         return super().render_change_form(request, context, add, change, form_url, obj)
 
     def save_model(self, request, obj, form, change):
         if not change and obj.owner_id is None:
             obj.owner = request.user
         super().save_model(request, obj, form, change)
+        form.forget_held_secret()
         metadata = getattr(form, "discovered", None)
         if metadata:
             messages.info(
@@ -328,7 +448,8 @@ class DatasourceAdmin(admin.ModelAdmin):
                 f" (PKCE S256 {'supported' if metadata.pkce_s256 else 'not advertised'},"
                 f" iss {'returned' if metadata.returns_iss else 'not returned'}).",
             )
-        if change and form.credentials_changed:
+        credentials_changed = change and form.credentials_changed
+        if credentials_changed:
             tokens.reset_after_reconfiguration(obj)
         if obj.token_placement == TokenPlacement.QUERY:
             messages.warning(
@@ -339,30 +460,29 @@ class DatasourceAdmin(admin.ModelAdmin):
                     "the API requires it."
                 ),
             )
+        if admin_views.wants_token_after_save(obj, credentials_changed):
+            # After the commit: the token service works on the saved row, with its own lease.
+            transaction.on_commit(
+                lambda: admin_views.report_refresh(request, [obj], after_save=True)
+            )
 
-    def _post_only(self, request: HttpRequest, pk: int):
-        if request.method != "POST":
-            return None, HttpResponseNotAllowed(["POST"])
-        obj = get_object_or_404(Datasource, pk=pk)
-        if not self.has_change_permission(request, obj):
-            from django.core.exceptions import PermissionDenied
+    def response_add(self, request, obj, post_url_continue=None):
+        if "_authorize" in request.POST:
+            return self._after_save_and_authorize(request, obj)
+        return super().response_add(request, obj, post_url_continue)
 
-            raise PermissionDenied
-        return obj, None
+    def response_change(self, request, obj):
+        if "_authorize" in request.POST:
+            return self._after_save_and_authorize(request, obj)
+        return super().response_change(request, obj)
 
-    def refresh_view(self, request: HttpRequest, pk: int):
-        obj, error = self._post_only(request, pk)
-        if error:
-            return error
-        self._report_refresh(request, [obj])
-        return HttpResponseRedirect(obj.get_admin_url())
-
-    def disconnect_view(self, request: HttpRequest, pk: int):
-        obj, error = self._post_only(request, pk)
-        if error:
-            return error
-        self._disconnect(request, [obj])
-        return HttpResponseRedirect(obj.get_admin_url())
+    def _after_save_and_authorize(self, request, obj: Datasource):
+        self.message_user(request, f"“{obj}” was saved.", messages.SUCCESS)
+        if obj.grant_type == GrantType.AUTHORIZATION_CODE and not obj.per_user:
+            return HttpResponseRedirect(obj.get_authorize_url())
+        if obj.per_user:
+            return HttpResponseRedirect(obj.get_connect_url())
+        return HttpResponseRedirect(obj.get_admin_url())  # the token is fetched after saving
 
     # --- actions -----------------------------------------------------------------------------
 
@@ -375,64 +495,40 @@ class DatasourceAdmin(admin.ModelAdmin):
             return None
         return HttpResponseRedirect(queryset.get().get_authorize_url())
 
-    @admin.action(description=_("Refresh tokens now"), permissions=["change"])
+    @admin.action(description=_("Refresh tokens now (in the background)"), permissions=["change"])
     def refresh_selected(self, request, queryset):
-        self._report_refresh(request, list(queryset))
+        admin_views.enqueue_refreshes(request, list(queryset))
 
-    @admin.action(description=_("Disconnect (revoke and delete tokens)"), permissions=["change"])
+    @admin.action(description=_("Disconnect (revoke and delete tokens)…"), permissions=["change"])
     def disconnect_selected(self, request, queryset):
-        self._disconnect(request, list(queryset))
-
-    def _report_refresh(self, request, datasources: list[Datasource]) -> None:
-        done = 0
-        for datasource in datasources:
-            result = tokens.refresh_token(datasource, force=True)
-            if result.outcome in ("refreshed", "fresh"):
-                done += 1
-            elif result.outcome == "skipped":
-                self.message_user(
-                    request,
-                    f"“{datasource}”: {result.error or 'another refresh is in progress'}.",
-                    messages.WARNING,
-                )
-            else:
-                self.message_user(
-                    request, f"“{datasource}”: refresh failed: {result.error}", messages.ERROR
-                )
-        if done:
-            self.message_user(
-                request,
-                ngettext(
-                    "Refreshed %(count)d datasource.", "Refreshed %(count)d datasources.", done
-                )
-                % {"count": done},
-                messages.SUCCESS,
-            )
-
-    def _disconnect(self, request, datasources: list[Datasource]) -> None:
-        for datasource in datasources:
-            for problem in tokens.disconnect(datasource):
-                self.message_user(request, f"“{datasource}”: {problem}", messages.WARNING)
-        self.message_user(
-            request,
-            ngettext(
-                "Disconnected %(count)d datasource.",
-                "Disconnected %(count)d datasources.",
-                len(datasources),
-            )
-            % {"count": len(datasources)},
-            messages.SUCCESS,
-        )
+        return admin_views.confirm_bulk_disconnect(self, request, queryset)
 
     def delete_model(self, request, obj):
-        if obj.revocation_url:
-            tokens.disconnect(obj)
+        admin_views.revoke_after_delete(request, [obj])
         super().delete_model(request, obj)
 
     def delete_queryset(self, request, queryset):
-        for obj in queryset.exclude(revocation_url=""):
-            tokens.disconnect(obj)
+        admin_views.revoke_after_delete(request, list(queryset))
         super().delete_queryset(request, queryset)
+
+
+class _HealthChangeList(ChangeList):
+    """The list page loads each row's 24-hour usage snapshots with one query for the page."""
+
+    def get_results(self, request):
+        super().get_results(request)
+        since = timezone.now() - timedelta(hours=dashboard.HOURS + 1)
+        rows = list(self.result_list)
+        ids = [row.pk for row in rows]
+        samples: dict[int, list[UsageSample]] = {pk: [] for pk in ids}
+        for sample in UsageSample.objects.filter(
+            datasource_id__in=ids, taken_at__gte=since
+        ).order_by("taken_at", "pk"):
+            samples[sample.datasource_id].append(sample)
+        live = {u.datasource_id: u for u in DatasourceUsage.objects.filter(datasource_id__in=ids)}
+        for row in rows:
+            row.recent_samples = samples[row.pk]
+            row.live_usage = live.get(row.pk)
 
 
 class ReadOnlyAdmin(admin.ModelAdmin):

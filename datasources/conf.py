@@ -78,6 +78,8 @@ DEFAULTS: dict[str, Any] = {
     "EMAIL_OWNER_ON_REAUTHORIZATION": True,
     # Proxy call counters are written to the database at most this often (seconds) per process.
     "USAGE_FLUSH_INTERVAL": 1.0,
+    # Beat snapshots the proxy counters this often (seconds) for the admin's 24-hour charts.
+    "USAGE_SAMPLE_INTERVAL": 300,
     # Timeout (seconds, or a (connect, read) pair) of the Python client (datasource.session())
     # unless one is given per session or per call.
     "CLIENT_TIMEOUT": 30.0,

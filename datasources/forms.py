@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import re
+
 from django import forms
 from django.db import models
 from django.utils.translation import gettext_lazy as _
 
-from . import oauth
+from . import oauth, secretkeep
 from .exceptions import DatasourceError
+from .explain import JSON_HINT
 from .models import CONFIG_FIELDS, ApiKey, Datasource, GrantType, normalize_scopes
 
 
@@ -29,6 +32,90 @@ def _formfield(db_field, **kwargs):
     return db_field.formfield(**kwargs)
 
 
+#: ``{tenant}``-style placeholders left from a provider preset.
+PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_.-]*)\}")
+
+#: Help in plain words; the standards are named only in a "learn more" tail.
+HELP_TEXTS = {
+    "name": _("A name you will recognise, e.g. “CRM (production)”."),
+    "slug": _(
+        "A short unique name used in the proxy URL: /api/v1/datasources/SLUG/proxy/… "
+        "Letters, digits, - and _ only."
+    ),
+    "base_url": _(
+        "Where the API lives, e.g. https://api.example.com/v1/. Calls through the proxy can "
+        "only reach URLs below it."
+    ),
+    "grant_type": _(
+        "Authorization code: a person signs in at the provider once and grants access (most "
+        "SaaS APIs). Client credentials: server to server with the client ID and secret "
+        "alone, nobody signs in."
+    ),
+    "token_sharing": _(
+        "Shared: you authorize once and every app and user calls the API with that access. "
+        "Per user: each user connects their own account and calls the API as themselves."
+    ),
+    "authorization_url": _(
+        "The provider's sign-in and consent page, from its OAuth documentation (it often ends "
+        "in /authorize)."
+    ),
+    "access_token_url": _(
+        "The provider's token endpoint, from its OAuth documentation (it often ends in "
+        "/token). Access tokens are fetched and renewed here."
+    ),
+    "issuer": _(
+        "Optional: the provider's issuer URL, e.g. https://accounts.google.com. Tick the box "
+        "below to fill the endpoints from it. When set, sign-in answers from another issuer "
+        "are refused. Learn more: OpenID Connect discovery, RFC 8414, RFC 9207."
+    ),
+    "client_id": _("From the app (client) you registered at the provider."),
+    "client_authentication": _(
+        "How the client ID and secret are sent when fetching tokens. Most providers accept "
+        "the Basic header; choose the body if the provider's documentation says "
+        "client_id and client_secret go in the request body."
+    ),
+    "scopes": _(
+        "The permissions to ask for, named as the provider documents them, separated by "
+        "commas or spaces (e.g. read, write). Empty if the provider has none."
+    ),
+    "scope_separator": _(
+        "How the scopes are joined when sent: spaces is the standard; Slack and Zoho want commas."
+    ),
+    "custom_auth_params": _(
+        "Extra settings for the provider's consent page, as JSON. Many providers send a "
+        "refresh token (which keeps the connection alive without you) only when asked, e.g. "
+        'Google and Zoho: {"access_type": "offline", "prompt": "consent"}.'
+    ),
+    "use_pkce": _(
+        "Extra protection for the sign-in step. Leave it on unless the provider rejects it. "
+        "Learn more: PKCE, RFC 7636."
+    ),
+    "token_placement": _(
+        "Where the access token goes in each API call: the Authorization header (almost "
+        "always), or a query parameter when the API's documentation requires it (URLs end up "
+        "in logs). Learn more: RFC 9700 §4.3.2."
+    ),
+    "header_prefix": _(
+        "The word before the token in the Authorization header; empty means Bearer."
+    ),
+    "query_param_name": _("The query parameter that carries the token, e.g. access_token."),
+    "revocation_url": _(
+        "Optional: the provider's revoke endpoint. Tokens are revoked there when you "
+        "disconnect or delete this datasource. Learn more: RFC 7009."
+    ),
+    "audience": _("Optional: the API the token is for, when the provider asks (Auth0, Okta)."),
+    "resource": _(
+        "Optional: the API the token is for, as a URL, when the provider asks. Learn more: "
+        "RFC 8707."
+    ),
+    "issuer_returns_iss": _(
+        "The provider names itself (iss) when sending the person back. When on and an issuer "
+        "is set, an answer without it is refused; when off, only a wrong one is. Learn more: "
+        "RFC 9207."
+    ),
+}
+
+
 class DatasourceForm(forms.ModelForm):
     client_secret = forms.CharField(
         label=_("Client secret"),
@@ -36,13 +123,15 @@ class DatasourceForm(forms.ModelForm):
         strip=True,
         widget=WriteOnlySecretInput,
     )
+    #: Refers to a typed secret kept server-side after a validation error (see secretkeep).
+    secret_hold = forms.CharField(required=False, widget=forms.HiddenInput)
     discover = forms.BooleanField(
         label=_("Fill the endpoints from the issuer's metadata"),
         required=False,
         help_text=_(
-            "Fetches /.well-known/openid-configuration (or RFC 8414 oauth-authorization-server) "
-            "from the issuer and fills the authorization, token and revocation URLs, PKCE and iss "
-            "support."
+            "Reads the provider's published configuration and fills the authorization, token "
+            "and revocation URLs, PKCE and iss support. Learn more: OpenID Connect discovery, "
+            "RFC 8414."
         ),
     )
     clear_client_secret = forms.BooleanField(
@@ -50,11 +139,14 @@ class DatasourceForm(forms.ModelForm):
         required=False,
         help_text=_("Tick to remove the stored secret (for public clients)."),
     )
+    #: The request, set by the admin (the session holds a typed secret across errors).
+    request = None
 
     class Meta:
         model = Datasource
         formfield_callback = _formfield
         fields = (*CONFIG_FIELDS, "client_secret")
+        help_texts = HELP_TEXTS
         widgets = {
             "custom_auth_params": forms.Textarea(attrs={"rows": 3, "cols": 60}),
             "default_headers": forms.Textarea(attrs={"rows": 3, "cols": 60}),
@@ -66,15 +158,75 @@ class DatasourceForm(forms.ModelForm):
         super().__init__(*args, **kwargs)
         if self.data.get("discover") and "access_token_url" in self.fields:
             self.fields["access_token_url"].required = False  # discovery fills it
+        for name in ("custom_auth_params", "default_headers", "default_query_params"):
+            if name in self.fields:
+                self.fields[name].error_messages["invalid"] = JSON_HINT
         stored = bool(self.instance.pk and self.instance.client_secret)
+        self.held_secret = None
+        if self.is_bound and not self.data.get("client_secret") and self._session is not None:
+            self.held_secret = secretkeep.take(self._session, self.data.get("secret_hold", ""))
         field = self.fields["client_secret"]
-        field.help_text = (
-            _("A secret is stored (encrypted). Leave blank to keep it, or type a new one.")
-            if stored
-            else _("No secret is stored. It is encrypted at rest and never shown again.")
-        )
+        if self.held_secret:
+            field.help_text = _(
+                "The secret you typed is kept for this form (it is not shown). Leave the box "
+                "blank to use it, or type another."
+            )
+        elif stored:
+            field.help_text = _(
+                "A secret is stored (encrypted). Leave blank to keep it, or type a new one."
+            )
+        else:
+            field.help_text = _(
+                "From the app you registered at the provider. It is encrypted at rest and never "
+                "shown again."
+            )
         if "clear_client_secret" in self.fields and not stored:
             self.fields["clear_client_secret"].disabled = True
+
+    @property
+    def _session(self):
+        return getattr(self.request, "session", None)
+
+    def _clean_fields(self) -> None:
+        super()._clean_fields()
+        for name, field in self.fields.items():
+            if name in ("client_secret", "secret_hold") or field.disabled:
+                continue
+            raw = self.data.get(self.add_prefix(name))
+            found = PLACEHOLDER.search(raw) if isinstance(raw, str) else None
+            if found:
+                # Replaces "Enter a valid URL." and the like: this is what is wrong.
+                self._errors.pop(name, None)
+                self.cleaned_data.pop(name, None)
+                self.add_error(
+                    name,
+                    _(
+                        "Replace the placeholder %(placeholder)s with your own value (the "
+                        "preset's notes above say what goes there)."
+                    )
+                    % {"placeholder": found.group(0)},
+                )
+
+    def full_clean(self) -> None:
+        super().full_clean()
+        typed = self.data.get("client_secret", "").strip() if self.is_bound else ""
+        secret = typed or self.held_secret
+        if self._errors and secret and self._session is not None:
+            # Keep what was typed for this form, server-side; the page shows only a reference.
+            reference = secretkeep.keep(self._session, secret, self.data.get("secret_hold", ""))
+            self.data = self.data.copy()
+            self.data["secret_hold"] = reference
+            self.data["client_secret"] = ""
+            self.held_secret = secret
+            self.fields["client_secret"].help_text = _(
+                "The secret you typed is kept for this form (it is not shown). Leave the box "
+                "blank to use it, or type another."
+            )
+
+    def forget_held_secret(self) -> None:
+        """After a successful save: the held secret, if any, is no longer needed."""
+        if self._session is not None and self.data.get("secret_hold"):
+            secretkeep.drop(self._session, self.data["secret_hold"])
 
     def clean_scopes(self) -> str:
         return normalize_scopes(self.cleaned_data.get("scopes", ""))
@@ -84,7 +236,7 @@ class DatasourceForm(forms.ModelForm):
         if value in (None, ""):
             return {}
         if not isinstance(value, dict):
-            raise forms.ValidationError(_('Enter a JSON object, e.g. {"prompt": "consent"}.'))
+            raise forms.ValidationError(JSON_HINT)
         return value  # its keys and values are checked by Datasource.clean()
 
     def clean_default_headers(self):
@@ -105,12 +257,15 @@ class DatasourceForm(forms.ModelForm):
 
     def clean(self):
         cleaned = super().clean()
+        cleaned.pop("secret_hold", None)
         if cleaned.get("discover"):
             self._discover(cleaned)
-        secret = cleaned.get("client_secret")
+        secret = cleaned.get("client_secret") or self.held_secret
         if cleaned.get("clear_client_secret"):
             cleaned["client_secret"] = None
-        elif not secret:
+        elif secret:
+            cleaned["client_secret"] = secret
+        else:
             # Blank keeps the stored value: construct_instance skips fields not in cleaned_data.
             cleaned.pop("client_secret", None)
         if (
@@ -156,7 +311,7 @@ class DatasourceForm(forms.ModelForm):
                 "resource",
             }
             & set(self.changed_data)
-        ) or bool(self.cleaned_data.get("clear_client_secret"))
+        ) or bool(self.cleaned_data.get("clear_client_secret") or self.held_secret)
 
 
 class ApiKeyForm(forms.ModelForm):

@@ -892,3 +892,29 @@ class DatasourceUsage(models.Model):
 
     def __str__(self) -> str:
         return f"Usage of {self.datasource_id}"
+
+
+class UsageSample(models.Model):
+    """A snapshot of a datasource's proxy counters (:class:`DatasourceUsage`), taken every few
+    minutes by the ``sample_usage`` task; differences between snapshots give the calls, errors
+    and latency per hour that the admin charts."""
+
+    datasource = models.ForeignKey(
+        Datasource,
+        on_delete=models.CASCADE,
+        related_name="usage_samples",
+        verbose_name=_("datasource"),
+    )
+    taken_at = models.DateTimeField(_("taken at"), default=timezone.now)
+    calls = models.PositiveBigIntegerField(_("proxied calls"), default=0)
+    errors = models.PositiveBigIntegerField(_("errors"), default=0)
+    total_duration_ms = models.PositiveBigIntegerField(_("total duration (ms)"), default=0)
+
+    class Meta:
+        verbose_name = _("usage sample")
+        verbose_name_plural = _("usage samples")
+        ordering = ["taken_at"]
+        indexes = [models.Index(fields=["datasource", "taken_at"], name="ds_usage_sample_time")]
+
+    def __str__(self) -> str:
+        return f"Usage of {self.datasource_id} at {self.taken_at:%Y-%m-%d %H:%M}"

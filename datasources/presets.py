@@ -1,6 +1,6 @@
 """Provider presets: a data file (presets/providers.json), not code. Choosing one pre-fills the
-admin's add form; every value stays editable. ``{tenant}``-style placeholders must be replaced
-(the URL validators refuse them until then)."""
+admin's add form; every value stays editable. ``{tenant}``-style placeholders must be replaced:
+the form refuses any field that still has one, naming it."""
 
 from __future__ import annotations
 
@@ -27,8 +27,8 @@ def initial_for(key: str) -> dict[str, Any]:
     preset = all_presets().get(key)
     if preset is None:
         return {}
+    # JSON fields get the object itself: the form field renders it as JSON once (a string here
+    # would be shown as a JSON string, and saved as one).
     initial = {k: v for k, v in preset.items() if k in CONFIG_FIELDS}
-    if isinstance(initial.get("custom_auth_params"), dict):
-        initial["custom_auth_params"] = json.dumps(initial["custom_auth_params"])
     initial.setdefault("grant_type", "authorization_code")
     return initial

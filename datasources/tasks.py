@@ -13,6 +13,7 @@ from celery.signals import task_postrun, task_prerun
 from django.db import DatabaseError, connections
 
 from . import tokens
+from .models import Token
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +50,15 @@ def refresh(token_id: int) -> str:
 # --- database connections around our tasks --------------------------------------------------
 
 #: Literal names: reading ``sweep.name`` here would evaluate the shared_task proxies at import.
-_OWN_TASKS = frozenset({"datasources.tasks.sweep", "datasources.tasks.refresh"})
+_OWN_TASKS = frozenset(
+    {
+        "datasources.tasks.sweep",
+        "datasources.tasks.refresh",
+        "datasources.tasks.refresh_now",
+        "datasources.tasks.revoke_deleted",
+        "datasources.tasks.sample_usage",
+    }
+)
 
 
 def _recycle_connections(sender: Any = None, **kwargs: Any) -> None:
@@ -98,3 +107,35 @@ def _recycle_connections(sender: Any = None, **kwargs: Any) -> None:
 
 task_prerun.connect(_recycle_connections, weak=False, dispatch_uid="datasources.tasks.prerun")
 task_postrun.connect(_recycle_connections, weak=False, dispatch_uid="datasources.tasks.postrun")
+
+
+# --- work handed over by the admin -------------------------------------------------------------
+
+
+@shared_task(name="datasources.tasks.refresh_now", ignore_result=True, soft_time_limit=60)
+def refresh_now(token_id: int) -> str:
+    """A person asked for a refresh (the admin's bulk action): refresh even a fresh token."""
+    token = Token.objects.select_related("datasource").filter(pk=token_id).first()
+    if token is None:
+        return "skipped"
+    result = tokens.refresh_token(token, force=True)
+    logger.info(
+        "refresh of datasource %s asked in the admin: %s", token.datasource.slug, result.outcome
+    )
+    return result.outcome
+
+
+@shared_task(name="datasources.tasks.revoke_deleted", ignore_result=True, soft_time_limit=60)
+def revoke_deleted(payload: str) -> int:
+    """Revoke the tokens of a deleted datasource (``payload``: see adminjobs)."""
+    from .adminjobs import revoke_from_payload
+
+    return len(revoke_from_payload(payload))
+
+
+@shared_task(name="datasources.tasks.sample_usage", ignore_result=True)
+def sample_usage() -> int:
+    """Snapshot the proxy counters for the admin's 24-hour charts."""
+    from .dashboard import take_samples
+
+    return take_samples()

@@ -13,8 +13,13 @@ os.environ.setdefault(
 )
 os.environ.setdefault("DATA_DIR", str(Path(__file__).resolve().parent.parent / "var" / "test"))
 
+from config.paths import broker_folders
 from config.settings import *  # noqa: F403
 from config.settings import BASE_DIR, DATA_DIR, DATABASES, INSTALLED_APPS, TEMPLATES
+
+# The project's entry points create these (config.paths.ensure_data_dirs); pytest is not one.
+for _folder in (DATA_DIR, DATA_DIR / "static", *broker_folders(DATA_DIR).values()):
+    _folder.mkdir(parents=True, exist_ok=True)
 
 INSTALLED_APPS = [*INSTALLED_APPS, "oauth2_provider"]
 ROOT_URLCONF = "tests.urls"

@@ -184,7 +184,8 @@ def test_change_page_shows_a_configuration_error_and_a_missing_refresh_token(sta
     page = staff_client.get(change_url(datasource)).content.decode()
     assert "datasource-banner-configuration" in page
     assert "invalid_scope: unknown scope write" in page
-    assert "fix the datasource's settings" in page
+    assert "Renewing the token fails because of the settings" in page
+    assert "Correct “Scope(s)”" in page  # what to do, in plain words
     assert "datasource-banner-no-refresh-token" in page
     assert "stops working at" in page and "access_type=offline" in page
 

@@ -242,7 +242,7 @@ def test_disconnect_revokes_at_the_provider_and_forgets_tokens(auth_server, staf
     response = staff_client.post(
         f"/admin/datasources/datasource/{datasource.pk}/disconnect/", follow=True
     )
-    assert "Disconnected 1 datasource" in response.content.decode()
+    assert "was disconnected and its tokens revoked at the provider" in response.content.decode()
     token.refresh_from_db()
     assert token.status == TokenStatus.NOT_AUTHORIZED
     assert token.access_token is None and token.refresh_token is None

@@ -1,0 +1,76 @@
+"""Work the admin hands to Celery instead of doing inside a request: bulk refreshes and the
+revocation of a deleted datasource's tokens (one token-endpoint call per row would hold the
+admin page for as long as the slowest provider takes).
+
+A deleted datasource's row is gone when its task runs, so what the revocation needs (endpoint,
+client credentials, tokens) travels in the message, encrypted with the app's Fernet keys: the
+broker never holds a secret in plain text.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from django.views.decorators.debug import sensitive_variables
+
+from . import oauth
+from .exceptions import DatasourceError
+from .models import Datasource, Token
+
+logger = logging.getLogger(__name__)
+
+
+def _fernet():
+    return Datasource._meta.get_field("client_secret").fernet
+
+
+@sensitive_variables()
+def revocation_payload(datasource: Datasource) -> str | None:
+    """The encrypted message that lets a worker revoke ``datasource``'s tokens after the row is
+    deleted, or None when there is nothing to revoke."""
+    if not datasource.revocation_url:
+        return None
+    values = []
+    for token in Token.objects.filter(datasource=datasource):
+        values += [
+            [value, hint]
+            for value, hint in (
+                (token.refresh_token, "refresh_token"),
+                (token.access_token, "access_token"),
+            )
+            if value
+        ]
+    if not values:
+        return None
+    data = {
+        "slug": datasource.slug,
+        "revocation_url": datasource.revocation_url,
+        "client_id": datasource.client_id,
+        "client_secret": datasource.client_secret,
+        "client_authentication": datasource.client_authentication,
+        "tokens": values,
+    }
+    return _fernet().encrypt(json.dumps(data).encode()).decode()
+
+
+@sensitive_variables()
+def revoke_from_payload(payload: str) -> list[str]:
+    """Revoke every token in ``payload``; returns the problems met (secret-free)."""
+    data = json.loads(_fernet().decrypt(payload.encode()))
+    datasource = Datasource(
+        slug=data["slug"],
+        revocation_url=data["revocation_url"],
+        client_id=data["client_id"],
+        client_secret=data["client_secret"],
+        client_authentication=data["client_authentication"],
+    )
+    problems = []
+    for value, hint in data["tokens"]:
+        try:
+            oauth.revoke(datasource, value, hint)
+        except DatasourceError as err:
+            problems.append(f"Revoking a {hint.replace('_', ' ')} of {data['slug']} failed: {err}")
+    for problem in problems:
+        logger.warning("%s", problem)
+    return problems

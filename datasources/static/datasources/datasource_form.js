@@ -1,0 +1,82 @@
+/* The datasource form follows the builder's choices: fields that do not apply to the chosen
+   grant type or token placement are hidden. Without JavaScript every field stays visible and the
+   server ignores the ones that do not apply. Also: copy buttons. No build step, no framework. */
+(function () {
+  "use strict";
+
+  // Fields that only mean something for the authorization code grant (a person signs in).
+  var CODE_GRANT_ONLY = [
+    "authorization_url", "use_pkce", "token_sharing", "issuer", "discover",
+    "issuer_returns_iss", "custom_auth_params"
+  ];
+
+  function rows(name) {
+    return document.querySelectorAll(".form-row.field-" + name + ", .fieldBox.field-" + name);
+  }
+
+  function show(names, visible) {
+    names.forEach(function (name) {
+      rows(name).forEach(function (row) { row.hidden = !visible; });
+    });
+  }
+
+  function valueOf(id) {
+    var element = document.getElementById(id);
+    return element ? element.value : null;
+  }
+
+  function update() {
+    var grant = valueOf("id_grant_type");
+    if (grant !== null) {
+      var codeGrant = grant === "authorization_code";
+      show(CODE_GRANT_ONLY, codeGrant);
+      document.querySelectorAll(".datasource-redirect-uri, .datasource-save-authorize")
+        .forEach(function (element) { element.hidden = !codeGrant; });
+    }
+    var placement = valueOf("id_token_placement");
+    if (placement !== null) {
+      show(["header_prefix"], placement === "header");
+      show(["query_param_name"], placement === "query");
+    }
+  }
+
+  function copyButtons() {
+    document.querySelectorAll("[data-copy]").forEach(function (button) {
+      button.hidden = false;
+      button.addEventListener("click", function () {
+        var text = button.getAttribute("data-copy");
+        var done = function () {
+          button.textContent = "Copied";
+          button.classList.add("datasource-copied");
+        };
+        if (navigator.clipboard && window.isSecureContext) {
+          navigator.clipboard.writeText(text).then(done, function () { fallback(text); done(); });
+        } else {
+          fallback(text);
+          done();
+        }
+      });
+    });
+  }
+
+  function fallback(text) {
+    var area = document.createElement("textarea");
+    area.value = text;
+    area.setAttribute("readonly", "");
+    area.style.position = "absolute";
+    area.style.left = "-9999px";
+    document.body.appendChild(area);
+    area.select();
+    try { document.execCommand("copy"); } catch (e) { /* the text stays selectable */ }
+    document.body.removeChild(area);
+  }
+
+  document.addEventListener("DOMContentLoaded", function () {
+    ["id_grant_type", "id_token_placement"].forEach(function (id) {
+      var element = document.getElementById(id);
+      if (element) { element.addEventListener("change", update); }
+    });
+    update();
+    copyButtons();
+  });
+})();
