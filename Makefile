@@ -30,10 +30,10 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 
 run: $(VENV)/.installed .env
 	$(BIN)/python manage.py migrate --noinput
-	$(BIN)/python manage.py ensure_admin
+	$(BIN)/python manage.py ensure_admin   # ADMIN_EMAIL=you@example.com make run: notices reach you
 	@echo "Admin: http://$(HOST):$(PORT)/admin/  (worker + beat log: var/worker.log)"
-	@$(BIN)/celery -A config worker --beat --loglevel=INFO --concurrency=2 > var/worker.log 2>&1 & \
-	  worker=$$!; trap "kill $$worker 2>/dev/null" EXIT INT TERM; \
+	@mkdir -p var; $(BIN)/celery -A config worker --beat --loglevel=INFO --concurrency=2 > var/worker.log 2>&1 & \
+	  worker=$$!; trap "kill $$worker 2>/dev/null" EXIT; trap "kill $$worker 2>/dev/null; exit 1" HUP INT TERM; \
 	  $(BIN)/python manage.py runserver $(HOST):$(PORT)
 
 # Debian's chromium for the one real-browser test (Playwright cannot download its own here).

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from datetime import timedelta
+from functools import partial
 
 from django.contrib import admin, messages
 from django.contrib.admin.views.main import ChangeList
 from django.db import models, transaction
 from django.db.models import OuterRef, Prefetch, Subquery
 from django.http import HttpResponseRedirect
-from django.template.response import TemplateResponse
-from django.urls import path
+from django.urls import path, reverse
 from django.utils import timezone
 from django.utils.decorators import method_decorator
 from django.utils.html import format_html, format_html_join
@@ -18,7 +18,7 @@ from django.utils.translation import gettext_lazy as _
 from django.utils.translation import ngettext
 from django.views.decorators.debug import sensitive_post_parameters
 
-from . import admin_views, apikeys, dashboard, flow, presets, tokens, views
+from . import admin_views, apikey_views, apikeys, dashboard, flow, presets, tokens, views
 from .forms import ApiKeyForm, DatasourceForm
 from .models import (
     API_KEY_PREFIX,
@@ -643,16 +643,20 @@ class ApiKeyAdmin(admin.ModelAdmin):
         key = getattr(request, "_datasources_new_api_key", None)
         if key is None:
             return super().response_add(request, obj, post_url_continue)
-        context = {
-            **self.admin_site.each_context(request),
-            "title": _("API key created"),
-            "api_key": obj,
-            "key": key,
-            "opts": self.opts,
-        }
-        response = TemplateResponse(request, "admin/datasources/apikey/created.html", context)
-        response["Cache-Control"] = "no-store"
-        return response
+        # Post/redirect/get: the key waits (encrypted) in the session for the page that shows
+        # it once; reloading that page creates nothing and shows nothing new.
+        apikey_views.hold(request, obj, key)
+        return HttpResponseRedirect(reverse("admin:datasources_apikey_created", args=[obj.pk]))
+
+    def get_urls(self):
+        return [
+            path(
+                "<int:pk>/created/",
+                self.admin_site.admin_view(partial(apikey_views.created_view, self)),
+                name="datasources_apikey_created",
+            ),
+            *super().get_urls(),
+        ]
 
     @admin.action(description=_("Revoke the selected keys"), permissions=["change"])
     def revoke_selected(self, request, queryset):

@@ -70,3 +70,26 @@ def check_import_env_prefix(app_configs=None, **kwargs):
             )
         ]
     return []
+
+
+@register()
+def check_secure_cookies(app_configs=None, **kwargs):
+    """With DEBUG off, Secure-only cookies make signing in over plain http fail with "CSRF
+    cookie not set"; say so before an operator meets it in the browser."""
+    secure_cookies = getattr(settings, "SESSION_COOKIE_SECURE", False) or getattr(
+        settings, "CSRF_COOKIE_SECURE", False
+    )
+    if settings.DEBUG or not secure_cookies or getattr(settings, "SECURE_PROXY_SSL_HEADER", None):
+        return []
+    return [
+        Warning(
+            "The session and CSRF cookies are sent over HTTPS only (DEBUG is off), and no "
+            "TLS-terminating proxy is configured: signing in to the admin over plain http "
+            'fails with "CSRF verification failed. CSRF cookie not set."',
+            hint="Serve the admin over HTTPS (behind a TLS proxy set "
+            "SECURE_PROXY_SSL_HEADER_ENABLED=1). Only on a trusted network, set "
+            "SESSION_COOKIE_SECURE=0 and CSRF_COOKIE_SECURE=0. If gunicorn itself terminates "
+            "TLS, silence this with SILENCED_SYSTEM_CHECKS.",
+            id="datasources.W010",
+        )
+    ]

@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 
 from django.db.models import Count
 from django.http import HttpRequest
-from django.urls import reverse
+from django.urls import NoReverseMatch, reverse
 from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 from django.utils.safestring import SafeString
@@ -380,7 +380,22 @@ def banners(datasource: Datasource, token: Token | None) -> list[Banner]:
     missing = no_refresh_token_warning(datasource, token) if token else ""
     if missing:
         found.append(Banner("warning", "no-refresh-token", missing, action=actions["reauthorize"]))
-    if not found and status == TokenStatus.ACTIVE:
+    owner = datasource.owner
+    if owner is None or not owner.email:
+        found.append(
+            Banner(
+                "info",
+                "no-owner-email",
+                "Nobody is emailed when this datasource needs re-authorization: "
+                + (
+                    f"its owner {owner.get_username()} has no email address."
+                    if owner is not None
+                    else "it has no owner (Advanced)."
+                ),
+                action=_user_action(owner),
+            )
+        )
+    if not [b for b in found if b.key != "no-owner-email"] and status == TokenStatus.ACTIVE:
         found.append(
             Banner(
                 "success",
@@ -391,6 +406,18 @@ def banners(datasource: Datasource, token: Token | None) -> list[Banner]:
             )
         )
     return found
+
+
+def _user_action(user) -> Action | None:
+    if user is None:
+        return None
+    try:
+        url = reverse(
+            f"admin:{user._meta.app_label}_{user._meta.model_name}_change", args=[user.pk]
+        )
+    except NoReverseMatch:  # a user model the admin does not show
+        return None
+    return Action("Set an email address", url, css="datasource-owner-email")
 
 
 def per_user_summary(datasource: Datasource) -> Banner:

@@ -658,7 +658,9 @@ def test_the_admin_defaults_to_least_privilege(spy, staff_client):
 def test_an_all_datasources_key_is_an_explicit_choice(spy, staff_client):
     first = connected(spy, slug="first", name="First")
     response = staff_client.post(
-        "/admin/datasources/apikey/add/", {"name": "everything", "all_datasources": "on"}
+        "/admin/datasources/apikey/add/",
+        {"name": "everything", "all_datasources": "on"},
+        follow=True,  # post/redirect/get: the key is on the page the redirect leads to
     )
     html = response.content.decode()
     key = html.split('class="new-api-key"')[1].split(">", 1)[1].split("<", 1)[0]

@@ -311,12 +311,16 @@ def test_admin_shows_new_key_once(staff_client):
     response = staff_client.post(
         "/admin/datasources/apikey/add/", {"name": "from-admin", "all_datasources": "on"}
     )
-    assert response.status_code == 200
-    html = response.content.decode()
-    assert "cannot be shown again" in html
     from datasources.models import ApiKey
 
     stored = ApiKey.objects.get(name="from-admin")
+    # Post/redirect/get: the key is shown by the page the POST redirects to, once.
+    assert response.status_code == 302
+    assert response["Location"] == f"/admin/datasources/apikey/{stored.pk}/created/"
+    html = staff_client.get(response["Location"]).content.decode()
+    assert "cannot be shown again" in html
+    again = staff_client.get(response["Location"]).content.decode()
+    assert "new-api-key" not in again and "was shown once" in again
     change = staff_client.get(f"/admin/datasources/apikey/{stored.pk}/change/").content.decode()
     key = html.split('class="new-api-key"')[1].split(">", 1)[1].split("<", 1)[0]
     assert key.startswith("dsk_") and key not in change
