@@ -649,8 +649,9 @@ def test_the_admin_defaults_to_least_privilege(spy, staff_client):
     assert staff_client.post("/admin/datasources/apikey/add/", both).status_code == 200
     assert not ApiKey.objects.exists()
     chosen = {"name": "k", "datasources": [datasource.pk]}
-    assert staff_client.post("/admin/datasources/apikey/add/", chosen).status_code == 200
+    response = staff_client.post("/admin/datasources/apikey/add/", chosen)
     created = ApiKey.objects.get()
+    assert response["Location"] == f"/admin/datasources/apikey/{created.pk}/created/"
     assert not created.all_datasources
     assert list(created.datasources.all()) == [datasource]
 
