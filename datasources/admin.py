@@ -117,15 +117,16 @@ class DatasourceAdmin(admin.ModelAdmin):
     form = DatasourceForm
     formfield_overrides = {models.URLField: {"assume_scheme": "https"}}
     change_form_template = "admin/datasources/datasource/change_form.html"
+    # Health first (a narrow screen scrolls the table sideways), configuration last.
     list_display = (
         "name",
-        "slug",
-        "grant_type",
         "status",
         "expires",
+        "usage_24h",
         "last_refreshed",
         "last_error_short",
-        "usage_24h",
+        "grant_type",
+        "slug",
     )
     list_filter = ("grant_type", "token_sharing", SharedStatusFilter)
     search_fields = ("name", "slug", "base_url")
@@ -242,7 +243,11 @@ class DatasourceAdmin(admin.ModelAdmin):
         token = _token(obj)
         if obj.per_user or not token or not token.last_refreshed_at:
             return "—"
-        return f"{timezone.localtime(token.last_refreshed_at):%Y-%m-%d %H:%M:%S %Z}"
+        return format_html(
+            '<span title="{}">{}</span>',
+            f"{timezone.localtime(token.last_refreshed_at):%Y-%m-%d %H:%M:%S %Z}",
+            dashboard.ago(token.last_refreshed_at),
+        )
 
     @admin.display(description=_("last error"))
     def last_error_short(self, obj: Datasource):
@@ -263,7 +268,7 @@ class DatasourceAdmin(admin.ModelAdmin):
             usage = dashboard.hourly(samples, getattr(obj, "live_usage", None))
         return format_html(
             '{}<br><small class="datasource-usage-summary">{}</small>',
-            dashboard.chart(usage, width=192, height=28),
+            dashboard.chart(usage, width=120, height=24),
             usage.summary(),
         )
 

@@ -62,7 +62,9 @@ class DisconnectView(_DatasourceView):
         datasource = self.datasource(request, pk)
         context = self.context(request, datasource, f"Disconnect “{datasource}”?")
         context["token_count"] = (
-            Token.objects.filter(datasource=datasource).exclude(access_token=None).count()
+            Token.objects.filter(datasource=datasource)
+            .exclude(status=TokenStatus.NOT_AUTHORIZED)
+            .count()
         )
         return TemplateResponse(
             request, "admin/datasources/datasource/disconnect_confirmation.html", context

@@ -233,6 +233,12 @@ def time_to_expiry(token: Token | None, now: datetime | None = None) -> str:
     return f"in {text}" if seconds > 0 else f"expired {text} ago"
 
 
+def ago(when: datetime, now: datetime | None = None) -> str:
+    """ "5 min ago"."""
+    seconds = ((now or timezone.now()) - when).total_seconds()
+    return "just now" if seconds < 5 else f"{_duration(seconds)} ago"
+
+
 def _duration(seconds: float) -> str:
     if seconds < 90:
         return f"{int(seconds)} s"

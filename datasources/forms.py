@@ -116,6 +116,12 @@ HELP_TEXTS = {
 }
 
 
+KEPT_HELP = _(
+    "The secret you typed is kept for this form (it is not shown). Leave the box blank to use "
+    "it, or type another."
+)
+
+
 class DatasourceForm(forms.ModelForm):
     client_secret = forms.CharField(
         label=_("Client secret"),
@@ -167,10 +173,7 @@ class DatasourceForm(forms.ModelForm):
             self.held_secret = secretkeep.take(self._session, self.data.get("secret_hold", ""))
         field = self.fields["client_secret"]
         if self.held_secret:
-            field.help_text = _(
-                "The secret you typed is kept for this form (it is not shown). Leave the box "
-                "blank to use it, or type another."
-            )
+            field.help_text = KEPT_HELP
         elif stored:
             field.help_text = _(
                 "A secret is stored (encrypted). Leave blank to keep it, or type a new one."
@@ -218,10 +221,8 @@ class DatasourceForm(forms.ModelForm):
             self.data["secret_hold"] = reference
             self.data["client_secret"] = ""
             self.held_secret = secret
-            self.fields["client_secret"].help_text = _(
-                "The secret you typed is kept for this form (it is not shown). Leave the box "
-                "blank to use it, or type another."
-            )
+            # The bound field copied the help text when validation created it.
+            self.fields["client_secret"].help_text = self["client_secret"].help_text = KEPT_HELP
 
     def forget_held_secret(self) -> None:
         """After a successful save: the held secret, if any, is no longer needed."""
