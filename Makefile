@@ -32,8 +32,12 @@ run: $(VENV)/.installed .env
 	$(BIN)/python manage.py migrate --noinput
 	$(BIN)/python manage.py ensure_admin   # ADMIN_EMAIL=you@example.com make run: notices reach you
 	@echo "Admin: http://$(HOST):$(PORT)/admin/  (worker + beat log: var/worker.log)"
-	@mkdir -p var; $(BIN)/celery -A config worker --beat --loglevel=INFO --concurrency=2 > var/worker.log 2>&1 & \
-	  worker=$$!; trap "kill $$worker 2>/dev/null" EXIT; trap "kill $$worker 2>/dev/null; exit 1" HUP INT TERM; \
+	@# The worker runs in its own session (setsid) so a closed terminal's SIGHUP, which Celery
+	@# takes as "restart", cannot reach it; the traps stop it (warm shutdown) on exit, Ctrl-C,
+	@# TERM and hangup.
+	@mkdir -p var; setsid $(BIN)/celery -A config worker --beat --loglevel=INFO --concurrency=2 > var/worker.log 2>&1 & \
+	  worker=$$!; trap "kill -TERM $$worker 2>/dev/null" EXIT; \
+	  trap "kill -TERM $$worker 2>/dev/null; exit 1" HUP INT TERM; \
 	  $(BIN)/python manage.py runserver $(HOST):$(PORT)
 
 # Debian's chromium for the one real-browser test (Playwright cannot download its own here).

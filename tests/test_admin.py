@@ -509,3 +509,21 @@ def test_refresh_and_disconnect_views_refuse_other_methods(staff_client):
     assert staff_client.get(f"{change_url(datasource)[:-7]}refresh/").status_code == 405
     confirm = staff_client.get(f"{change_url(datasource)[:-7]}disconnect/")
     assert confirm.status_code == 200 and "Yes, disconnect" in confirm.content.decode()
+
+
+def test_usage_samples_are_taken_and_pruned():
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from datasources.models import DatasourceUsage, UsageSample
+    from datasources.tasks import sample_usage
+
+    datasource = make_datasource()
+    DatasourceUsage.objects.create(datasource=datasource, calls=7, errors=1, total_duration_ms=70)
+    old = UsageSample.objects.create(
+        datasource=datasource, taken_at=timezone.now() - timedelta(days=3)
+    )
+    assert sample_usage() == 1
+    sample = UsageSample.objects.get()
+    assert sample.pk != old.pk and (sample.calls, sample.errors) == (7, 1)
