@@ -169,6 +169,10 @@ def test_change_page_buttons_and_links(
     token = datasource.token
     assert token.status == TokenStatus.ACTIVE and token.refresh_token
     assert page.inner_text(".datasource-callback-url") == f"{base}{CALLBACK_PATH}"
+    page.context.grant_permissions(["clipboard-read", "clipboard-write"])
+    page.click(".datasource-redirect-uri button.datasource-copy")
+    expect(page.locator(".datasource-redirect-uri button.datasource-copy")).to_have_text("Copied")
+    assert page.evaluate("navigator.clipboard.readText()") == f"{base}{CALLBACK_PATH}"
     assert SECRET not in page.content() and token.access_token not in page.content()
     shot(page, "datasource-active")
 
@@ -595,8 +599,12 @@ def test_api_key_is_shown_once_with_copy_and_curl(auth_server, page, expect, bui
     assert key.startswith("dsk_")
     curl = page.inner_text("pre.datasource-curl")
     assert key in curl and f"/api/v1/datasources/{datasource.slug}/proxy/" in curl
+    page.context.grant_permissions(["clipboard-read", "clipboard-write"])
     page.click("button.datasource-copy-key")
     expect(page.locator("button.datasource-copy-key")).to_have_text("Copied")
+    assert page.evaluate("navigator.clipboard.readText()") == key
+    page.click("button.datasource-copy-curl")
+    assert page.evaluate("navigator.clipboard.readText()") == curl
     shot(page, "api-key-created")
     api_key = ApiKey.objects.get(name="my-app")
     assert not api_key.all_datasources  # least privilege kept
