@@ -192,6 +192,7 @@ class DatasourceForm(forms.ModelForm):
 
     def _clean_fields(self) -> None:
         super()._clean_fields()
+        self._placeholders: dict[str, str] = {}
         for name, field in self.fields.items():
             if name in ("client_secret", "secret_hold") or field.disabled:
                 continue
@@ -201,17 +202,17 @@ class DatasourceForm(forms.ModelForm):
                 # Replaces "Enter a valid URL." and the like: this is what is wrong.
                 self._errors.pop(name, None)
                 self.cleaned_data.pop(name, None)
-                self.add_error(
-                    name,
-                    _(
-                        "Replace the placeholder %(placeholder)s with your own value (the "
-                        "preset's notes above say what goes there)."
-                    )
-                    % {"placeholder": found.group(0)},
-                )
+                self._placeholders[name] = _(
+                    "Replace the placeholder %(placeholder)s with your own value (the preset's "
+                    "notes above say what goes there)."
+                ) % {"placeholder": found.group(0)}
+                self.add_error(name, self._placeholders[name])
 
     def full_clean(self) -> None:
         super().full_clean()
+        for name, problem in getattr(self, "_placeholders", {}).items():
+            # The only thing to say about such a field (not also "needs an authorization URL").
+            self._errors[name] = self.error_class([problem])
         typed = self.data.get("client_secret", "").strip() if self.is_bound else ""
         secret = typed or self.held_secret
         if self._errors and secret and self._session is not None:

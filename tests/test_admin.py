@@ -309,6 +309,7 @@ def test_placeholders_are_refused_by_name_and_the_typed_secret_is_kept(staff_cli
     assert response.status_code == 200
     assert html.count("Replace the placeholder {tenant}") == 2
     assert "Enter a valid URL" not in html
+    assert "needs an authorization URL" not in html
     assert "typed-secret-1" not in html and "kept for this form" in html
     hold = re.search(r'name="secret_hold" value="([^"]+)"', html).group(1)
     session_blob = str(dict(staff_client.session))
