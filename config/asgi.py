@@ -1,9 +1,13 @@
 import os
 
-from django.core.asgi import get_asgi_application
+import django
+from django.core.handlers.asgi import ASGIHandler
 
 from config.paths import ensure_data_dirs
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
-application = get_asgi_application()
+# What get_asgi_application() does, with the data directories created in between: WhiteNoise's
+# middleware looks for STATIC_ROOT when the handler is built and warns if it is missing.
+django.setup(set_prefix=False)
 ensure_data_dirs()
+application = ASGIHandler()
