@@ -58,6 +58,12 @@ DEFAULTS: dict[str, Any] = {
     # Background sweep: beat interval and how many tokens one sweep enqueues at most.
     "SWEEP_INTERVAL": 60,
     "SWEEP_BATCH_SIZE": 1000,
+    # A sweep keeps enqueuing batches while tokens are due, as long as fewer than this many
+    # refresh tasks wait in the broker (so a backlog drains without flooding the broker).
+    "SWEEP_MAX_QUEUED": 10000,
+    # An enqueued token is not picked again for this long (its task writes the real due time;
+    # a lost task's claim lapses).
+    "SWEEP_CLAIM_SECONDS": 300,
     # Token events older than this many days are pruned by the sweep.
     "EVENT_RETENTION_DAYS": 30,
     # Proxy: (connect, read) timeouts to the upstream API, and the largest request body kept in

@@ -408,6 +408,14 @@ class Datasource(models.Model):
         self.scopes = normalize_scopes(self.scopes)
         super().save(*args, **kwargs)
         Token.objects.get_or_create(datasource=self, user=None)
+        if self.grant_type == GrantType.CLIENT_CREDENTIALS:
+            # Nobody authorizes a client-credentials datasource: the sweep fetches its token.
+            Token.objects.filter(
+                datasource=self,
+                access_token__isnull=True,
+                refresh_due_at__isnull=True,
+                status=TokenStatus.NOT_AUTHORIZED,
+            ).update(refresh_due_at=timezone.now())
 
     def clean(self) -> None:
         errors: dict[str, str] = {}
@@ -714,6 +722,15 @@ class Token(models.Model):
             "have rotated the refresh token. Cleared by a success."
         ),
     )
+    refresh_due_at = models.DateTimeField(
+        _("background refresh due"),
+        null=True,
+        blank=True,
+        help_text=_(
+            "When the background sweep next looks at this token (refresh margin, daily refresh, "
+            "end of a backoff); empty when only a person can help or there is nothing to renew."
+        ),
+    )
     refresh_count = models.PositiveIntegerField(_("refreshes"), default=0)
     lease_id = models.CharField(_("refresh lease"), max_length=64, blank=True, editable=False)
     lease_expires_at = models.DateTimeField(
@@ -727,7 +744,13 @@ class Token(models.Model):
         verbose_name_plural = _("tokens")
         indexes = [
             models.Index(fields=["status", "expires_at"], name="ds_token_status_expiry"),
-            models.Index(fields=["next_attempt_at"], name="ds_token_next_attempt"),
+            # The sweep: WHERE refresh_due_at <= now ORDER BY refresh_due_at, a range scan over
+            # the due tokens only (tokens that need a person have no due time: not indexed).
+            models.Index(
+                fields=["refresh_due_at"],
+                name="ds_token_refresh_due",
+                condition=models.Q(refresh_due_at__isnull=False),
+            ),
         ]
         constraints = [
             models.UniqueConstraint(

@@ -13,6 +13,7 @@ from celery.signals import task_postrun, task_prerun
 from django.db import DatabaseError, connections
 
 from . import tokens
+from .conf import app_settings
 from .models import Token
 
 logger = logging.getLogger(__name__)
@@ -20,16 +21,46 @@ logger = logging.getLogger(__name__)
 
 @shared_task(name="datasources.tasks.sweep", ignore_result=True)
 def sweep() -> int:
-    """Enqueue a refresh for every due token (bounded by SWEEP_BATCH_SIZE per run)."""
-    ids = tokens.due_token_ids()
+    """Enqueue one refresh task per due token, batch after batch until none is due or
+    SWEEP_MAX_QUEUED refresh tasks wait in the broker: a backlog drains within one beat tick,
+    and an idle tick costs one indexed query.
+
+    Each batch is claimed (``tokens.claim_due``) before it is enqueued, so the next batch, or a
+    second sweep running at the same time, picks other tokens.
+    """
+    batch = max(1, app_settings.SWEEP_BATCH_SIZE)
+    most = app_settings.SWEEP_MAX_QUEUED
+    enqueued = 0
     # One producer (and broker connection) for the whole fan-out rather than one per message.
     with sweep.app.producer_or_acquire() as producer:
-        for token_id in ids:
-            refresh.apply_async((token_id,), producer=producer)
+        while True:
+            waiting = _waiting_refreshes(producer)
+            room = most - (enqueued if waiting is None else waiting)
+            if room <= 0:
+                logger.info("sweep stopped: %d refresh tasks already wait in the broker", most)
+                break
+            size = min(batch, room)
+            ids = tokens.claim_due(size)
+            for token_id in ids:
+                refresh.apply_async((token_id,), producer=producer)
+            enqueued += len(ids)
+            if len(ids) < size:
+                break
     tokens.prune_history()
-    if ids:
-        logger.info("sweep enqueued %d token refresh(es)", len(ids))
-    return len(ids)
+    if enqueued:
+        logger.info("sweep enqueued %d token refresh(es)", enqueued)
+    return enqueued
+
+
+def _waiting_refreshes(producer: Any) -> int | None:
+    """How many messages wait in the refresh task's queue (None when the broker cannot say)."""
+    try:
+        route = refresh.app.amqp.router.route({}, refresh.name, (), {})
+        queue = route["queue"].name
+        _, count, _ = producer.channel.queue_declare(queue=queue, passive=True)
+    except Exception:  # a transport without passive declares, or the queue does not exist yet
+        return None
+    return int(count)
 
 
 @shared_task(

@@ -19,6 +19,7 @@ from datasources.tokens.decide import (
     Situation,
     TokenState,
     decide,
+    refresh_due_at,
     spread_of,
     window,
 )
@@ -616,3 +617,69 @@ def test_expiry_of(expires_in, access_token, renewable, expected):
     else:
         assert seconds is expected[0]
     assert (expiry.known, expiry.source) == expected[1:]
+
+
+# --- when the background should look next (the sweep's index) ---------------------------------
+
+DUE_STATES = [
+    ("hourly", HOURLY, POLICY),
+    ("20 s token", SHORT, POLICY),
+    ("spread token", replace(HOURLY, spread=0.73), POLICY),
+    ("idle monthly token", TokenState(expires_at=at(86400 * 30), issued_at=at(-600)), POLICY),
+    ("in backoff", replace(EXPIRED, **FAILED), POLICY),
+    (
+        "Retry-After beyond the backoff",
+        replace(EXPIRED, failure_kind="transient", retry_not_before=at(900)),
+        POLICY,
+    ),
+    ("no refresh token, known expiry", replace(HOURLY, has_refresh_token=False), POLICY),
+    (
+        "client credentials never fetched",
+        TokenState(status="not_authorized", has_access_token=False, has_refresh_token=False),
+        CC,
+    ),
+    (
+        "client credentials after a failure",
+        TokenState(
+            status="not_authorized",
+            has_access_token=False,
+            has_refresh_token=False,
+            failure_kind="transient",
+            next_attempt_at=at(120),
+        ),
+        CC,
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("state", "policy"), [row[1:] for row in DUE_STATES], ids=[row[0] for row in DUE_STATES]
+)
+def test_refresh_due_at_is_when_the_background_decision_turns(state, policy):
+    """The stored due time and decide() agree: nothing to do a moment before, work at it."""
+    due = refresh_due_at(state, policy, NOW)
+    assert due is not None
+    work = (Action.REFRESH, Action.REAUTHORIZE)
+    if due > NOW:
+        before = decide(state, policy, B, due - timedelta(milliseconds=1))
+        assert before.action is Action.SKIP, before
+    assert decide(state, policy, B, max(due, NOW)).action in work
+
+
+NEVER_DUE = [
+    ("needs re-authorization", replace(HOURLY, status="needs_reauthorization")),
+    ("never authorized", TokenState(status="not_authorized", has_access_token=False)),
+    (
+        "no refresh token, no expiry",
+        TokenState(has_refresh_token=False, expires_at=None, expiry_known=False, issued_at=NOW),
+    ),
+]
+
+
+@pytest.mark.parametrize("state", [row[1] for row in NEVER_DUE], ids=[row[0] for row in NEVER_DUE])
+def test_tokens_only_a_person_can_help_are_never_due(state):
+    assert refresh_due_at(state, POLICY, NOW) is None
+    for days in (0, 1, 7, 60):
+        decision = decide(state, POLICY, B, at(days * 86400))
+        assert decision.action is not Action.REFRESH
+        assert decision.action is Action.SKIP or decision.reason == "needs_reauthorization"

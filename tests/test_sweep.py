@@ -14,6 +14,7 @@ from datasources import tokens
 from datasources.models import Token, TokenEvent
 from datasources.tasks import refresh
 from datasources.tokens import lifecycle
+from datasources.tokens.decide import due_for
 
 from .conftest import make_datasource
 from .helpers import ROOT
@@ -40,7 +41,11 @@ def token_for(slug: str, **fields) -> Token:
     )
     defaults.update(fields)
     Token.objects.filter(datasource=datasource).update(**defaults)
-    return Token.objects.get(datasource=datasource)
+    token = Token.objects.get(datasource=datasource)
+    # What the write that produced this state stores along with it.
+    token.refresh_due_at = due_for(datasource, token, timezone.now())
+    Token.objects.filter(pk=token.pk).update(refresh_due_at=token.refresh_due_at)
+    return token
 
 
 def test_due_selects_exactly_the_tokens_that_need_work():
@@ -49,7 +54,13 @@ def test_due_selects_exactly_the_tokens_that_need_work():
     idle = token_for(
         "idle", expires_at=now + timedelta(days=30), last_refreshed_at=now - timedelta(days=2)
     )
-    retry_due = token_for("retry", next_attempt_at=now - timedelta(seconds=1), failure_count=1)
+    retry_due = token_for(
+        "retry",
+        expires_at=now + timedelta(minutes=3),
+        failure_kind="transient",
+        next_attempt_at=now - timedelta(seconds=1),
+        failure_count=1,
+    )
     cc = make_datasource(
         slug="cc", name="cc", grant_type="client_credentials", authorization_url=""
     )

@@ -9,6 +9,7 @@ import sys
 import time
 import uuid
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 from django.utils import timezone
@@ -51,7 +52,8 @@ class Workers:
     def __init__(
         self, tmp_path, count: int, concurrency: int = 2, env: dict[str, str] | None = None
     ) -> None:
-        env = subprocess_env(**broker_env(tmp_path), **(env or {}))
+        env = subprocess_env(**{**broker_env(tmp_path), **(env or {})})
+        self.env = env
         self.procs = []
         self.logs = []
         for number in range(count):
@@ -162,7 +164,9 @@ def test_worker_refreshes_a_short_lived_token_before_it_expires(auth_server, aut
     # Make it short-lived at the provider and here: 12 seconds left.
     soon = timezone.now() + timedelta(seconds=12)
     AccessToken.objects.update(expires=soon)
-    Token.objects.filter(pk=token.pk).update(expires_at=soon)
+    Token.objects.filter(pk=token.pk).update(
+        expires_at=soon, refresh_due_at=soon - timedelta(seconds=8)
+    )
     token.refresh_from_db()
     original_expiry = token.expires_at
     assert (original_expiry - timezone.now()).total_seconds() <= 15
@@ -204,7 +208,10 @@ def test_two_workers_never_refresh_the_same_token_twice(auth_server, authorize, 
         authorize(datasource)
         datasources.append(datasource)
     refresh_rows_before = RefreshToken.objects.count()
-    Token.objects.update(expires_at=timezone.now() + timedelta(seconds=3))
+    # As a store would leave tokens this close to expiry: due for the background now.
+    Token.objects.update(
+        expires_at=timezone.now() + timedelta(seconds=3), refresh_due_at=timezone.now()
+    )
 
     group = workers(2, concurrency=2)
     wait_for(
@@ -217,6 +224,56 @@ def test_two_workers_never_refresh_the_same_token_twice(auth_server, authorize, 
     assert counts == [1] * len(datasources)
     assert RefreshToken.objects.count() == refresh_rows_before + len(datasources)
     assert not Token.objects.exclude(status=TokenStatus.ACTIVE).exists()
+
+
+def send_task(group: Workers, name: str) -> None:
+    """Send task ``name`` to the workers' queue on their broker (not the test process's)."""
+    from kombu import Connection
+
+    from config.celery import app
+    from config.paths import broker_folders
+
+    url = group.env["CELERY_BROKER_URL"]
+    options = {}
+    if url.startswith("filesystem://"):
+        folders = broker_folders(Path(group.env["DATA_DIR"]))
+        for folder in folders.values():  # the worker may not have created them yet
+            folder.mkdir(parents=True, exist_ok=True)
+        options = {
+            "data_folder_in": str(folders["in"]),
+            "data_folder_out": str(folders["in"]),
+            "processed_folder": str(folders["processed"]),
+            "control_folder": str(folders["control"]),
+            "store_processed": False,
+        }
+    with Connection(url, transport_options=options) as connection:
+        app.send_task(name, queue=group.env["CELERY_TASK_DEFAULT_QUEUE"], connection=connection)
+
+
+def test_one_sweep_drains_a_backlog_larger_than_a_batch(auth_server, authorize, workers):
+    """12 due tokens, batches of 5, and no further beat tick for an hour: the one sweep keeps
+    enqueuing until nothing is due, and every token is refreshed exactly once."""
+    auth_server.app("client-basic")
+    for number in range(12):
+        authorize(make_datasource(auth_server, slug=f"ds-{number}", name=f"DS {number}"))
+    refresh_rows_before = RefreshToken.objects.count()
+    # As a store would leave hour-long tokens seconds from expiry (the workers' margin is 8 s):
+    # due now.
+    Token.objects.update(
+        expires_at=timezone.now() + timedelta(seconds=5),
+        last_refreshed_at=timezone.now() - timedelta(seconds=3595),
+        refresh_due_at=timezone.now(),
+    )
+    group = workers(
+        1, env={"DATASOURCES_SWEEP_BATCH_SIZE": "5", "DATASOURCES_SWEEP_INTERVAL": "3600"}
+    )
+    send_task(group, "datasources.tasks.sweep")
+    wait_for(lambda: not Token.objects.filter(refresh_count=0).exists(), 60, group)
+    assert list(Token.objects.values_list("refresh_count", flat=True)) == [1] * 12
+    assert RefreshToken.objects.count() == refresh_rows_before + 12
+    assert "sweep enqueued 12 token refresh(es)" in group.output()
+    # Each refreshed token is scheduled again, about an hour ahead.
+    assert not Token.objects.filter(refresh_due_at__lt=timezone.now() + timedelta(minutes=50))
 
 
 # --- database failover ----------------------------------------------------------------------
@@ -281,7 +338,9 @@ def test_worker_survives_its_database_connections_being_cut(
     datasource = make_datasource(auth_server)
     authorize(datasource)
     Token.objects.filter(datasource=datasource).update(
-        expires_at=timezone.now() + timedelta(seconds=3)
+        # As a store would leave a token this close to expiry: due for the background now.
+        expires_at=timezone.now() + timedelta(seconds=3),
+        refresh_due_at=timezone.now(),
     )
     # One pool process: the connection that is cut is the one the next task must use.
     group = workers(1, concurrency=1, env=persistent_connection_settings(tmp_path))
@@ -294,7 +353,9 @@ def test_worker_survives_its_database_connections_being_cut(
     killed = terminate_other_sessions()
     assert (WORKER_APPLICATION_NAME, True) in killed, killed
     Token.objects.filter(datasource=datasource).update(
-        expires_at=timezone.now() + timedelta(seconds=3)
+        # As a store would leave a token this close to expiry: due for the background now.
+        expires_at=timezone.now() + timedelta(seconds=3),
+        refresh_due_at=timezone.now(),
     )
 
     wait_for(lambda: Token.objects.get(datasource=datasource).refresh_count == 2, 30, group)

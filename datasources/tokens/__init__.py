@@ -11,6 +11,7 @@ code.
 
 from .failures import backoff_seconds, classify, record_event
 from .lifecycle import (
+    claim_due,
     disconnect,
     due_token_ids,
     load_token,
@@ -31,6 +32,7 @@ from .service import (
 __all__ = [
     "RefreshResult",
     "backoff_seconds",
+    "claim_due",
     "classify",
     "disconnect",
     "due_token_ids",

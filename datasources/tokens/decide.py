@@ -271,6 +271,45 @@ def _background(state: TokenState, policy: Policy, now: datetime) -> Decision:
     return Decision(Action.SKIP, "fresh")
 
 
+def refresh_due_at(state: TokenState, policy: Policy, now: datetime) -> datetime | None:
+    """When the background should next look at this token: the first moment :func:`decide`
+    would answer REFRESH (or REAUTHORIZE, for an expiring token that cannot be renewed) in the
+    BACKGROUND situation; None when only a person or a new authorization can change anything.
+
+    Stored in ``Token.refresh_due_at`` by every write that changes the inputs, so the sweep is an
+    index range scan over due tokens. ``decide`` still has the last word when the task runs.
+    """
+    if state.status == "needs_reauthorization":
+        return None
+    if not state.has_access_token:
+        # Client credentials never fetched (or disconnected): fetch now, after any backoff.
+        return _after_backoff(now, state) if policy.client_credentials else None
+    if not (policy.client_credentials or state.has_refresh_token):
+        # Nothing to renew with: look again when a known expiry passes (then a person is needed).
+        return state.expires_at if state.expiry_known else None
+    candidates = []
+    if state.expires_at is not None:
+        margin = window(policy.refresh_margin, state, policy.lifetime_fraction)
+        margin *= 1 - MARGIN_JITTER * state.spread
+        candidates.append(state.expires_at - timedelta(seconds=margin))
+    if state.issued_at is not None:
+        max_age = policy.max_token_age * (1 - AGE_JITTER * state.spread)
+        candidates.append(state.issued_at + timedelta(seconds=max_age))
+    if not candidates:
+        return None
+    return _after_backoff(min(candidates), state)
+
+
+def due_for(datasource: Datasource, token: Token, now: datetime) -> datetime | None:
+    """:func:`refresh_due_at` for a token row (with its fields as they are about to be stored)."""
+    return refresh_due_at(TokenState.of(token, now), Policy.of(datasource), now)
+
+
+def _after_backoff(when: datetime, state: TokenState) -> datetime:
+    later = [t for t in (state.next_attempt_at, state.retry_not_before) if t is not None]
+    return max([when, *later])
+
+
 def _expires_within(state: TokenState, seconds: float, now: datetime) -> bool:
     if not state.has_access_token:
         return True

@@ -8,6 +8,7 @@ providers use their own names for a dead refresh token.
 
 from __future__ import annotations
 
+import copy
 import enum
 import logging
 import random
@@ -19,6 +20,7 @@ from ..conf import app_settings
 from ..exceptions import DatasourceError, OAuthError, TransientUpstreamError
 from ..models import Datasource, Token, TokenEvent, TokenStatus
 from ..signals import reauthorization_required, token_refresh_failed
+from .decide import due_for
 
 logger = logging.getLogger(__name__)
 
@@ -99,15 +101,21 @@ def record_retryable(
     prefix = "Configuration error: " if kind is FailureKind.CONFIGURATION else ""
     message = (prefix + str(err))[:1000]
     unknown = isinstance(err, TransientUpstreamError) and err.outcome_unknown
-    Token.objects.filter(pk=token.pk).update(
-        failure_count=failures,
-        failure_kind=kind.value,
-        last_error=message,
-        next_attempt_at=now + timedelta(seconds=delay),
-        retry_not_before=now + timedelta(seconds=retry_after) if retry_after else None,
-        last_attempt_at=now,
-        **({"outcome_unknown_at": token.outcome_unknown_at or now} if unknown else {}),
-    )
+    fields = {
+        "failure_count": failures,
+        "failure_kind": kind.value,
+        "last_error": message,
+        "next_attempt_at": now + timedelta(seconds=delay),
+        "retry_not_before": now + timedelta(seconds=retry_after) if retry_after else None,
+        "last_attempt_at": now,
+    }
+    if unknown:
+        fields["outcome_unknown_at"] = token.outcome_unknown_at or now
+    after = copy.copy(token)
+    for name, value in fields.items():
+        setattr(after, name, value)
+    fields["refresh_due_at"] = due_for(datasource, after, now)
+    Token.objects.filter(pk=token.pk).update(**fields)
     if failures == 1 or message != token.last_error:
         record_event(
             datasource, TokenEvent.Kind.REFRESH_FAILED, f"{message} Retrying in {delay:.0f}s."
@@ -137,6 +145,7 @@ def record_permanent(datasource: Datasource, token: Token, message: str) -> None
         next_attempt_at=None,
         retry_not_before=None,
         last_attempt_at=timezone.now(),
+        refresh_due_at=None,  # only a person can help now
     )
     record_event(datasource, TokenEvent.Kind.REAUTHORIZATION_REQUIRED, message)
     logger.error("datasource %s needs re-authorization: %s", datasource.slug, message)

@@ -7,6 +7,7 @@ the client-credentials grant alike.
 
 from __future__ import annotations
 
+import copy
 import logging
 from datetime import datetime, timedelta
 
@@ -20,6 +21,7 @@ from ..conf import app_settings
 from ..exceptions import DatasourceError, NotAuthorized
 from ..models import Datasource, GrantType, Token, TokenEvent, TokenStatus
 from ..signals import datasource_authorized, token_refreshed
+from .decide import due_for
 from .expiry import expiry_of, parse_expires_in
 from .failures import record_event
 from .lease import NO_LEASE
@@ -83,7 +85,7 @@ def token_fields(
         assumed_lifetime=datasource.effective_token_lifetime,
         now=now,
     )
-    return {
+    fields = {
         "access_token": response.access_token,
         "refresh_token": refresh_token,
         "client_id": datasource.client_id[:500],
@@ -96,6 +98,16 @@ def token_fields(
         "status": TokenStatus.ACTIVE,
         **NO_FAILURE,
     }
+    fields["refresh_due_at"] = due_after(datasource, token, fields, now)
+    return fields
+
+
+def due_after(datasource: Datasource, token: Token, fields: dict, now: datetime) -> datetime | None:
+    """The token's ``refresh_due_at`` once ``fields`` are stored (written in the same UPDATE)."""
+    after = copy.copy(token)
+    for name, value in fields.items():
+        setattr(after, name, value)
+    return due_for(datasource, after, now)
 
 
 @sensitive_variables()
@@ -178,7 +190,10 @@ def _disconnect_one(datasource: Datasource, token: Token) -> list[str]:
                 oauth.revoke(datasource, value, hint)
             except DatasourceError as err:
                 problems.append(f"Revoking the {hint.replace('_', ' ')} failed: {err}")
+    cleared = datasource.grant_type == GrantType.CLIENT_CREDENTIALS
     Token.objects.filter(pk=token.pk).update(
+        # A client-credentials token is fetched again by the sweep, as when first saved.
+        refresh_due_at=timezone.now() if cleared else None,
         access_token=None,
         refresh_token=None,
         client_id="",
@@ -196,14 +211,16 @@ def _disconnect_one(datasource: Datasource, token: Token) -> list[str]:
 
 
 def reset_after_reconfiguration(datasource: Datasource) -> None:
-    """Credentials were edited: whatever failed may work now, so retry at once."""
+    """Credentials were edited: whatever failed may work now, so retry at once (the sweep
+    looks at these tokens now; the task works out their real due time)."""
+    now = timezone.now()
     tokens = Token.objects.filter(datasource=datasource)
     if datasource.grant_type == GrantType.CLIENT_CREDENTIALS:
         tokens.exclude(status=TokenStatus.ACTIVE).update(
-            status=TokenStatus.NOT_AUTHORIZED, **NO_FAILURE
+            status=TokenStatus.NOT_AUTHORIZED, refresh_due_at=now, **NO_FAILURE
         )
     tokens.filter(status=TokenStatus.ACTIVE).exclude(failure_kind="").update(
-        **NO_FAILURE, last_attempt_at=None
+        **NO_FAILURE, last_attempt_at=None, refresh_due_at=now
     )
 
 
@@ -218,12 +235,35 @@ def granted(response: oauth.TokenResponse) -> str:
 
 
 def due_token_ids(limit: int | None = None) -> list[int]:
-    """Ids of the tokens the background sweep should look at now, most urgent first."""
+    """Ids of the tokens the background should look at now, most overdue first (one range scan
+    of the ``refresh_due_at`` index)."""
     limit = app_settings.SWEEP_BATCH_SIZE if limit is None else limit
-    due = Token.objects.due(
-        margin=app_settings.REFRESH_MARGIN, max_age=app_settings.MAX_TOKEN_AGE
-    ).order_by(F("expires_at").asc(nulls_first=True))
-    return list(due.values_list("pk", flat=True)[:limit])
+    return list(Token.objects.due().values_list("pk", flat=True)[:limit])
+
+
+def claim_due(limit: int) -> list[int]:
+    """Due token ids, claimed for the refresh tasks about to be enqueued: their due time moves
+    SWEEP_CLAIM_SECONDS ahead, so the next batch (or another sweep) picks other tokens. Each task
+    writes the real due time when it has run; a task that was lost lets its claim lapse and the
+    token comes due again."""
+    ids = due_token_ids(limit)
+    if ids:
+        until = timezone.now() + timedelta(seconds=app_settings.SWEEP_CLAIM_SECONDS)
+        Token.objects.filter(pk__in=ids).update(refresh_due_at=until)
+    return ids
+
+
+def store_due(datasource: Datasource, token: Token, *, lease_id: str | None = None) -> None:
+    """Write the token's due time as it stands (a task found nothing to do: the time it was
+    selected by was stale or a claim), releasing ``lease_id`` in the same UPDATE."""
+    now = timezone.now()
+    due = due_for(datasource, token, now)
+    rows = Token.objects.filter(pk=token.pk)
+    if lease_id:
+        rows.filter(lease_id=lease_id).update(refresh_due_at=due, **NO_LEASE)
+    else:
+        rows.unleased(now).update(refresh_due_at=due)
+    token.refresh_due_at = due
 
 
 def prune_history() -> int:

@@ -28,7 +28,7 @@ from ..models import Datasource, GrantType, Token, TokenEvent
 from . import lease
 from .decide import Action, Decision, Policy, Situation, TokenState, decide
 from .failures import FailureKind, classify, record_event, record_permanent, record_retryable
-from .lifecycle import load_token, reload, store_refresh, token_owner
+from .lifecycle import load_token, reload, store_due, store_refresh, token_owner
 
 _POLL_INTERVAL = 0.05
 #: Rounds of "decide, act" without waiting before giving up (a guard, never reached in practice).
@@ -218,8 +218,12 @@ def _attempt(
     now = timezone.now()
     decision = decide(TokenState.of(token, now, own_lease=lease_id), policy, situation, now)
     if decision.action is not Action.REFRESH:
+        # The token was picked by a due time that was stale (or a sweep's claim): store the
+        # real one, releasing the lease in the same UPDATE.
         if lease_id:
-            lease.release(token.pk, lease_id)
+            store_due(datasource, token, lease_id=lease_id)
+        elif decision.reason != "leased":
+            store_due(datasource, token)
         return _settled(datasource, token, decision)
     if lease_id is None:
         lease_id = lease.acquire(token.pk)
