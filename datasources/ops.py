@@ -84,6 +84,14 @@ def metrics(request: HttpRequest) -> HttpResponse:
         lines.append(f'datasources_tokens{{status="{status}"}} {by_status.get(status, 0)}')
 
     family(
+        "datasources_tokens_due",
+        "gauge",
+        "Tokens whose background refresh is due now and not yet claimed: the sweep's backlog "
+        "(the sweep's own query).",
+    )
+    lines.append(f"datasources_tokens_due {Token.objects.due().count()}")
+
+    family(
         "datasources_refreshes_total", "counter", "Successful refreshes and new grants (all time)."
     )
     total = Token.objects.aggregate(n=Sum("refresh_count"))["n"] or 0

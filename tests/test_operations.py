@@ -133,7 +133,9 @@ def test_healthz_fails_when_the_broker_is_down(client, settings):
 def test_metrics_in_prometheus_format(settings, staff_client):
     client = Client()
     datasource = make_datasource()
-    Token.objects.filter(datasource=datasource).update(status="active", refresh_count=3)
+    Token.objects.filter(datasource=datasource).update(
+        status="active", refresh_count=3, refresh_due_at=timezone.now()
+    )
     DatasourceUsage.objects.create(
         datasource=datasource, calls=10, errors=2, total_duration_ms=1500, last_status=200
     )
@@ -143,6 +145,7 @@ def test_metrics_in_prometheus_format(settings, staff_client):
     text = client.get("/metrics", HTTP_AUTHORIZATION="Bearer scrape-me").content.decode()
     assert 'datasources_tokens{status="active"} 1' in text
     assert "datasources_refreshes_total 3" in text
+    assert "datasources_tokens_due 1" in text  # the sweep's backlog
     assert 'datasources_proxy_calls_total{datasource="example"} 10' in text
     assert 'datasources_proxy_errors_total{datasource="example"} 2' in text
     assert 'datasources_proxy_duration_seconds_sum{datasource="example"} 1.500' in text
