@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: run test lint format bench-refresh bench-proxy browser nginx clean
+.PHONY: run test lint format bench-refresh bench-proxy bench-sweep browser nginx clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -72,6 +72,9 @@ bench-refresh: $(VENV)/.installed-test
 
 bench-proxy: $(VENV)/.installed-test
 	$(BIN)/python bench/proxy.py
+
+bench-sweep: $(VENV)/.installed-test
+	$(BIN)/python bench/sweep_scale.py
 
 clean:
 	rm -rf $(VENV) var/test
