@@ -137,3 +137,43 @@ def test_claimed_tokens_are_not_picked_again_until_the_claim_lapses(settings):
     Token.objects.filter(pk=first[0]).update(refresh_due_at=timezone.now())
     assert tokens.claim_due(5) == [first[0]]
     assert not TokenEvent.objects.filter(kind="refresh_failed").exists()
+
+
+@pytest.mark.postgres_only
+@pytest.mark.django_db(transaction=True)
+def test_concurrent_sweeps_claim_different_tokens():
+    """While one sweep holds its batch's rows, another claims the next ones instead of the
+    same (FOR UPDATE SKIP LOCKED), so no token is enqueued twice."""
+    import threading
+
+    from django.db import connection, transaction
+
+    for number in range(8):
+        datasource = make_datasource(slug=f"ds{number}", name=f"ds{number}")
+        tokens.store_authorization(
+            datasource, TokenResponse(access_token="a", refresh_token="r", expires_in=3600)
+        )
+    Token.objects.update(refresh_due_at=timezone.now())
+    held, release = threading.Event(), threading.Event()
+    first: list[int] = []
+
+    def other_sweep() -> None:
+        try:
+            with transaction.atomic():
+                rows = Token.objects.due().select_for_update(skip_locked=True, of=("self",))
+                first.extend(rows.values_list("pk", flat=True)[:5])
+                held.set()
+                assert release.wait(10)
+        finally:
+            connection.close()
+
+    thread = threading.Thread(target=other_sweep)
+    thread.start()
+    try:
+        assert held.wait(10)
+        second = tokens.claim_due(5)
+    finally:
+        release.set()
+        thread.join(10)
+    assert len(first) == 5 and len(second) == 3
+    assert not set(first) & set(second)

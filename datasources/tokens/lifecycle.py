@@ -246,10 +246,14 @@ def claim_due(limit: int) -> list[int]:
     SWEEP_CLAIM_SECONDS ahead, so the next batch (or another sweep) picks other tokens. Each task
     writes the real due time when it has run; a task that was lost lets its claim lapse and the
     token comes due again."""
-    ids = due_token_ids(limit)
-    if ids:
-        until = timezone.now() + timedelta(seconds=app_settings.SWEEP_CLAIM_SECONDS)
-        Token.objects.filter(pk__in=ids).update(refresh_due_at=until)
+    with transaction.atomic():
+        # Rows another sweep is claiming right now are skipped, not waited for (PostgreSQL's
+        # FOR UPDATE SKIP LOCKED); on SQLite the IMMEDIATE transaction serialises sweeps.
+        due = Token.objects.due().select_for_update(skip_locked=True, of=("self",))
+        ids = list(due.values_list("pk", flat=True)[:limit])
+        if ids:
+            until = timezone.now() + timedelta(seconds=app_settings.SWEEP_CLAIM_SECONDS)
+            Token.objects.filter(pk__in=ids).update(refresh_due_at=until)
     return ids
 
 
