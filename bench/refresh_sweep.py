@@ -197,6 +197,7 @@ def seed(n: int, token_url: str, prefix: str = "bench") -> list[int]:
                 expires_at=now + timedelta(seconds=60),
                 obtained_at=now - timedelta(seconds=3540),
                 last_refreshed_at=now - timedelta(seconds=3540),
+                refresh_due_at=now,  # what a store of such a token would have written
             )
             for ds in created
         ],
