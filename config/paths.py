@@ -12,6 +12,19 @@ def broker_folders(data_dir: Path) -> dict[str, Path]:
     return {"in": queue / "in", "processed": queue / "processed", "control": queue / "control"}
 
 
+def filesystem_transport_options(data_dir: Path) -> dict[str, object]:
+    """kombu's filesystem transport options for a broker kept under ``data_dir``."""
+    folders = broker_folders(data_dir)
+    return {
+        "data_folder_in": str(folders["in"]),
+        "data_folder_out": str(folders["in"]),
+        "processed_folder": str(folders["processed"]),
+        # Exchange tables; kombu's default is ./control, relative to the working directory.
+        "control_folder": str(folders["control"]),
+        "store_processed": False,
+    }
+
+
 def ensure_data_dirs() -> None:
     """Create DATA_DIR, STATIC_ROOT (WhiteNoise warns about a missing one) and the filesystem
     broker's folders when that broker is used."""

@@ -13,7 +13,7 @@ from pathlib import Path
 import environ
 from django.core.exceptions import ImproperlyConfigured
 
-from config.paths import broker_folders
+from config.paths import filesystem_transport_options
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -159,15 +159,7 @@ REDIS_URL = env.str("REDIS_URL", default="")
 CELERY_BROKER_URL = env.str("CELERY_BROKER_URL", default=REDIS_URL or "filesystem://")
 CELERY_BROKER_TRANSPORT_OPTIONS: dict = {}
 if CELERY_BROKER_URL.startswith("filesystem://"):
-    _folders = broker_folders(DATA_DIR)
-    CELERY_BROKER_TRANSPORT_OPTIONS = {
-        "data_folder_in": str(_folders["in"]),
-        "data_folder_out": str(_folders["in"]),
-        "processed_folder": str(_folders["processed"]),
-        # Exchange tables; kombu's default is ./control, relative to the working directory.
-        "control_folder": str(_folders["control"]),
-        "store_processed": False,
-    }
+    CELERY_BROKER_TRANSPORT_OPTIONS = filesystem_transport_options(DATA_DIR)
 CELERY_TASK_DEFAULT_QUEUE = env.str("CELERY_TASK_DEFAULT_QUEUE", default="celery")
 CELERY_TASK_IGNORE_RESULT = True
 CELERY_TASK_ACKS_LATE = True

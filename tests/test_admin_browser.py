@@ -6,31 +6,18 @@ its token tables), a message shown, a record changed. Screenshots of each page g
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 from datetime import timedelta
-from pathlib import Path
 
 import pytest
-from django.db import connections
 from django.utils import timezone
 
 from datasources.models import ApiKey, Datasource, Token, TokenStatus, UsageSample
 
+from . import browser
+from .browser import ARTIFACTS
 from .conftest import CALLBACK_PATH, SECRET, make_datasource
 
-CHROMIUM = "/usr/bin/chromium"
-ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 PASSWORD = "builder-pass-1"
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
@@ -38,27 +25,15 @@ pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
 
 @pytest.fixture
 def playwright_api():
-    if not (os.path.exists(CHROMIUM) and shutil.which("chromium")):
-        pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
-    return pytest.importorskip("playwright.sync_api")
+    return browser.playwright_api()
 
 
 @pytest.fixture
 def page(playwright_api, monkeypatch):
-    # Playwright's sync API runs an event loop in this thread; the ORM calls here are plain sync.
-    monkeypatch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
-    with playwright_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        context = browser.new_context(viewport={"width": 1280, "height": 900})
-        page = context.new_page()
-        page.set_default_timeout(20_000)
-        try:
-            yield page
-        finally:
-            browser.close()
-            # ORM calls made while Playwright's loop runs use their own connection; close it,
-            # or it keeps the test database busy at teardown.
-            connections.close_all()
+    with browser.chromium_page(
+        playwright_api, monkeypatch, viewport={"width": 1280, "height": 900}
+    ) as page:
+        yield page
 
 
 @pytest.fixture
@@ -311,28 +286,20 @@ def test_form_shows_only_the_fields_that_apply(auth_server, page, expect, builde
 
 def test_the_page_works_without_javascript(auth_server, playwright_api, builder, monkeypatch):
     """Every field stays visible and saving works with scripts off."""
-    monkeypatch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
     base = auth_server.base
-    with playwright_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_context(java_script_enabled=False).new_page()
-            page.set_default_timeout(20_000)
-            log_in(page, base)
-            page.goto(f"{base}/admin/datasources/datasource/add/")
-            page.select_option("#id_grant_type", "client_credentials")
-            assert page.is_visible(".field-authorization_url")
-            page.fill("#id_name", "No script")
-            page.fill("#id_slug", "no-script")
-            page.fill("#id_base_url", "https://api.example.com/")
-            page.fill("#id_access_token_url", "https://auth.example.com/token")
-            page.fill("#id_client_id", "cid")
-            page.click("input[name=_continue]")
-            page.wait_for_selector("ul.errorlist")  # the secret is required for this grant
-            assert Datasource.objects.count() == 0
-        finally:
-            browser.close()
-            connections.close_all()
+    with browser.chromium_page(playwright_api, monkeypatch, java_script_enabled=False) as page:
+        log_in(page, base)
+        page.goto(f"{base}/admin/datasources/datasource/add/")
+        page.select_option("#id_grant_type", "client_credentials")
+        assert page.is_visible(".field-authorization_url")
+        page.fill("#id_name", "No script")
+        page.fill("#id_slug", "no-script")
+        page.fill("#id_base_url", "https://api.example.com/")
+        page.fill("#id_access_token_url", "https://auth.example.com/token")
+        page.fill("#id_client_id", "cid")
+        page.click("input[name=_continue]")
+        page.wait_for_selector("ul.errorlist")  # the secret is required for this grant
+        assert Datasource.objects.count() == 0
 
 
 # --- presets ----------------------------------------------------------------------------------

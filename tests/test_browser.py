@@ -1,49 +1,19 @@
 """One real-browser run of the whole builder journey (Playwright driving Debian's chromium)."""
 
-import os
-import shutil
-from pathlib import Path
-
 import pytest
-from django.db import connections
 
 from datasources.models import Datasource, TokenStatus
 
+from .browser import ARTIFACTS, chromium_page, playwright_api
 from .conftest import CALLBACK_PATH
-
-CHROMIUM = "/usr/bin/chromium"
-ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
 
 
 @pytest.fixture
 def browser_page(monkeypatch):
-    if not (os.path.exists(CHROMIUM) and shutil.which("chromium")):
-        pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
-    playwright_api = pytest.importorskip("playwright.sync_api")
-    # Playwright's sync API runs an event loop in this thread; the ORM calls here are plain sync.
-    monkeypatch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
-    with playwright_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        page = browser.new_page()
-        page.set_default_timeout(20_000)
-        try:
-            yield page
-        finally:
-            browser.close()
-            # The ORM calls made while Playwright's loop runs use their own (context-local)
-            # connection; close it, or it keeps the test database busy at teardown.
-            connections.close_all()
+    with chromium_page(playwright_api(), monkeypatch) as page:
+        yield page
 
 
 def test_builder_creates_authorizes_and_sees_active(auth_server, browser_page, django_user_model):

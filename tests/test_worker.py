@@ -231,21 +231,15 @@ def send_task(group: Workers, name: str) -> None:
     from kombu import Connection
 
     from config.celery import app
-    from config.paths import broker_folders
+    from config.paths import broker_folders, filesystem_transport_options
 
     url = group.env["CELERY_BROKER_URL"]
     options = {}
     if url.startswith("filesystem://"):
-        folders = broker_folders(Path(group.env["DATA_DIR"]))
-        for folder in folders.values():  # the worker may not have created them yet
+        data_dir = Path(group.env["DATA_DIR"])
+        for folder in broker_folders(data_dir).values():  # the worker may not have made them yet
             folder.mkdir(parents=True, exist_ok=True)
-        options = {
-            "data_folder_in": str(folders["in"]),
-            "data_folder_out": str(folders["in"]),
-            "processed_folder": str(folders["processed"]),
-            "control_folder": str(folders["control"]),
-            "store_processed": False,
-        }
+        options = filesystem_transport_options(data_dir)
     with Connection(url, transport_options=options) as connection:
         app.send_task(name, queue=group.env["CELERY_TASK_DEFAULT_QUEUE"], connection=connection)
 
