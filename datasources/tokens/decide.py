@@ -25,6 +25,7 @@ Rules (DESIGN.md, "Token lifecycle rules"):
 
 from __future__ import annotations
 
+import copy
 import enum
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -300,8 +301,15 @@ def refresh_due_at(state: TokenState, policy: Policy, now: datetime) -> datetime
     return _after_backoff(min(candidates), state)
 
 
-def due_for(datasource: Datasource, token: Token, now: datetime) -> datetime | None:
-    """:func:`refresh_due_at` for a token row (with its fields as they are about to be stored)."""
+def due_for(
+    datasource: Datasource, token: Token, now: datetime, changes: dict | None = None
+) -> datetime | None:
+    """:func:`refresh_due_at` for a token row, with ``changes`` (field values about to be stored
+    in the same UPDATE) applied to a copy of it."""
+    if changes:
+        token = copy.copy(token)
+        for name, value in changes.items():
+            setattr(token, name, value)
     return refresh_due_at(TokenState.of(token, now), Policy.of(datasource), now)
 
 

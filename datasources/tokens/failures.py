@@ -8,7 +8,6 @@ providers use their own names for a dead refresh token.
 
 from __future__ import annotations
 
-import copy
 import enum
 import logging
 import random
@@ -111,10 +110,7 @@ def record_retryable(
     }
     if unknown:
         fields["outcome_unknown_at"] = token.outcome_unknown_at or now
-    after = copy.copy(token)
-    for name, value in fields.items():
-        setattr(after, name, value)
-    fields["refresh_due_at"] = due_for(datasource, after, now)
+    fields["refresh_due_at"] = due_for(datasource, token, now, fields)
     Token.objects.filter(pk=token.pk).update(**fields)
     if failures == 1 or message != token.last_error:
         record_event(

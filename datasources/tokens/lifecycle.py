@@ -7,7 +7,6 @@ the client-credentials grant alike.
 
 from __future__ import annotations
 
-import copy
 import logging
 from datetime import datetime, timedelta
 
@@ -98,16 +97,8 @@ def token_fields(
         "status": TokenStatus.ACTIVE,
         **NO_FAILURE,
     }
-    fields["refresh_due_at"] = due_after(datasource, token, fields, now)
+    fields["refresh_due_at"] = due_for(datasource, token, now, fields)
     return fields
-
-
-def due_after(datasource: Datasource, token: Token, fields: dict, now: datetime) -> datetime | None:
-    """The token's ``refresh_due_at`` once ``fields`` are stored (written in the same UPDATE)."""
-    after = copy.copy(token)
-    for name, value in fields.items():
-        setattr(after, name, value)
-    return due_for(datasource, after, now)
 
 
 @sensitive_variables()
