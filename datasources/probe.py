@@ -124,8 +124,9 @@ def _send(datasource: Datasource, method: str, url: str, query: str, token):
         target.token_header(datasource, token.access_token),
         0,
     )
-    full_url = target.with_query(url, target.build_query(datasource, query, token.access_token))
-    return transport.send(method, datasource, full_url, headers, None)
+    return transport.send_with_token(
+        method, datasource, url, query, token.access_token, headers, None
+    )
 
 
 @sensitive_variables()

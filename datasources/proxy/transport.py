@@ -27,6 +27,7 @@ from django.views.decorators.debug import sensitive_variables
 
 from ..conf import app_settings
 from ..models import Datasource
+from . import target
 
 HOP_BY_HOP = frozenset(
     {
@@ -189,6 +190,22 @@ def send(
         assert_same_host=False,
         timeout=_timeout(app_settings.PROXY_CONNECT_TIMEOUT, app_settings.PROXY_READ_TIMEOUT),
     )
+
+
+@sensitive_variables()
+def send_with_token(
+    method: str,
+    datasource: Datasource,
+    url: str,
+    query: str,
+    access_token: str,
+    headers: dict[str, str],
+    body: bytes | BodyStream | None,
+) -> urllib3.BaseHTTPResponse:
+    """:func:`send` to ``url`` with the caller's ``query``, the datasource's default parameters
+    and, when it goes in the query, the token (``headers`` carry it otherwise)."""
+    full_url = target.with_query(url, target.build_query(datasource, query, access_token))
+    return send(method, datasource, full_url, headers, body)
 
 
 def _request_target(url: str) -> str:

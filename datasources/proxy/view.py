@@ -110,7 +110,9 @@ def _forward(
     try:
         token = tokens.get_valid_token(datasource, token=token)
         cache.tokens.put((datasource.slug, token.user_id), token)
-        upstream = _send(request.method, datasource, token, url, query, headers_for(token), body)
+        upstream = transport.send_with_token(
+            request.method, datasource, url, query, token.access_token, headers_for(token), body
+        )
         if upstream.status in datasource.expiry_statuses and replayable:
             # Refresh once and retry once, unless the rules say the answer stands (the token is
             # too young to blame, or a refresh failed moments ago): then it is passed on.
@@ -122,8 +124,14 @@ def _forward(
                 upstream.release_conn()
                 token = retry
                 cache.tokens.put((datasource.slug, token.user_id), token)
-                upstream = _send(
-                    request.method, datasource, token, url, query, headers_for(token), body
+                upstream = transport.send_with_token(
+                    request.method,
+                    datasource,
+                    url,
+                    query,
+                    token.access_token,
+                    headers_for(token),
+                    body,
                 )
     except (NotAuthorized, ReauthorizationRequired) as err:
         error = "not_authorized" if isinstance(err, NotAuthorized) else "reauthorization_required"
@@ -170,11 +178,6 @@ def _forward(
             level="warning",
         )
     return response
-
-
-def _send(method, datasource, token, url, query, headers, body):
-    full_url = target.with_query(url, target.build_query(datasource, query, token.access_token))
-    return transport.send(method, datasource, full_url, headers, body)
 
 
 def _refusal(request: HttpRequest, refused: Refused) -> JsonResponse:
