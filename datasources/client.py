@@ -19,7 +19,7 @@ from urllib.parse import urlencode
 
 import requests
 
-from . import tokens
+from . import binding, tokens
 from .conf import app_settings
 from .exceptions import DatasourceError
 from .proxy import target
@@ -62,27 +62,44 @@ class DatasourceSession(requests.Session):
         kwargs.setdefault("timeout", self.timeout)
         kwargs["allow_redirects"] = False
         token = tokens.get_valid_token(self.datasource, user=self.user)
-        response = self._send(method, path_url, query, token.access_token, data, headers, kwargs)
-        if response.status_code in self.datasource.expiry_statuses and _replayable(data):
+        replayable = _replayable(data)
+        response = self._send(method, path_url, query, token, data, headers, kwargs, replayable)
+        if replayable and binding.token_rejected(
+            self.datasource, response.status_code, response.headers
+        ):
             retry = tokens.refresh_after_rejection(
                 self.datasource, token.access_token, user=self.user
             )
             if retry is not None:
                 response.close()
                 response = self._send(
-                    method, path_url, query, retry.access_token, data, headers, kwargs
+                    method, path_url, query, retry, data, headers, kwargs, replayable
                 )
         return response
 
-    def _send(self, method, url, query, access_token, data, headers, kwargs):
+    def _send(self, method, url, query, token, data, headers, kwargs, replayable):
+        """One call with ``token``; once more with a fresh DPoP proof when the server refused
+        the proof (see :mod:`datasources.binding`)."""
+        response = self._send_once(method, url, query, token, data, headers, kwargs)
+        status, answer = response.status_code, response.headers
+        if binding.proof_refused(self.datasource, token, url, status, answer) and replayable:
+            response.close()
+            response = self._send_once(method, url, query, token, data, headers, kwargs)
+            binding.proof_refused(
+                self.datasource, token, url, response.status_code, response.headers
+            )
+        return response
+
+    def _send_once(self, method, url, query, token, data, headers, kwargs):
         sent = dict(self.datasource.default_headers or {})
         for name, value in (headers or {}).items():
             sent = {k: v for k, v in sent.items() if k.lower() != name.lower()}
             sent[name] = value
-        placed = target.token_header(self.datasource, access_token)
-        if placed is not None:
-            sent = {k: v for k, v in sent.items() if k.lower() != placed[0].lower()}
-            sent[placed[0]] = placed[1]
+        placed = binding.auth_headers(self.datasource, token, method, url)
+        names = {name.lower() for name in placed}
+        sent = {k: v for k, v in sent.items() if k.lower() not in names}
+        sent.update(placed)
+        access_token = token.access_token or ""
         full_url = target.with_query(url, target.build_query(self.datasource, query, access_token))
         return super().request(method, full_url, data=data, headers=sent, **kwargs)
 

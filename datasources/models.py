@@ -20,6 +20,7 @@ from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 from fernet_fields import EncryptedTextField
 
+from . import dpop
 from .oauth import RESERVED_AUTH_PARAMS
 from .querysets import TokenQuerySet
 from .transport import validate_secure_url
@@ -389,6 +390,33 @@ class Datasource(models.Model):
             "shown in the admin and exported."
         ),
     )
+    use_dpop = models.BooleanField(
+        _("DPoP (sender-constrained tokens)"),
+        default=False,
+        help_text=_(
+            "Bind tokens to a key pair of this datasource (RFC 9449): every token request and "
+            "every API call carries a proof signed with its private key, so a stolen token is "
+            "useless without the key. The key pair is generated here; the private key is "
+            "encrypted and never shown. Needs the token in the Authorization header."
+        ),
+    )
+    dpop_private_key = EncryptedTextField(
+        _("DPoP private key"),
+        null=True,
+        blank=True,
+        editable=False,
+        help_text=_("Generated when DPoP is turned on; encrypted at rest and never shown."),
+    )
+    dpop_jkt = models.CharField(
+        _("DPoP key thumbprint"),
+        max_length=100,
+        blank=True,
+        editable=False,
+        help_text=_(
+            "RFC 7638 SHA-256 thumbprint of the DPoP public key: what the server binds tokens "
+            "to (cnf.jkt), and what some providers ask to register."
+        ),
+    )
     created_at = models.DateTimeField(_("created"), auto_now_add=True)
     updated_at = models.DateTimeField(_("updated"), auto_now=True)
 
@@ -406,6 +434,8 @@ class Datasource(models.Model):
 
     def save(self, *args, **kwargs) -> None:
         self.scopes = normalize_scopes(self.scopes)
+        if self.use_dpop and not self.dpop_private_key:
+            self.set_dpop_key(dpop.generate_private_key_pem())
         super().save(*args, **kwargs)
         Token.objects.get_or_create(datasource=self, user=None)
         if self.grant_type == GrantType.CLIENT_CREDENTIALS:
@@ -443,6 +473,11 @@ class Datasource(models.Model):
             errors["token_sharing"] = _(
                 "Per-user tokens need the authorization code grant: with client credentials "
                 "there is no user."
+            )
+        if self.use_dpop and self.token_placement == TokenPlacement.QUERY:
+            errors["token_placement"] = _(
+                "DPoP sends the token in the Authorization header (RFC 9449 §7.1): choose "
+                "“Request header”, or turn DPoP off."
             )
         if self.token_placement == TokenPlacement.QUERY and not self.query_param_name:
             self.query_param_name = "access_token"
@@ -558,6 +593,16 @@ class Datasource(models.Model):
         from .conf import app_settings
 
         return self.token_lifetime or app_settings.DEFAULT_TOKEN_LIFETIME
+
+    def set_dpop_key(self, private_key_pem: str) -> None:
+        """Use ``private_key_pem`` as the DPoP key (checked: DPoPKeyError if unusable)."""
+        self.dpop_jkt = dpop.signer(private_key_pem).thumbprint
+        self.dpop_private_key = private_key_pem
+
+    @property
+    def dpop_public_jwk(self) -> str:
+        """The DPoP public key as a JWK (JSON), or "" without a key."""
+        return dpop.public_jwk_json(self.dpop_private_key) if self.dpop_private_key else ""
 
     @property
     def has_client_secret(self) -> bool:

@@ -40,7 +40,7 @@ from oauthlib.oauth2 import (
     WebApplicationClient,
 )
 
-from . import outbound
+from . import dpop, outbound
 from .conf import app_settings
 from .exceptions import DatasourceError, OAuthError, TransientUpstreamError
 from .transport import check_transport
@@ -401,6 +401,37 @@ def _post(
     return response
 
 
+@sensitive_variables()
+def _post_token(
+    datasource: Datasource, body: str, headers: dict[str, str], what: str
+) -> requests.Response:
+    """POST to the token endpoint; with DPoP, a fresh proof per attempt, and once more with
+    the server's nonce when it answers ``use_dpop_nonce`` (RFC 9449 §8: the server refuses
+    before acting on the grant, so the code or refresh token is still good)."""
+    url = datasource.access_token_url
+    if not datasource.use_dpop:
+        return _post(url, body, headers, datasource, what, app_settings.REFRESH_TIMEOUT)
+    for attempt in (1, 2):
+        proof = dpop.proof(datasource.dpop_private_key, "POST", url, nonce=dpop.nonce_for(url))
+        response = _post(
+            url, body, {**headers, "DPoP": proof}, datasource, what, app_settings.REFRESH_TIMEOUT
+        )
+        dpop.remember_nonce(url, response.headers.get("DPoP-Nonce"))
+        if attempt == 2 or not _asks_for_nonce(response):
+            return response
+        logger.info(
+            "%s for datasource %s: the server asked for a DPoP nonce", what, datasource.slug
+        )
+    raise AssertionError("unreachable")
+
+
+def _asks_for_nonce(response: requests.Response) -> bool:
+    if response.status_code not in (400, 401) or not response.headers.get("DPoP-Nonce"):
+        return False
+    payload = _json_or_none(response.text)
+    return isinstance(payload, dict) and payload.get("error") == "use_dpop_nonce"
+
+
 def _answer_lost(err: requests.RequestException) -> bool:
     """Whether the request may have reached the server (its answer was lost): a read timeout or
     a connection dropped mid-answer, as opposed to a connection that was never made."""
@@ -429,14 +460,7 @@ def _token_request(
     secrets: list[str | None],
     what: str,
 ) -> TokenResponse:
-    response = _post(
-        datasource.access_token_url,
-        body,
-        headers,
-        datasource,
-        what,
-        app_settings.REFRESH_TIMEOUT,
-    )
+    response = _post_token(datasource, body, headers, what)
     all_secrets = [s for s in [*secrets, datasource.client_secret] if s]
     if response.status_code != 200:
         _raise_for_error_response(response, datasource, secrets=all_secrets, what=what)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import urllib3
 from django.views.decorators.debug import sensitive_variables
 
-from . import tokens
+from . import binding, tokens
 from .exceptions import NotAuthorized, ReauthorizationRequired, TransientUpstreamError
 from .explain import explain
 from .models import Datasource
@@ -76,7 +76,7 @@ def run(datasource: Datasource, method: str, path: str, *, user=None) -> ProbeRe
     started = time.perf_counter()
     try:
         upstream = _send(datasource, method, url, query, token)
-        if upstream.status in datasource.expiry_statuses:
+        if binding.token_rejected(datasource, upstream.status, upstream.headers):
             retry = tokens.refresh_after_rejection(
                 datasource, token.access_token, user=token.user_id
             )
@@ -118,15 +118,15 @@ def run(datasource: Datasource, method: str, path: str, *, user=None) -> ProbeRe
 
 @sensitive_variables()
 def _send(datasource: Datasource, method: str, url: str, query: str, token):
-    headers = transport.request_headers(
-        datasource,
-        {"Accept": "application/json, */*;q=0.5", "User-Agent": "datasources-admin-test"},
-        target.token_header(datasource, token.access_token),
-        0,
-    )
-    return transport.send_with_token(
-        method, datasource, url, query, token.access_token, headers, None
-    )
+    def headers_for(token) -> dict[str, str]:
+        return transport.request_headers(
+            datasource,
+            {"Accept": "application/json, */*;q=0.5", "User-Agent": "datasources-admin-test"},
+            binding.auth_headers(datasource, token, method, url),
+            0,
+        )
+
+    return transport.send_for_token(method, datasource, url, query, token, headers_for, None, True)
 
 
 @sensitive_variables()

@@ -25,8 +25,9 @@ import urllib3
 from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
 from django.views.decorators.debug import sensitive_variables
 
+from .. import binding
 from ..conf import app_settings
-from ..models import Datasource
+from ..models import Datasource, Token
 from . import target
 
 HOP_BY_HOP = frozenset(
@@ -50,6 +51,7 @@ NOT_FORWARDED = HOP_BY_HOP | {
     "cookie",
     "x-api-key",
     "x-csrftoken",
+    "dpop",  # a proof is ours to make, for our key
     # set by us (or by urllib3) for the upstream
     "host",
     "content-length",
@@ -208,6 +210,35 @@ def send_with_token(
     return send(method, datasource, full_url, headers, body)
 
 
+@sensitive_variables()
+def send_for_token(
+    method: str,
+    datasource: Datasource,
+    url: str,
+    query: str,
+    token: Token,
+    headers_for: Callable[[Token], dict[str, str]],
+    body: bytes | BodyStream | None,
+    replayable: bool,
+) -> urllib3.BaseHTTPResponse:
+    """:func:`send_with_token` with ``token`` (``headers_for`` builds the headers, a fresh
+    DPoP proof each time), sent once more when the server refused the DPoP proof (a nonce it
+    wants, a proof it saw already): the one place the proxy and the Test answer DPoP."""
+    upstream = send_with_token(
+        method, datasource, url, query, token.access_token, headers_for(token), body
+    )
+    if binding.proof_refused(datasource, token, url, upstream.status, upstream.headers) and (
+        replayable
+    ):
+        upstream.drain_conn()
+        upstream.release_conn()
+        upstream = send_with_token(
+            method, datasource, url, query, token.access_token, headers_for(token), body
+        )
+        binding.proof_refused(datasource, token, url, upstream.status, upstream.headers)
+    return upstream
+
+
 def _request_target(url: str) -> str:
     """The path and query of an absolute URL (``scheme://authority`` removed)."""
     slash = url.find("/", url.find("//") + 2)
@@ -226,11 +257,12 @@ def _connection_named(value: str | None) -> set[str]:
 def request_headers(
     datasource: Datasource,
     incoming: Mapping[str, str],
-    token_header: tuple[str, str] | None,
+    token_headers: Mapping[str, str],
     content_length: int | None,
 ) -> dict[str, str]:
     """The headers sent upstream: the caller's, filtered; the datasource's defaults where the
-    caller sent none; our Content-Length; the token's header last (nobody overrides it)."""
+    caller sent none; our Content-Length; the token's headers last (nobody overrides them;
+    :func:`datasources.binding.auth_headers`)."""
     dropped = NOT_FORWARDED | _connection_named(incoming.get("Connection"))
     headers = {name: value for name, value in incoming.items() if name.lower() not in dropped}
     defaults = datasource.default_headers
@@ -241,10 +273,10 @@ def request_headers(
                 headers[name] = value
     if content_length:
         headers["Content-Length"] = str(content_length)
-    if token_header is not None:
-        name = token_header[0].lower()
-        headers = {k: v for k, v in headers.items() if k.lower() != name}
-        headers[token_header[0]] = token_header[1]
+    if token_headers:
+        names = {name.lower() for name in token_headers}
+        headers = {k: v for k, v in headers.items() if k.lower() not in names}
+        headers.update(token_headers)
     return headers
 
 

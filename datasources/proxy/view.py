@@ -14,7 +14,7 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.utils.log import log_response
 from django.views.decorators.csrf import csrf_exempt
 
-from .. import tokens
+from .. import binding, tokens
 from ..exceptions import NotAuthorized, ReauthorizationRequired, TransientUpstreamError
 from ..models import Datasource, Token
 from . import cache, callers, target, transport, usage
@@ -104,16 +104,16 @@ def _forward(
     body, length, replayable = transport.request_body(request)
 
     def headers_for(token: Token) -> dict[str, str]:
-        placed = target.token_header(datasource, token.access_token)
+        placed = binding.auth_headers(datasource, token, request.method, url)
         return transport.request_headers(datasource, request.headers, placed, length)
 
     try:
         token = tokens.get_valid_token(datasource, token=token)
         cache.tokens.put((datasource.slug, token.user_id), token)
-        upstream = transport.send_with_token(
-            request.method, datasource, url, query, token.access_token, headers_for(token), body
+        upstream = transport.send_for_token(
+            request.method, datasource, url, query, token, headers_for, body, replayable
         )
-        if upstream.status in datasource.expiry_statuses and replayable:
+        if replayable and binding.token_rejected(datasource, upstream.status, upstream.headers):
             # Refresh once and retry once, unless the rules say the answer stands (the token is
             # too young to blame, or a refresh failed moments ago): then it is passed on.
             retry = tokens.refresh_after_rejection(
@@ -124,14 +124,8 @@ def _forward(
                 upstream.release_conn()
                 token = retry
                 cache.tokens.put((datasource.slug, token.user_id), token)
-                upstream = transport.send_with_token(
-                    request.method,
-                    datasource,
-                    url,
-                    query,
-                    token.access_token,
-                    headers_for(token),
-                    body,
+                upstream = transport.send_for_token(
+                    request.method, datasource, url, query, token, headers_for, body, replayable
                 )
     except (NotAuthorized, ReauthorizationRequired) as err:
         error = "not_authorized" if isinstance(err, NotAuthorized) else "reauthorization_required"

@@ -1,0 +1,255 @@
+"""DPoP (RFC 9449): proofs that a request comes from the holder of the datasource's key.
+
+Every datasource with DPoP on has its own key pair, made here (EC P-256, ES256); the private key
+is stored encrypted and never shown, the public key travels inside each proof. A proof is a JWT
+signed with PyJWT (no hand-written JOSE) over the request's method and URL, with the hash of
+the access token on resource calls and the server's nonce when it asked for one.
+
+Proofs are made on the proxy's hot path, so the parsed key and its public JWK are cached per
+private key (the PEM is parsed once per process and key, not once per call) and a proof costs
+one ES256 signature (``bench/dpop.py`` measures it).
+
+Nonces (RFC 9449 §8, §9): a server may ask for a nonce by answering ``use_dpop_nonce`` with a
+``DPoP-Nonce`` header, and may send a new nonce with any answer. The latest nonce is kept per
+server origin in this process's memory and in Django's cache (shared by the processes using
+the same cache), so a new process starts with the nonce others learned instead of paying one
+refused call. A nonce is not a secret.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import hashlib
+import json
+import secrets
+import threading
+import time
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, Protocol
+
+import jwt
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from django.core.cache import cache
+from django.views.decorators.debug import sensitive_variables
+
+#: The signature algorithm of keys the app generates (RFC 9449 recommends ES256 support).
+DEFAULT_ALG = "ES256"
+#: Algorithms a stored key may use, by key type (what PyJWT signs with ``cryptography``).
+_EC_ALGS = {"secp256r1": "ES256", "secp384r1": "ES384", "secp521r1": "ES512"}
+_NONCE_CACHE_PREFIX = "datasources:dpop-nonce:"
+_NONCE_CACHE_SECONDS = 24 * 3600
+
+
+class DPoPKeyError(ValueError):
+    """The stored DPoP key cannot be used; the message says why (never the key)."""
+
+
+# --- keys ------------------------------------------------------------------------------------
+
+
+def generate_private_key_pem() -> str:
+    """A new EC P-256 private key as unencrypted PKCS#8 PEM (stored encrypted by the model)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    ).decode("ascii")
+
+
+@dataclass(frozen=True)
+class Signer:
+    """A loaded private key with what every proof repeats: its algorithm and public JWK."""
+
+    key: Any
+    alg: str
+    jwk: dict[str, str]
+    thumbprint: str
+
+    def __repr__(self) -> str:
+        return f"<Signer {self.alg} {self.thumbprint}>"
+
+
+@functools.lru_cache(maxsize=512)
+@sensitive_variables()
+def signer(private_key_pem: str) -> Signer:
+    """The key in ``private_key_pem``, parsed once per process (proofs are made per call).
+
+    Keyed by the PEM text itself: a regenerated key is a new entry, so a rotation can never
+    sign with the old key; old entries fall out of the LRU."""
+    try:
+        key = serialization.load_pem_private_key(private_key_pem.encode(), password=None)
+    except (ValueError, TypeError) as err:
+        raise DPoPKeyError(
+            "The DPoP private key is not an unencrypted PEM private key; regenerate it."
+        ) from err
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        alg = _EC_ALGS.get(key.curve.name)
+        if alg is None:
+            raise DPoPKeyError(f"The DPoP key's curve {key.curve.name} is not supported.")
+        jwk = jwt.algorithms.ECAlgorithm.to_jwk(key.public_key(), as_dict=True)
+    elif isinstance(key, rsa.RSAPrivateKey):
+        if key.key_size < 2048:
+            raise DPoPKeyError("The DPoP RSA key is shorter than 2048 bits.")
+        alg = "PS256"
+        jwk = jwt.algorithms.RSAAlgorithm.to_jwk(key.public_key(), as_dict=True)
+    else:
+        raise DPoPKeyError("The DPoP key must be an EC (P-256/384/521) or RSA key.")
+    public = {name: jwk[name] for name in ("kty", "crv", "x", "y", "n", "e") if name in jwk}
+    return Signer(key=key, alg=alg, jwk=public, thumbprint=jwk_thumbprint(public))
+
+
+def jwk_thumbprint(jwk: dict[str, str]) -> str:
+    """RFC 7638 SHA-256 thumbprint (what a DPoP-bound token's ``cnf.jkt`` holds)."""
+    required = {
+        "EC": ("crv", "kty", "x", "y"),
+        "RSA": ("e", "kty", "n"),
+        "OKP": ("crv", "kty", "x"),
+    }
+    members = {name: jwk[name] for name in required[jwk["kty"]]}
+    canonical = json.dumps(members, separators=(",", ":"), sort_keys=True)
+    return _b64(hashlib.sha256(canonical.encode()).digest())
+
+
+def public_jwk_json(private_key_pem: str) -> str:
+    """The public JWK, for showing and registering at a provider."""
+    return json.dumps(signer(private_key_pem).jwk, indent=2, sort_keys=True)
+
+
+# --- proofs ----------------------------------------------------------------------------------
+
+
+@sensitive_variables()
+def proof(
+    private_key_pem: str,
+    method: str,
+    url: str,
+    *,
+    access_token: str | None = None,
+    nonce: str | None = None,
+) -> str:
+    """A DPoP proof JWT for one request (RFC 9449 §4.2). ``url`` without query or fragment
+    (``htu``); ``access_token`` on resource calls (``ath``); a fresh ``jti`` every time, so a
+    proof is never reused."""
+    key = signer(private_key_pem)
+    claims: dict[str, Any] = {
+        "jti": secrets.token_urlsafe(16),
+        "htm": method,
+        "htu": htu(url),
+        "iat": int(time.time()),
+    }
+    if access_token:
+        claims["ath"] = _b64(hashlib.sha256(access_token.encode("ascii")).digest())
+    if nonce:
+        claims["nonce"] = nonce
+    return jwt.encode(
+        claims, key.key, algorithm=key.alg, headers={"typ": "dpop+jwt", "jwk": key.jwk}
+    )
+
+
+@functools.lru_cache(maxsize=4096)
+def htu(url: str) -> str:
+    """The URL without query and fragment (RFC 9449 §4.2)."""
+    end = len(url)
+    for mark in ("?", "#"):
+        found = url.find(mark)
+        if found != -1:
+            end = min(end, found)
+    return url[:end]
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+# --- nonces ----------------------------------------------------------------------------------
+
+_nonces: dict[str, str | None] = {}
+_nonces_lock = threading.Lock()
+
+
+@functools.lru_cache(maxsize=1024)
+def origin(url: str) -> str:
+    """scheme://host[:port] of a URL, lowercased: the key nonces are kept under."""
+    scheme, _, rest = url.partition("://")
+    host = rest.split("/", 1)[0].split("?", 1)[0].split("#", 1)[0]
+    return f"{scheme.lower()}://{host.lower()}"
+
+
+def nonce_for(url: str) -> str | None:
+    """The latest nonce the server of ``url`` gave, if any (process memory first, then the
+    shared cache once per origin and process)."""
+    key = origin(url)
+    try:
+        return _nonces[key]
+    except KeyError:
+        pass
+    value = cache.get(_NONCE_CACHE_PREFIX + key)
+    with _nonces_lock:
+        _nonces.setdefault(key, value)
+    return value
+
+
+def remember_nonce(url: str, nonce: str | None) -> None:
+    """Keep a ``DPoP-Nonce`` the server of ``url`` sent (ignored when empty or unchanged)."""
+    if not nonce or len(nonce) > 512:
+        return
+    key = origin(url)
+    if _nonces.get(key) == nonce:
+        return
+    with _nonces_lock:
+        _nonces[key] = nonce
+    cache.set(_NONCE_CACHE_PREFIX + key, nonce, _NONCE_CACHE_SECONDS)
+
+
+def forget_nonces() -> None:
+    """Clear this process's memory of nonces (tests; the cache entries expire on their own)."""
+    with _nonces_lock:
+        _nonces.clear()
+
+
+# --- what a server's answer means -------------------------------------------------------------
+
+
+class Headers(Protocol):
+    def get(self, name: str, default: Any = None) -> Any: ...
+
+
+class Refusal(Enum):
+    """Why a resource server refused a DPoP request, when the proof (not the token) is at fault."""
+
+    NONE = "none"  # not a refusal of the proof: the answer stands (or the token expired)
+    NONCE = "use_dpop_nonce"  # send a new proof with the nonce it gave
+    PROOF = "invalid_dpop_proof"  # proof refused (e.g. replayed, clock): send a fresh one
+
+
+def resource_refusal(status: int, headers: Headers) -> Refusal:
+    """What a resource server's answer says about our proof (RFC 9449 §7.1, §9): a 401 whose
+    ``WWW-Authenticate: DPoP`` challenge carries ``error="use_dpop_nonce"`` (with a
+    ``DPoP-Nonce``) or ``error="invalid_dpop_proof"``. Anything else, including
+    ``error="invalid_token"`` (expired token), is ``NONE``: the token rules apply to it."""
+    if status != 401:
+        return Refusal.NONE
+    challenge = headers.get("WWW-Authenticate") or ""
+    if "dpop" not in challenge.lower():
+        return Refusal.NONE
+    error = _challenge_error(challenge)
+    if error == "use_dpop_nonce" and headers.get("DPoP-Nonce"):
+        return Refusal.NONCE
+    if error == "invalid_dpop_proof":
+        return Refusal.PROOF
+    return Refusal.NONE
+
+
+def _challenge_error(challenge: str) -> str:
+    lowered = challenge.lower()
+    start = lowered.find("error=")
+    if start == -1:
+        return ""
+    value = challenge[start + len("error=") :].lstrip()
+    if value.startswith('"'):
+        return value[1:].split('"', 1)[0]
+    return value.split(",", 1)[0].strip()
