@@ -132,7 +132,7 @@ class DatasourceAdmin(admin.ModelAdmin):
     search_fields = ("name", "slug", "base_url")
     prepopulated_fields = {"slug": ("name",)}
     actions = ("authorize_selected", "refresh_selected", "disconnect_selected")
-    readonly_fields = STATUS_FIELDS
+    readonly_fields = (*STATUS_FIELDS, "dpop_key")
     # Reference-docs order: connection, client, scopes, placement; the rest folded away.
     fieldsets = (
         (
@@ -170,6 +170,10 @@ class DatasourceAdmin(admin.ModelAdmin):
         (
             _("Token placement"),
             {"fields": ("token_placement", "header_prefix", "query_param_name")},
+        ),
+        (
+            _("Sender-constrained tokens"),
+            {"classes": ("collapse",), "fields": ("use_dpop", "dpop_key")},
         ),
         (
             _("Calls to the API"),
@@ -270,6 +274,27 @@ class DatasourceAdmin(admin.ModelAdmin):
             '{}<br><small class="datasource-usage-summary">{}</small>',
             dashboard.chart(usage, width=120, height=24),
             usage.summary(),
+        )
+
+    @admin.display(description=_("DPoP key"))
+    def dpop_key(self, obj: Datasource):
+        if not obj.pk or not obj.dpop_private_key:
+            return _("Generated when DPoP is turned on and the datasource is saved.")
+        token = _token(obj)
+        bound = token.token_type if token and token.access_token else "—"
+        return format_html(
+            '<p>{} <code class="datasource-dpop-jkt">{}</code></p>'
+            "<p>{} <strong>{}</strong></p>"
+            '<details><summary>{}</summary><pre class="datasource-dpop-jwk">{}</pre></details>'
+            '<p><button type="submit" class="button datasource-dpop-regenerate" '
+            'form="datasource-dpop-regenerate-form">{}</button></p>',
+            _("Public key thumbprint (RFC 7638, the cnf.jkt of bound tokens):"),
+            obj.dpop_jkt,
+            _("Type of the current token:"),
+            bound,
+            _("Public key (JWK)"),
+            obj.dpop_public_jwk,
+            _("Regenerate DPoP key"),
         )
 
     @admin.display(description=_("granted scope"))
@@ -395,6 +420,11 @@ class DatasourceAdmin(admin.ModelAdmin):
                 name="{}_{}_disconnect".format(*info),
             ),
             path(
+                "<int:pk>/dpop-key/",
+                wrap(admin_views.RegenerateDPoPKeyView.as_view(model_admin=self)),
+                name="{}_{}_dpop_key".format(*info),
+            ),
+            path(
                 "<int:pk>/test/",
                 wrap(admin_views.TestCallView.as_view(model_admin=self)),
                 name="{}_{}_test".format(*info),
@@ -456,6 +486,8 @@ class DatasourceAdmin(admin.ModelAdmin):
         credentials_changed = change and form.credentials_changed
         if credentials_changed:
             tokens.reset_after_reconfiguration(obj)
+        if change and "use_dpop" in form.changed_data:
+            tokens.replace_now(obj)  # bound to a key (or not) the calls no longer match
         if obj.token_placement == TokenPlacement.QUERY:
             messages.warning(
                 request,

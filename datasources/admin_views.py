@@ -16,7 +16,7 @@ from django.template.response import TemplateResponse
 from django.utils.translation import ngettext
 from django.views import View
 
-from . import adminjobs, probe, tokens
+from . import adminjobs, dpop, probe, tokens
 from .explain import explain
 from .models import Datasource, GrantType, Token, TokenStatus
 
@@ -50,6 +50,33 @@ class RefreshView(_DatasourceView):
     def post(self, request: HttpRequest, pk: int) -> HttpResponse:
         datasource = self.datasource(request, pk)
         report_refresh(request, [datasource])
+        return HttpResponseRedirect(datasource.get_admin_url())
+
+
+class RegenerateDPoPKeyView(_DatasourceView):
+    """POST: a new DPoP key pair; tokens bound to the old key are replaced at the next call."""
+
+    http_method_names = ["post"]
+
+    def post(self, request: HttpRequest, pk: int) -> HttpResponse:
+        datasource = self.datasource(request, pk)
+        if not datasource.use_dpop:
+            messages.error(request, f"“{datasource}” does not use DPoP: turn it on first.")
+            return HttpResponseRedirect(datasource.get_admin_url())
+        with transaction.atomic():
+            datasource.set_dpop_key(dpop.generate_private_key_pem())
+            datasource.save(update_fields=["dpop_private_key", "dpop_jkt", "updated_at"])
+            replaced = tokens.replace_now(datasource)
+        messages.success(
+            request,
+            f"“{datasource}” has a new DPoP key (thumbprint {datasource.dpop_jkt})."
+            + (
+                " Its tokens were bound to the old key: new ones are fetched at the next call."
+                if replaced
+                else ""
+            )
+            + " If the provider registers DPoP keys, register the new public key there.",
+        )
         return HttpResponseRedirect(datasource.get_admin_url())
 
 

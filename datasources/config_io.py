@@ -19,13 +19,15 @@ from typing import IO, Any
 from django.core.exceptions import ValidationError
 from django.db import models, transaction
 
-from . import tokens
+from . import dpop, tokens
 from .conf import app_settings
 from .models import CONFIG_FIELDS, Datasource, GrantType
 
 #: Fields import accepts and export writes (the client secret is import-only).
 EXPORTED_FIELDS = CONFIG_FIELDS
-IMPORTED_FIELDS = frozenset(EXPORTED_FIELDS) | {"client_secret"}
+#: Write-only secrets: a string or {"env": NAME}; never exported.
+SECRET_FIELDS = frozenset({"client_secret", "dpop_private_key"})
+IMPORTED_FIELDS = frozenset(EXPORTED_FIELDS) | SECRET_FIELDS
 _CREDENTIAL_FIELDS = ("client_id", "client_secret", "access_token_url", "scopes")
 #: A list of objects whose values are at most an object of strings: 3 levels; a little slack.
 MAX_DEPTH = 5
@@ -133,7 +135,7 @@ def import_datasources(entries: Any, environ: dict[str, str] | None = None) -> I
     if not isinstance(entries, list):
         raise ImportFailed(["The file must contain a JSON list of datasource objects."])
     errors: list[str] = []
-    planned: list[tuple[Datasource, bool, bool]] = []
+    planned: list[tuple[Datasource, bool, bool, bool]] = []
     seen: set[str] = set()
     for index, entry in enumerate(entries, start=1):
         label = f"entry {index}"
@@ -164,27 +166,38 @@ def import_datasources(entries: Any, environ: dict[str, str] | None = None) -> I
         raise ImportFailed(errors)
     result = ImportResult(created=[], updated=[])
     with transaction.atomic():
-        for datasource, created, credentials_changed in planned:
+        for datasource, created, credentials_changed, key_changed in planned:
             datasource.save()
             (result.created if created else result.updated).append(datasource.slug)
             if credentials_changed:
                 tokens.reset_after_reconfiguration(datasource)
+            if key_changed:
+                tokens.replace_now(datasource)
     return result
 
 
-def _plan(entry: dict[str, Any], environ) -> tuple[Datasource, bool, bool]:
+def _plan(entry: dict[str, Any], environ) -> tuple[Datasource, bool, bool, bool]:
+    """(datasource to save, new?, credentials changed?, DPoP key or use changed?)"""
     existing = (
         Datasource.objects.filter(slug=entry.get("slug")).first() if entry.get("slug") else None
     )
     datasource = existing or Datasource()
     before = {name: getattr(datasource, name) for name in _CREDENTIAL_FIELDS}
+    before_dpop = (datasource.use_dpop, datasource.dpop_jkt)
     field_errors: dict[str, list[str]] = {}
     for name, value in entry.items():
-        if name == "client_secret":
+        if name in SECRET_FIELDS:
             try:
                 value = _resolve_secret(value, environ)
             except ValueError as err:
                 field_errors.setdefault(name, []).append(str(err))
+                continue
+            if name == "dpop_private_key":
+                if value:
+                    try:
+                        datasource.set_dpop_key(value)
+                    except dpop.DPoPKeyError as err:
+                        field_errors.setdefault(name, []).append(str(err))
                 continue
         elif name == "scopes" and isinstance(value, list):
             value = " ".join(str(v) for v in value)
@@ -207,7 +220,8 @@ def _plan(entry: dict[str, Any], environ) -> tuple[Datasource, bool, bool]:
     changed = existing is not None and any(
         getattr(datasource, name) != value for name, value in before.items()
     )
-    return datasource, existing is None, changed
+    key_changed = existing is not None and before_dpop != (datasource.use_dpop, datasource.dpop_jkt)
+    return datasource, existing is None, changed, key_changed
 
 
 _JSON_TYPE_NAMES = {
@@ -222,7 +236,7 @@ _JSON_TYPE_NAMES = {
 
 
 def _expected_types(name: str) -> tuple[type, ...]:
-    if name == "client_secret":
+    if name in SECRET_FIELDS:
         return (str, dict, type(None))
     if name == "scopes":
         return (str, list)

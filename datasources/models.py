@@ -663,6 +663,7 @@ CONFIG_FIELDS = (
     "allowed_methods",
     "default_headers",
     "default_query_params",
+    "use_dpop",
 )
 
 

@@ -215,6 +215,19 @@ def reset_after_reconfiguration(datasource: Datasource) -> None:
     )
 
 
+def replace_now(datasource: Datasource) -> int:
+    """The datasource's access tokens are no longer usable as they are (their DPoP key was
+    replaced, or DPoP was turned on or off): treat them as expired, so the next call refreshes
+    (or fetches) one bound to the current key and the sweep looks at them now. Refresh tokens
+    are kept: a confidential client's are not bound to the key."""
+    now = timezone.now()
+    return (
+        Token.objects.filter(datasource=datasource, access_token__isnull=False)
+        .exclude(status=TokenStatus.NOT_AUTHORIZED)
+        .update(expires_at=now, expiry_known=True, refresh_due_at=now)
+    )
+
+
 def granted(response: oauth.TokenResponse) -> str:
     seconds = parse_expires_in(response.expires_in)
     parts = [f"expires in {seconds}s" if seconds is not None else "no expiry given"]
