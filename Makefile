@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: run test lint format bench-refresh bench-proxy bench-sweep browser nginx clean
+.PHONY: run test lint format bench-refresh bench-proxy bench-sweep browser nginx oidc clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -54,7 +54,16 @@ nginx:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx >/dev/null; \
 	  else echo "nginx not installed: the production-recipe test will be skipped (apt-get install nginx)"; fi; }
 
-test: $(VENV)/.installed-test browser nginx
+# panva's oidc-provider (npm) for the tests that need a real OpenID provider (tests/oidcprovider.py):
+# pinned by tests/oidc/package-lock.json, reinstalled only when the lock file changes.
+OIDC_STAMP := tests/oidc/node_modules/.installed
+$(OIDC_STAMP): tests/oidc/package-lock.json
+	@command -v npm >/dev/null 2>&1 || { echo "npm not installed: the oidc-provider tests will be skipped (Node.js 20+)"; exit 0; }; \
+	  npm ci --prefix tests/oidc --no-audit --no-fund --loglevel=error && touch $@
+
+oidc: $(OIDC_STAMP)
+
+test: $(VENV)/.installed-test browser nginx oidc
 	$(BIN)/python -m pytest
 
 lint: $(VENV)/.installed-test
