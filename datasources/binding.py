@@ -12,6 +12,9 @@ the stored token type.
 A resource server that refuses the proof rather than the token (``use_dpop_nonce`` with a new
 nonce, or ``invalid_dpop_proof``, e.g. a proof it saw already) gets the call once more with a
 fresh proof; that answer is never taken for an expired token (no refresh is started for it).
+A DPoP challenge with ``invalid_token`` may mean either (oidc-provider answers a replayed proof
+so): the call is sent once more with a fresh proof, and only if that is refused too do the
+token rules apply (refresh once, retry once).
 """
 
 from __future__ import annotations
@@ -70,7 +73,8 @@ def proof_refused(
 
 def token_rejected(datasource: Datasource, status: int, headers: dpop.Headers) -> bool:
     """Whether the answer says the token expired (refresh once and retry): one of the
-    datasource's "expired" statuses, and not a refusal of the DPoP proof."""
+    datasource's "expired" statuses, and not a refusal of the DPoP proof alone (a nonce
+    wanted, a proof refused)."""
     if status not in datasource.expiry_statuses:
         return False
-    return not datasource.use_dpop or dpop.resource_refusal(status, headers) is dpop.Refusal.NONE
+    return not datasource.use_dpop or not dpop.resource_refusal(status, headers).proof_only

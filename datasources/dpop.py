@@ -219,28 +219,38 @@ class Headers(Protocol):
 
 
 class Refusal(Enum):
-    """Why a resource server refused a DPoP request, when the proof (not the token) is at fault."""
+    """What a resource server's 401 says about a DPoP call."""
 
-    NONE = "none"  # not a refusal of the proof: the answer stands (or the token expired)
+    NONE = "none"  # not about the proof: the answer stands (the token rules apply to it)
     NONCE = "use_dpop_nonce"  # send a new proof with the nonce it gave
-    PROOF = "invalid_dpop_proof"  # proof refused (e.g. replayed, clock): send a fresh one
+    PROOF = "invalid_dpop_proof"  # the proof was refused (replayed, clock, htu …): a fresh one
+    #: ``invalid_token`` in a DPoP challenge: the token, or the proof (oidc-provider answers a
+    #: replayed proof so, RFC 9449 §7.1 would say invalid_dpop_proof): one fresh proof first,
+    #: then, if refused again, the token rules (refresh once).
+    TOKEN_OR_PROOF = "invalid_token"
+
+    @property
+    def proof_only(self) -> bool:
+        """The answer is about the proof alone: never a reason to refresh the token."""
+        return self in (Refusal.NONCE, Refusal.PROOF)
 
 
 def resource_refusal(status: int, headers: Headers) -> Refusal:
-    """What a resource server's answer says about our proof (RFC 9449 §7.1, §9): a 401 whose
-    ``WWW-Authenticate: DPoP`` challenge carries ``error="use_dpop_nonce"`` (with a
-    ``DPoP-Nonce``) or ``error="invalid_dpop_proof"``. Anything else, including
-    ``error="invalid_token"`` (expired token), is ``NONE``: the token rules apply to it."""
+    """What a resource server's answer says about our proof (RFC 9449 §7.1, §9), from a 401's
+    ``WWW-Authenticate: DPoP`` challenge: ``error="use_dpop_nonce"`` (with a ``DPoP-Nonce``),
+    ``error="invalid_dpop_proof"`` or ``error="invalid_token"``. Anything else is ``NONE``."""
     if status != 401:
         return Refusal.NONE
     challenge = headers.get("WWW-Authenticate") or ""
-    if "dpop" not in challenge.lower():
+    if not challenge.lower().lstrip().startswith("dpop") and ", dpop " not in challenge.lower():
         return Refusal.NONE
     error = _challenge_error(challenge)
-    if error == "use_dpop_nonce" and headers.get("DPoP-Nonce"):
-        return Refusal.NONCE
+    if error == "use_dpop_nonce":
+        return Refusal.NONCE if headers.get("DPoP-Nonce") else Refusal.NONE
     if error == "invalid_dpop_proof":
         return Refusal.PROOF
+    if error == "invalid_token":
+        return Refusal.TOKEN_OR_PROOF
     return Refusal.NONE
 
 

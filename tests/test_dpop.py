@@ -83,11 +83,14 @@ def _headers(**values: str) -> CaseInsensitiveDict:
             dpop.Refusal.PROOF,
         ),
         (401, _headers(WWW_Authenticate="DPoP error=invalid_dpop_proof"), dpop.Refusal.PROOF),
-        # an expired or revoked token: the token rules (refresh once) apply
+        # the token or the proof (oidc-provider says so for a replayed proof): a fresh proof
+        # first, then the token rules
         (
             401,
-            _headers(WWW_Authenticate='DPoP error="invalid_token", error_description="x"'),
-            dpop.Refusal.NONE,
+            _headers(
+                WWW_Authenticate='DPoP realm="r", error="invalid_token", error_description="x"'
+            ),
+            dpop.Refusal.TOKEN_OR_PROOF,
         ),
         (401, _headers(WWW_Authenticate='Bearer error="invalid_token"'), dpop.Refusal.NONE),
         (401, _headers(), dpop.Refusal.NONE),
@@ -155,3 +158,35 @@ def test_dpop_needs_the_header_placement():
     with pytest.raises(ValidationError) as caught:
         ds.full_clean()
     assert "token_placement" in caught.value.message_dict
+
+
+@pytest.mark.django_db
+def test_config_as_code_imports_a_key_from_the_environment_and_never_exports_it():
+    from datasources.config_io import ImportFailed, export_datasources, import_datasources
+
+    pem = dpop.generate_private_key_pem()
+    entry = {
+        "name": "d",
+        "slug": "d",
+        "base_url": "https://api.example/",
+        "access_token_url": "https://as.example/t",
+        "client_id": "c",
+        "client_secret": "s",
+        "grant_type": "client_credentials",
+        "use_dpop": True,
+        "dpop_private_key": {"env": "DATASOURCE_SECRET_DPOP"},
+    }
+    import_datasources([entry], environ={"DATASOURCE_SECRET_DPOP": pem})
+    ds = Datasource.objects.get(slug="d")
+    assert ds.dpop_private_key == pem and ds.dpop_jkt == dpop.signer(pem).thumbprint
+    exported = export_datasources()
+    assert exported[0]["use_dpop"] is True
+    assert "dpop_private_key" not in exported[0] and "PRIVATE" not in str(exported)
+
+    with pytest.raises(ImportFailed) as caught:
+        import_datasources(
+            [{**entry, "dpop_private_key": {"env": "DATASOURCE_SECRET_BAD"}}],
+            environ={"DATASOURCE_SECRET_BAD": "garbage"},
+        )
+    assert "dpop_private_key" in str(caught.value) and "garbage" not in str(caught.value)
+    assert Datasource.objects.get(slug="d").dpop_private_key == pem  # nothing written

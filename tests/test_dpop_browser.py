@@ -1,0 +1,128 @@
+"""The DPoP options in the admin, clicked in chromium against panva's oidc-provider (DPoP nonces
+required): turn DPoP on, Save and authorize, Regenerate DPoP key, Test a call; every outcome
+asserted at the server (proofs, binding to the key thumbprint) and on the page."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import requests
+
+from datasources.models import Datasource, Token
+
+from . import browser
+from .conftest import CALLBACK_PATH
+from .oidcprovider import TEST_USER, start_oidc_provider
+from .test_admin_browser import PASSWORD, log_in, message, shot
+
+SECRET = "dpop-browser-secret-0123456789-abcdef"
+
+pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
+
+
+@pytest.fixture
+def playwright_api():
+    return browser.playwright_api()
+
+
+@pytest.fixture
+def page(playwright_api, monkeypatch):
+    with browser.chromium_page(
+        playwright_api, monkeypatch, viewport={"width": 1280, "height": 900}
+    ) as page:
+        yield page
+
+
+@pytest.fixture
+def expect(playwright_api):
+    return playwright_api.expect
+
+
+@pytest.fixture
+def builder(django_user_model):
+    return django_user_model.objects.create_superuser("builder", "b@example.com", PASSWORD)
+
+
+@pytest.fixture
+def op(live_server):
+    config = {
+        "clients": [
+            {
+                "client_id": "dpop-admin",
+                "client_secret": SECRET,
+                "redirect_uris": [f"{live_server.url}{CALLBACK_PATH}"],
+                "grant_types": ["authorization_code", "refresh_token"],
+                "response_types": ["code"],
+                "scope": "openid offline_access api",
+                "dpop_bound_access_tokens": True,
+            }
+        ],
+        "features": {"dpop": {"enabled": True, "requireNonce": True}},
+    }
+    with start_oidc_provider(config) as provider:
+        yield provider
+
+
+def bound_to(op, access_token: str) -> str | None:
+    answer = requests.post(
+        f"{op.issuer}/token/introspection",
+        data={"token": access_token},
+        auth=("dpop-admin", SECRET),
+        timeout=10,
+    ).json()
+    return (answer.get("cnf") or {}).get("jkt")
+
+
+def test_dpop_switch_regenerate_and_test_call(live_server, op, page, expect, builder):
+    base = live_server.url
+    log_in(page, base)
+    page.goto(f"{base}/admin/datasources/datasource/add/")
+    page.fill("#id_name", "DPoP API")
+    page.fill("#id_base_url", f"{op.issuer}/")
+    page.fill("#id_authorization_url", op.authorization_url)
+    page.fill("#id_access_token_url", op.token_url)
+    page.fill("#id_client_id", "dpop-admin")
+    page.fill("#id_client_secret", SECRET)
+    page.fill("#id_scopes", "openid offline_access")
+    page.locator("summary", has_text="Sender-constrained tokens").click()
+    page.check("#id_use_dpop")
+    page.click("input[name=_authorize]")  # Save and authorize: the provider consents at once
+    message(page, expect, "is authorized and active")
+
+    datasource = Datasource.objects.get(slug="dpop-api")
+    token = datasource.token
+    assert token.token_type == "DPoP"
+    assert bound_to(op, token.access_token) == datasource.dpop_jkt
+    exchanges = [e for e in op.requests("token") if e["grant_type"] == "authorization_code"]
+    assert [e["status"] for e in exchanges] == [400, 200] and all(e["dpop"] for e in exchanges)
+
+    # The page shows the public key's thumbprint and the token type, never the private key.
+    page.locator("summary", has_text="Sender-constrained tokens").click()
+    expect(page.locator(".datasource-dpop-jkt")).to_have_text(datasource.dpop_jkt)
+    assert "PRIVATE KEY" not in page.content()
+    shot(page, "datasource-dpop")
+
+    # Regenerate: a new key, its thumbprint in the message and on the page.
+    page.click("button.datasource-dpop-regenerate")
+    message(page, expect, "has a new DPoP key")
+    datasource.refresh_from_db()
+    assert datasource.dpop_jkt not in ("", bound_to(op, token.access_token))
+    expect(page.locator("ul.messagelist")).to_contain_text(datasource.dpop_jkt)
+    page.locator("summary", has_text="Sender-constrained tokens").click()
+    expect(page.locator(".datasource-dpop-jkt")).to_have_text(datasource.dpop_jkt)
+
+    # Test a call: the token bound to the old key is replaced first (a refresh with a proof of
+    # the new key), then userinfo accepts the call.
+    op.reset()
+    page.click("a.datasource-test-link")
+    page.fill("#id_path", "me")
+    page.click("input.datasource-run-test")
+    expect(page.locator(".datasource-test-status")).to_contain_text("200")
+    assert re.search(rf'"sub":\s*"{TEST_USER}"', page.inner_text(".datasource-test-body"))
+    refreshes = [e for e in op.requests("token") if e["grant_type"] == "refresh_token"]
+    assert [e["status"] for e in refreshes] == [200] and refreshes[0]["dpop"]
+    now = Token.objects.get(pk=token.pk)
+    assert now.access_token != token.access_token
+    assert bound_to(op, now.access_token) == datasource.dpop_jkt
+    assert [e["authorization_scheme"] for e in op.requests("userinfo")][-1] == "DPoP"
