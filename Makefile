@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: run test lint format bench-refresh bench-proxy bench-sweep browser nginx oidc clean
+.PHONY: run test lint format bench-refresh bench-proxy bench-sweep bench-dpop browser nginx oidc clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -81,6 +81,9 @@ bench-refresh: $(VENV)/.installed-test
 
 bench-proxy: $(VENV)/.installed-test
 	$(BIN)/python bench/proxy.py
+
+bench-dpop: $(VENV)/.installed-test
+	$(BIN)/python bench/dpop.py
 
 bench-sweep: $(VENV)/.installed-test
 	$(BIN)/python bench/sweep_scale.py
