@@ -164,6 +164,19 @@ class DatasourceAdmin(admin.ModelAdmin):
             },
         ),
         (
+            _("Mutual TLS"),
+            {
+                "classes": ("collapse",),
+                "fields": (
+                    "tls_client_certificate",
+                    "tls_client_key",
+                    "clear_tls_client_certificate",
+                    "certificate_bound_tokens",
+                    "tls_ca_bundle",
+                ),
+            },
+        ),
+        (
             _("Scopes and consent"),
             {"fields": ("scopes", "scope_separator", "custom_auth_params")},
         ),
@@ -207,11 +220,17 @@ class DatasourceAdmin(admin.ModelAdmin):
 
     def get_fieldsets(self, request, obj=None):
         stored = bool(obj and obj.pk and obj.client_secret)
+        pair_stored = bool(obj and obj.pk and obj.tls_client_certificate)
         fieldsets = []
         for name, options in super().get_fieldsets(request, obj):
             if obj is None and name == _("Token status"):
                 continue  # nothing to show before the first save
-            fields = tuple(f for f in options["fields"] if stored or f != "clear_client_secret")
+            fields = tuple(
+                f
+                for f in options["fields"]
+                if (stored or f != "clear_client_secret")
+                and (pair_stored or f != "clear_tls_client_certificate")
+            )
             fieldsets.append((name, {**options, "fields": fields}))
         return fieldsets
 
@@ -486,7 +505,10 @@ class DatasourceAdmin(admin.ModelAdmin):
         credentials_changed = change and form.credentials_changed
         if credentials_changed:
             tokens.reset_after_reconfiguration(obj)
-        if change and "use_dpop" in form.changed_data:
+        if change and (
+            "use_dpop" in form.changed_data
+            or (obj.certificate_bound_tokens and getattr(form, "tls_pair_changed", False))
+        ):
             tokens.replace_now(obj)  # bound to a key (or not) the calls no longer match
         if obj.token_placement == TokenPlacement.QUERY:
             messages.warning(

@@ -19,7 +19,7 @@ from urllib.parse import urlencode
 
 import requests
 
-from . import binding, tokens
+from . import binding, tls, tokens
 from .conf import app_settings
 from .exceptions import DatasourceError
 from .proxy import target
@@ -43,6 +43,9 @@ class DatasourceSession(requests.Session):
         self.user = user
         self.timeout = app_settings.CLIENT_TIMEOUT if timeout is None else timeout
         self.trust_env = False
+        context = tls.context_for(datasource, api=True)
+        if context is not None:  # a private CA, or the certificate tokens are bound to
+            self.mount("https://", tls.ContextAdapter(context))
 
     def request(  # type: ignore[override]
         self,
@@ -57,6 +60,11 @@ class DatasourceSession(requests.Session):
         if method not in self.datasource.allowed_method_set:
             raise MethodNotAllowed(
                 f"Datasource {self.datasource.slug!r} does not allow {method} calls."
+            )
+        if kwargs.get("verify") is False:
+            raise ValueError(
+                "Server certificates are always verified; for a private CA, set the "
+                "datasource's trusted CA certificates."
             )
         path_url, query = self._target(url, params)
         kwargs.setdefault("timeout", self.timeout)

@@ -21,12 +21,14 @@ from django.db import models, transaction
 
 from . import dpop, tokens
 from .conf import app_settings
-from .models import CONFIG_FIELDS, Datasource, GrantType
+from .models import CONFIG_FIELDS, MTLS_METHODS, Datasource, GrantType
 
 #: Fields import accepts and export writes (the client secret is import-only).
 EXPORTED_FIELDS = CONFIG_FIELDS
 #: Write-only secrets: a string or {"env": NAME}; never exported.
-SECRET_FIELDS = frozenset({"client_secret", "dpop_private_key"})
+SECRET_FIELDS = frozenset(
+    {"client_secret", "dpop_private_key", "tls_client_certificate", "tls_client_key"}
+)
 IMPORTED_FIELDS = frozenset(EXPORTED_FIELDS) | SECRET_FIELDS
 _CREDENTIAL_FIELDS = ("client_id", "client_secret", "access_token_url", "scopes")
 #: A list of objects whose values are at most an object of strings: 3 levels; a little slack.
@@ -177,13 +179,13 @@ def import_datasources(entries: Any, environ: dict[str, str] | None = None) -> I
 
 
 def _plan(entry: dict[str, Any], environ) -> tuple[Datasource, bool, bool, bool]:
-    """(datasource to save, new?, credentials changed?, DPoP key or use changed?)"""
+    """(datasource to save, new?, credentials changed?, a key tokens are bound to changed?)"""
     existing = (
         Datasource.objects.filter(slug=entry.get("slug")).first() if entry.get("slug") else None
     )
     datasource = existing or Datasource()
     before = {name: getattr(datasource, name) for name in _CREDENTIAL_FIELDS}
-    before_dpop = (datasource.use_dpop, datasource.dpop_jkt)
+    before_dpop = (datasource.use_dpop, datasource.dpop_jkt, datasource.tls_client_certificate)
     field_errors: dict[str, list[str]] = {}
     for name, value in entry.items():
         if name in SECRET_FIELDS:
@@ -204,6 +206,7 @@ def _plan(entry: dict[str, Any], environ) -> tuple[Datasource, bool, bool, bool]
         setattr(datasource, name, value)
     if (
         datasource.grant_type == GrantType.CLIENT_CREDENTIALS
+        and datasource.client_authentication not in MTLS_METHODS
         and not datasource.client_secret
         and "client_secret" not in field_errors
     ):
@@ -220,7 +223,11 @@ def _plan(entry: dict[str, Any], environ) -> tuple[Datasource, bool, bool, bool]
     changed = existing is not None and any(
         getattr(datasource, name) != value for name, value in before.items()
     )
-    key_changed = existing is not None and before_dpop != (datasource.use_dpop, datasource.dpop_jkt)
+    key_changed = existing is not None and before_dpop != (
+        datasource.use_dpop,
+        datasource.dpop_jkt,
+        datasource.tls_client_certificate,
+    )
     return datasource, existing is None, changed, key_changed
 
 

@@ -8,10 +8,17 @@ from django import forms
 from django.db import models
 from django.utils.translation import gettext_lazy as _
 
-from . import oauth, secretkeep
+from . import oauth, secretkeep, tls
 from .exceptions import DatasourceError
 from .explain import JSON_HINT
-from .models import CONFIG_FIELDS, ApiKey, Datasource, GrantType, normalize_scopes
+from .models import (
+    CONFIG_FIELDS,
+    MTLS_METHODS,
+    ApiKey,
+    Datasource,
+    GrantType,
+    normalize_scopes,
+)
 
 
 class WriteOnlySecretInput(forms.PasswordInput):
@@ -21,6 +28,13 @@ class WriteOnlySecretInput(forms.PasswordInput):
         super().__init__(
             attrs={"autocomplete": "new-password", **(attrs or {})}, render_value=False
         )
+
+    def get_context(self, name, value, attrs):
+        return super().get_context(name, None, attrs)
+
+
+class WriteOnlyTextarea(forms.Textarea):
+    """A textarea for a PEM secret: always rendered empty."""
 
     def get_context(self, name, value, attrs):
         return super().get_context(name, None, attrs)
@@ -145,6 +159,31 @@ class DatasourceForm(forms.ModelForm):
         required=False,
         help_text=_("Tick to remove the stored secret (for public clients)."),
     )
+    tls_client_certificate = forms.CharField(
+        label=_("TLS client certificate"),
+        required=False,
+        strip=True,
+        widget=WriteOnlyTextarea(attrs={"rows": 3, "cols": 60, "spellcheck": "false"}),
+        help_text=_(
+            "For mutual TLS (RFC 8705): paste the PEM certificate (-----BEGIN CERTIFICATE-----, "
+            "chain after it). Encrypted at rest; shown again only as subject, expiry and "
+            "thumbprint."
+        ),
+    )
+    tls_client_key = forms.CharField(
+        label=_("TLS client private key"),
+        required=False,
+        strip=True,
+        widget=WriteOnlyTextarea(attrs={"rows": 3, "cols": 60, "spellcheck": "false"}),
+        help_text=_(
+            "The certificate's private key, unencrypted PEM. Encrypted at rest, never shown "
+            "again. Leave both blank to keep the stored pair."
+        ),
+    )
+    clear_tls_client_certificate = forms.BooleanField(
+        label=_("Remove the stored client certificate and key"),
+        required=False,
+    )
     #: The request, set by the admin (the session holds a typed secret across errors).
     request = None
 
@@ -185,6 +224,24 @@ class DatasourceForm(forms.ModelForm):
             )
         if "clear_client_secret" in self.fields and not stored:
             self.fields["clear_client_secret"].disabled = True
+        if self.instance.pk and self.instance.tls_client_certificate:
+            try:
+                info = tls.certificate_info(self.instance.tls_client_certificate)
+            except tls.TLSConfigError as err:
+                described = str(err)
+            else:
+                described = _(
+                    "Stored (encrypted): %(subject)s, issued by %(issuer)s, valid until "
+                    "%(until)s, x5t#S256 %(thumbprint)s. Leave blank to keep it."
+                ) % {
+                    "subject": info.subject,
+                    "issuer": "itself" if info.self_signed else info.issuer,
+                    "until": f"{info.not_after:%Y-%m-%d}",
+                    "thumbprint": info.thumbprint,
+                }
+            self.fields["tls_client_certificate"].help_text = described
+        elif "clear_tls_client_certificate" in self.fields:
+            self.fields["clear_tls_client_certificate"].disabled = True
 
     @property
     def _session(self):
@@ -270,8 +327,10 @@ class DatasourceForm(forms.ModelForm):
         else:
             # Blank keeps the stored value: construct_instance skips fields not in cleaned_data.
             cleaned.pop("client_secret", None)
+        self._apply_tls_pair(cleaned)
         if (
             cleaned.get("grant_type") == GrantType.CLIENT_CREDENTIALS
+            and cleaned.get("client_authentication") not in MTLS_METHODS
             and not secret
             and not (self.instance.pk and self.instance.client_secret)
             and not cleaned.get("clear_client_secret")
@@ -280,6 +339,21 @@ class DatasourceForm(forms.ModelForm):
                 "client_secret", _("The client credentials grant needs a client secret.")
             )
         return cleaned
+
+    def _apply_tls_pair(self, cleaned: dict) -> None:
+        """The write-only certificate and key go to the instance (checked by its clean()):
+        typed values replace the stored pair, blanks keep it, the box removes it."""
+        certificate = cleaned.pop("tls_client_certificate", "")
+        key = cleaned.pop("tls_client_key", "")
+        self.tls_pair_changed = False
+        if cleaned.pop("clear_tls_client_certificate", False):
+            self.instance.tls_client_certificate = None
+            self.instance.tls_client_key = None
+            self.tls_pair_changed = True
+        elif certificate or key:
+            self.instance.tls_client_certificate = certificate or None
+            self.instance.tls_client_key = key or None
+            self.tls_pair_changed = True
 
     def _discover(self, cleaned: dict) -> None:
         issuer = cleaned.get("issuer")
@@ -302,6 +376,8 @@ class DatasourceForm(forms.ModelForm):
 
     @property
     def credentials_changed(self) -> bool:
+        if getattr(self, "tls_pair_changed", False):
+            return True
         return bool(
             {
                 "client_id",

@@ -130,6 +130,17 @@ class TokenPlacement(models.TextChoices):
 class ClientAuthentication(models.TextChoices):
     BASIC = "basic", _("Send as Basic Auth header")
     BODY = "body", _("Send client credentials in body")
+    TLS_CLIENT_AUTH = "tls_client_auth", _("Mutual TLS: CA-issued client certificate (RFC 8705)")
+    SELF_SIGNED_TLS_CLIENT_AUTH = (
+        "self_signed_tls_client_auth",
+        _("Mutual TLS: self-signed client certificate (RFC 8705)"),
+    )
+
+
+#: Client authentication methods that authenticate with the TLS client certificate.
+MTLS_METHODS = frozenset(
+    {ClientAuthentication.TLS_CLIENT_AUTH, ClientAuthentication.SELF_SIGNED_TLS_CLIENT_AUTH}
+)
 
 
 class ScopeSeparator(models.TextChoices):
@@ -264,7 +275,7 @@ class Datasource(models.Model):
     )
     client_authentication = models.CharField(
         _("client authentication"),
-        max_length=16,
+        max_length=32,
         choices=ClientAuthentication.choices,
         default=ClientAuthentication.BASIC,
         help_text=_(
@@ -417,6 +428,42 @@ class Datasource(models.Model):
             "to (cnf.jkt), and what some providers ask to register."
         ),
     )
+    tls_client_certificate = EncryptedTextField(
+        _("TLS client certificate"),
+        null=True,
+        blank=True,
+        help_text=_(
+            "PEM certificate (and chain) presented in mutual TLS (RFC 8705): for the mutual-TLS "
+            "client authentications and for certificate-bound tokens. Encrypted at rest; "
+            "shown again only as its subject, expiry and thumbprint."
+        ),
+    )
+    tls_client_key = EncryptedTextField(
+        _("TLS client private key"),
+        null=True,
+        blank=True,
+        help_text=_(
+            "The certificate's PEM private key (unencrypted PEM, stored encrypted, never shown "
+            "again)."
+        ),
+    )
+    certificate_bound_tokens = models.BooleanField(
+        _("certificate-bound tokens"),
+        default=False,
+        help_text=_(
+            "The server binds tokens to the client certificate (RFC 8705 §3): present the "
+            "certificate on API calls too (proxy, Python client, Test)."
+        ),
+    )
+    tls_ca_bundle = models.TextField(
+        _("trusted CA certificates"),
+        blank=True,
+        help_text=_(
+            "PEM certificates of a private CA that issued the authorization server's or the "
+            "API's certificate, trusted for this datasource in addition to the system's. "
+            "Server certificates are always verified."
+        ),
+    )
     created_at = models.DateTimeField(_("created"), auto_now_add=True)
     updated_at = models.DateTimeField(_("updated"), auto_now=True)
 
@@ -479,6 +526,7 @@ class Datasource(models.Model):
                 "DPoP sends the token in the Authorization header (RFC 9449 §7.1): choose "
                 "“Request header”, or turn DPoP off."
             )
+        errors.update(self._tls_problems())
         if self.token_placement == TokenPlacement.QUERY and not self.query_param_name:
             self.query_param_name = "access_token"
         if self.issuer:
@@ -502,6 +550,44 @@ class Datasource(models.Model):
         self.scopes = normalize_scopes(self.scopes)
         if errors:
             raise ValidationError(errors)
+
+    def _tls_problems(self) -> dict[str, str]:
+        from . import tls
+
+        problems: dict[str, str] = {}
+        has_pair = bool(self.tls_client_certificate and self.tls_client_key)
+        if self.tls_client_certificate or self.tls_client_key:
+            if not has_pair:
+                problems["tls_client_certificate"] = _(
+                    "Mutual TLS needs both the client certificate and its private key."
+                )
+            else:
+                try:
+                    tls.check_client_pair(self.tls_client_certificate, self.tls_client_key)
+                except tls.TLSConfigError as err:
+                    problems["tls_client_certificate"] = str(err)
+        if self.client_authentication in MTLS_METHODS and not has_pair:
+            problems.setdefault(
+                "client_authentication",
+                _("Mutual TLS client authentication needs a client certificate and key."),
+            )
+        if self.client_authentication in MTLS_METHODS and not self.access_token_url.startswith(
+            "https://"
+        ):
+            problems.setdefault(
+                "access_token_url", _("Mutual TLS needs an https:// access token URL.")
+            )
+        if self.certificate_bound_tokens and not has_pair:
+            problems.setdefault(
+                "certificate_bound_tokens",
+                _("Certificate-bound tokens need a client certificate and key."),
+            )
+        if self.tls_ca_bundle:
+            try:
+                tls.check_ca_bundle(self.tls_ca_bundle)
+            except tls.TLSConfigError as err:
+                problems["tls_ca_bundle"] = str(err)
+        return problems
 
     def _default_problems(self) -> dict[str, str]:
         problems: dict[str, str] = {}
@@ -664,6 +750,8 @@ CONFIG_FIELDS = (
     "default_headers",
     "default_query_params",
     "use_dpop",
+    "certificate_bound_tokens",
+    "tls_ca_bundle",
 )
 
 

@@ -22,6 +22,7 @@ import email.utils
 import json
 import logging
 import re
+import ssl
 import threading
 import time
 from dataclasses import dataclass, field
@@ -40,7 +41,7 @@ from oauthlib.oauth2 import (
     WebApplicationClient,
 )
 
-from . import dpop, outbound
+from . import dpop, outbound, tls
 from .conf import app_settings
 from .exceptions import DatasourceError, OAuthError, TransientUpstreamError
 from .transport import check_transport
@@ -65,6 +66,8 @@ _ERROR_CODE = re.compile(r"^[\x20\x21\x23-\x5b\x5d-\x7e]{1,100}$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 _local = threading.local()
+#: Client authentication by the TLS client certificate (RFC 8705 §2).
+MTLS_CLIENT_AUTH = frozenset({"tls_client_auth", "self_signed_tls_client_auth"})
 
 
 @dataclass(frozen=True)
@@ -102,11 +105,40 @@ def http_session() -> requests.Session:
     return session
 
 
-def _bounded_request(method: str, url: str, timeout: float, **kwargs: Any) -> requests.Response:
+def _tls_session(context: ssl.SSLContext) -> requests.Session:
+    """Like :func:`http_session`, connecting with ``context`` (a datasource's CA bundle and
+    client certificate, :mod:`datasources.tls`); one per context and thread."""
+    sessions = getattr(_local, "tls_sessions", None)
+    if sessions is None:
+        sessions = _local.tls_sessions = {}
+    session = sessions.get(id(context))
+    if session is None or session.tls_context is not context:
+        session = requests.Session()
+        session.headers.update(http_session().headers)
+        session.trust_env = False
+        session.mount("https://", _TLSBoundedAdapter(context))
+        session.mount("http://", outbound.BoundedAdapter())
+        session.tls_context = context
+        sessions[id(context)] = session
+    return session
+
+
+class _TLSBoundedAdapter(tls.ContextAdapterMixin, outbound.BoundedAdapter):
+    pass
+
+
+def _bounded_request(
+    method: str,
+    url: str,
+    timeout: float,
+    *,
+    context: ssl.SSLContext | None = None,
+    **kwargs: Any,
+) -> requests.Response:
     """A call ending within ``timeout`` seconds in all, its answer read up to
     HTTP_MAX_RESPONSE_BYTES. Raises outbound.DeadlineExceeded / outbound.TooLarge too."""
     return outbound.request(
-        http_session(),
+        http_session() if context is None else _tls_session(context),
         method,
         url,
         timeout=timeout,
@@ -324,7 +356,10 @@ def _with_client_auth(datasource: Datasource, prepare) -> tuple[str, dict[str, s
     }
     secret = datasource.client_secret or ""
     client_id = datasource.client_id
-    if datasource.client_authentication == "basic" and secret:
+    if datasource.client_authentication in MTLS_CLIENT_AUTH:
+        # RFC 8705 §2: the TLS client certificate authenticates; client_id names the client.
+        body = prepare(include_client_id=True, client_id=client_id)
+    elif datasource.client_authentication == "basic" and secret:
         # Both parts are form-urlencoded before base64, as §2.3.1 requires.
         raw = f"{quote(client_id, safe='')}:{quote(secret, safe='')}"
         headers["Authorization"] = "Basic " + base64.b64encode(raw.encode()).decode("ascii")
@@ -348,7 +383,12 @@ def _post(
     host = urlsplit(url).hostname
     started = time.monotonic()
     try:
-        response = _bounded_request("POST", url, timeout, data=body, headers=headers)
+        context = tls.context_for(datasource, api=False)
+        response = _bounded_request(
+            "POST", url, timeout, context=context, data=body, headers=headers
+        )
+    except tls.TLSConfigError as err:
+        raise TransientUpstreamError(f"The {what} was not sent: {err}") from None
     except outbound.DeadlineExceeded:
         logger.warning(
             "%s for datasource %s: %s did not finish its answer within %g s",
@@ -373,6 +413,17 @@ def _post(
         raise TransientUpstreamError(
             f"The answer of {host} to the {what} is larger than {err.limit} bytes.",
             outcome_unknown=True,
+        ) from None
+    except requests.exceptions.SSLError as err:
+        reason = tls.failure_reason(err) or "TLS failed"
+        logger.warning("%s for datasource %s: %s: %s", what, datasource.slug, host, reason)
+        hint = (
+            "; if it is issued by a private CA, add that CA under “Trusted CA certificates”"
+            if "not trusted" in reason
+            else ""
+        )
+        raise TransientUpstreamError(
+            f"The {what} request to {host} was not sent: {reason}{hint}."
         ) from None
     except requests.RequestException as err:
         unknown = _answer_lost(err)
@@ -463,7 +514,10 @@ def _token_request(
     response = _post_token(datasource, body, headers, what)
     all_secrets = [s for s in [*secrets, datasource.client_secret] if s]
     if response.status_code != 200:
-        _raise_for_error_response(response, datasource, secrets=all_secrets, what=what)
+        try:
+            _raise_for_error_response(response, datasource, secrets=all_secrets, what=what)
+        except OAuthError as err:
+            raise _with_certificate_named(datasource, err) from None
         raise TransientUpstreamError(
             f"The token endpoint answered HTTP {response.status_code} to the {what}."
         )
@@ -530,6 +584,24 @@ def _raise_for_error_response(
             "The authorization server rejected the client credentials (HTTP 401).",
             status=401,
         )
+
+
+def _with_certificate_named(datasource: Datasource, err: OAuthError) -> OAuthError:
+    """An ``invalid_client`` to a client authenticating with its TLS certificate: say which
+    certificate the server refused (servers rarely say why; the subject is not a secret)."""
+    if err.error != "invalid_client" or datasource.client_authentication not in MTLS_CLIENT_AUTH:
+        return err
+    try:
+        subject = tls.certificate_info(datasource.tls_client_certificate or "").subject
+    except tls.TLSConfigError:
+        subject = "unreadable"
+    refused = f"the server did not accept the client certificate {subject}"
+    if datasource.client_authentication == "self_signed_tls_client_auth":
+        refused += " (register it, or its key as a JWK with x5c, at the provider)"
+    else:
+        refused += " (check the registered subject DN and that the provider trusts its CA)"
+    description = f"{err.description}; {refused}" if err.description else refused
+    return OAuthError(err.error, description[:400], status=err.status)
 
 
 def _classified(error: Any, description: Any, secrets: list[str], status: int) -> OAuthError:

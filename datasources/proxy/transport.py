@@ -25,7 +25,7 @@ import urllib3
 from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
 from django.views.decorators.debug import sensitive_variables
 
-from .. import binding
+from .. import binding, tls
 from ..conf import app_settings
 from ..models import Datasource, Token
 from . import target
@@ -179,7 +179,15 @@ def send(
     scheme, host, port = _origin(datasource.base_url)
     # The origin's pool directly: the URL was built from base_url, so it is on that origin, and
     # only its path and query are sent (what PoolManager.request would do, minus re-parsing).
-    pool = upstream_pool().connection_from_host(host, port=port, scheme=scheme)
+    # A datasource with its own TLS context (CA bundle, certificate-bound tokens) has pools of
+    # its own: a connection made with its client certificate serves nobody else.
+    context = tls.context_for(datasource, api=True) if scheme == "https" else None
+    manager = (
+        upstream_pool()
+        if context is None
+        else tls.pool_manager(context, maxsize=app_settings.PROXY_POOL_SIZE)
+    )
+    pool = manager.connection_from_host(host, port=port, scheme=scheme)
     return pool.urlopen(
         method,
         _request_target(url),

@@ -14,7 +14,7 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.utils.log import log_response
 from django.views.decorators.csrf import csrf_exempt
 
-from .. import binding, tokens
+from .. import binding, tls, tokens
 from ..exceptions import NotAuthorized, ReauthorizationRequired, TransientUpstreamError
 from ..models import Datasource, Token
 from . import cache, callers, target, transport, usage
@@ -155,6 +155,11 @@ def _forward(
         ) from None
     except urllib3.exceptions.TimeoutError:
         raise Refused(504, "upstream_timeout", "The upstream API did not answer in time.") from None
+    except (urllib3.exceptions.SSLError, tls.TLSConfigError) as err:
+        # Nothing was sent: the server's certificate is not trusted, or ours was refused.
+        raise Refused(
+            502, "upstream_tls_failed", f"No call was made: {tls.failure_reason(err) or err}."
+        ) from None
     except urllib3.exceptions.HTTPError as err:
         raise Refused(
             502, "upstream_unreachable", f"The upstream API is unreachable ({type(err).__name__})."

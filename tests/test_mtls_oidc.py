@@ -1,0 +1,284 @@
+"""Mutual TLS (RFC 8705) end to end against panva's oidc-provider served over https with a
+throwaway CA made at test time: ``tls_client_auth`` (code flow → refresh → proxy) and
+``self_signed_tls_client_auth`` (client credentials → proxy, Python client, Test), tokens bound
+to the certificate (``x5t#S256``) and accepted by the resource server only with it; the server
+certificate always verified (untrusted → clear error, nothing sent); a wrong certificate →
+clear error naming the cause."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import requests
+from django.test import Client
+
+from datasources import tokens
+from datasources.apikeys import create_api_key
+from datasources.config_io import export_datasources, import_datasources
+from datasources.models import Datasource, Token, TokenStatus
+from datasources.proxy import cache as proxy_cache
+
+from . import certs
+from .conftest import CALLBACK_PATH
+from .oidcprovider import TEST_USER, start_oidc_provider
+
+CALLBACK = f"http://testserver{CALLBACK_PATH}"
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture(scope="module")
+def pki():
+    ca = certs.make_ca()
+    return {
+        "ca": ca,
+        "server": certs.server_cert(ca),
+        "web": certs.client_cert(ca, "mtls-web"),
+        "svc": certs.client_cert(None, "mtls-svc"),  # self-signed
+        "stranger": certs.client_cert(ca, "somebody-else"),
+        "other_ca": certs.make_ca("Another CA"),
+    }
+
+
+@pytest.fixture(scope="module")
+def op(pki, tmp_path_factory):
+    directory = tmp_path_factory.mktemp("mtls")
+    cert, key = pki["server"].write(directory, "server")
+    ca_path = directory / "ca.crt"
+    ca_path.write_text(pki["ca"].cert_pem)
+    svc_jwk = {
+        "kty": "EC",
+        "crv": "P-256",
+        **_ec_xy(pki["svc"]),
+        "x5c": [pki["svc"].x5c],
+    }
+    config = {
+        "tls": {"key": key, "cert": cert, "ca": str(ca_path)},
+        "clients": [
+            {
+                "client_id": "mtls-web",
+                "token_endpoint_auth_method": "tls_client_auth",
+                "tls_client_auth_subject_dn": "CN=mtls-web,O=Datasources Test",
+                "tls_client_certificate_bound_access_tokens": True,
+                "redirect_uris": [CALLBACK],
+                "grant_types": ["authorization_code", "refresh_token"],
+                "response_types": ["code"],
+                "scope": "openid offline_access api",
+            },
+            {
+                "client_id": "mtls-svc",
+                "token_endpoint_auth_method": "self_signed_tls_client_auth",
+                "tls_client_certificate_bound_access_tokens": True,
+                "jwks": {"keys": [svc_jwk]},
+                "redirect_uris": [],
+                "response_types": [],
+                "grant_types": ["client_credentials"],
+                "scope": "api",
+            },
+        ],
+        "features": {
+            "mTLS": {
+                "enabled": True,
+                "certificateBoundAccessTokens": True,
+                "tlsClientAuth": True,
+                "selfSignedTlsClientAuth": True,
+            }
+        },
+    }
+    with start_oidc_provider(config, verify=str(ca_path)) as provider:
+        yield provider
+
+
+def _ec_xy(issued: certs.Issued) -> dict[str, str]:
+    import jwt
+
+    jwk = jwt.algorithms.ECAlgorithm.to_jwk(issued.key.public_key(), as_dict=True)
+    return {"x": jwk["x"], "y": jwk["y"]}
+
+
+@pytest.fixture(autouse=True)
+def _fresh(op):
+    op.reset()
+    proxy_cache.forget()
+    yield
+    proxy_cache.forget()
+
+
+def entry(op, pki, **fields):
+    return {
+        "name": "mTLS API",
+        "slug": "mtls-api",
+        "base_url": f"{op.issuer}/_test/",
+        "grant_type": "authorization_code",
+        "authorization_url": op.authorization_url,
+        "access_token_url": op.token_url,
+        "client_id": "mtls-web",
+        "scopes": "openid offline_access",
+        "client_authentication": "tls_client_auth",
+        "tls_client_certificate": {"env": "DATASOURCE_SECRET_CERT"},
+        "tls_client_key": {"env": "DATASOURCE_SECRET_KEY"},
+        "certificate_bound_tokens": True,
+        "tls_ca_bundle": pki["ca"].cert_pem,
+        **fields,
+    }
+
+
+def environ(client: certs.Issued) -> dict[str, str]:
+    return {"DATASOURCE_SECRET_CERT": client.cert_pem, "DATASOURCE_SECRET_KEY": client.key_pem}
+
+
+def authorize(op, staff_client, datasource: Datasource) -> Token:
+    start = staff_client.get(f"/admin/datasources/datasource/{datasource.pk}/authorize/")
+    assert start.status_code == 302, start.content[:300]
+    callback = op.consent(start["Location"], CALLBACK)
+    response = staff_client.get(callback.removeprefix("http://testserver"))
+    assert response.status_code == 302
+    return Token.objects.get(datasource=datasource, user=None)
+
+
+def resource_without_certificate(op, access_token: str) -> requests.Response:
+    return requests.get(
+        op.resource_url,
+        headers={"Authorization": f"Bearer {access_token}"},
+        verify=op.verify,
+        timeout=10,
+    )
+
+
+def test_tls_client_auth_code_flow_refresh_and_bound_token_through_the_proxy(op, pki, staff_client):
+    import_datasources([entry(op, pki)], environ=environ(pki["web"]))
+    datasource = Datasource.objects.get(slug="mtls-api")
+    exported = export_datasources()[0]
+    assert exported["certificate_bound_tokens"] is True
+    assert exported["tls_ca_bundle"] == pki["ca"].cert_pem  # public: a CA certificate
+    assert "PRIVATE KEY" not in json.dumps(exported)
+    assert pki["web"].cert_pem not in json.dumps(exported)
+
+    token = authorize(op, staff_client, datasource)
+    assert token.status == TokenStatus.ACTIVE, token.last_error
+    (exchange,) = [e for e in op.requests("token") if e["status"] == 200]
+    assert exchange["grant_type"] == "authorization_code"
+    assert exchange["client_auth"] == "tls_client_auth"
+
+    # Bound: the resource server refuses the token without the certificate …
+    refused = resource_without_certificate(op, token.access_token)
+    assert refused.status_code == 401 and "x5t#S256" in refused.text
+    # … and accepts it through the proxy, which presents the certificate.
+    _, key = create_api_key("app")
+    api = Client(HTTP_AUTHORIZATION=f"Api-Key {key}")
+    response = api.get(f"/api/v1/datasources/{datasource.slug}/proxy/resource")
+    assert response.status_code == 200, response.content
+    assert response.json()["sub"] == TEST_USER and response.json()["client_id"] == "mtls-web"
+
+    # Refresh: authenticated by the certificate again; the new token is bound too.
+    op.reset()
+    assert tokens.refresh_token(datasource, force=True).outcome == "refreshed"
+    refreshed = Token.objects.get(pk=token.pk)
+    assert refreshed.access_token != token.access_token
+    (refresh,) = op.requests("token")
+    assert refresh["grant_type"] == "refresh_token" and refresh["status"] == 200
+    assert refresh["client_auth"] == "tls_client_auth"
+    assert resource_without_certificate(op, refreshed.access_token).status_code == 401
+    proxy_cache.forget()
+    response = api.get(f"/api/v1/datasources/{datasource.slug}/proxy/resource")
+    assert response.status_code == 200 and response.json()["sub"] == TEST_USER
+    # userinfo checks the binding as well
+    with Datasource.objects.get(pk=datasource.pk).session() as session:
+        session.datasource.base_url = f"{op.issuer}/"
+        assert session.get("me").json()["sub"] == TEST_USER
+
+
+def test_self_signed_client_credentials_proxy_client_and_test(op, pki, staff_client):
+    import_datasources(
+        [
+            entry(
+                op,
+                pki,
+                slug="mtls-svc",
+                client_id="mtls-svc",
+                grant_type="client_credentials",
+                client_authentication="self_signed_tls_client_auth",
+                scopes="api",
+                authorization_url="",
+            )
+        ],
+        environ=environ(pki["svc"]),
+    )
+    datasource = Datasource.objects.get(slug="mtls-svc")
+    _, key = create_api_key("app")
+    api = Client(HTTP_AUTHORIZATION=f"Api-Key {key}")
+    response = api.get("/api/v1/datasources/mtls-svc/proxy/resource")
+    assert response.status_code == 200, response.content
+    assert response.json()["client_id"] == "mtls-svc"
+    (fetch,) = op.requests("token")
+    assert fetch["grant_type"] == "client_credentials" and fetch["status"] == 200
+    token = Token.objects.get(datasource=datasource, user=None)
+    assert resource_without_certificate(op, token.access_token).status_code == 401
+
+    with datasource.session() as session:
+        assert session.get("resource").json()["client_id"] == "mtls-svc"
+        with pytest.raises(ValueError, match="always verified"):
+            session.get("resource", verify=False)
+    test = staff_client.post(
+        f"/admin/datasources/datasource/{datasource.pk}/test/",
+        {"method": "GET", "path": "resource"},
+    )
+    assert test.status_code == 200 and b"mtls-svc" in test.content
+    assert b"BEGIN" not in test.content
+
+
+def test_an_untrusted_server_certificate_stops_the_call_before_anything_is_sent(op, pki):
+    import_datasources(
+        [
+            entry(
+                op,
+                pki,
+                slug="untrusted",
+                client_id="mtls-svc",
+                grant_type="client_credentials",
+                client_authentication="self_signed_tls_client_auth",
+                scopes="api",
+                authorization_url="",
+                tls_ca_bundle=pki["other_ca"].cert_pem,  # not the CA that issued the server's
+            )
+        ],
+        environ=environ(pki["svc"]),
+    )
+    datasource = Datasource.objects.get(slug="untrusted")
+    result = tokens.refresh_token(datasource, force=True)
+    assert result.outcome == "transient"
+    assert "certificate is not trusted" in result.error and "Trusted CA" in result.error
+    assert op.requests("token") == []  # no request reached the server
+    _, key = create_api_key("app")
+    response = Client(HTTP_AUTHORIZATION=f"Api-Key {key}").get(
+        "/api/v1/datasources/untrusted/proxy/resource"
+    )
+    assert response.status_code == 503 and "not trusted" in response.json()["detail"]
+    assert op.requests() == []
+
+
+def test_a_certificate_the_server_does_not_know_is_a_clear_error(op, pki):
+    import_datasources(
+        [
+            entry(
+                op,
+                pki,
+                slug="stranger",
+                client_id="mtls-svc",
+                grant_type="client_credentials",
+                client_authentication="self_signed_tls_client_auth",
+                scopes="api",
+                authorization_url="",
+            )
+        ],
+        environ=environ(pki["stranger"]),
+    )
+    datasource = Datasource.objects.get(slug="stranger")
+    result = tokens.refresh_token(datasource, force=True)
+    token = Token.objects.get(datasource=datasource, user=None)
+    assert result.outcome == "reauthorization", result
+    assert "invalid_client" in token.last_error
+    assert "CN=somebody-else" in token.last_error, token.last_error
+    (call,) = op.requests("token")
+    assert call["status"] == 401 and call["error"] == "invalid_client"
