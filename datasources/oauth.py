@@ -433,6 +433,7 @@ _FORM_HEADERS = {
 _ASSERTION_METHODS = frozenset({"private_key_jwt", "client_secret_jwt"})
 
 
+@sensitive_variables()
 def signer_of(datasource: Datasource) -> jose.Signer:
     """The datasource's private key, algorithm, kid and certificate, ready to sign. A stored
     key that no longer loads is a configuration error (DatasourceError), not a crash."""

@@ -337,3 +337,33 @@ def test_generated_key_pair_registered_at_the_provider(staff_client):
         assert call["client_auth"] == "private_key_jwt" and header["alg"] == "ES256"
         assert header["kid"] == datasource.private_key_id
         assert header["x5t#S256"]  # the certificate's thumbprint, for Entra ID
+
+
+def test_uploaded_key_and_key_kept_across_a_form_error(staff_client):
+    from django.core.files.uploadedfile import SimpleUploadedFile
+
+    upload = SimpleUploadedFile("key.pem", RSA_PEM.encode(), content_type="application/x-pem-file")
+    data = form_data(None, client_id="c", base_url="not a url", private_key_file=upload)
+    response = post_form(staff_client, data)
+    assert "base_url" in form_errors(response)
+    page = response.content.decode()
+    assert RSA_PEM.splitlines()[1] not in page
+    assert "The private key you gave is kept for this form" in page
+    hold = re.search(r'name="key_hold" value="([^"]+)"', page)[1]
+    response = post_form(staff_client, form_data(None, client_id="c", key_hold=hold))
+    assert response.status_code == 302, form_errors(response)
+    datasource = Datasource.objects.get(slug="enterprise")
+    assert datasource.private_key.strip() == RSA_PEM.strip()
+
+    # Clearing is explicit; a blank box keeps the stored key.
+    post_form(staff_client, form_data(None, client_id="c", private_key_id="k2"), datasource)
+    datasource.refresh_from_db()
+    assert datasource.private_key and datasource.private_key_id == "k2"
+    response = post_form(
+        staff_client,
+        form_data(None, client_id="c", client_authentication="basic", clear_private_key="on"),
+        datasource,
+    )
+    assert response.status_code == 302, form_errors(response)
+    datasource.refresh_from_db()
+    assert datasource.private_key is None

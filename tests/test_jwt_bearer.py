@@ -238,3 +238,14 @@ def test_key_file_problems_are_named_in_the_form(op, staff_client):
     )
     assert "The JWT bearer grant needs a private key" in str(form_errors(response))
     assert not Datasource.objects.exists()
+
+
+def test_key_file_uploaded(op, staff_client):
+    from django.core.files.uploadedfile import SimpleUploadedFile
+
+    upload = SimpleUploadedFile("sa.json", key_file(op).encode(), content_type="application/json")
+    response = post_form(staff_client, jwt_bearer_form(op, service_account_key_file=upload))
+    assert response.status_code == 302, form_errors(response)
+    datasource = Datasource.objects.get(slug="enterprise")
+    assert (datasource.client_id, datasource.private_key_id) == (SA_EMAIL, "sa-key-1")
+    assert tokens.refresh_token(datasource, force=True).outcome == "refreshed"
