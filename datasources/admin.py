@@ -18,7 +18,7 @@ from django.utils.translation import gettext_lazy as _
 from django.utils.translation import ngettext
 from django.views.decorators.debug import sensitive_post_parameters
 
-from . import admin_views, apikey_views, apikeys, dashboard, flow, presets, tokens, views
+from . import admin_views, apikey_views, apikeys, dashboard, flow, keys, presets, tokens, views
 from .forms import ApiKeyForm, DatasourceForm
 from .models import (
     API_KEY_PREFIX,
@@ -53,6 +53,12 @@ STATUS_FIELDS = (
     "proxy_usage",
     "user_tokens",
 )
+
+
+def _par_support(metadata) -> str:
+    if metadata.require_pushed_authorization_requests:
+        return "required"
+    return "supported" if metadata.pushed_authorization_request_endpoint else "not offered"
 
 
 def status_badge(token: Token | None, datasource: Datasource | None = None):
@@ -132,7 +138,13 @@ class DatasourceAdmin(admin.ModelAdmin):
     search_fields = ("name", "slug", "base_url")
     prepopulated_fields = {"slug": ("name",)}
     actions = ("authorize_selected", "refresh_selected", "disconnect_selected")
-    readonly_fields = (*STATUS_FIELDS, "dpop_key")
+    readonly_fields = (
+        *STATUS_FIELDS,
+        "public_key",
+        "key_pair",
+        "token_endpoint_auth_methods_supported",
+        "dpop_key",
+    )
     # Reference-docs order: connection, client, scopes, placement; the rest folded away.
     fieldsets = (
         (
@@ -160,7 +172,29 @@ class DatasourceAdmin(admin.ModelAdmin):
                     "secret_hold",
                     "clear_client_secret",
                     "client_authentication",
+                    "assertion_audience",
                 )
+            },
+        ),
+        (
+            _("Signing key (private_key_jwt, JWT bearer)"),
+            {
+                "classes": ("datasource-keys",),
+                "fields": (
+                    "service_account_key",
+                    "service_account_key_file",
+                    "private_key",
+                    "private_key_file",
+                    "key_hold",
+                    "generate_private_key",
+                    "clear_private_key",
+                    "private_key_id",
+                    "signing_algorithm",
+                    "signing_certificate",
+                    "assertion_subject",
+                    "public_key",
+                    "key_pair",
+                ),
             },
         ),
         (
@@ -204,6 +238,9 @@ class DatasourceAdmin(admin.ModelAdmin):
                     "audience",
                     "resource",
                     "revocation_url",
+                    "pushed_authorization_request_url",
+                    "require_pushed_authorization_requests",
+                    "token_endpoint_auth_methods_supported",
                     "issuer_returns_iss",
                     "token_lifetime",
                     "expiry_status_codes",
@@ -220,17 +257,21 @@ class DatasourceAdmin(admin.ModelAdmin):
 
     def get_fieldsets(self, request, obj=None):
         stored = bool(obj and obj.pk and obj.client_secret)
-        pair_stored = bool(obj and obj.pk and obj.tls_client_certificate)
+        key_stored = bool(obj and obj.pk and obj.private_key)
+        hidden = set()
+        if not stored:
+            hidden.add("clear_client_secret")
+        if not key_stored:
+            hidden |= {"clear_private_key", "public_key"}
+        if obj is None or not obj.pk:
+            hidden.add("key_pair")  # the button posts to the saved datasource
+        if not (obj and obj.pk and obj.tls_client_certificate):
+            hidden.add("clear_tls_client_certificate")
         fieldsets = []
         for name, options in super().get_fieldsets(request, obj):
             if obj is None and name == _("Token status"):
                 continue  # nothing to show before the first save
-            fields = tuple(
-                f
-                for f in options["fields"]
-                if (stored or f != "clear_client_secret")
-                and (pair_stored or f != "clear_tls_client_certificate")
-            )
+            fields = tuple(f for f in options["fields"] if f not in hidden)
             fieldsets.append((name, {**options, "fields": fields}))
         return fieldsets
 
@@ -293,6 +334,45 @@ class DatasourceAdmin(admin.ModelAdmin):
             '{}<br><small class="datasource-usage-summary">{}</small>',
             dashboard.chart(usage, width=120, height=24),
             usage.summary(),
+        )
+
+    @admin.display(description=_("public key (register at the provider)"))
+    def public_key(self, obj: Datasource):
+        found = keys.public_key_of(obj) if obj and obj.pk else None
+        if found is None:
+            return "—"
+        parts = [
+            format_html(
+                '<p>{}</p><pre class="datasource-public-jwk">{}</pre>',
+                _("JWK (key ID %(kid)s, %(alg)s):")
+                % {"kid": found.kid or "—", "alg": found.algorithm},
+                found.jwk,
+            ),
+            format_html(
+                '<p>{}</p><pre class="datasource-public-pem">{}</pre>', _("PEM:"), found.pem
+            ),
+        ]
+        if found.certificate:
+            parts.append(
+                format_html(
+                    '<p>{}</p><pre class="datasource-certificate">{}</pre>',
+                    _("Certificate (upload it where the provider asks for one, e.g. Entra ID):"),
+                    found.certificate,
+                )
+            )
+        return format_html_join("", "{}", ((part,) for part in parts))
+
+    @admin.display(description=_("key pair"))
+    def key_pair(self, obj: Datasource):
+        label = _("Replace with a new key pair") if obj.private_key else _("Generate key pair")
+        return format_html(
+            '<button type="submit" class="button datasource-generate-key" '
+            'form="datasource-generate-key-form">{}</button> <span class="help">{}</span>',
+            label,
+            _(
+                "Makes a new private key (kept encrypted here) with a certificate; register "
+                "the public key or certificate shown here at the provider."
+            ),
         )
 
     @admin.display(description=_("DPoP key"))
@@ -439,6 +519,11 @@ class DatasourceAdmin(admin.ModelAdmin):
                 name="{}_{}_disconnect".format(*info),
             ),
             path(
+                "<int:pk>/generate-key/",
+                wrap(admin_views.GenerateKeyView.as_view(model_admin=self)),
+                name="{}_{}_generate_key".format(*info),
+            ),
+            path(
                 "<int:pk>/dpop-key/",
                 wrap(admin_views.RegenerateDPoPKeyView.as_view(model_admin=self)),
                 name="{}_{}_dpop_key".format(*info),
@@ -451,7 +536,9 @@ class DatasourceAdmin(admin.ModelAdmin):
             *super().get_urls(),
         ]
 
-    @method_decorator(sensitive_post_parameters("client_secret"))
+    @method_decorator(
+        sensitive_post_parameters("client_secret", "private_key", "service_account_key")
+    )
     def changeform_view(self, request, object_id=None, form_url="", extra_context=None):
         """Error reports never include the typed client secret."""
         return super().changeform_view(request, object_id, form_url, extra_context)
@@ -492,6 +579,15 @@ class DatasourceAdmin(admin.ModelAdmin):
     def save_model(self, request, obj, form, change):
         if not change and obj.owner_id is None:
             obj.owner = request.user
+        if form.cleaned_data.get("generate_private_key"):
+            keys.generate_key_pair(obj, form.cleaned_data.get("signing_algorithm") or "")
+            messages.info(
+                request,
+                _(
+                    "A new key pair was generated: register its public key (or certificate), "
+                    "shown under “Signing key”, at the provider."
+                ),
+            )
         super().save_model(request, obj, form, change)
         form.forget_held_secret()
         metadata = getattr(form, "discovered", None)
@@ -500,7 +596,8 @@ class DatasourceAdmin(admin.ModelAdmin):
                 request,
                 f"Endpoints filled from {metadata.issuer}'s metadata"
                 f" (PKCE S256 {'supported' if metadata.pkce_s256 else 'not advertised'},"
-                f" iss {'returned' if metadata.returns_iss else 'not returned'}).",
+                f" iss {'returned' if metadata.returns_iss else 'not returned'},"
+                f" pushed authorization requests {_par_support(metadata)}).",
             )
         credentials_changed = change and form.credentials_changed
         if credentials_changed:

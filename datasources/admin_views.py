@@ -16,9 +16,9 @@ from django.template.response import TemplateResponse
 from django.utils.translation import ngettext
 from django.views import View
 
-from . import adminjobs, dpop, probe, tokens
+from . import adminjobs, dpop, keys, probe, tokens
 from .explain import explain
-from .models import Datasource, GrantType, Token, TokenStatus
+from .models import Datasource, Token, TokenStatus
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +50,35 @@ class RefreshView(_DatasourceView):
     def post(self, request: HttpRequest, pk: int) -> HttpResponse:
         datasource = self.datasource(request, pk)
         report_refresh(request, [datasource])
+        return HttpResponseRedirect(datasource.get_admin_url())
+
+
+class GenerateKeyView(_DatasourceView):
+    """The “Generate key pair” button: a new private key (encrypted), its thumbprint as key
+    ID and a self-signed certificate; the change page then shows the public half."""
+
+    http_method_names = ["post"]
+
+    def post(self, request: HttpRequest, pk: int) -> HttpResponse:
+        datasource = self.datasource(request, pk)
+        replaced = bool(datasource.private_key)
+        keys.generate_key_pair(datasource)
+        datasource.save(
+            update_fields=[
+                "private_key",
+                "private_key_id",
+                "signing_algorithm",
+                "signing_certificate",
+                "updated_at",
+            ]
+        )
+        tokens.reset_after_reconfiguration(datasource)
+        messages.success(
+            request,
+            f"A new {datasource.signing_algorithm} key pair (key ID {datasource.private_key_id}) "
+            f"was generated{' and replaces the previous key' if replaced else ''}. Register "
+            "its public key or certificate, shown under “Signing key”, at the provider.",
+        )
         return HttpResponseRedirect(datasource.get_admin_url())
 
 
@@ -159,7 +188,7 @@ def wants_token_after_save(datasource: Datasource, credentials_changed: bool) ->
     if datasource.per_user:
         return False
     token = Token.objects.filter(datasource=datasource, user=None).first()
-    if datasource.grant_type == GrantType.CLIENT_CREDENTIALS:
+    if datasource.machine_grant:
         return credentials_changed or token is None or token.status != TokenStatus.ACTIVE
     return bool(credentials_changed and token and token.refresh_token)
 

@@ -4,6 +4,13 @@ An import file is untrusted input: it is read up to IMPORT_MAX_BYTES, must be UT
 than a few levels deep, with the JSON type each field needs (a number is not silently turned
 into a name), no duplicate keys, NaN or NUL characters; ``{"env": NAME}`` reads only variables
 named with IMPORT_ENV_PREFIX. Any problem is reported, one line each, and nothing is written.
+
+Private keys (``private_key``, a PEM; ``service_account_key``, a provider's JSON key file) are
+import-only like the client secret: a string, ``{"env": NAME}``, or ``{"file": PATH}``. A file
+is read only from the import file's own directory tree (a relative path is relative to it; a
+path resolving elsewhere, through ``..`` or a symlink, is refused), must be a regular file of
+at most MAX_KEY_FILE_BYTES, and is never accepted from standard input, whose directory means
+nothing.
 """
 
 from __future__ import annotations
@@ -14,23 +21,45 @@ import math
 import os
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import IO, Any
 
 from django.core.exceptions import ValidationError
 from django.db import models, transaction
 
-from . import dpop, tokens
+from . import dpop, jose, tokens
 from .conf import app_settings
-from .models import CONFIG_FIELDS, MTLS_METHODS, Datasource, GrantType
+from .models import CONFIG_FIELDS, MTLS_METHODS, ClientAuthentication, Datasource, GrantType
 
-#: Fields import accepts and export writes (the client secret is import-only).
+#: Fields import accepts and export writes (secrets are import-only).
 EXPORTED_FIELDS = CONFIG_FIELDS
-#: Write-only secrets: a string or {"env": NAME}; never exported.
+#: Write-only secrets: a string or {"env": NAME} (keys also {"file": PATH}); never exported.
 SECRET_FIELDS = frozenset(
-    {"client_secret", "dpop_private_key", "tls_client_certificate", "tls_client_key"}
+    {
+        "client_secret",
+        "private_key",
+        "service_account_key",
+        "dpop_private_key",
+        "tls_client_certificate",
+        "tls_client_key",
+    }
 )
 IMPORTED_FIELDS = frozenset(EXPORTED_FIELDS) | SECRET_FIELDS
-_CREDENTIAL_FIELDS = ("client_id", "client_secret", "access_token_url", "scopes")
+_CREDENTIAL_FIELDS = (
+    "client_id",
+    "client_secret",
+    "access_token_url",
+    "scopes",
+    "client_authentication",
+    "grant_type",
+    "private_key",
+    "private_key_id",
+    "signing_algorithm",
+    "signing_certificate",
+    "assertion_audience",
+    "assertion_subject",
+)
+MAX_KEY_FILE_BYTES = 64 * 1024
 #: A list of objects whose values are at most an object of strings: 3 levels; a little slack.
 MAX_DEPTH = 5
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -131,8 +160,11 @@ def export_datasources() -> list[dict[str, Any]]:
     ]
 
 
-def import_datasources(entries: Any, environ: dict[str, str] | None = None) -> ImportResult:
-    """Upsert by slug. Everything is validated first; nothing is written if anything is wrong."""
+def import_datasources(
+    entries: Any, environ: dict[str, str] | None = None, base_dir: Path | None = None
+) -> ImportResult:
+    """Upsert by slug. Everything is validated first; nothing is written if anything is wrong.
+    ``base_dir``: the import file's directory, the only tree ``{"file": ...}`` may read from."""
     environ = os.environ if environ is None else environ
     if not isinstance(entries, list):
         raise ImportFailed(["The file must contain a JSON list of datasource objects."])
@@ -160,7 +192,7 @@ def import_datasources(entries: Any, environ: dict[str, str] | None = None) -> I
             errors.extend(f"{label}: {field}: {problem}" for field, problem in problems)
             continue
         try:
-            planned.append(_plan(entry, environ))
+            planned.append(_plan(entry, environ, base_dir))
         except ValidationError as err:
             for field, messages in _error_items(err):
                 errors.extend(f"{label}: {field}: {message}" for message in messages)
@@ -178,7 +210,9 @@ def import_datasources(entries: Any, environ: dict[str, str] | None = None) -> I
     return result
 
 
-def _plan(entry: dict[str, Any], environ) -> tuple[Datasource, bool, bool, bool]:
+def _plan(
+    entry: dict[str, Any], environ, base_dir: Path | None
+) -> tuple[Datasource, bool, bool, bool]:
     """(datasource to save, new?, credentials changed?, a key tokens are bound to changed?)"""
     existing = (
         Datasource.objects.filter(slug=entry.get("slug")).first() if entry.get("slug") else None
@@ -187,12 +221,18 @@ def _plan(entry: dict[str, Any], environ) -> tuple[Datasource, bool, bool, bool]
     before = {name: getattr(datasource, name) for name in _CREDENTIAL_FIELDS}
     before_dpop = (datasource.use_dpop, datasource.dpop_jkt, datasource.tls_client_certificate)
     field_errors: dict[str, list[str]] = {}
+    account_key = None
     for name, value in entry.items():
         if name in SECRET_FIELDS:
             try:
-                value = _resolve_secret(value, environ)
+                value = _resolve_secret(
+                    value, environ, base_dir, allow_file=name != "client_secret"
+                )
             except ValueError as err:
                 field_errors.setdefault(name, []).append(str(err))
+                continue
+            if name == "service_account_key":
+                account_key = value
                 continue
             if name == "dpop_private_key":
                 if value:
@@ -204,15 +244,20 @@ def _plan(entry: dict[str, Any], environ) -> tuple[Datasource, bool, bool, bool]
         elif name == "scopes" and isinstance(value, list):
             value = " ".join(str(v) for v in value)
         setattr(datasource, name, value)
-    if (
-        datasource.grant_type == GrantType.CLIENT_CREDENTIALS
-        and datasource.client_authentication not in MTLS_METHODS
-        and not datasource.client_secret
-        and "client_secret" not in field_errors
-    ):
-        field_errors.setdefault("client_secret", []).append(
-            "the client credentials grant needs a client secret"
-        )
+    if account_key:
+        try:
+            account = jose.read_service_account_key(account_key)
+        except jose.KeyProblem as err:
+            field_errors.setdefault("service_account_key", []).append(str(err))
+        else:
+            # The key file is authoritative for what it names.
+            datasource.client_id = account.client_email
+            datasource.private_key = account.private_key
+            datasource.private_key_id = account.private_key_id or datasource.private_key_id
+            datasource.access_token_url = account.token_uri or datasource.access_token_url
+    for field, problem in _key_problems(datasource):
+        if field not in field_errors:
+            field_errors.setdefault(field, []).append(problem)
     try:
         datasource.full_clean(validate_unique=True)
     except ValidationError as err:
@@ -240,6 +285,46 @@ _JSON_TYPE_NAMES = {
     type(None): "null",
     float: "a number",
 }
+
+
+def _key_problems(datasource: Datasource):
+    """(field, problem) for the credentials a grant and client authentication need."""
+    method = datasource.client_authentication
+    if (
+        datasource.grant_type == GrantType.CLIENT_CREDENTIALS
+        and not datasource.client_secret
+        and method != ClientAuthentication.PRIVATE_KEY_JWT
+        and method not in MTLS_METHODS
+    ):
+        yield "client_secret", "the client credentials grant needs a client secret"
+    if method == ClientAuthentication.CLIENT_SECRET_JWT and not datasource.client_secret:
+        yield "client_secret", "client_secret_jwt needs a client secret"
+    needs_key = (
+        datasource.grant_type == GrantType.JWT_BEARER
+        or method == ClientAuthentication.PRIVATE_KEY_JWT
+    )
+    if needs_key and not datasource.private_key:
+        yield (
+            "private_key",
+            f"{datasource.grant_type if datasource.grant_type == GrantType.JWT_BEARER else method} needs a private key",
+        )
+        return
+    if not datasource.private_key:
+        return
+    try:
+        key = jose.load_private_key(datasource.private_key)
+    except jose.KeyProblem as err:
+        yield "private_key", str(err)
+        return
+    try:
+        jose.algorithm_for(key, datasource.signing_algorithm)
+    except jose.KeyProblem as err:
+        yield "signing_algorithm", str(err)
+    if datasource.signing_certificate:
+        try:
+            jose.certificate_headers(datasource.signing_certificate, key)
+        except jose.KeyProblem as err:
+            yield "signing_certificate", str(err)
 
 
 def _expected_types(name: str) -> tuple[type, ...]:
@@ -318,11 +403,15 @@ def env_name_problem(name: str) -> str | None:
     return None
 
 
-def _resolve_secret(value: Any, environ) -> str | None:
+def _resolve_secret(
+    value: Any, environ, base_dir: Path | None = None, *, allow_file: bool = False
+) -> str | None:
     if value is None or value == "":
         return None
     if isinstance(value, str):
         return value
+    if allow_file and isinstance(value, dict) and set(value) == {"file"}:
+        return _read_key_file(value["file"], base_dir)
     if isinstance(value, dict) and set(value) == {"env"} and isinstance(value["env"], str):
         name = value["env"]
         problem = env_name_problem(name)
@@ -331,7 +420,37 @@ def _resolve_secret(value: Any, environ) -> str | None:
         if name not in environ or not environ[name]:
             raise ValueError(f"environment variable {name} is not set")
         return environ[name]
-    raise ValueError('must be a string or {"env": "VARIABLE_NAME"}')
+    raise ValueError(
+        'must be a string, {"env": "VARIABLE_NAME"}'
+        + (' or {"file": "path"}' if allow_file else "")
+    )
+
+
+def _read_key_file(path: Any, base_dir: Path | None) -> str:
+    """A key file from the import file's directory tree (see the module docstring)."""
+    if not isinstance(path, str) or not path or "\x00" in path:
+        raise ValueError('{"file": ...} must name a file')
+    if base_dir is None:
+        raise ValueError(
+            '{"file": ...} cannot be used when the import file is read from standard input'
+        )
+    root = base_dir.resolve()
+    target = (root / path).resolve()
+    if not target.is_relative_to(root):
+        raise ValueError(
+            f"{path[:200]!r} is outside the import file's directory; key files must be in it "
+            "or below it"
+        )
+    if not target.is_file():
+        raise ValueError(f"{path[:200]!r} is not a file")
+    if target.stat().st_size > MAX_KEY_FILE_BYTES:
+        raise ValueError(f"{path[:200]!r} is larger than {MAX_KEY_FILE_BYTES} bytes")
+    try:
+        return target.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(
+            f"{path[:200]!r} cannot be read as UTF-8 text ({type(err).__name__})"
+        ) from None
 
 
 def _error_items(err: ValidationError):

@@ -329,7 +329,7 @@ def banners(datasource: Datasource, token: Token | None) -> list[Banner]:
                 Banner(
                     "error",
                     "reauthorization",
-                    "The provider refuses to issue tokens for these client credentials.",
+                    "The provider refuses to issue tokens for these credentials.",
                     explain(error) or error,
                     actions["fetch"],
                 )
@@ -350,7 +350,7 @@ def banners(datasource: Datasource, token: Token | None) -> list[Banner]:
                 Banner(
                     "info",
                     "not-authorized",
-                    "No token yet. One is fetched with the client credentials when you save, "
+                    "No token yet. One is fetched with the credentials (no sign-in) when you save, "
                     "on the first call, or now.",
                     explain(error),
                     actions["fetch"],

@@ -8,6 +8,30 @@ import re
 #: (pattern found in the recorded error, what it means and what to do)
 _EXPLANATIONS: tuple[tuple[str, str], ...] = (
     (
+        r"rejected the client assertion \(private_key_jwt\)",
+        "The provider rejected the client assertion signed with the private key: check that "
+        "the key ID under “Client” matches the key registered at the provider, and that the "
+        "public key (or certificate) registered there is the one shown on this page. Then "
+        "save, and use Refresh now or Re-authorize.",
+    ),
+    (
+        r"rejected the client assertion \(client_secret_jwt\)",
+        "The provider rejected the client assertion signed with the client secret: paste the "
+        "secret again under “Client” and check that the provider expects client_secret_jwt.",
+    ),
+    (
+        r"rejected the JWT bearer assertion",
+        "The provider refused the signed assertion of the service account: import its key "
+        "file again (or check the client ID, key ID and private key under “Client” and "
+        "“Signing key”); when acting for a user, check that the account may act for them. "
+        "Then use “Get a new token now”.",
+    ),
+    (
+        r"private key cannot be used",
+        "The stored private key cannot sign: paste or upload the key again under “Client”, or "
+        "generate a new key pair and register its public key at the provider.",
+    ),
+    (
         r"\binvalid_client\b",
         "The provider did not accept the client ID or client secret. Check both under "
         "“Client” (paste the secret again: it is never shown), save, then use Test or "

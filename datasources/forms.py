@@ -8,13 +8,15 @@ from django import forms
 from django.db import models
 from django.utils.translation import gettext_lazy as _
 
-from . import oauth, secretkeep, tls
+from . import jose, oauth, secretkeep, tls
 from .exceptions import DatasourceError
 from .explain import JSON_HINT
 from .models import (
     CONFIG_FIELDS,
     MTLS_METHODS,
     ApiKey,
+    AssertionAudience,
+    ClientAuthentication,
     Datasource,
     GrantType,
     normalize_scopes,
@@ -34,10 +36,35 @@ class WriteOnlySecretInput(forms.PasswordInput):
 
 
 class WriteOnlyTextarea(forms.Textarea):
-    """A textarea for a PEM secret: always rendered empty."""
+    """A textarea for a pasted private key or key file: never renders a value."""
+
+    def __init__(self, attrs=None) -> None:
+        super().__init__(
+            attrs={
+                "rows": 4,
+                "cols": 60,
+                "autocomplete": "off",
+                "spellcheck": "false",
+                **(attrs or {}),
+            }
+        )
 
     def get_context(self, name, value, attrs):
         return super().get_context(name, None, attrs)
+
+
+#: The largest key or key file accepted (a 4096-bit RSA PEM is about 3.3 kB).
+MAX_KEY_BYTES = 16 * 1024
+
+#: Our client authentication choices as the server's metadata names them.
+METADATA_AUTH_METHODS = {
+    "basic": "client_secret_basic",
+    "body": "client_secret_post",
+    "private_key_jwt": "private_key_jwt",
+    "client_secret_jwt": "client_secret_jwt",
+    "tls_client_auth": "tls_client_auth",
+    "self_signed_tls_client_auth": "self_signed_tls_client_auth",
+}
 
 
 def _formfield(db_field, **kwargs):
@@ -63,7 +90,9 @@ HELP_TEXTS = {
     "grant_type": _(
         "Authorization code: a person signs in at the provider once and grants access (most "
         "SaaS APIs). Client credentials: server to server with the client ID and secret "
-        "alone, nobody signs in."
+        "alone, nobody signs in. JWT bearer: server to server with a service account's "
+        "private key (Google service accounts, Salesforce server-to-server); nobody signs in. "
+        "Learn more: RFC 7523."
     ),
     "token_sharing": _(
         "Shared: you authorize once and every app and user calls the API with that access. "
@@ -84,9 +113,38 @@ HELP_TEXTS = {
     ),
     "client_id": _("From the app (client) you registered at the provider."),
     "client_authentication": _(
-        "How the client ID and secret are sent when fetching tokens. Most providers accept "
-        "the Basic header; choose the body if the provider's documentation says "
-        "client_id and client_secret go in the request body."
+        "How the app proves who it is when fetching tokens. Most providers accept the Basic "
+        "header; choose the body if the provider's documentation says client_id and "
+        "client_secret go in the request body. Enterprise providers (Microsoft Entra ID with "
+        "a certificate, Okta service apps) ask for a JWT signed with a private key "
+        "(private_key_jwt): paste the key below or generate a key pair. Some ask for mutual "
+        "TLS: a client certificate (CA-issued or self-signed) under “Mutual TLS”. Learn more: "
+        "RFC 7523, RFC 8705."
+    ),
+    "private_key_id": _(
+        "The key ID (kid) the provider shows for the registered public key; Google calls it "
+        "private_key_id. Filled when a key pair is generated or a key file imported."
+    ),
+    "signing_algorithm": _("Leave on “from the key” unless the provider asks for PS256."),
+    "signing_certificate": _(
+        "Optional: the key's certificate (PEM, public), when the provider identifies the "
+        "credential by its certificate (Microsoft Entra ID). Filled when a key pair is "
+        "generated."
+    ),
+    "assertion_audience": _(
+        "Where the signed JWT is addressed (its aud). The access token URL works with most "
+        "providers; Okta wants the URL of each endpoint; some servers ask for the issuer."
+    ),
+    "assertion_subject": _(
+        "JWT bearer only: the email of the user the service account acts for (Google "
+        "domain-wide delegation). Empty: the service account acts as itself."
+    ),
+    "pushed_authorization_request_url": _(
+        "Optional: the provider's PAR endpoint. When set, the sign-in request is sent there "
+        "first, and the browser only carries a reference to it. Learn more: RFC 9126."
+    ),
+    "require_pushed_authorization_requests": _(
+        "The provider refuses sign-in requests that were not pushed first (discovery fills this)."
     ),
     "scopes": _(
         "The permissions to ask for, named as the provider documents them, separated by "
@@ -134,6 +192,25 @@ KEPT_HELP = _(
     "The secret you typed is kept for this form (it is not shown). Leave the box blank to use "
     "it, or type another."
 )
+KEPT_KEY_HELP = _(
+    "The private key you gave is kept for this form (it is not shown). Leave the box blank to "
+    "use it, or paste another."
+)
+#: Form fields that carry secrets: never echoed, never searched for placeholders.
+SECRET_FORM_FIELDS = frozenset(
+    {"client_secret", "secret_hold", "private_key", "service_account_key", "key_hold"}
+)
+
+
+def _read_upload(form: forms.Form, name: str, upload) -> str:
+    if upload.size > MAX_KEY_BYTES:
+        form.add_error(name, _("The file is larger than a key file can be."))
+        return ""
+    try:
+        return upload.read().decode("utf-8")
+    except UnicodeDecodeError:
+        form.add_error(name, _("The file is not text (PEM or JSON): a DER or PKCS#12 file?"))
+        return ""
 
 
 class DatasourceForm(forms.ModelForm):
@@ -163,7 +240,7 @@ class DatasourceForm(forms.ModelForm):
         label=_("TLS client certificate"),
         required=False,
         strip=True,
-        widget=WriteOnlyTextarea(attrs={"rows": 3, "cols": 60, "spellcheck": "false"}),
+        widget=WriteOnlyTextarea,
         help_text=_(
             "For mutual TLS (RFC 8705): paste the PEM certificate (-----BEGIN CERTIFICATE-----, "
             "chain after it). Encrypted at rest; shown again only as subject, expiry and "
@@ -174,7 +251,7 @@ class DatasourceForm(forms.ModelForm):
         label=_("TLS client private key"),
         required=False,
         strip=True,
-        widget=WriteOnlyTextarea(attrs={"rows": 3, "cols": 60, "spellcheck": "false"}),
+        widget=WriteOnlyTextarea,
         help_text=_(
             "The certificate's private key, unencrypted PEM. Encrypted at rest, never shown "
             "again. Leave both blank to keep the stored pair."
@@ -184,23 +261,65 @@ class DatasourceForm(forms.ModelForm):
         label=_("Remove the stored client certificate and key"),
         required=False,
     )
+    private_key = forms.CharField(
+        label=_("Private key"),
+        required=False,
+        strip=True,
+        widget=WriteOnlyTextarea,
+        max_length=MAX_KEY_BYTES,
+    )
+    private_key_file = forms.FileField(
+        label=_("…or upload the private key"),
+        required=False,
+        help_text=_("A PEM file (.pem, .key)."),
+    )
+    service_account_key = forms.CharField(
+        label=_("Service account key file"),
+        required=False,
+        strip=True,
+        widget=WriteOnlyTextarea,
+        max_length=MAX_KEY_BYTES,
+        help_text=_(
+            "Paste the JSON key file the provider gave you (Google: IAM → Service accounts → "
+            "Keys). Its client_email becomes the client ID, its private_key and "
+            "private_key_id the key below, its token_uri the access token URL. The file is "
+            "not kept and never shown again."
+        ),
+    )
+    service_account_key_file = forms.FileField(
+        label=_("…or upload the key file"), required=False, help_text=_("A .json key file.")
+    )
+    generate_private_key = forms.BooleanField(
+        label=_("Generate a new key pair when saving"),
+        required=False,
+        help_text=_(
+            "Creates a private key (kept encrypted here) and shows its public key and "
+            "certificate on this page, to register at the provider."
+        ),
+    )
+    clear_private_key = forms.BooleanField(label=_("Clear the stored private key"), required=False)
+    #: Refers to a typed private key kept server-side after a validation error.
+    key_hold = forms.CharField(required=False, widget=forms.HiddenInput)
     #: The request, set by the admin (the session holds a typed secret across errors).
     request = None
 
     class Meta:
         model = Datasource
         formfield_callback = _formfield
-        fields = (*CONFIG_FIELDS, "client_secret")
+        fields = (*CONFIG_FIELDS, "client_secret", "private_key")
         help_texts = HELP_TEXTS
         widgets = {
             "custom_auth_params": forms.Textarea(attrs={"rows": 3, "cols": 60}),
             "default_headers": forms.Textarea(attrs={"rows": 3, "cols": 60}),
             "default_query_params": forms.Textarea(attrs={"rows": 3, "cols": 60}),
             "scopes": forms.TextInput(attrs={"size": 60}),
+            "signing_certificate": forms.Textarea(attrs={"rows": 3, "cols": 60}),
         }
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        if "assertion_audience" in self.fields:
+            self.fields["assertion_audience"].required = False  # older forms and scripts omit it
         if self.data.get("discover") and "access_token_url" in self.fields:
             self.fields["access_token_url"].required = False  # discovery fills it
         for name in ("custom_auth_params", "default_headers", "default_query_params"):
@@ -242,6 +361,26 @@ class DatasourceForm(forms.ModelForm):
             self.fields["tls_client_certificate"].help_text = described
         elif "clear_tls_client_certificate" in self.fields:
             self.fields["clear_tls_client_certificate"].disabled = True
+        self.held_key = None
+        if self.is_bound and self._session is not None and self.data.get("key_hold"):
+            self.held_key = secretkeep.take(self._session, self.data.get("key_hold", ""))
+        key_stored = bool(self.instance.pk and self.instance.private_key)
+        if "private_key" in self.fields:
+            self.fields["private_key"].help_text = (
+                KEPT_KEY_HELP
+                if self.held_key
+                else _(
+                    "A private key is stored (encrypted). Leave blank to keep it, or paste another."
+                )
+                if key_stored
+                else _(
+                    "PEM private key (RSA 2048+ or EC P-256) for private_key_jwt and the JWT "
+                    "bearer grant. Encrypted at rest and never shown again; its public key is "
+                    "shown on this page."
+                )
+            )
+        if "clear_private_key" in self.fields and not key_stored:
+            self.fields["clear_private_key"].disabled = True
 
     @property
     def _session(self):
@@ -251,7 +390,7 @@ class DatasourceForm(forms.ModelForm):
         super()._clean_fields()
         self._placeholders: dict[str, str] = {}
         for name, field in self.fields.items():
-            if name in ("client_secret", "secret_hold") or field.disabled:
+            if name in SECRET_FORM_FIELDS or field.disabled:
                 continue
             raw = self.data.get(self.add_prefix(name))
             found = PLACEHOLDER.search(raw) if isinstance(raw, str) else None
@@ -281,11 +420,25 @@ class DatasourceForm(forms.ModelForm):
             self.held_secret = secret
             # The bound field copied the help text when validation created it.
             self.fields["client_secret"].help_text = self["client_secret"].help_text = KEPT_HELP
+        key = getattr(self, "_key_text", None) or self.held_key
+        if self._errors and key and self._session is not None and "private_key" in self.fields:
+            reference = secretkeep.keep(self._session, key, self.data.get("key_hold", ""))
+            self.data = self.data.copy()
+            self.data["key_hold"] = reference
+            self.data["private_key"] = ""
+            self.data["service_account_key"] = ""
+            self.held_key = key
+            self.fields["private_key"].help_text = self["private_key"].help_text = KEPT_KEY_HELP
 
     def forget_held_secret(self) -> None:
         """After a successful save: the held secret, if any, is no longer needed."""
         if self._session is not None and self.data.get("secret_hold"):
             secretkeep.drop(self._session, self.data["secret_hold"])
+        if self._session is not None and self.data.get("key_hold"):
+            secretkeep.drop(self._session, self.data["key_hold"])
+
+    def clean_assertion_audience(self) -> str:
+        return self.cleaned_data.get("assertion_audience") or AssertionAudience.TOKEN_ENDPOINT
 
     def clean_scopes(self) -> str:
         return normalize_scopes(self.cleaned_data.get("scopes", ""))
@@ -317,6 +470,7 @@ class DatasourceForm(forms.ModelForm):
     def clean(self):
         cleaned = super().clean()
         cleaned.pop("secret_hold", None)
+        cleaned.pop("key_hold", None)
         if cleaned.get("discover"):
             self._discover(cleaned)
         secret = cleaned.get("client_secret") or self.held_secret
@@ -328,16 +482,28 @@ class DatasourceForm(forms.ModelForm):
             # Blank keeps the stored value: construct_instance skips fields not in cleaned_data.
             cleaned.pop("client_secret", None)
         self._apply_tls_pair(cleaned)
+        secret_known = bool(
+            secret or (self.instance.pk and self.instance.client_secret)
+        ) and not cleaned.get("clear_client_secret")
+        method = cleaned.get("client_authentication")
         if (
             cleaned.get("grant_type") == GrantType.CLIENT_CREDENTIALS
-            and cleaned.get("client_authentication") not in MTLS_METHODS
-            and not secret
-            and not (self.instance.pk and self.instance.client_secret)
-            and not cleaned.get("clear_client_secret")
+            and not secret_known
+            and method != ClientAuthentication.PRIVATE_KEY_JWT
+            and method not in MTLS_METHODS
         ):
             self.add_error(
-                "client_secret", _("The client credentials grant needs a client secret.")
+                "client_secret",
+                _(
+                    "The client credentials grant needs a client secret, or a private key "
+                    "with “Sign a JWT with a private key”."
+                ),
             )
+        if method == ClientAuthentication.CLIENT_SECRET_JWT and not secret_known:
+            self.add_error(
+                "client_secret", _("client_secret_jwt signs with the client secret: enter it.")
+            )
+        self._clean_key(cleaned)
         return cleaned
 
     def _apply_tls_pair(self, cleaned: dict) -> None:
@@ -354,6 +520,84 @@ class DatasourceForm(forms.ModelForm):
             self.instance.tls_client_certificate = certificate or None
             self.instance.tls_client_key = key or None
             self.tls_pair_changed = True
+
+    def _clean_key(self, cleaned: dict) -> None:
+        """The private key: pasted, uploaded, from a key file, generated, kept, or cleared;
+        checked against the algorithm and certificate. Fills the fields a key file names."""
+        key_text = cleaned.get("private_key") or ""
+        upload = cleaned.get("private_key_file")
+        if upload and not key_text:
+            key_text = _read_upload(self, "private_key_file", upload)
+        account_text = cleaned.get("service_account_key") or ""
+        account_upload = cleaned.get("service_account_key_file")
+        if account_upload and not account_text:
+            account_text = _read_upload(self, "service_account_key_file", account_upload)
+        if account_text:
+            try:
+                account = jose.read_service_account_key(account_text)
+            except jose.KeyProblem as err:
+                self.add_error("service_account_key", str(err))
+                return
+            key_text = account.private_key
+            cleaned["client_id"] = account.client_email
+            self._errors.pop("client_id", None)
+            if account.private_key_id:
+                cleaned["private_key_id"] = account.private_key_id
+            if account.token_uri:
+                cleaned["access_token_url"] = account.token_uri
+                self._errors.pop("access_token_url", None)
+            self.imported_key_file = True
+        key_text = key_text or self.held_key or ""
+        self._key_text = key_text
+        for name in ("private_key_file", "service_account_key", "service_account_key_file"):
+            cleaned.pop(name, None)
+        generate = cleaned.get("generate_private_key")
+        if cleaned.get("clear_private_key") and not key_text and not generate:
+            cleaned["private_key"] = None
+            stored = ""
+        elif key_text:
+            cleaned["private_key"] = key_text.strip() + "\n"
+            stored = key_text
+        else:
+            cleaned.pop("private_key", None)  # blank keeps the stored key
+            stored = self.instance.private_key if self.instance.pk else ""
+        needs_key = (
+            cleaned.get("grant_type") == GrantType.JWT_BEARER
+            or cleaned.get("client_authentication") == ClientAuthentication.PRIVATE_KEY_JWT
+        )
+        if generate:
+            return  # made on save (admin), for the chosen algorithm
+        if needs_key and not stored:
+            self.add_error(
+                "private_key",
+                _(
+                    "%(what)s needs a private key: paste or upload one, import a key file, or "
+                    "tick “Generate a new key pair when saving”."
+                )
+                % {
+                    "what": _("The JWT bearer grant")
+                    if cleaned.get("grant_type") == GrantType.JWT_BEARER
+                    else "private_key_jwt"
+                },
+            )
+            return
+        if not stored:
+            return
+        try:
+            key = jose.load_private_key(stored)
+        except jose.KeyProblem as err:
+            self.add_error("service_account_key" if account_text else "private_key", str(err))
+            return
+        try:
+            jose.algorithm_for(key, cleaned.get("signing_algorithm") or "")
+        except jose.KeyProblem as err:
+            self.add_error("signing_algorithm", str(err))
+        certificate = cleaned.get("signing_certificate") or ""
+        if certificate:
+            try:
+                jose.certificate_headers(certificate, key)
+            except jose.KeyProblem as err:
+                self.add_error("signing_certificate", str(err))
 
     def _discover(self, cleaned: dict) -> None:
         issuer = cleaned.get("issuer")
@@ -372,6 +616,24 @@ class DatasourceForm(forms.ModelForm):
             cleaned["revocation_url"] = metadata.revocation_endpoint
         cleaned["use_pkce"] = metadata.pkce_s256
         cleaned["issuer_returns_iss"] = metadata.returns_iss
+        cleaned["pushed_authorization_request_url"] = metadata.pushed_authorization_request_endpoint
+        cleaned["require_pushed_authorization_requests"] = (
+            metadata.require_pushed_authorization_requests
+        )
+        self.instance.token_endpoint_auth_methods_supported = " ".join(
+            metadata.token_endpoint_auth_methods_supported
+        )[:500]
+        supported = metadata.token_endpoint_auth_methods_supported
+        chosen = METADATA_AUTH_METHODS.get(cleaned.get("client_authentication") or "")
+        if supported and chosen and chosen not in supported:
+            self.add_error(
+                "client_authentication",
+                _(
+                    "The server's metadata does not list %(chosen)s among its client "
+                    "authentication methods (%(supported)s): choose one of those."
+                )
+                % {"chosen": chosen, "supported": ", ".join(supported)},
+            )
         self.discovered = metadata
 
     @property
@@ -387,9 +649,22 @@ class DatasourceForm(forms.ModelForm):
                 "client_authentication",
                 "audience",
                 "resource",
+                "grant_type",
+                "private_key",
+                "private_key_id",
+                "signing_algorithm",
+                "signing_certificate",
+                "assertion_audience",
+                "assertion_subject",
             }
             & set(self.changed_data)
-        ) or bool(self.cleaned_data.get("clear_client_secret") or self.held_secret)
+        ) or bool(
+            self.cleaned_data.get("clear_client_secret")
+            or self.held_secret
+            or self.cleaned_data.get("clear_private_key")
+            or self.cleaned_data.get("generate_private_key")
+            or getattr(self, "_key_text", None)
+        )
 
 
 class ApiKeyForm(forms.ModelForm):

@@ -120,6 +120,11 @@ def sha256_hex(value: str) -> str:
 class GrantType(models.TextChoices):
     AUTHORIZATION_CODE = "authorization_code", _("Authorization code")
     CLIENT_CREDENTIALS = "client_credentials", _("Client credentials")
+    JWT_BEARER = "jwt_bearer", _("JWT bearer (service account)")
+
+
+#: Grants that get tokens with no person in the loop: fetched on save and by the sweep.
+MACHINE_GRANTS = frozenset({GrantType.CLIENT_CREDENTIALS, GrantType.JWT_BEARER})
 
 
 class TokenPlacement(models.TextChoices):
@@ -130,6 +135,11 @@ class TokenPlacement(models.TextChoices):
 class ClientAuthentication(models.TextChoices):
     BASIC = "basic", _("Send as Basic Auth header")
     BODY = "body", _("Send client credentials in body")
+    PRIVATE_KEY_JWT = "private_key_jwt", _("Sign a JWT with a private key (private_key_jwt)")
+    CLIENT_SECRET_JWT = (
+        "client_secret_jwt",
+        _("Sign a JWT with the client secret (client_secret_jwt)"),
+    )
     TLS_CLIENT_AUTH = "tls_client_auth", _("Mutual TLS: CA-issued client certificate (RFC 8705)")
     SELF_SIGNED_TLS_CLIENT_AUTH = (
         "self_signed_tls_client_auth",
@@ -141,6 +151,25 @@ class ClientAuthentication(models.TextChoices):
 MTLS_METHODS = frozenset(
     {ClientAuthentication.TLS_CLIENT_AUTH, ClientAuthentication.SELF_SIGNED_TLS_CLIENT_AUTH}
 )
+
+
+#: Client authentication methods that send a signed JWT (RFC 7523 §2.2).
+ASSERTION_AUTH_METHODS = frozenset(
+    {ClientAuthentication.PRIVATE_KEY_JWT, ClientAuthentication.CLIENT_SECRET_JWT}
+)
+
+
+class SigningAlgorithm(models.TextChoices):
+    INFER = "", _("From the key (RSA: RS256, EC P-256: ES256)")
+    RS256 = "RS256", "RS256"
+    PS256 = "PS256", "PS256"
+    ES256 = "ES256", "ES256"
+
+
+class AssertionAudience(models.TextChoices):
+    TOKEN_ENDPOINT = "token_endpoint", _("The access token URL (RFC 7523)")
+    ENDPOINT = "endpoint", _("The URL of the endpoint called (token, revocation, PAR)")
+    ISSUER = "issuer", _("The issuer")
 
 
 class ScopeSeparator(models.TextChoices):
@@ -279,8 +308,92 @@ class Datasource(models.Model):
         choices=ClientAuthentication.choices,
         default=ClientAuthentication.BASIC,
         help_text=_(
-            "How client credentials are sent to the access token URL: a Basic Authorization "
-            "header, or client_id/client_secret in the form body."
+            "How the client authenticates at the access token URL: a Basic Authorization "
+            "header, client_id/client_secret in the form body, a signed JWT (RFC 7523): "
+            "private_key_jwt signs with the private key, client_secret_jwt with the secret; or "
+            "mutual TLS (RFC 8705) with the TLS client certificate."
+        ),
+    )
+    private_key = EncryptedTextField(
+        _("private key"),
+        null=True,
+        blank=True,
+        help_text=_(
+            "PEM private key (RSA or EC P-256) that signs client assertions (private_key_jwt) "
+            "and JWT bearer grant assertions. Encrypted at rest and never shown again."
+        ),
+    )
+    private_key_id = models.CharField(
+        _("key ID"),
+        max_length=200,
+        blank=True,
+        help_text=_(
+            "The kid of the key as registered at the provider (Google: private_key_id); sent "
+            "in each assertion's header. Empty: no kid."
+        ),
+    )
+    signing_algorithm = models.CharField(
+        _("signing algorithm"),
+        max_length=8,
+        choices=SigningAlgorithm.choices,
+        default=SigningAlgorithm.INFER,
+        blank=True,
+        help_text=_("JWS algorithm of the assertions. Empty: RS256 for RSA keys, ES256 for EC."),
+    )
+    signing_certificate = models.TextField(
+        _("certificate"),
+        blank=True,
+        help_text=_(
+            "Optional PEM certificate of the key (public). When set, assertions carry its "
+            "x5t / x5t#S256 thumbprints, as Microsoft Entra ID expects for certificate "
+            "credentials."
+        ),
+    )
+    assertion_audience = models.CharField(
+        _("assertion audience"),
+        max_length=16,
+        choices=AssertionAudience.choices,
+        default=AssertionAudience.TOKEN_ENDPOINT,
+        help_text=_(
+            "The aud of client assertions: the access token URL (RFC 7523, most providers), "
+            "the URL of each endpoint called (Okta), or the issuer when the server asks."
+        ),
+    )
+    assertion_subject = models.CharField(
+        _("act as (subject)"),
+        max_length=500,
+        blank=True,
+        help_text=_(
+            "JWT bearer grant only: the user the service account acts for (the assertion's "
+            "sub; Google domain-wide delegation). Empty: the service account itself."
+        ),
+    )
+    pushed_authorization_request_url = models.URLField(
+        _("pushed authorization request URL"),
+        max_length=2000,
+        blank=True,
+        validators=[validate_secure_url],
+        help_text=_(
+            "Optional PAR endpoint (RFC 9126). When set, the authorization request is sent "
+            "there first (with client authentication) and the browser carries only a "
+            "request_uri."
+        ),
+    )
+    require_pushed_authorization_requests = models.BooleanField(
+        _("server requires PAR"),
+        default=False,
+        help_text=_(
+            "The server accepts authorization requests only through its PAR endpoint "
+            "(require_pushed_authorization_requests in its metadata)."
+        ),
+    )
+    token_endpoint_auth_methods_supported = models.CharField(
+        _("client authentication methods supported"),
+        max_length=500,
+        blank=True,
+        help_text=_(
+            "What the server's metadata lists (token_endpoint_auth_methods_supported), filled "
+            "by discovery; space separated."
         ),
     )
     use_pkce = models.BooleanField(
@@ -485,8 +598,9 @@ class Datasource(models.Model):
             self.set_dpop_key(dpop.generate_private_key_pem())
         super().save(*args, **kwargs)
         Token.objects.get_or_create(datasource=self, user=None)
-        if self.grant_type == GrantType.CLIENT_CREDENTIALS:
-            # Nobody authorizes a client-credentials datasource: the sweep fetches its token.
+        if self.machine_grant:
+            # Nobody authorizes a client-credentials or JWT bearer datasource: the sweep
+            # fetches its token.
             Token.objects.filter(
                 datasource=self,
                 access_token__isnull=True,
@@ -499,6 +613,15 @@ class Datasource(models.Model):
         if self.grant_type == GrantType.AUTHORIZATION_CODE and not self.authorization_url:
             errors["authorization_url"] = _(
                 "The authorization code grant needs an authorization URL."
+            )
+        if (
+            self.grant_type == GrantType.AUTHORIZATION_CODE
+            and self.require_pushed_authorization_requests
+            and not self.pushed_authorization_request_url
+        ):
+            errors["pushed_authorization_request_url"] = _(
+                "The server requires pushed authorization requests: enter its PAR endpoint "
+                "(or fill the endpoints from the issuer's metadata)."
             )
         params = self.custom_auth_params
         if params in (None, ""):
@@ -519,7 +642,7 @@ class Datasource(models.Model):
         ):
             errors["token_sharing"] = _(
                 "Per-user tokens need the authorization code grant: with client credentials "
-                "there is no user."
+                "or a JWT bearer grant there is no user."
             )
         if self.use_dpop and self.token_placement == TokenPlacement.QUERY:
             errors["token_placement"] = _(
@@ -694,6 +817,15 @@ class Datasource(models.Model):
     def has_client_secret(self) -> bool:
         return bool(self.client_secret)
 
+    @property
+    def has_private_key(self) -> bool:
+        return bool(self.private_key)
+
+    @property
+    def machine_grant(self) -> bool:
+        """Tokens come with no person in the loop (client credentials, JWT bearer)."""
+        return self.grant_type in MACHINE_GRANTS
+
     def get_admin_url(self) -> str:
         return reverse("admin:datasources_datasource_change", args=[self.pk])
 
@@ -720,8 +852,8 @@ class Datasource(models.Model):
         return DatasourceSession(self, user=user, timeout=timeout)
 
 
-#: The configuration fields builders edit, in form order (the client secret is handled apart:
-#: it is write-only, and never exported).
+#: The configuration fields builders edit, in form order (the client secret and private key
+#: are handled apart: they are write-only, and never exported).
 CONFIG_FIELDS = (
     "name",
     "slug",
@@ -732,6 +864,11 @@ CONFIG_FIELDS = (
     "client_id",
     "scopes",
     "client_authentication",
+    "private_key_id",
+    "signing_algorithm",
+    "signing_certificate",
+    "assertion_audience",
+    "assertion_subject",
     "use_pkce",
     "token_placement",
     "header_prefix",
@@ -740,6 +877,8 @@ CONFIG_FIELDS = (
     "audience",
     "resource",
     "revocation_url",
+    "pushed_authorization_request_url",
+    "require_pushed_authorization_requests",
     "issuer",
     "issuer_returns_iss",
     "scope_separator",

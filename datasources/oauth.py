@@ -25,6 +25,7 @@ import re
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit
@@ -41,7 +42,7 @@ from oauthlib.oauth2 import (
     WebApplicationClient,
 )
 
-from . import dpop, outbound, tls
+from . import dpop, jose, outbound, tls
 from .conf import app_settings
 from .exceptions import DatasourceError, OAuthError, TransientUpstreamError
 from .transport import check_transport
@@ -156,8 +157,22 @@ def new_pkce_pair() -> PkcePair:
 def build_authorization_url(
     datasource: Datasource, *, state: str, redirect_uri: str, code_challenge: str | None
 ) -> str:
-    """The provider URL to send the user to (RFC 6749 §4.1.1 + PKCE + custom parameters)."""
+    """The provider URL to send the user to (RFC 6749 §4.1.1 + PKCE + custom parameters).
+    With a PAR endpoint (RFC 9126) the parameters are pushed there first and the URL carries
+    only ``client_id`` and the ``request_uri`` the server returned."""
     check_transport(datasource.authorization_url)
+    params = authorization_params(
+        datasource, state=state, redirect_uri=redirect_uri, code_challenge=code_challenge
+    )
+    if datasource.pushed_authorization_request_url:
+        request_uri = push_authorization_request(datasource, params)
+        params = [("client_id", datasource.client_id), ("request_uri", request_uri)]
+    return add_params_to_uri(datasource.authorization_url, params)
+
+
+def authorization_params(
+    datasource: Datasource, *, state: str, redirect_uri: str, code_challenge: str | None
+) -> list[tuple[str, str]]:
     params: list[tuple[str, str]] = [
         (key, value)
         for key, value in (datasource.custom_auth_params or {}).items()
@@ -174,7 +189,38 @@ def build_authorization_url(
     if code_challenge:
         params += [("code_challenge", code_challenge), ("code_challenge_method", "S256")]
     params += _extra_token_params(datasource)
-    return add_params_to_uri(datasource.authorization_url, params)
+    return params
+
+
+@sensitive_variables()
+def push_authorization_request(datasource: Datasource, params: list[tuple[str, str]]) -> str:
+    """RFC 9126 §2: POST the authorization parameters (with client authentication) and return
+    the ``request_uri`` to send the browser with."""
+    url = datasource.pushed_authorization_request_url
+    check_transport(url)
+    fields = [(k, v) for k, v in params if k != "client_id"]
+
+    def prepare(include_client_id: bool, client_id: str, client_secret: str | None = None) -> str:
+        body = list(fields)
+        if include_client_id:
+            body.append(("client_id", client_id))
+        if client_secret:
+            body.append(("client_secret", client_secret))
+        return urlencode(body)
+
+    what = "pushed authorization request"
+    body, headers = _with_client_auth(datasource, prepare, endpoint=url, force_client_id=True)
+    response = _post(url, body, headers, datasource, what, app_settings.HTTP_TIMEOUT)
+    if response.status_code not in (200, 201):
+        _raise_for_error_response(
+            response, datasource, secrets=_client_secrets(datasource), what=what
+        )
+        raise TransientUpstreamError(f"The PAR endpoint answered HTTP {response.status_code}.")
+    payload = _json_or_none(response.text)
+    request_uri = payload.get("request_uri") if isinstance(payload, dict) else None
+    if not isinstance(request_uri, str) or not request_uri or len(request_uri) > 2000:
+        raise TransientUpstreamError("The PAR endpoint's answer has no request_uri.")
+    return request_uri
 
 
 @sensitive_variables()
@@ -186,17 +232,19 @@ def exchange_code(
     extra: dict[str, Any] = dict(_extra_token_params(datasource))
     if code_verifier:
         extra["code_verifier"] = code_verifier
-    body, headers = _with_client_auth(
-        datasource,
-        lambda client_id, **auth: client.prepare_request_body(  # client_id: the client's own
-            code=code, redirect_uri=redirect_uri, **auth, **extra
-        ),
-    )
+
+    def build() -> tuple[str, dict[str, str]]:
+        return _with_client_auth(
+            datasource,
+            lambda client_id, **auth: client.prepare_request_body(  # client_id: the client's own
+                code=code, redirect_uri=redirect_uri, **auth, **extra
+            ),
+        )
+
     return _token_request(
         datasource,
         client,
-        body,
-        headers,
+        build,
         secrets=[code, code_verifier],
         what="code exchange",
     )
@@ -207,13 +255,16 @@ def refresh(datasource: Datasource, refresh_token: str) -> TokenResponse:
     """Refresh token grant (RFC 6749 §6). Client credentials are always sent as configured."""
     client = WebApplicationClient(datasource.client_id)
     extra = dict(_extra_token_params(datasource))
-    body, headers = _with_client_auth(
-        datasource,
-        lambda **auth: client.prepare_refresh_body(refresh_token=refresh_token, **auth, **extra),
-    )
-    return _token_request(
-        datasource, client, body, headers, secrets=[refresh_token], what="refresh"
-    )
+
+    def build() -> tuple[str, dict[str, str]]:
+        return _with_client_auth(
+            datasource,
+            lambda **auth: client.prepare_refresh_body(
+                refresh_token=refresh_token, **auth, **extra
+            ),
+        )
+
+    return _token_request(datasource, client, build, secrets=[refresh_token], what="refresh")
 
 
 @sensitive_variables()
@@ -222,12 +273,68 @@ def client_credentials(datasource: Datasource) -> TokenResponse:
     client = BackendApplicationClient(datasource.client_id)
     extra = dict(_extra_token_params(datasource))
     scope = datasource.scope_param or None
-    body, headers = _with_client_auth(
-        datasource, lambda **auth: client.prepare_request_body(scope=scope, **auth, **extra)
+
+    def build() -> tuple[str, dict[str, str]]:
+        return _with_client_auth(
+            datasource, lambda **auth: client.prepare_request_body(scope=scope, **auth, **extra)
+        )
+
+    return _token_request(datasource, client, build, secrets=[], what="client credentials grant")
+
+
+@sensitive_variables()
+def jwt_bearer(datasource: Datasource) -> TokenResponse:
+    """JWT bearer grant (RFC 7523 §2.1): a fresh signed assertion (``iss`` the service account,
+    ``sub`` the user acted for, if any, ``aud`` the token URL) for each request. The client
+    authenticates only when configured to (a secret or a client assertion); Google and
+    Salesforce need none: the assertion identifies the client."""
+    client = BackendApplicationClient(datasource.client_id)
+    assertions: list[str | None] = []  # each attempt signs a new one (unique jti)
+    authenticated = bool(
+        datasource.client_secret or datasource.client_authentication in _ASSERTION_METHODS
     )
-    return _token_request(
-        datasource, client, body, headers, secrets=[], what="client credentials grant"
-    )
+
+    def build() -> tuple[str, dict[str, str]]:
+        assertion = jose.bearer_assertion(
+            datasource.client_id,
+            datasource.access_token_url,
+            signer_of(datasource),
+            subject=datasource.assertion_subject,
+            scope=datasource.scope_param,
+        )
+        assertions.append(assertion)
+        params = [("grant_type", jose.JWT_BEARER_GRANT), ("assertion", assertion)]
+        if datasource.scope_param:
+            params.append(("scope", datasource.scope_param))
+        params += _extra_token_params(datasource)
+        if not authenticated:
+            return urlencode(params), dict(_FORM_HEADERS)
+
+        def prepare(include_client_id: bool, client_id: str, client_secret: str | None = None):
+            body = list(params)
+            if include_client_id:
+                body.append(("client_id", client_id))
+            if client_secret:
+                body.append(("client_secret", client_secret))
+            return urlencode(body)
+
+        return _with_client_auth(datasource, prepare)
+
+    try:
+        return _token_request(
+            datasource, client, build, secrets=assertions, what="JWT bearer grant"
+        )
+    except OAuthError as err:
+        if err.error != "invalid_grant":
+            raise
+        said = f" It said: {err.description}" if err.description else ""
+        raise OAuthError(
+            "invalid_grant",
+            "The provider rejected the JWT bearer assertion: check the client ID (the service "
+            "account's email), the key ID and the key registered for it, and, when acting "
+            f"for a user, that delegation is allowed.{said}"[:400],
+            status=err.status,
+        ) from None
 
 
 @sensitive_variables()
@@ -243,7 +350,7 @@ def revoke(datasource: Datasource, token: str, token_type_hint: str) -> None:
             params.append(("client_secret", client_secret))
         return urlencode(params)
 
-    body, headers = _with_client_auth(datasource, prepare)
+    body, headers = _with_client_auth(datasource, prepare, endpoint=datasource.revocation_url)
     response = _post(
         datasource.revocation_url,
         body,
@@ -268,6 +375,10 @@ class ServerMetadata:
     revocation_endpoint: str
     pkce_s256: bool
     returns_iss: bool
+    pushed_authorization_request_endpoint: str = ""
+    require_pushed_authorization_requests: bool = False
+    #: As listed by the server (RFC 8414 §2); empty when it lists none.
+    token_endpoint_auth_methods_supported: tuple[str, ...] = ()
 
 
 class DiscoveryError(DatasourceError):
@@ -318,7 +429,12 @@ def discover(issuer: str) -> ServerMetadata:
                 "refusing it (RFC 8414 §3.3)."
             )
         endpoints = {}
-        for key in ("authorization_endpoint", "token_endpoint", "revocation_endpoint"):
+        for key in (
+            "authorization_endpoint",
+            "token_endpoint",
+            "revocation_endpoint",
+            "pushed_authorization_request_endpoint",
+        ):
             value = document.get(key) or ""
             if value and not isinstance(value, str):
                 raise DiscoveryError(f"{url}: {key} is not a string.")
@@ -326,10 +442,19 @@ def discover(issuer: str) -> ServerMetadata:
         if not endpoints["token_endpoint"]:
             raise DiscoveryError(f"{url} has no token_endpoint.")
         methods = document.get("code_challenge_methods_supported") or []
+        auth_methods = document.get("token_endpoint_auth_methods_supported") or []
         return ServerMetadata(
             issuer=found,
             pkce_s256=isinstance(methods, list) and "S256" in methods,
             returns_iss=document.get("authorization_response_iss_parameter_supported") is True,
+            require_pushed_authorization_requests=(
+                document.get("require_pushed_authorization_requests") is True
+            ),
+            token_endpoint_auth_methods_supported=tuple(
+                m for m in auth_methods if isinstance(m, str) and _ERROR_CODE.match(m)
+            )
+            if isinstance(auth_methods, list)
+            else (),
             **endpoints,
         )
     raise DiscoveryError("No metadata found at " + " or ".join(tried) + ".")
@@ -347,23 +472,80 @@ def _extra_token_params(datasource: Datasource) -> list[tuple[str, str]]:
     return params
 
 
+_FORM_HEADERS = {
+    "Content-Type": "application/x-www-form-urlencoded",
+    "Accept": "application/json",
+}
+_ASSERTION_METHODS = frozenset({"private_key_jwt", "client_secret_jwt"})
+
+
 @sensitive_variables()
-def _with_client_auth(datasource: Datasource, prepare) -> tuple[str, dict[str, str]]:
-    """Apply the datasource's client authentication (RFC 6749 §2.3.1) to a token request."""
-    headers = {
-        "Content-Type": "application/x-www-form-urlencoded",
-        "Accept": "application/json",
-    }
+def signer_of(datasource: Datasource) -> jose.Signer:
+    """The datasource's private key, algorithm, kid and certificate, ready to sign. A stored
+    key that no longer loads is a configuration error (DatasourceError), not a crash."""
+    try:
+        return jose.Signer.from_pem(
+            datasource.private_key or "",
+            algorithm=datasource.signing_algorithm,
+            kid=datasource.private_key_id,
+            certificate=datasource.signing_certificate,
+        )
+    except jose.KeyProblem as err:
+        # A configuration error (kept token, shown prominently, retried with backoff).
+        raise OAuthError(
+            "invalid_request", f"The datasource's private key cannot be used: {err}"
+        ) from None
+
+
+def assertion_audience(datasource: Datasource, endpoint: str | None = None) -> str:
+    """The ``aud`` of a client assertion, as the datasource's setting says."""
+    if datasource.assertion_audience == "issuer" and datasource.issuer:
+        return datasource.issuer
+    if datasource.assertion_audience == "endpoint" and endpoint:
+        return endpoint
+    return datasource.access_token_url
+
+
+@sensitive_variables()
+def _client_assertion(datasource: Datasource, endpoint: str | None) -> str:
+    audience = assertion_audience(datasource, endpoint)
+    if datasource.client_authentication == "client_secret_jwt":
+        if not datasource.client_secret:
+            raise OAuthError("invalid_request", "client_secret_jwt needs a client secret.")
+        return jose.client_secret_assertion(
+            datasource.client_id, audience, datasource.client_secret
+        )
+    return jose.client_assertion(datasource.client_id, audience, signer_of(datasource))
+
+
+def _client_secrets(datasource: Datasource) -> list[str]:
+    return [datasource.client_secret] if datasource.client_secret else []
+
+
+@sensitive_variables()
+def _with_client_auth(
+    datasource: Datasource, prepare, *, endpoint: str | None = None, force_client_id: bool = False
+) -> tuple[str, dict[str, str]]:
+    """Apply the datasource's client authentication (RFC 6749 §2.3.1, RFC 7523 §2.2) to a
+    request to ``endpoint`` (the token endpoint when not given). ``force_client_id``: the
+    request names the client in its body whatever the method (PAR, RFC 9126 §2.1)."""
+    headers = dict(_FORM_HEADERS)
     secret = datasource.client_secret or ""
     client_id = datasource.client_id
     if datasource.client_authentication in MTLS_CLIENT_AUTH:
         # RFC 8705 §2: the TLS client certificate authenticates; client_id names the client.
         body = prepare(include_client_id=True, client_id=client_id)
+    elif datasource.client_authentication in _ASSERTION_METHODS:
+        body = prepare(include_client_id=True, client_id=client_id)
+        assertion = _client_assertion(datasource, endpoint)
+        body += "&" + urlencode(
+            [("client_assertion_type", jose.CLIENT_ASSERTION_TYPE), ("client_assertion", assertion)]
+        )
     elif datasource.client_authentication == "basic" and secret:
         # Both parts are form-urlencoded before base64, as §2.3.1 requires.
         raw = f"{quote(client_id, safe='')}:{quote(secret, safe='')}"
         headers["Authorization"] = "Basic " + base64.b64encode(raw.encode()).decode("ascii")
-        body = prepare(include_client_id=False, client_id=client_id)
+        body = prepare(include_client_id=force_client_id, client_id=client_id)
     elif secret:
         body = prepare(include_client_id=True, client_id=client_id, client_secret=secret)
     else:  # public client: identify ourselves in the body
@@ -454,15 +636,17 @@ def _post(
 
 @sensitive_variables()
 def _post_token(
-    datasource: Datasource, body: str, headers: dict[str, str], what: str
+    datasource: Datasource, build: Callable[[], tuple[str, dict[str, str]]], what: str
 ) -> requests.Response:
     """POST to the token endpoint; with DPoP, a fresh proof per attempt, and once more with
     the server's nonce when it answers ``use_dpop_nonce`` (RFC 9449 §8: the server refuses
     before acting on the grant, so the code or refresh token is still good)."""
     url = datasource.access_token_url
     if not datasource.use_dpop:
+        body, headers = build()
         return _post(url, body, headers, datasource, what, app_settings.REFRESH_TIMEOUT)
     for attempt in (1, 2):
+        body, headers = build()
         proof = dpop.proof(datasource.dpop_private_key, "POST", url, nonce=dpop.nonce_for(url))
         response = _post(
             url, body, {**headers, "DPoP": proof}, datasource, what, app_settings.REFRESH_TIMEOUT
@@ -505,13 +689,14 @@ def _answer_lost(err: requests.RequestException) -> bool:
 def _token_request(
     datasource: Datasource,
     client: Client,
-    body: str,
-    headers: dict[str, str],
+    build: Callable[[], tuple[str, dict[str, str]]],
     *,
     secrets: list[str | None],
     what: str,
 ) -> TokenResponse:
-    response = _post_token(datasource, body, headers, what)
+    """``build`` makes the request's body and headers; called again for a second attempt
+    (a DPoP nonce), so that one-time client and grant assertions are never sent twice."""
+    response = _post_token(datasource, build, what)
     all_secrets = [s for s in [*secrets, datasource.client_secret] if s]
     if response.status_code != 200:
         try:
@@ -577,13 +762,30 @@ def _raise_for_error_response(
         )
     payload = _json_or_none(response.text)
     if isinstance(payload, dict) and isinstance(payload.get("error"), str):
-        raise _classified(payload["error"], payload.get("error_description"), secrets, status)
-    if status == 401:
-        raise OAuthError(
+        error = _classified(payload["error"], payload.get("error_description"), secrets, status)
+    elif status == 401:
+        error = OAuthError(
             "invalid_client",
             "The authorization server rejected the client credentials (HTTP 401).",
             status=401,
         )
+    else:
+        return
+    method = datasource.client_authentication
+    if error.error == "invalid_client" and method in _ASSERTION_METHODS:
+        # Same code (the grant is dead until fixed); the description names the likely cause.
+        check = (
+            "the key ID and the public key registered there"
+            if method == "private_key_jwt"
+            else "the client secret"
+        )
+        said = f" It said: {error.description}" if error.description else ""
+        error = type(error)(
+            "invalid_client",
+            f"The provider rejected the client assertion ({method}): check {check}.{said}"[:400],
+            status=error.status,
+        )
+    raise error
 
 
 def _with_certificate_named(datasource: Datasource, err: OAuthError) -> OAuthError:

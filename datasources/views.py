@@ -25,7 +25,9 @@ def start_authorization(request: HttpRequest, pk: int) -> HttpResponse:
         raise PermissionDenied
     if datasource.grant_type != "authorization_code":
         messages.error(
-            request, "Client-credentials datasources need no authorization: use “Refresh now”."
+            request,
+            "Client-credentials and JWT bearer datasources need no authorization: use “Get a "
+            "new token now”.",
         )
         return HttpResponseRedirect(datasource.get_admin_url())
     try:
@@ -80,9 +82,16 @@ def authorization_callback(request: HttpRequest) -> HttpResponse:
         text = {
             "access_denied": "Access was denied at the provider",
         }.get(code, f"The provider answered “{code}”")
+        hint = ""
+        if "pushed authorization" in description.lower():
+            hint = (
+                " The provider accepts only pushed authorization requests (RFC 9126): enter "
+                "its PAR endpoint under “Advanced”, or fill the endpoints from its metadata."
+            )
         messages.error(
             request,
-            f"{text}{': ' + description if description else ''}. The stored token is unchanged.",
+            f"{text}{': ' + description if description else ''}. The stored token is "
+            f"unchanged.{hint}",
         )
         return _back(request, datasource)
     code = request.GET.get("code", "")

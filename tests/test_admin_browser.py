@@ -345,6 +345,12 @@ def test_every_preset_saves_through_the_form(auth_server, page, expect, builder)
         page.fill("#id_name", f"Preset {key}")
         page.fill("#id_client_id", f"{key}-client")
         page.fill("#id_client_secret", f"{key}-secret")
+        needs_key = (
+            preset.get("grant_type") == "jwt_bearer"
+            or preset["client_authentication"] == "private_key_jwt"
+        )
+        if needs_key:  # the key rows are shown for these presets
+            page.check("#id_generate_private_key")
         # Replace {tenant}/{instance} wherever the preset put one (some in folded sections).
         page.evaluate(
             """() => document.querySelectorAll("input[type=text], input[type=url], textarea")
@@ -354,7 +360,11 @@ def test_every_preset_saves_through_the_form(auth_server, page, expect, builder)
         message(page, expect, "was added successfully")
         saved = Datasource.objects.get(slug=f"preset-{key}")
         assert saved.client_secret == f"{key}-secret"
-        assert saved.authorization_url == PLACEHOLDER.sub("acme", preset["authorization_url"])
+        assert saved.authorization_url == PLACEHOLDER.sub(
+            "acme", preset.get("authorization_url", "")
+        )
+        assert saved.grant_type == preset.get("grant_type", "authorization_code")
+        assert bool(saved.private_key) == needs_key
         assert saved.access_token_url == PLACEHOLDER.sub("acme", preset["access_token_url"])
         assert saved.custom_auth_params == preset.get("custom_auth_params", {})
         assert saved.scope_separator == preset["scope_separator"]
@@ -402,6 +412,70 @@ def test_client_credentials_token_after_saving_and_test_call(
     page.click("input[name=_continue]")
     message(page, expect, "did not accept the client ID or client secret")
     shot(page, "datasource-client-credentials-wrong-secret")
+
+
+# --- signing keys: "Generate key pair", registered at a real provider ---------------------------
+
+
+def test_generate_key_pair_button_and_token_with_the_registered_key(
+    auth_server, page, expect, builder
+):
+    import json
+
+    from datasources import jose
+
+    from .oidcprovider import start_oidc_provider
+
+    datasource = make_datasource(
+        auth_server,
+        slug="okta-service",
+        grant_type="client_credentials",
+        authorization_url="",
+        client_id="svc-generated",
+        client_secret=None,
+        client_authentication="private_key_jwt",
+        private_key=jose.private_pem(jose.generate_private_key("ES256")),
+        scopes="api",
+    )
+    old_key = datasource.private_key
+    base = auth_server.base
+    log_in(page, base)
+    page.goto(f"{base}{datasource.get_admin_url()}")
+    expect(page.locator("button.datasource-generate-key")).to_have_text(
+        "Replace with a new key pair"
+    )
+    page.click("button.datasource-generate-key")
+    message(page, expect, "key pair (key ID")
+    datasource.refresh_from_db()
+    assert datasource.private_key != old_key and datasource.signing_algorithm == "RS256"
+    published = json.loads(page.inner_text(".datasource-public-jwk"))
+    key = jose.load_private_key(datasource.private_key)
+    assert published["keys"][0] == jose.public_jwk(key, kid=datasource.private_key_id, alg="RS256")
+    expect(page.locator(".datasource-certificate")).to_contain_text("BEGIN CERTIFICATE")
+    assert datasource.private_key.splitlines()[1] not in page.content()
+    shot(page, "datasource-generated-key-pair")
+
+    # Register the public key shown at the provider; the next token request is accepted.
+    config = {
+        "clients": [
+            {
+                "client_id": "svc-generated",
+                "token_endpoint_auth_method": "private_key_jwt",
+                "jwks": published,
+                "grant_types": ["client_credentials"],
+                "response_types": [],
+                "redirect_uris": [],
+                "scope": "api",
+            }
+        ]
+    }
+    with start_oidc_provider(config) as provider:
+        Datasource.objects.filter(pk=datasource.pk).update(access_token_url=provider.token_url)
+        page.click("button.datasource-refresh")  # "Get a new token now"
+        message(page, expect, "Refreshed 1 datasource.")
+        (call,) = provider.requests("token")
+        assert (call["client_auth"], call["status"]) == ("private_key_jwt", 200)
+    assert datasource.token.__class__.objects.get(pk=datasource.token.pk).status == "active"
 
 
 # --- banners: each problem with the one action that fixes it ---------------------------------

@@ -72,6 +72,8 @@ class Decision:
 class Policy:
     """The knobs that apply to one datasource (settings plus its grant type)."""
 
+    #: A grant with no person in the loop (client credentials, JWT bearer): a new token can
+    #: always be fetched, so a missing one is fetched rather than waiting for a person.
     client_credentials: bool = False
     request_leeway: float = 30
     refresh_margin: float = 300
@@ -85,7 +87,7 @@ class Policy:
         from ..conf import app_settings as s
 
         return cls(
-            client_credentials=datasource.grant_type == "client_credentials",
+            client_credentials=datasource.machine_grant,
             request_leeway=s.REQUEST_LEEWAY,
             refresh_margin=s.REFRESH_MARGIN,
             lifetime_fraction=s.LIFETIME_FRACTION,

@@ -18,7 +18,7 @@ from django.views.decorators.debug import sensitive_variables
 from .. import oauth
 from ..conf import app_settings
 from ..exceptions import DatasourceError, NotAuthorized
-from ..models import Datasource, GrantType, Token, TokenEvent, TokenStatus
+from ..models import Datasource, Token, TokenEvent, TokenStatus
 from ..signals import datasource_authorized, token_refreshed
 from .decide import due_for
 from .expiry import expiry_of, parse_expires_in
@@ -76,7 +76,7 @@ def token_fields(
         not token.client_id or token.client_id == datasource.client_id
     )
     refresh_token = response.refresh_token or (token.refresh_token if keep else None)
-    renewable = datasource.grant_type == GrantType.CLIENT_CREDENTIALS or bool(refresh_token)
+    renewable = datasource.machine_grant or bool(refresh_token)
     expiry = expiry_of(
         expires_in=response.expires_in,
         access_token=response.access_token,
@@ -181,7 +181,7 @@ def _disconnect_one(datasource: Datasource, token: Token) -> list[str]:
                 oauth.revoke(datasource, value, hint)
             except DatasourceError as err:
                 problems.append(f"Revoking the {hint.replace('_', ' ')} failed: {err}")
-    cleared = datasource.grant_type == GrantType.CLIENT_CREDENTIALS
+    cleared = datasource.machine_grant
     Token.objects.filter(pk=token.pk).update(
         # A client-credentials token is fetched again by the sweep, as when first saved.
         refresh_due_at=timezone.now() if cleared else None,
@@ -206,7 +206,7 @@ def reset_after_reconfiguration(datasource: Datasource) -> None:
     looks at these tokens now; the task works out their real due time)."""
     now = timezone.now()
     tokens = Token.objects.filter(datasource=datasource)
-    if datasource.grant_type == GrantType.CLIENT_CREDENTIALS:
+    if datasource.machine_grant:
         tokens.exclude(status=TokenStatus.ACTIVE).update(
             status=TokenStatus.NOT_AUTHORIZED, refresh_due_at=now, **NO_FAILURE
         )

@@ -318,6 +318,8 @@ def _refresh_leased(
 def _call_token_endpoint(datasource: Datasource, token: Token) -> oauth.TokenResponse:
     if datasource.grant_type == GrantType.CLIENT_CREDENTIALS:
         return oauth.client_credentials(datasource)
+    if datasource.grant_type == GrantType.JWT_BEARER:
+        return oauth.jwt_bearer(datasource)  # a new assertion each time: no refresh token
     if not token.refresh_token:  # decide() never asks for this; a guard, not a path
         raise NotAuthorized(f"Datasource {datasource.slug!r} has no refresh token.")
     return oauth.refresh(datasource, token.refresh_token)

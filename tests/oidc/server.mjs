@@ -16,6 +16,8 @@
 //   tls              { key, cert, ca } file paths: serve https with requestCert (mTLS); the peer
 //                    certificate comes from the socket.
 //   account          { sub, email, name } of the test user the interaction logs in.
+//   clientAuthMethods  the token endpoint's client authentication methods (default: all but
+//                    the mTLS ones, which follow features.mTLS).
 //
 // Test-only routes (not part of any spec):
 //   GET  /_test/log       every request to token/par/revocation/introspection/userinfo/resource with
@@ -76,7 +78,7 @@ const providerConfig = {
   pkce: { required: () => false },
   scopes: ['openid', 'offline_access', 'profile', 'email', 'api'],
   claims: { openid: ['sub'], email: ['email'], profile: ['name'] },
-  clientAuthMethods: [
+  clientAuthMethods: config.clientAuthMethods || [
     'none', 'client_secret_basic', 'client_secret_post', 'client_secret_jwt', 'private_key_jwt',
     ...(features.mTLS?.tlsClientAuth ? ['tls_client_auth'] : []),
     ...(features.mTLS?.selfSignedTlsClientAuth ? ['self_signed_tls_client_auth'] : []),
@@ -145,6 +147,13 @@ const provider = new Provider(issuer, providerConfig);
 provider.proxy = false;
 
 // --- the JWT bearer grant (RFC 7523 §2.1) ------------------------------------------------------
+// invalid_grant with the reason as error_description (oidc-provider keeps details private).
+function grantError(reason) {
+  const error = new errors.InvalidGrant(reason);
+  error.error_description = reason;
+  return error;
+}
+
 async function assertionKeys(iss) {
   const entry = config.jwtBearer?.issuers?.[iss];
   if (entry?.jwks) return { clientId: entry.client_id || iss, keys: jose.createLocalJWKSet(entry.jwks) };
@@ -163,11 +172,11 @@ if (config.jwtBearer) {
     try {
       claims = jose.decodeJwt(assertion);
     } catch {
-      throw new errors.InvalidGrant('assertion is not a JWT');
+      throw grantError('assertion is not a JWT');
     }
     const found = claims.iss ? await assertionKeys(claims.iss) : undefined;
     if (!found || found.clientId !== ctx.oidc.client.clientId) {
-      throw new errors.InvalidGrant('unknown assertion issuer');
+      throw grantError('unknown assertion issuer');
     }
     try {
       await jose.jwtVerify(assertion, found.keys, {
@@ -177,9 +186,9 @@ if (config.jwtBearer) {
         maxTokenAge: maxLifetime,
       });
     } catch (err) {
-      throw new errors.InvalidGrant(`assertion rejected: ${err.code || err.message}`);
+      throw grantError(`assertion rejected: ${err.code || err.message}`);
     }
-    if (seenAssertionIds.has(claims.jti)) throw new errors.InvalidGrant('assertion replayed (jti already used)');
+    if (seenAssertionIds.has(claims.jti)) throw grantError('assertion replayed (jti already used)');
     seenAssertionIds.add(claims.jti);
 
     const accountId = claims.sub || claims.iss;
@@ -197,7 +206,7 @@ if (config.jwtBearer) {
     });
     if (client.tlsClientCertificateBoundAccessTokens) {
       const cert = peerCertificate(ctx);
-      if (!cert) throw new errors.InvalidGrant('mutual TLS client certificate not provided');
+      if (!cert) throw grantError('mutual TLS client certificate not provided');
       token.setThumbprint('x5t', cert);
     }
     const value = await token.save();
@@ -327,6 +336,7 @@ provider.use(async (ctx, next) => {
     grant_type: body.grant_type,
     client_auth: endpoint === 'resource' || endpoint === 'userinfo' ? undefined : clientAuthMethod(ctx, body),
     client_assertion: body.client_assertion,
+    assertion: body.assertion,
     request_uri: ctx.query.request_uri,
     dpop: Boolean(ctx.get('dpop')),
     authorization_scheme: (ctx.get('authorization') || '').split(' ')[0] || undefined,

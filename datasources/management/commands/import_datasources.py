@@ -1,4 +1,5 @@
 import sys
+from pathlib import Path
 
 from django.core.management.base import BaseCommand, CommandError
 
@@ -9,7 +10,9 @@ class Command(BaseCommand):
     help = (
         "Create or update datasources from a JSON file (a list of objects, upsert by slug). "
         'A client_secret may be {"env": "VAR"} with VAR named DATASOURCE_SECRET_… (the '
-        "IMPORT_ENV_PREFIX setting). Nothing is written unless every entry is valid."
+        "IMPORT_ENV_PREFIX setting); a private_key or service_account_key also "
+        '{"file": "path"} inside the import file\'s directory. Nothing is written unless '
+        "every entry is valid."
     )
 
     def add_arguments(self, parser):
@@ -19,10 +22,12 @@ class Command(BaseCommand):
         try:
             if file == "-":
                 entries = read_file(sys.stdin.buffer, "standard input")
+                base_dir = None
             else:
                 with open(file, "rb") as handle:
                     entries = read_file(handle, file)
-            result = import_datasources(entries)
+                base_dir = Path(file).parent
+            result = import_datasources(entries, base_dir=base_dir)
         except OSError as err:
             raise CommandError(f"Cannot read {file}: {err.strerror}.") from None
         except ImportFailed as err:

@@ -7,8 +7,15 @@
   // Fields that only mean something for the authorization code grant (a person signs in).
   var CODE_GRANT_ONLY = [
     "authorization_url", "use_pkce", "token_sharing", "issuer", "discover",
-    "issuer_returns_iss", "custom_auth_params"
+    "issuer_returns_iss", "custom_auth_params", "pushed_authorization_request_url",
+    "require_pushed_authorization_requests"
   ];
+  // The signing key: for private_key_jwt client authentication and the JWT bearer grant.
+  var KEY_FIELDS = [
+    "private_key", "private_key_file", "generate_private_key", "clear_private_key",
+    "private_key_id", "signing_algorithm", "signing_certificate", "public_key"
+  ];
+  var JWT_BEARER_ONLY = ["service_account_key", "service_account_key_file", "assertion_subject"];
 
   function rows(name) {
     return document.querySelectorAll(".form-row.field-" + name + ", .fieldBox.field-" + name);
@@ -32,6 +39,11 @@
       show(CODE_GRANT_ONLY, codeGrant);
       document.querySelectorAll(".datasource-redirect-uri, .datasource-save-authorize")
         .forEach(function (element) { element.hidden = !codeGrant; });
+      var method = valueOf("id_client_authentication");
+      var jwtBearer = grant === "jwt_bearer";
+      show(KEY_FIELDS, jwtBearer || method === "private_key_jwt");
+      show(JWT_BEARER_ONLY, jwtBearer);
+      show(["assertion_audience"], method === "private_key_jwt" || method === "client_secret_jwt");
     }
     var placement = valueOf("id_token_placement");
     if (placement !== null) {
@@ -72,7 +84,7 @@
   }
 
   document.addEventListener("DOMContentLoaded", function () {
-    ["id_grant_type", "id_token_placement"].forEach(function (id) {
+    ["id_grant_type", "id_token_placement", "id_client_authentication"].forEach(function (id) {
       var element = document.getElementById(id);
       if (element) { element.addEventListener("change", update); }
     });
