@@ -5,7 +5,7 @@
 // CONFIG (every key optional):
 //   clients          oidc-provider client metadata (token_endpoint_auth_method, jwks / jwks_uri,
 //                    grant_types, redirect_uris, tls_client_auth_*, dpop_bound_access_tokens, ...)
-//   features         { dpop: {enabled, requireNonce}, mTLS: {enabled, certificateBoundAccessTokens,
+//   features         { dpop: {enabled, requireNonce, resourceNonce}, mTLS: {enabled, certificateBoundAccessTokens,
 //                    tlsClientAuth, selfSignedTlsClientAuth}, par: {enabled, require},
 //                    revocation: bool, introspection: bool }
 //   ttl              seconds per token kind: { AccessToken, ClientCredentials, RefreshToken }
@@ -26,7 +26,9 @@
 //   POST /_test/reset     clears the log
 //   ANY  /_test/resource  a resource server: 200 with the token's subject/client/scope for a valid
 //                         bearer token (authorization code, client credentials or JWT bearer),
-//                         certificate-bound tokens checked against the TLS peer certificate;
+//                         certificate-bound tokens checked against the TLS peer certificate,
+//                         DPoP-bound ones by dpop_resource.mjs (features.dpop.resourceNonce: its
+//                         own nonce required);
 //                         401 with WWW-Authenticate otherwise.
 import * as crypto from 'node:crypto';
 import * as fs from 'node:fs';
@@ -36,6 +38,12 @@ import * as querystring from 'node:querystring';
 
 import * as jose from 'jose';
 import Provider, { errors } from 'oidc-provider';
+
+// oidc-provider's own DPoP helpers, for the JWT bearer grant registered below.
+import { applyDpopBinding } from 'oidc-provider/lib/helpers/grant_common.js';
+import validateDpop from 'oidc-provider/lib/helpers/validate_dpop.js';
+
+import { checkDpop } from './dpop_resource.mjs';
 
 const config = JSON.parse(fs.readFileSync(process.argv[2], 'utf8'));
 const features = config.features || {};
@@ -167,6 +175,7 @@ if (config.jwtBearer) {
   const maxLifetime = config.jwtBearer.maxLifetime || 3600;
   provider.registerGrantType(JWT_BEARER, async (ctx) => {
     const { assertion, scope } = ctx.oidc.params;
+    const dPoP = await validateDpop(provider, ctx); // RFC 9449 for this grant too (nonce included)
     if (!assertion) throw new errors.InvalidRequest('missing assertion');
     let claims;
     try {
@@ -209,6 +218,7 @@ if (config.jwtBearer) {
       if (!cert) throw grantError('mutual TLS client certificate not provided');
       token.setThumbprint('x5t', cert);
     }
+    await applyDpopBinding(provider, ctx, dPoP, token);
     const value = await token.save();
     ctx.body = {
       access_token: value, token_type: token.tokenType, expires_in: token.expiration, scope: token.scope,
@@ -256,7 +266,7 @@ async function resource(ctx) {
     const thumbprint = cert && crypto.createHash('sha256').update(cert.raw).digest('base64url');
     if (thumbprint !== token['x5t#S256']) return deny('failed x5t#S256 verification');
   }
-  if (token.jkt) return deny('DPoP-bound tokens are checked at the userinfo endpoint');
+  if (token.jkt && !(await checkDpop(ctx, token, value, { issuer, requireNonce: features.dpop?.resourceNonce }))) return undefined;
   ctx.body = {
     sub: token.accountId, client_id: token.clientId, scope: token.scope, path: ctx.path, method: ctx.method,
   };
