@@ -22,6 +22,7 @@ from . import admin_views, apikey_views, apikeys, dashboard, flow, keys, presets
 from .forms import ApiKeyForm, DatasourceForm
 from .models import (
     API_KEY_PREFIX,
+    MTLS_METHODS,
     ApiKey,
     Datasource,
     DatasourceUsage,
@@ -59,6 +60,24 @@ def _par_support(metadata) -> str:
     if metadata.require_pushed_authorization_requests:
         return "required"
     return "supported" if metadata.pushed_authorization_request_endpoint else "not offered"
+
+
+def _sender_constraint_notes(metadata, obj: Datasource) -> list[str]:
+    """What discovery says about DPoP and mutual TLS that the builder may want to act on."""
+    notes = []
+    algs = metadata.dpop_signing_alg_values_supported
+    if algs and not obj.use_dpop:
+        notes.append(
+            f"The server supports DPoP ({', '.join(algs)}): tick “DPoP” under "
+            "“Sender-constrained tokens” to bind tokens to a key of this datasource."
+        )
+    if metadata.mtls_endpoint_aliases and (
+        obj.client_authentication in MTLS_METHODS or obj.certificate_bound_tokens
+    ):
+        notes.append("Its mutual-TLS endpoint aliases are used for calls with the certificate.")
+    if metadata.tls_client_certificate_bound_access_tokens and not obj.certificate_bound_tokens:
+        notes.append("It can bind tokens to a TLS client certificate (RFC 8705).")
+    return notes
 
 
 def status_badge(token: Token | None, datasource: Datasource | None = None):
@@ -597,7 +616,8 @@ class DatasourceAdmin(admin.ModelAdmin):
                 f"Endpoints filled from {metadata.issuer}'s metadata"
                 f" (PKCE S256 {'supported' if metadata.pkce_s256 else 'not advertised'},"
                 f" iss {'returned' if metadata.returns_iss else 'not returned'},"
-                f" pushed authorization requests {_par_support(metadata)}).",
+                f" pushed authorization requests {_par_support(metadata)})."
+                + "".join(f" {note}" for note in _sender_constraint_notes(metadata, obj)),
             )
         credentials_changed = change and form.credentials_changed
         if credentials_changed:

@@ -8,7 +8,7 @@ from django import forms
 from django.db import models
 from django.utils.translation import gettext_lazy as _
 
-from . import jose, oauth, secretkeep, tls
+from . import dpop, jose, oauth, secretkeep, tls
 from .exceptions import DatasourceError
 from .explain import JSON_HINT
 from .models import (
@@ -617,6 +617,17 @@ class DatasourceForm(forms.ModelForm):
         cleaned["use_pkce"] = metadata.pkce_s256
         cleaned["issuer_returns_iss"] = metadata.returns_iss
         cleaned["pushed_authorization_request_url"] = metadata.pushed_authorization_request_endpoint
+        self._use_mtls_aliases(cleaned, metadata)
+        algs = metadata.dpop_signing_alg_values_supported
+        if cleaned.get("use_dpop") and algs and dpop.DEFAULT_ALG not in algs:
+            self.add_error(
+                "use_dpop",
+                _(
+                    "The server's DPoP algorithms (%(algs)s) do not include %(ours)s, which "
+                    "the generated DPoP key uses."
+                )
+                % {"algs": ", ".join(algs), "ours": dpop.DEFAULT_ALG},
+            )
         cleaned["require_pushed_authorization_requests"] = (
             metadata.require_pushed_authorization_requests
         )
@@ -635,6 +646,23 @@ class DatasourceForm(forms.ModelForm):
                 % {"chosen": chosen, "supported": ", ".join(supported)},
             )
         self.discovered = metadata
+
+    def _use_mtls_aliases(self, cleaned: dict, metadata: oauth.ServerMetadata) -> None:
+        """Calls made with the TLS client certificate go to the server's mTLS aliases of its
+        endpoints, when it publishes them (RFC 8705 §5)."""
+        mtls = cleaned.get("client_authentication") in MTLS_METHODS or cleaned.get(
+            "certificate_bound_tokens"
+        )
+        aliases = metadata.mtls_endpoint_aliases
+        if not mtls or not aliases:
+            return
+        for key, field in (
+            ("token_endpoint", "access_token_url"),
+            ("revocation_endpoint", "revocation_url"),
+            ("pushed_authorization_request_endpoint", "pushed_authorization_request_url"),
+        ):
+            if aliases.get(key):
+                cleaned[field] = aliases[key]
 
     @property
     def credentials_changed(self) -> bool:

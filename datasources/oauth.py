@@ -379,6 +379,12 @@ class ServerMetadata:
     require_pushed_authorization_requests: bool = False
     #: As listed by the server (RFC 8414 §2); empty when it lists none.
     token_endpoint_auth_methods_supported: tuple[str, ...] = ()
+    #: RFC 9449 §5.1: the server does DPoP with these algorithms (empty: no DPoP advertised).
+    dpop_signing_alg_values_supported: tuple[str, ...] = ()
+    #: RFC 8705 §5: endpoints to use instead when calling with a TLS client certificate.
+    mtls_endpoint_aliases: dict[str, str] = field(default_factory=dict)
+    #: RFC 8705 §3.3: the server can bind tokens to the client certificate.
+    tls_client_certificate_bound_access_tokens: bool = False
 
 
 class DiscoveryError(DatasourceError):
@@ -455,9 +461,47 @@ def discover(issuer: str) -> ServerMetadata:
             )
             if isinstance(auth_methods, list)
             else (),
+            dpop_signing_alg_values_supported=_names(
+                document.get("dpop_signing_alg_values_supported")
+            ),
+            mtls_endpoint_aliases=_mtls_aliases(document.get("mtls_endpoint_aliases"), url),
+            tls_client_certificate_bound_access_tokens=(
+                document.get("tls_client_certificate_bound_access_tokens") is True
+            ),
             **endpoints,
         )
     raise DiscoveryError("No metadata found at " + " or ".join(tried) + ".")
+
+
+def _names(value: Any) -> tuple[str, ...]:
+    """A metadata list of short names (algorithms, methods); anything else: empty."""
+    if not isinstance(value, list):
+        return ()
+    return tuple(v for v in value if isinstance(v, str) and _ERROR_CODE.match(v))[:50]
+
+
+#: The aliases (RFC 8705 §5) this app uses: the endpoints it calls with the client certificate.
+MTLS_ALIASED = (
+    "token_endpoint",
+    "revocation_endpoint",
+    "pushed_authorization_request_endpoint",
+)
+
+
+def _mtls_aliases(value: Any, url: str) -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise DiscoveryError(f"{url}: mtls_endpoint_aliases is not an object.")
+    aliases = {}
+    for key in MTLS_ALIASED:
+        alias = value.get(key)
+        if alias is None:
+            continue
+        if not isinstance(alias, str) or not alias.startswith("https://") or len(alias) > 2000:
+            raise DiscoveryError(f"{url}: mtls_endpoint_aliases.{key} is not an https URL.")
+        aliases[key] = alias
+    return aliases
 
 
 # --- internals -------------------------------------------------------------------------------
