@@ -282,3 +282,46 @@ def test_a_certificate_the_server_does_not_know_is_a_clear_error(op, pki):
     assert "CN=somebody-else" in token.last_error, token.last_error
     (call,) = op.requests("token")
     assert call["status"] == 401 and call["error"] == "invalid_client"
+
+
+def test_the_proxy_refuses_an_api_whose_certificate_is_not_trusted(op, pki):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    import_datasources(
+        [
+            entry(
+                op,
+                pki,
+                slug="untrusted-api",
+                client_id="mtls-svc",
+                grant_type="client_credentials",
+                client_authentication="self_signed_tls_client_auth",
+                scopes="api",
+                authorization_url="",
+                tls_ca_bundle="",  # only the system's CAs: the test CA is not among them
+            )
+        ],
+        environ=environ(pki["svc"]),
+    )
+    datasource = Datasource.objects.get(slug="untrusted-api")
+    # A valid-looking token, so that the proxy goes straight to the API.
+    Token.objects.filter(datasource=datasource).update(
+        access_token="stored-token-value",
+        token_type="Bearer",
+        status=TokenStatus.ACTIVE,
+        expires_at=timezone.now() + timedelta(hours=1),
+        refresh_due_at=timezone.now() + timedelta(hours=1),
+    )
+    _, key = create_api_key("app")
+    response = Client(HTTP_AUTHORIZATION=f"Api-Key {key}").get(
+        "/api/v1/datasources/untrusted-api/proxy/resource"
+    )
+    assert response.status_code == 502
+    assert response.json()["error"] == "upstream_tls_failed"
+    assert "not trusted" in response.json()["detail"]
+    assert op.requests() == []  # nothing reached the server
+    with datasource.session() as session, pytest.raises(requests.exceptions.SSLError):
+        session.get("resource")
+    assert op.requests() == []
