@@ -691,7 +691,13 @@ def _post_token(
         return _post(url, body, headers, datasource, what, app_settings.REFRESH_TIMEOUT)
     for attempt in (1, 2):
         body, headers = build()
-        proof = dpop.proof(datasource.dpop_private_key, "POST", url, nonce=dpop.nonce_for(url))
+        try:
+            proof = dpop.proof(
+                datasource.dpop_private_key or "", "POST", url, nonce=dpop.nonce_for(url)
+            )
+        except dpop.DPoPKeyError as err:
+            # A configuration error (kept token, shown prominently, retried with backoff).
+            raise OAuthError("invalid_request", str(err)) from None
         response = _post(
             url, body, {**headers, "DPoP": proof}, datasource, what, app_settings.REFRESH_TIMEOUT
         )

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import urllib3
 from django.views.decorators.debug import sensitive_variables
 
-from . import binding, tls, tokens
+from . import binding, dpop, tls, tokens
 from .exceptions import NotAuthorized, ReauthorizationRequired, TransientUpstreamError
 from .explain import explain
 from .models import Datasource
@@ -96,6 +96,9 @@ def run(datasource: Datasource, method: str, path: str, *, user=None) -> ProbeRe
         return result
     except urllib3.exceptions.TimeoutError:
         result.error = "The upstream API did not answer in time (the proxy would answer 504)."
+        return result
+    except dpop.DPoPKeyError as err:
+        result.error = f"No call was made: {err}"
         return result
     except (urllib3.exceptions.SSLError, tls.TLSConfigError) as err:
         result.error = (

@@ -190,3 +190,41 @@ def test_config_as_code_imports_a_key_from_the_environment_and_never_exports_it(
         )
     assert "dpop_private_key" in str(caught.value) and "garbage" not in str(caught.value)
     assert Datasource.objects.get(slug="d").dpop_private_key == pem  # nothing written
+
+
+@pytest.mark.django_db
+def test_an_unusable_stored_key_is_a_clear_refusal_not_a_crash(fake_token_endpoint):
+    from datetime import timedelta
+
+    from django.test import Client
+    from django.utils import timezone
+
+    from datasources import tokens
+    from datasources.apikeys import create_api_key
+
+    ds = Datasource.objects.create(
+        name="d",
+        slug="d",
+        base_url="https://api.example/",
+        access_token_url="https://as.example/t",
+        client_id="c",
+        client_secret="s",
+        grant_type="client_credentials",
+        use_dpop=True,
+    )
+    broken = "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n"
+    Datasource.objects.filter(pk=ds.pk).update(dpop_private_key=broken)
+    Token.objects.filter(datasource=ds).update(
+        access_token="tok",
+        token_type="DPoP",
+        status="active",
+        expires_at=timezone.now() + timedelta(hours=1),
+    )
+    _, key = create_api_key("app")
+    response = Client(HTTP_AUTHORIZATION=f"Api-Key {key}").get("/api/v1/datasources/d/proxy/x")
+    assert response.status_code == 503 and response.json()["error"] == "dpop_key_unusable"
+    assert "regenerate it" in response.json()["detail"]
+
+    result = tokens.refresh_token(Datasource.objects.get(pk=ds.pk), force=True)
+    assert result.outcome == "configuration" and "DPoP private key" in result.error
+    assert fake_token_endpoint.calls == []  # nothing was sent

@@ -14,7 +14,7 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.utils.log import log_response
 from django.views.decorators.csrf import csrf_exempt
 
-from .. import binding, tls, tokens
+from .. import binding, dpop, tls, tokens
 from ..exceptions import NotAuthorized, ReauthorizationRequired, TransientUpstreamError
 from ..models import Datasource, Token
 from . import cache, callers, target, transport, usage
@@ -155,6 +155,8 @@ def _forward(
         ) from None
     except urllib3.exceptions.TimeoutError:
         raise Refused(504, "upstream_timeout", "The upstream API did not answer in time.") from None
+    except dpop.DPoPKeyError as err:
+        raise Refused(503, "dpop_key_unusable", f"No call was made: {err}") from None
     except (urllib3.exceptions.SSLError, tls.TLSConfigError) as err:
         # Nothing was sent: the server's certificate is not trusted, or ours was refused.
         raise Refused(
