@@ -30,15 +30,14 @@ from enum import Enum
 from typing import Any, Protocol
 
 import jwt
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric import rsa
 from django.core.cache import cache
 from django.views.decorators.debug import sensitive_variables
 
+from . import jose
+
 #: The signature algorithm of keys the app generates (RFC 9449 recommends ES256 support).
 DEFAULT_ALG = "ES256"
-#: Algorithms a stored key may use, by key type (what PyJWT signs with ``cryptography``).
-_EC_ALGS = {"secp256r1": "ES256", "secp384r1": "ES384", "secp521r1": "ES512"}
 _NONCE_CACHE_PREFIX = "datasources:dpop-nonce:"
 _NONCE_CACHE_SECONDS = 24 * 3600
 
@@ -52,12 +51,7 @@ class DPoPKeyError(ValueError):
 
 def generate_private_key_pem() -> str:
     """A new EC P-256 private key as unencrypted PKCS#8 PEM (stored encrypted by the model)."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    return key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    ).decode("ascii")
+    return jose.private_pem(jose.generate_private_key(DEFAULT_ALG))
 
 
 @dataclass(frozen=True)
@@ -79,39 +73,18 @@ def signer(private_key_pem: str) -> Signer:
     """The key in ``private_key_pem``, parsed once per process (proofs are made per call).
 
     Keyed by the PEM text itself: a regenerated key is a new entry, so a rotation can never
-    sign with the old key; old entries fall out of the LRU."""
+    sign with the old key; old entries fall out of the LRU. The keys :mod:`datasources.jose`
+    accepts (EC P-256: ES256, RSA 2048+: PS256)."""
     try:
-        key = serialization.load_pem_private_key(private_key_pem.encode(), password=None)
-    except (ValueError, TypeError) as err:
-        raise DPoPKeyError(
-            "The DPoP private key is not an unencrypted PEM private key; regenerate it."
-        ) from err
-    if isinstance(key, ec.EllipticCurvePrivateKey):
-        alg = _EC_ALGS.get(key.curve.name)
-        if alg is None:
-            raise DPoPKeyError(f"The DPoP key's curve {key.curve.name} is not supported.")
-        jwk = jwt.algorithms.ECAlgorithm.to_jwk(key.public_key(), as_dict=True)
-    elif isinstance(key, rsa.RSAPrivateKey):
-        if key.key_size < 2048:
-            raise DPoPKeyError("The DPoP RSA key is shorter than 2048 bits.")
-        alg = "PS256"
-        jwk = jwt.algorithms.RSAAlgorithm.to_jwk(key.public_key(), as_dict=True)
-    else:
-        raise DPoPKeyError("The DPoP key must be an EC (P-256/384/521) or RSA key.")
-    public = {name: jwk[name] for name in ("kty", "crv", "x", "y", "n", "e") if name in jwk}
-    return Signer(key=key, alg=alg, jwk=public, thumbprint=jwk_thumbprint(public))
-
-
-def jwk_thumbprint(jwk: dict[str, str]) -> str:
-    """RFC 7638 SHA-256 thumbprint (what a DPoP-bound token's ``cnf.jkt`` holds)."""
-    required = {
-        "EC": ("crv", "kty", "x", "y"),
-        "RSA": ("e", "kty", "n"),
-        "OKP": ("crv", "kty", "x"),
+        key = jose.load_private_key(private_key_pem)
+    except jose.KeyProblem as err:
+        raise DPoPKeyError(f"The DPoP private key cannot be used ({err}); regenerate it.") from None
+    alg = "PS256" if isinstance(key, rsa.RSAPrivateKey) else DEFAULT_ALG
+    # Only the public members: the proof's jwk header names the key, nothing else.
+    public = {
+        k: v for k, v in jose.public_jwk(key).items() if k in ("kty", "crv", "x", "y", "n", "e")
     }
-    members = {name: jwk[name] for name in required[jwk["kty"]]}
-    canonical = json.dumps(members, separators=(",", ":"), sort_keys=True)
-    return _b64(hashlib.sha256(canonical.encode()).digest())
+    return Signer(key=key, alg=alg, jwk=public, thumbprint=jose.thumbprint(public))
 
 
 def public_jwk_json(private_key_pem: str) -> str:

@@ -9,7 +9,7 @@ import jwt
 import pytest
 from requests.structures import CaseInsensitiveDict
 
-from datasources import binding, dpop
+from datasources import binding, dpop, jose
 from datasources.models import Datasource, Token
 
 
@@ -24,7 +24,7 @@ def test_rfc7638_thumbprint_example():
         "alg": "RS256",
         "kid": "2011-04-29",
     }
-    assert dpop.jwk_thumbprint(jwk) == "NzbLsXh8uDCcd-6MNwXF4W_7noWXFZAfHkxZsRGC9Xs"
+    assert jose.thumbprint(jwk) == "NzbLsXh8uDCcd-6MNwXF4W_7noWXFZAfHkxZsRGC9Xs"
 
 
 def test_proof_verifies_with_its_own_jwk_and_carries_the_claims():
@@ -43,7 +43,7 @@ def test_proof_verifies_with_its_own_jwk_and_carries_the_claims():
     assert claims["nonce"] == "n-1"
     expected_ath = base64.urlsafe_b64encode(hashlib.sha256(token.encode()).digest()).rstrip(b"=")
     assert claims["ath"] == expected_ath.decode()
-    assert dpop.signer(pem).thumbprint == dpop.jwk_thumbprint(header["jwk"])
+    assert dpop.signer(pem).thumbprint == jose.thumbprint(header["jwk"])
     again = jwt.decode(
         dpop.proof(pem, "GET", "https://api.example/v1/me"), key, algorithms=["ES256"]
     )
@@ -60,6 +60,7 @@ def test_an_unusable_key_is_a_clear_error_without_the_key():
     with pytest.raises(dpop.DPoPKeyError) as caught:
         dpop.signer("-----BEGIN PRIVATE KEY-----\nnot a key\n-----END PRIVATE KEY-----\n")
     assert "not a key" not in str(caught.value) and "DPoP private key" in str(caught.value)
+    assert "regenerate it" in str(caught.value)
 
 
 def _headers(**values: str) -> CaseInsensitiveDict:
