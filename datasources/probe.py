@@ -121,6 +121,15 @@ def run(datasource: Datasource, method: str, path: str, *, user=None) -> ProbeRe
             "The API refused the token: check the scopes (and that the token is meant for this "
             "API: audience/resource), then Re-authorize."
         )
+        challenge = upstream.headers.get("WWW-Authenticate", "")
+        if datasource.use_dpop and challenge.lower().startswith("dpop"):
+            result.notes.append(
+                "The API answered with a DPoP challenge ("
+                + redact(challenge[:300], secrets_seen)
+                + "), after a fresh proof too: a token bound to an earlier DPoP key is refused "
+                "(Regenerate DPoP key replaces the tokens; Refresh now gets a new one), and "
+                "the server must accept ES256 proofs."
+            )
     return result
 
 

@@ -233,6 +233,12 @@ def test_a_token_bound_to_another_key_is_refused_and_replaced(op, staff_client):
     userinfo = [(e["status"], e.get("error")) for e in op.requests("userinfo")]
     assert userinfo == [(401, "invalid_token"), (401, "invalid_token")]
     assert token_requests(op, "refresh_token") == []
+    # The admin's Test says what it means.
+    test = staff_client.post(
+        f"/admin/datasources/datasource/{datasource.pk}/test/", {"method": "GET", "path": "me"}
+    )
+    assert b"bound to an earlier DPoP key" in test.content
+    assert old.access_token.encode() not in test.content
 
     # What the admin's Regenerate does after a new key: the tokens are replaced at the next
     # call (a confidential client's refresh token is not bound to the key).

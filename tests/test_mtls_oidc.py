@@ -8,6 +8,9 @@ clear error naming the cause."""
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
+from pathlib import Path
 
 import pytest
 import requests
@@ -137,6 +140,24 @@ def authorize(op, staff_client, datasource: Datasource) -> Token:
     return Token.objects.get(datasource=datasource, user=None)
 
 
+def introspect(op, pki, access_token: str) -> dict:
+    """RFC 7662 at the provider, authenticated as mtls-web by its certificate."""
+    directory = Path(tempfile.mkdtemp())
+    try:
+        cert, key = pki["web"].write(directory, "web")
+        response = requests.post(
+            f"{op.issuer}/token/introspection",
+            data={"token": access_token, "client_id": "mtls-web"},
+            cert=(cert, key),
+            verify=op.verify,
+            timeout=10,
+        )
+    finally:
+        shutil.rmtree(directory)
+    response.raise_for_status()
+    return response.json()
+
+
 def resource_without_certificate(op, access_token: str) -> requests.Response:
     return requests.get(
         op.resource_url,
@@ -161,7 +182,9 @@ def test_tls_client_auth_code_flow_refresh_and_bound_token_through_the_proxy(op,
     assert exchange["grant_type"] == "authorization_code"
     assert exchange["client_auth"] == "tls_client_auth"
 
-    # Bound: the resource server refuses the token without the certificate …
+    # Bound to the certificate (cnf.x5t#S256, introspected with the client's certificate) …
+    assert introspect(op, pki, token.access_token)["cnf"] == {"x5t#S256": pki["web"].thumbprint}
+    # … so the resource server refuses the token without the certificate …
     refused = resource_without_certificate(op, token.access_token)
     assert refused.status_code == 401 and "x5t#S256" in refused.text
     # … and accepts it through the proxy, which presents the certificate.
@@ -213,8 +236,20 @@ def test_self_signed_client_credentials_proxy_client_and_test(op, pki, staff_cli
     assert response.json()["client_id"] == "mtls-svc"
     (fetch,) = op.requests("token")
     assert fetch["grant_type"] == "client_credentials" and fetch["status"] == 200
+    assert fetch["client_auth"] == "self_signed_tls_client_auth"
     token = Token.objects.get(datasource=datasource, user=None)
     assert resource_without_certificate(op, token.access_token).status_code == 401
+
+    # A new client-credentials token (what the sweep does before expiry), certificate again.
+    op.reset()
+    assert tokens.refresh_token(datasource, force=True).outcome == "refreshed"
+    renewed = Token.objects.get(pk=token.pk)
+    assert renewed.access_token != token.access_token
+    (fetch,) = op.requests("token")
+    assert fetch["status"] == 200 and fetch["client_auth"] == "self_signed_tls_client_auth"
+    assert resource_without_certificate(op, renewed.access_token).status_code == 401
+    proxy_cache.forget()
+    assert api.get("/api/v1/datasources/mtls-svc/proxy/resource").status_code == 200
 
     with datasource.session() as session:
         assert session.get("resource").json()["client_id"] == "mtls-svc"
