@@ -605,8 +605,8 @@ class DatasourceForm(forms.ModelForm):
             self.add_error("issuer", _("Enter the issuer URL to discover its endpoints."))
             return
         try:
-            metadata = oauth.discover(issuer)
-        except DatasourceError as err:
+            metadata = oauth.discover(issuer, ca_bundle=cleaned.get("tls_ca_bundle") or "")
+        except (DatasourceError, tls.TLSConfigError) as err:
             self.add_error("issuer", str(err))
             return
         cleaned["access_token_url"] = metadata.token_endpoint

@@ -391,10 +391,12 @@ class DiscoveryError(DatasourceError):
     """Discovery failed; the message says why and names the URL tried."""
 
 
-def discover(issuer: str) -> ServerMetadata:
+def discover(issuer: str, *, ca_bundle: str = "") -> ServerMetadata:
     """Fetch the issuer's metadata: OpenID Connect first, then RFC 8414. The ``issuer`` in the
-    document must equal the one asked for (RFC 8414 §3.3), or the document is refused."""
+    document must equal the one asked for (RFC 8414 §3.3), or the document is refused.
+    ``ca_bundle``: a datasource's private CA certificates, trusted besides the system's."""
     check_transport(issuer)
+    context = tls.ssl_context("", "", ca_bundle) if ca_bundle else None
     wanted = issuer.rstrip("/")
     parts = urlsplit(wanted)
     candidates = [
@@ -406,7 +408,11 @@ def discover(issuer: str) -> ServerMetadata:
         tried.append(url)
         try:
             response = _bounded_request(
-                "GET", url, app_settings.HTTP_TIMEOUT, headers={"Accept": "application/json"}
+                "GET",
+                url,
+                app_settings.HTTP_TIMEOUT,
+                context=context,
+                headers={"Accept": "application/json"},
             )
         except outbound.DeadlineExceeded:
             raise DiscoveryError(
@@ -416,6 +422,12 @@ def discover(issuer: str) -> ServerMetadata:
         except outbound.TooLarge as err:
             raise DiscoveryError(
                 f"The issuer's metadata at {url} is larger than {err.limit} bytes."
+            ) from None
+        except requests.exceptions.SSLError as err:
+            raise DiscoveryError(
+                f"The issuer's metadata at {url} was not fetched: "
+                f"{tls.failure_reason(err) or 'TLS failed'}; if its certificate is issued by a "
+                "private CA, add that CA under “Trusted CA certificates”."
             ) from None
         except requests.RequestException as err:
             raise DiscoveryError(

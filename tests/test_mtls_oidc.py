@@ -360,3 +360,14 @@ def test_the_proxy_refuses_an_api_whose_certificate_is_not_trusted(op, pki):
     with datasource.session() as session, pytest.raises(requests.exceptions.SSLError):
         session.get("resource")
     assert op.requests() == []
+
+
+def test_discovery_trusts_the_datasources_private_ca(op, pki):
+    from datasources import oauth
+
+    with pytest.raises(oauth.DiscoveryError, match=r"not trusted.*Trusted CA certificates"):
+        oauth.discover(op.issuer)
+    metadata = oauth.discover(op.issuer, ca_bundle=pki["ca"].cert_pem)
+    assert metadata.token_endpoint == op.token_url
+    assert metadata.tls_client_certificate_bound_access_tokens is True
+    assert "self_signed_tls_client_auth" in metadata.token_endpoint_auth_methods_supported
