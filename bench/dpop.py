@@ -6,7 +6,10 @@ Compares, interleaved round by round (so machine noise hits all alike):
     and cached per PEM, a fresh jti, ath of the token, the server's nonce from process memory;
 (b) baseline: what a straightforward implementation does per call — parse the PEM, build the
     public JWK, ``jwt.encode`` the same claims (PyJWT + cryptography, ES256);
-(c) floor: the ES256 signature alone (``cryptography``'s ``sign`` over a 200-byte message).
+(c) floor: the ES256 signature alone (``cryptography``'s ``sign`` over a 200-byte message);
+
+and, for datasources without DPoP or mutual TLS, the per-call checks added by #15 against the
+one header call made before.
 
 Prints µs per proof (median of the rounds) and the ratios.
 
@@ -77,10 +80,34 @@ def main() -> None:
     def floor() -> None:
         signing_key.sign(message, ec.ECDSA(hashes.SHA256()))
 
+    # The per-call work added for datasources WITHOUT DPoP or mutual TLS (most of them): the
+    # token header through binding.auth_headers, the TLS-context check and the proof-refusal
+    # check, against the single call made before (target.token_header).
+    from requests.structures import CaseInsensitiveDict
+
+    from datasources import tls
+    from datasources.proxy import target
+
+    plain = Datasource(slug="plain", base_url="https://api.example/")
+    bearer = Token(access_token="a" * 43, token_type="Bearer")
+    answer = CaseInsensitiveDict({"Content-Type": "application/json"})
+
+    def plain_now() -> None:
+        binding.auth_headers(plain, bearer, "GET", url)
+        tls.context_for(plain, api=True)
+        binding.proof_refused(plain, bearer, url, 200, answer)
+        binding.token_rejected(plain, 200, answer)
+
+    def plain_before() -> None:
+        target.token_header(plain, bearer.access_token)
+        _ = 200 in plain.expiry_statuses
+
     contenders = {
         "ours": ours,
         "baseline (PEM parsed per proof)": baseline,
         "ES256 sign only": floor,
+        "no DPoP: header + checks now": plain_now,
+        "no DPoP: header before #15": plain_before,
     }
     for fn in contenders.values():  # warm up (and fill our key cache once)
         for _ in range(50):
@@ -100,6 +127,8 @@ def main() -> None:
         print(f"  {name:34s} {value:8.1f} µs/proof  (rounds {spread})")
     print(f"  baseline / ours: {medians['baseline (PEM parsed per proof)'] / medians['ours']:.2f}x")
     print(f"  ours / sign only: {medians['ours'] / medians['ES256 sign only']:.2f}x")
+    added = medians["no DPoP: header + checks now"] - medians["no DPoP: header before #15"]
+    print(f"  added per call without DPoP: {added:.2f} µs")
 
 
 if __name__ == "__main__":
