@@ -371,3 +371,55 @@ def test_discovery_trusts_the_datasources_private_ca(op, pki):
     assert metadata.token_endpoint == op.token_url
     assert metadata.tls_client_certificate_bound_access_tokens is True
     assert "self_signed_tls_client_auth" in metadata.token_endpoint_auth_methods_supported
+
+
+def test_admin_form_journey_and_clearing_the_pair(op, pki, staff_client):
+    from .oidcjourney import authorize_in_admin, form_data, form_errors, post_form
+
+    data = form_data(
+        op,
+        slug="mtls-admin",
+        base_url=f"{op.issuer}/_test/",
+        client_id="mtls-web",
+        client_authentication="tls_client_auth",
+        tls_client_certificate=pki["web"].cert_pem,
+        tls_client_key=pki["web"].key_pem,
+        certificate_bound_tokens="on",
+        tls_ca_bundle=pki["ca"].cert_pem,
+    )
+    response = post_form(staff_client, data)
+    assert response.status_code == 302, form_errors(response)
+    datasource = Datasource.objects.get(slug="mtls-admin")
+    authorize_in_admin(staff_client, op, datasource)
+    token = Token.objects.get(datasource=datasource, user=None)
+    assert resource_without_certificate(op, token.access_token).status_code == 401
+    _, key = create_api_key("app")
+    api = Client(HTTP_AUTHORIZATION=f"Api-Key {key}")
+    assert api.get("/api/v1/datasources/mtls-admin/proxy/resource").json()["sub"] == TEST_USER
+
+    # The change page shows the stored certificate by subject only; blank keeps the pair.
+    page = staff_client.get(datasource.get_admin_url())
+    assert b"CN=mtls-web" in page.content and b"PRIVATE KEY-----\nMI" not in page.content
+    assert pki["web"].key_pem.splitlines()[1].encode() not in page.content
+    keep = {**data, "tls_client_certificate": "", "tls_client_key": "", "client_secret": ""}
+    assert post_form(staff_client, keep, datasource).status_code == 302
+    datasource.refresh_from_db()
+    assert datasource.tls_client_key == pki["web"].key_pem.strip()
+
+    # A key of another certificate is refused, naming the certificate; nothing changes.
+    wrong = {**keep, "tls_client_certificate": pki["web"].cert_pem}
+    wrong["tls_client_key"] = pki["stranger"].key_pem
+    errors = form_errors(post_form(staff_client, wrong, datasource))
+    assert "does not belong" in " ".join(errors["tls_client_certificate"])
+    datasource.refresh_from_db()
+    assert datasource.tls_client_key == pki["web"].key_pem.strip()
+
+    # Removing the pair while mutual TLS still needs it is refused; with basic auth it is done.
+    cleared = {**keep, "clear_tls_client_certificate": "on"}
+    cleared.pop("certificate_bound_tokens")
+    errors = form_errors(post_form(staff_client, cleared, datasource))
+    assert "needs a client certificate" in " ".join(errors["client_authentication"])
+    cleared.update(client_authentication="basic", client_secret="a-secret-for-basic-auth")
+    assert post_form(staff_client, cleared, datasource).status_code == 302
+    datasource.refresh_from_db()
+    assert datasource.tls_client_certificate is None and datasource.tls_client_key is None
