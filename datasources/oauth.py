@@ -189,6 +189,9 @@ def authorization_params(
     if code_challenge:
         params += [("code_challenge", code_challenge), ("code_challenge_method", "S256")]
     params += _extra_token_params(datasource)
+    if datasource.use_dpop and datasource.dpop_jkt:
+        # RFC 9449 §10: the code is bound to the DPoP key; only its holder can redeem it.
+        params.append(("dpop_jkt", datasource.dpop_jkt))
     return params
 
 
@@ -209,8 +212,13 @@ def push_authorization_request(datasource: Datasource, params: list[tuple[str, s
         return urlencode(body)
 
     what = "pushed authorization request"
-    body, headers = _with_client_auth(datasource, prepare, endpoint=url, force_client_id=True)
-    response = _post(url, body, headers, datasource, what, app_settings.HTTP_TIMEOUT)
+    response = _post_token(
+        datasource,
+        lambda: _with_client_auth(datasource, prepare, endpoint=url, force_client_id=True),
+        what,
+        url=url,
+        timeout=app_settings.HTTP_TIMEOUT,
+    )
     if response.status_code not in (200, 201):
         _raise_for_error_response(
             response, datasource, secrets=_client_secrets(datasource), what=what
@@ -241,13 +249,26 @@ def exchange_code(
             ),
         )
 
-    return _token_request(
-        datasource,
-        client,
-        build,
-        secrets=[code, code_verifier],
-        what="code exchange",
-    )
+    try:
+        return _token_request(
+            datasource,
+            client,
+            build,
+            secrets=[code, code_verifier],
+            what="code exchange",
+        )
+    except OAuthError as err:
+        if err.error != "invalid_grant" or not datasource.use_dpop:
+            raise
+        hint = (
+            "with DPoP the code is bound to the DPoP key it was requested with (dpop_jkt): "
+            "if the key was regenerated meanwhile, authorize again"
+        )
+        raise type(err)(
+            "invalid_grant",
+            f"{err.description}; {hint}"[:400] if err.description else hint,
+            status=err.status,
+        ) from None
 
 
 @sensitive_variables()
@@ -692,15 +713,22 @@ def _post(
 
 @sensitive_variables()
 def _post_token(
-    datasource: Datasource, build: Callable[[], tuple[str, dict[str, str]]], what: str
+    datasource: Datasource,
+    build: Callable[[], tuple[str, dict[str, str]]],
+    what: str,
+    *,
+    url: str | None = None,
+    timeout: float | None = None,
 ) -> requests.Response:
-    """POST to the token endpoint; with DPoP, a fresh proof per attempt, and once more with
-    the server's nonce when it answers ``use_dpop_nonce`` (RFC 9449 §8: the server refuses
-    before acting on the grant, so the code or refresh token is still good)."""
-    url = datasource.access_token_url
+    """POST to the token endpoint (or ``url``: the PAR endpoint, RFC 9449 §10.1); with DPoP,
+    a fresh proof per attempt, and once more with the server's nonce when it answers
+    ``use_dpop_nonce`` (RFC 9449 §8: the server refuses before acting on the grant, so the
+    code or refresh token is still good)."""
+    url = url or datasource.access_token_url
+    timeout = app_settings.REFRESH_TIMEOUT if timeout is None else timeout
     if not datasource.use_dpop:
         body, headers = build()
-        return _post(url, body, headers, datasource, what, app_settings.REFRESH_TIMEOUT)
+        return _post(url, body, headers, datasource, what, timeout)
     for attempt in (1, 2):
         body, headers = build()
         try:
@@ -710,9 +738,7 @@ def _post_token(
         except dpop.DPoPKeyError as err:
             # A configuration error (kept token, shown prominently, retried with backoff).
             raise OAuthError("invalid_request", str(err)) from None
-        response = _post(
-            url, body, {**headers, "DPoP": proof}, datasource, what, app_settings.REFRESH_TIMEOUT
-        )
+        response = _post(url, body, {**headers, "DPoP": proof}, datasource, what, timeout)
         dpop.remember_nonce(url, response.headers.get("DPoP-Nonce"))
         if attempt == 2 or not _asks_for_nonce(response):
             return response

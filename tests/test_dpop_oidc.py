@@ -281,3 +281,42 @@ def test_a_server_without_dpop_returns_bearer_tokens_which_stay_bearer(staff_cli
             assert session.get("me").json()["sub"] == TEST_USER
         (call,) = plain.requests("userinfo")
         assert call["authorization_scheme"] == "Bearer" and not call["dpop"]
+
+
+def test_the_code_is_bound_to_the_key_with_and_without_par(op, staff_client):
+    """RFC 9449 §10: ``dpop_jkt`` in the authorization request, and a DPoP proof on the pushed
+    authorization request (nonce dance included); the server then accepts the code only with a
+    proof of that key."""
+    datasource = import_entry(op)
+    start = staff_client.get(f"/admin/datasources/datasource/{datasource.pk}/authorize/")
+    assert f"dpop_jkt={datasource.dpop_jkt}" in start["Location"]
+
+    par = import_entry(op, slug="dpop-par", pushed_authorization_request_url=op.par_url)
+    op.reset()
+    token = authorize(op, staff_client, par)
+    assert token.token_type == "DPoP"
+    pushed = op.requests("par")
+    assert [(e["status"], e.get("error")) for e in pushed] == [
+        (400, "use_dpop_nonce"),
+        (201, None),
+    ]
+    assert all(e["dpop"] for e in pushed)
+    assert introspect(op, "dpop-web", token.access_token)["cnf"] == {"jkt": par.dpop_jkt}
+
+
+def test_a_code_bound_to_a_replaced_key_is_refused_with_the_reason(op, staff_client):
+    datasource = import_entry(op)
+    start = staff_client.get(f"/admin/datasources/datasource/{datasource.pk}/authorize/")
+    callback = op.consent(start["Location"], CALLBACK)
+    # The key is replaced while the person is at the provider.
+    datasource.set_dpop_key(dpop.generate_private_key_pem())
+    datasource.save()
+    op.reset()
+    response = staff_client.get(callback.removeprefix("http://testserver"), follow=True)
+    (shown,) = [m.message for m in response.context["messages"]]
+    assert "invalid_grant" in shown and "bound to the DPoP key" in shown, shown
+    assert Token.objects.get(datasource=datasource, user=None).status == "not_authorized"
+    (exchange,) = [
+        e for e in op.requests("token") if e["status"] != 400 or e["error"] != "use_dpop_nonce"
+    ]
+    assert exchange["status"] == 400 and exchange["error"] == "invalid_grant"
