@@ -71,6 +71,7 @@ RESERVED_DEFAULT_HEADERS = frozenset(
     {
         "authorization",
         "proxy-authorization",
+        "dpop",
         "cookie",
         "host",
         "content-length",

@@ -229,3 +229,48 @@ def test_an_unusable_stored_key_is_a_clear_refusal_not_a_crash(fake_token_endpoi
     result = tokens.refresh_token(Datasource.objects.get(pk=ds.pk), force=True)
     assert result.outcome == "configuration" and "DPoP private key" in result.error
     assert fake_token_endpoint.calls == []  # nothing was sent
+
+
+@pytest.mark.django_db
+def test_a_callers_dpop_header_never_reaches_the_upstream(settings):
+    """What reached the upstream (tests/spy.py): the caller's own DPoP proof is dropped; with
+    DPoP on and a DPoP token, the proof is ours, for our key, with the token's hash."""
+    import jwt as pyjwt
+
+    from datasources.proxy import cache as proxy_cache
+
+    from .spy import SpyUpstream
+    from .test_attacks import ACCESS_TOKEN, connected, key_client, proxied
+
+    spy = SpyUpstream().start()
+    try:
+        datasource = connected(spy)
+        client, _ = key_client()
+        assert (
+            client.get(proxied(datasource, "x"), HTTP_DPOP="attacker.proof.value").status_code
+            == 200
+        )
+        [seen] = spy.seen
+        assert (
+            seen.header("DPoP") is None and seen.header("Authorization") == f"Bearer {ACCESS_TOKEN}"
+        )
+
+        datasource.use_dpop = True
+        datasource.save()  # generates the key
+        Token.objects.filter(datasource=datasource).update(token_type="DPoP")
+        proxy_cache.forget()
+        assert (
+            client.get(proxied(datasource, "x"), HTTP_DPOP="attacker.proof.value").status_code
+            == 200
+        )
+        seen = spy.seen[-1]
+        assert seen.header("Authorization") == f"DPoP {ACCESS_TOKEN}"
+        proof = seen.header("DPoP")
+        assert proof != "attacker.proof.value"
+        header = pyjwt.get_unverified_header(proof)
+        assert jose.thumbprint(header["jwk"]) == Datasource.objects.get(pk=datasource.pk).dpop_jkt
+        claims = pyjwt.decode(proof, pyjwt.PyJWK(header["jwk"]).key, algorithms=["ES256"])
+        assert claims["htu"] == f"{spy.base}/api/x" and claims["htm"] == "GET"
+    finally:
+        spy.stop()
+        proxy_cache.forget()
