@@ -683,3 +683,13 @@ def test_tokens_only_a_person_can_help_are_never_due(state):
         decision = decide(state, POLICY, B, at(days * 86400))
         assert decision.action is not Action.REFRESH
         assert decision.action is Action.SKIP or decision.reason == "needs_reauthorization"
+
+
+@pytest.mark.parametrize(
+    ("grant_type", "machine"),
+    [("authorization_code", False), ("client_credentials", True), ("jwt_bearer", True)],
+)
+def test_grants_without_a_person_share_the_client_credentials_rules(grant_type, machine):
+    from datasources.models import Datasource
+
+    assert Policy.of(Datasource(grant_type=grant_type)).client_credentials is machine
