@@ -67,6 +67,10 @@ METADATA_AUTH_METHODS = {
 }
 
 
+def _pem_text(value: str | None) -> str:
+    return (value or "").replace("\r\n", "\n").replace("\r", "\n").strip()
+
+
 def _formfield(db_field, **kwargs):
     if isinstance(db_field, models.URLField):
         kwargs.setdefault("assume_scheme", "https")
@@ -509,8 +513,9 @@ class DatasourceForm(forms.ModelForm):
     def _apply_tls_pair(self, cleaned: dict) -> None:
         """The write-only certificate and key go to the instance (checked by its clean()):
         typed values replace the stored pair, blanks keep it, the box removes it."""
-        certificate = cleaned.pop("tls_client_certificate", "")
-        key = cleaned.pop("tls_client_key", "")
+        # Browsers send textareas with CRLF line ends; PEM is stored with LF.
+        certificate = _pem_text(cleaned.pop("tls_client_certificate", ""))
+        key = _pem_text(cleaned.pop("tls_client_key", ""))
         self.tls_pair_changed = False
         if cleaned.pop("clear_tls_client_certificate", False):
             self.instance.tls_client_certificate = None

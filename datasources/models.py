@@ -707,6 +707,7 @@ class Datasource(models.Model):
                 _("Certificate-bound tokens need a client certificate and key."),
             )
         if self.tls_ca_bundle:
+            self.tls_ca_bundle = self.tls_ca_bundle.replace("\r\n", "\n").strip() + "\n"
             try:
                 tls.check_ca_bundle(self.tls_ca_bundle)
             except tls.TLSConfigError as err:

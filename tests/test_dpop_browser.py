@@ -4,6 +4,7 @@ asserted at the server (proofs, binding to the key thumbprint) and on the page."
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -126,3 +127,59 @@ def test_dpop_switch_regenerate_and_test_call(live_server, op, page, expect, bui
     assert now.access_token != token.access_token
     assert bound_to(op, now.access_token) == datasource.dpop_jkt
     assert [e["authorization_scheme"] for e in op.requests("userinfo")][-1] == "DPoP"
+
+
+# --- mutual TLS: the form follows the choice; token on save; Test a call ----------------------
+
+
+@pytest.fixture
+def mtls(tmp_path):
+    from .test_mtls_oidc import make_pki, provider_config
+
+    pki = make_pki()
+    config, ca_path = provider_config(pki, tmp_path)
+    with start_oidc_provider(config, verify=ca_path) as provider:
+        yield provider, pki
+
+
+def test_mutual_tls_in_the_form_token_on_save_and_test_call(
+    live_server, mtls, page, expect, builder
+):
+    op, pki = mtls
+    base = live_server.url
+    log_in(page, base)
+    page.goto(f"{base}/admin/datasources/datasource/add/")
+    page.select_option("#id_grant_type", "client_credentials")
+    page.fill("#id_name", "mTLS API")
+    page.fill("#id_base_url", f"{op.issuer}/_test/")
+    page.fill("#id_access_token_url", op.token_url)
+    page.fill("#id_client_id", "mtls-svc")
+    page.fill("#id_scopes", "api")
+    section = page.locator("details", has=page.locator("#id_tls_client_certificate"))
+    assert section.get_attribute("open") is None  # folded until mutual TLS is chosen
+    page.select_option("#id_client_authentication", "self_signed_tls_client_auth")
+    expect(page.locator("#id_tls_client_certificate")).to_be_visible()  # the section opened
+    expect(page.locator(".field-client_secret")).to_be_hidden()  # not used with mutual TLS
+    page.fill("#id_tls_client_certificate", pki["svc"].cert_pem)
+    page.fill("#id_tls_client_key", pki["svc"].key_pem)
+    page.check("#id_certificate_bound_tokens")
+    page.fill("#id_tls_ca_bundle", pki["ca"].cert_pem)
+    page.click("input[name=_continue]")
+    message(page, expect, "got an access token")
+
+    datasource = Datasource.objects.get(slug="mtls-api")
+    assert datasource.tls_client_key == pki["svc"].key_pem.strip()
+    (fetch,) = op.requests("token")
+    assert fetch["status"] == 200 and fetch["client_auth"] == "self_signed_tls_client_auth"
+    # Write-only: the page names the certificate, never shows the key (or the certificate).
+    content = page.content()
+    assert "CN=mtls-svc" in content and pki["svc"].thumbprint in content
+    assert pki["svc"].key_pem.splitlines()[1] not in content
+    assert pki["svc"].cert_pem.splitlines()[1] not in content
+    shot(page, "datasource-mutual-tls")
+
+    page.click("a.datasource-test-link")
+    page.fill("#id_path", "resource")
+    page.click("input.datasource-run-test")
+    expect(page.locator(".datasource-test-status")).to_contain_text("200")
+    assert json.loads(page.inner_text(".datasource-test-body"))["client_id"] == "mtls-svc"

@@ -33,20 +33,13 @@ pytestmark = pytest.mark.django_db
 
 @pytest.fixture(scope="module")
 def pki():
-    ca = certs.make_ca()
-    return {
-        "ca": ca,
-        "server": certs.server_cert(ca),
-        "web": certs.client_cert(ca, "mtls-web"),
-        "svc": certs.client_cert(None, "mtls-svc"),  # self-signed
-        "stranger": certs.client_cert(ca, "somebody-else"),
-        "other_ca": certs.make_ca("Another CA"),
-    }
+    return make_pki()
 
 
-@pytest.fixture(scope="module")
-def op(pki, tmp_path_factory):
-    directory = tmp_path_factory.mktemp("mtls")
+def provider_config(pki, directory: Path) -> tuple[dict, str]:
+    """oidc-provider over https (server certificate from the test CA, client certificates
+    requested) with a tls_client_auth and a self_signed_tls_client_auth client; and the path
+    of the CA file."""
     cert, key = pki["server"].write(directory, "server")
     ca_path = directory / "ca.crt"
     ca_path.write_text(pki["ca"].cert_pem)
@@ -89,7 +82,25 @@ def op(pki, tmp_path_factory):
             }
         },
     }
-    with start_oidc_provider(config, verify=str(ca_path)) as provider:
+    return config, str(ca_path)
+
+
+def make_pki() -> dict[str, certs.Issued]:
+    ca = certs.make_ca()
+    return {
+        "ca": ca,
+        "server": certs.server_cert(ca),
+        "web": certs.client_cert(ca, "mtls-web"),
+        "svc": certs.client_cert(None, "mtls-svc"),  # self-signed
+        "stranger": certs.client_cert(ca, "somebody-else"),
+        "other_ca": certs.make_ca("Another CA"),
+    }
+
+
+@pytest.fixture(scope="module")
+def op(pki, tmp_path_factory):
+    config, ca_path = provider_config(pki, tmp_path_factory.mktemp("mtls"))
+    with start_oidc_provider(config, verify=ca_path) as provider:
         yield provider
 
 

@@ -44,6 +44,16 @@
       show(KEY_FIELDS, jwtBearer || method === "private_key_jwt");
       show(JWT_BEARER_ONLY, jwtBearer);
       show(["assertion_audience"], method === "private_key_jwt" || method === "client_secret_jwt");
+      var mtls = method === "tls_client_auth" || method === "self_signed_tls_client_auth";
+      // Mutual TLS authenticates with the certificate: its folded section opens, and the
+      // client secret, which it does not use, is hidden.
+      show(["client_secret", "clear_client_secret"], !mtls);
+      if (mtls) {
+        rows("tls_client_certificate").forEach(function (row) {
+          var section = row.closest("details");
+          if (section) { section.open = true; }
+        });
+      }
     }
     var placement = valueOf("id_token_placement");
     if (placement !== null) {
