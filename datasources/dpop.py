@@ -11,9 +11,10 @@ one ES256 signature (``bench/dpop.py`` measures it).
 
 Nonces (RFC 9449 §8, §9): a server may ask for a nonce by answering ``use_dpop_nonce`` with a
 ``DPoP-Nonce`` header, and may send a new nonce with any answer. The latest nonce is kept per
-server origin in this process's memory and in Django's cache (shared by the processes using
-the same cache), so a new process starts with the nonce others learned instead of paying one
-refused call. A nonce is not a secret.
+server origin in this process's memory and in Django's ``default`` cache, read once per origin
+by a process without one: with a shared cache (Redis) a new process starts with the nonce
+others learned instead of paying one refused call; with Django's default local-memory cache
+the memory is per process. A nonce is not a secret.
 """
 
 from __future__ import annotations
