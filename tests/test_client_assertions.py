@@ -367,3 +367,30 @@ def test_uploaded_key_and_key_kept_across_a_form_error(staff_client):
     assert response.status_code == 302, form_errors(response)
     datasource.refresh_from_db()
     assert datasource.private_key is None
+
+
+def test_deleted_datasource_tokens_revoked_with_a_client_assertion(op, staff_client):
+    """Deleting revokes in a worker from an encrypted payload: it carries the key too."""
+    from datasources import adminjobs
+
+    post_form(
+        staff_client,
+        form_data(
+            op,
+            client_id="pkjwt-web",
+            private_key=EC_PEM,
+            private_key_id="ec-1",
+            revocation_url=op.revocation_url,
+        ),
+    )
+    datasource = Datasource.objects.get(slug="enterprise")
+    authorize_in_admin(staff_client, op, datasource)
+    payload = adminjobs.revocation_payload(datasource)
+    assert EC_PEM.splitlines()[1] not in payload
+    datasource.delete()
+    assert adminjobs.revoke_from_payload(payload) == []
+    revocations = op.requests("revocation")
+    assert len(revocations) == 2 and all(
+        (e["client_auth"], e["status"]) == ("private_key_jwt", 200) for e in revocations
+    )
+    assert all(a["aud"] == op.token_url for a in assertions(op, "revocation"))
