@@ -394,3 +394,33 @@ def test_deleted_datasource_tokens_revoked_with_a_client_assertion(op, staff_cli
         (e["client_auth"], e["status"]) == ("private_key_jwt", 200) for e in revocations
     )
     assert all(a["aud"] == op.token_url for a in assertions(op, "revocation"))
+
+
+def test_export_then_import_keeps_the_new_options(op):
+    from .conftest import make_datasource
+
+    make_datasource(
+        slug="round",
+        grant_type="client_credentials",
+        authorization_url="",
+        client_secret=None,
+        client_authentication="private_key_jwt",
+        private_key=RSA_PEM,
+        private_key_id="rsa-1",
+        signing_algorithm="PS256",
+        signing_certificate=jose.self_signed_certificate(RSA_KEY, "round"),
+        assertion_audience="endpoint",
+        pushed_authorization_request_url=op.par_url,
+    )
+    exported = config_io.export_datasources()
+    assert RSA_PEM.splitlines()[1] not in json.dumps(exported)
+    Datasource.objects.all().delete()
+    # The key is import-only: without it the entry is refused, naming the field.
+    with pytest.raises(config_io.ImportFailed, match="private_key: private_key_jwt needs a"):
+        config_io.import_datasources(exported, environ={})
+    exported[0]["private_key"] = {"env": "DATASOURCE_SECRET_ROUND"}
+    config_io.import_datasources(exported, environ={"DATASOURCE_SECRET_ROUND": RSA_PEM})
+    restored = Datasource.objects.get(slug="round")
+    assert (restored.signing_algorithm, restored.assertion_audience) == ("PS256", "endpoint")
+    assert restored.pushed_authorization_request_url == op.par_url
+    assert restored.private_key == RSA_PEM and restored.signing_certificate
