@@ -21,6 +21,24 @@ from .models import Datasource, Token
 logger = logging.getLogger(__name__)
 
 
+#: What ``oauth.revoke`` needs to authenticate the client, whatever the method (a signed
+#: assertion needs the key, its settings and the URLs its audience may name).
+_REVOCATION_FIELDS = (
+    "slug",
+    "revocation_url",
+    "client_id",
+    "client_secret",
+    "client_authentication",
+    "access_token_url",
+    "issuer",
+    "private_key",
+    "private_key_id",
+    "signing_algorithm",
+    "signing_certificate",
+    "assertion_audience",
+)
+
+
 def _fernet():
     return Datasource._meta.get_field("client_secret").fernet
 
@@ -43,14 +61,8 @@ def revocation_payload(datasource: Datasource) -> str | None:
         ]
     if not values:
         return None
-    data = {
-        "slug": datasource.slug,
-        "revocation_url": datasource.revocation_url,
-        "client_id": datasource.client_id,
-        "client_secret": datasource.client_secret,
-        "client_authentication": datasource.client_authentication,
-        "tokens": values,
-    }
+    data = {name: getattr(datasource, name) for name in _REVOCATION_FIELDS}
+    data["tokens"] = values
     return _fernet().encrypt(json.dumps(data).encode()).decode()
 
 
@@ -58,13 +70,8 @@ def revocation_payload(datasource: Datasource) -> str | None:
 def revoke_from_payload(payload: str) -> list[str]:
     """Revoke every token in ``payload``; returns the problems met (secret-free)."""
     data = json.loads(_fernet().decrypt(payload.encode()))
-    datasource = Datasource(
-        slug=data["slug"],
-        revocation_url=data["revocation_url"],
-        client_id=data["client_id"],
-        client_secret=data["client_secret"],
-        client_authentication=data["client_authentication"],
-    )
+    # Payloads queued before a field was added lack it: the model default applies.
+    datasource = Datasource(**{name: data[name] for name in _REVOCATION_FIELDS if name in data})
     problems = []
     for value, hint in data["tokens"]:
         try:

@@ -283,6 +283,22 @@ def test_form_shows_only_the_fields_that_apply(auth_server, page, expect, builde
     for selector in code_only:
         expect(page.locator(selector)).to_be_visible()
 
+    # Signing-key rows follow the client authentication and the grant type.
+    key_rows = [".field-private_key", ".field-generate_private_key", ".field-private_key_id"]
+    for selector in [*key_rows, ".field-assertion_audience", ".field-service_account_key"]:
+        expect(page.locator(selector)).to_be_hidden()
+    page.select_option("#id_client_authentication", "private_key_jwt")
+    for selector in [*key_rows, ".field-assertion_audience"]:
+        expect(page.locator(selector)).to_be_visible()
+    expect(page.locator(".field-service_account_key")).to_be_hidden()
+    page.select_option("#id_client_authentication", "basic")
+    page.select_option("#id_grant_type", "jwt_bearer")
+    for selector in [*key_rows, ".field-service_account_key", ".field-assertion_subject"]:
+        expect(page.locator(selector)).to_be_visible()
+    for selector in code_only:
+        expect(page.locator(selector)).to_be_hidden()
+    shot(page, "datasource-add-jwt-bearer")
+
 
 def test_the_page_works_without_javascript(auth_server, playwright_api, builder, monkeypatch):
     """Every field stays visible and saving works with scripts off."""

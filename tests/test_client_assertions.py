@@ -367,3 +367,60 @@ def test_uploaded_key_and_key_kept_across_a_form_error(staff_client):
     assert response.status_code == 302, form_errors(response)
     datasource.refresh_from_db()
     assert datasource.private_key is None
+
+
+def test_deleted_datasource_tokens_revoked_with_a_client_assertion(op, staff_client):
+    """Deleting revokes in a worker from an encrypted payload: it carries the key too."""
+    from datasources import adminjobs
+
+    post_form(
+        staff_client,
+        form_data(
+            op,
+            client_id="pkjwt-web",
+            private_key=EC_PEM,
+            private_key_id="ec-1",
+            revocation_url=op.revocation_url,
+        ),
+    )
+    datasource = Datasource.objects.get(slug="enterprise")
+    authorize_in_admin(staff_client, op, datasource)
+    payload = adminjobs.revocation_payload(datasource)
+    assert EC_PEM.splitlines()[1] not in payload
+    datasource.delete()
+    assert adminjobs.revoke_from_payload(payload) == []
+    revocations = op.requests("revocation")
+    assert len(revocations) == 2 and all(
+        (e["client_auth"], e["status"]) == ("private_key_jwt", 200) for e in revocations
+    )
+    assert all(a["aud"] == op.token_url for a in assertions(op, "revocation"))
+
+
+def test_export_then_import_keeps_the_new_options(op):
+    from .conftest import make_datasource
+
+    make_datasource(
+        slug="round",
+        grant_type="client_credentials",
+        authorization_url="",
+        client_secret=None,
+        client_authentication="private_key_jwt",
+        private_key=RSA_PEM,
+        private_key_id="rsa-1",
+        signing_algorithm="PS256",
+        signing_certificate=jose.self_signed_certificate(RSA_KEY, "round"),
+        assertion_audience="endpoint",
+        pushed_authorization_request_url=op.par_url,
+    )
+    exported = config_io.export_datasources()
+    assert RSA_PEM.splitlines()[1] not in json.dumps(exported)
+    Datasource.objects.all().delete()
+    # The key is import-only: without it the entry is refused, naming the field.
+    with pytest.raises(config_io.ImportFailed, match="private_key: private_key_jwt needs a"):
+        config_io.import_datasources(exported, environ={})
+    exported[0]["private_key"] = {"env": "DATASOURCE_SECRET_ROUND"}
+    config_io.import_datasources(exported, environ={"DATASOURCE_SECRET_ROUND": RSA_PEM})
+    restored = Datasource.objects.get(slug="round")
+    assert (restored.signing_algorithm, restored.assertion_audience) == ("PS256", "endpoint")
+    assert restored.pushed_authorization_request_url == op.par_url
+    assert restored.private_key == RSA_PEM and restored.signing_certificate
