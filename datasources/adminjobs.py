@@ -36,6 +36,10 @@ _REVOCATION_FIELDS = (
     "signing_algorithm",
     "signing_certificate",
     "assertion_audience",
+    # mutual TLS: the certificate authenticates, or the token is bound to it
+    "tls_client_certificate",
+    "tls_client_key",
+    "tls_ca_bundle",
 )
 
 

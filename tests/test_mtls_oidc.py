@@ -434,3 +434,25 @@ def test_admin_form_journey_and_clearing_the_pair(op, pki, staff_client):
     assert post_form(staff_client, cleared, datasource).status_code == 302
     datasource.refresh_from_db()
     assert datasource.tls_client_certificate is None and datasource.tls_client_key is None
+
+
+def test_deleted_datasource_tokens_revoked_with_the_certificate(op, pki, staff_client):
+    """Deleting revokes in a worker from an encrypted payload: it carries the certificate,
+    the key and the CA bundle too."""
+    from datasources import adminjobs
+
+    import_datasources(
+        [entry(op, pki, slug="mtls-revoke", revocation_url=op.revocation_url)],
+        environ=environ(pki["web"]),
+    )
+    datasource = Datasource.objects.get(slug="mtls-revoke")
+    authorize(op, staff_client, datasource)
+    payload = adminjobs.revocation_payload(datasource)
+    assert pki["web"].key_pem.splitlines()[1] not in payload
+    datasource.delete()
+    op.reset()
+    assert adminjobs.revoke_from_payload(payload) == []
+    revocations = op.requests("revocation")
+    assert len(revocations) == 2 and all(
+        (e["client_auth"], e["status"]) == ("tls_client_auth", 200) for e in revocations
+    )
