@@ -179,6 +179,18 @@ class DatasourceAdmin(admin.ModelAdmin):
             },
         ),
         (
+            _("Retries"),
+            {
+                "classes": ("collapse",),
+                "fields": (
+                    "retry_count",
+                    "retry_statuses",
+                    "retry_on_connection_errors",
+                    "retry_budget",
+                ),
+            },
+        ),
+        (
             _("Advanced"),
             {
                 "classes": ("collapse",),

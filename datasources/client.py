@@ -10,6 +10,8 @@ default ``DATASOURCES['CLIENT_TIMEOUT']``). The datasource's allowed methods, de
 query parameters apply as they do in the proxy. The token is placed as the datasource says,
 refreshed when about to expire, and on an "expired" answer (401 unless the datasource says
 otherwise) refreshed once and the request retried once, unless the token is too young to blame.
+The datasource's opt-in retries apply as in the proxy (:mod:`datasources.proxy.attempts`); pass
+``headers={"X-Datasource-Retries": "0"}`` for fewer (the header is not sent).
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ import requests
 from . import tokens
 from .conf import app_settings
 from .exceptions import DatasourceError
-from .proxy import target
+from .proxy import retries, target
+from .proxy.attempts import Attempts
 
 if TYPE_CHECKING:
     from .models import Datasource
@@ -61,18 +64,24 @@ class DatasourceSession(requests.Session):
         path_url, query = self._target(url, params)
         kwargs.setdefault("timeout", self.timeout)
         kwargs["allow_redirects"] = False
-        token = tokens.get_valid_token(self.datasource, user=self.user)
-        response = self._send(method, path_url, query, token.access_token, data, headers, kwargs)
-        if response.status_code in self.datasource.expiry_statuses and _replayable(data):
-            retry = tokens.refresh_after_rejection(
-                self.datasource, token.access_token, user=self.user
+        headers = dict(headers or {})
+        requested = _pop_header(headers, retries.RETRIES_HEADER)
+        attempts = Attempts(
+            self.datasource,
+            tokens.get_valid_token(self.datasource, user=self.user),
+            REQUESTS,
+            method=method,
+            policy=retries.RetryPolicy.of(self.datasource, requested=requested),
+            replayable=_replayable(data),
+            idempotency_key=any(
+                name.lower() == retries.IDEMPOTENCY_HEADER.lower() for name in headers
+            ),
+        )
+        return attempts.run(
+            lambda token: self._send(
+                method, path_url, query, token.access_token, data, headers, kwargs
             )
-            if retry is not None:
-                response.close()
-                response = self._send(
-                    method, path_url, query, retry.access_token, data, headers, kwargs
-                )
-        return response
+        )
 
     def _send(self, method, url, query, access_token, data, headers, kwargs):
         sent = dict(self.datasource.default_headers or {})
@@ -121,6 +130,35 @@ def _encode_params(params: Any) -> str:
         values = value if isinstance(value, list | tuple) else [value]
         pairs.extend((name, v) for v in values if v is not None)
     return urlencode(pairs)
+
+
+class _RequestsWire:
+    """How requests' answers are read by :class:`~datasources.proxy.attempts.Attempts`."""
+
+    connection_errors = (requests.ConnectionError, requests.Timeout)
+
+    @staticmethod
+    def status(response: requests.Response) -> int:
+        return response.status_code
+
+    @staticmethod
+    def header(response: requests.Response, name: str) -> str | None:
+        return response.headers.get(name)
+
+    @staticmethod
+    def discard(response: requests.Response) -> None:
+        response.close()
+
+
+REQUESTS = _RequestsWire()
+
+
+def _pop_header(headers: dict[str, str], name: str) -> str | None:
+    """Remove ``name`` (any case) from ``headers``; its value, if it was there."""
+    value = None
+    for key in [k for k in headers if k.lower() == name.lower()]:
+        value = headers.pop(key)
+    return value
 
 
 def _replayable(data: Any) -> bool:

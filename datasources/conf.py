@@ -72,6 +72,10 @@ DEFAULTS: dict[str, Any] = {
     "PROXY_READ_TIMEOUT": 60.0,
     "PROXY_REPLAY_MAX_BYTES": 1024 * 1024,
     "PROXY_CHUNK_SIZE": 64 * 1024,
+    # Opt-in retries (per datasource): the first wait and the longest one (seconds), doubled
+    # each retry with jitter; a server's Retry-After replaces them.
+    "RETRY_BACKOFF_BASE": 0.5,
+    "RETRY_BACKOFF_MAX": 8.0,
     # Largest number of pooled keep-alive connections per upstream host, per process.
     "PROXY_POOL_SIZE": 32,
     # How long (seconds) a process reuses a datasource's configuration, its current token and a

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
+from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 from django.urls import reverse
 from django.utils import timezone
@@ -54,6 +55,11 @@ def parse_status_codes(value: str) -> frozenset[int]:
         codes.add(int(part))
     return frozenset(codes)
 
+
+#: The most retries a datasource may ask for.
+MAX_RETRIES = 10
+#: Statuses a datasource may retry on (mirrors datasources.proxy.retries.RETRYABLE_STATUSES).
+RETRYABLE_STATUSES = frozenset({429, 502, 503, 504})
 
 #: Methods the proxy forwards unless a datasource says otherwise.
 DEFAULT_ALLOWED_METHODS = "GET,HEAD,POST,PUT,PATCH,DELETE,OPTIONS"
@@ -389,6 +395,42 @@ class Datasource(models.Model):
             "shown in the admin and exported."
         ),
     )
+    retry_count = models.PositiveSmallIntegerField(
+        _("retries"),
+        default=0,
+        validators=[MaxValueValidator(MAX_RETRIES)],
+        help_text=_(
+            "How many times a failed call is sent again (0: never). Only idempotent methods "
+            "(GET, HEAD, OPTIONS, PUT, DELETE) or calls with an Idempotency-Key header, and only "
+            "when the request body could be kept in memory. A caller may ask for fewer with the "
+            "X-Datasource-Retries header."
+        ),
+    )
+    retry_statuses = models.CharField(
+        _("retry on statuses"),
+        max_length=50,
+        default="429,502,503,504",
+        blank=True,
+        help_text=_(
+            "Upstream statuses after which a call is retried, comma separated: any of 429, 502, "
+            "503, 504. The server's Retry-After is honoured; otherwise exponential backoff with "
+            "jitter."
+        ),
+    )
+    retry_on_connection_errors = models.BooleanField(
+        _("retry on connection errors"),
+        default=True,
+        help_text=_("Also retry when the connection is refused, reset or times out."),
+    )
+    retry_budget = models.PositiveSmallIntegerField(
+        _("retry budget (seconds)"),
+        default=10,
+        validators=[MinValueValidator(1), MaxValueValidator(300)],
+        help_text=_(
+            "The longest a call may take with its retries and waits: a retry whose wait would "
+            "end later is not made, and the last answer is passed on."
+        ),
+    )
     created_at = models.DateTimeField(_("created"), auto_now_add=True)
     updated_at = models.DateTimeField(_("updated"), auto_now=True)
 
@@ -456,6 +498,18 @@ class Datasource(models.Model):
             errors["expiry_status_codes"] = str(err)
         else:
             self.expiry_status_codes = ",".join(str(code) for code in sorted(codes))
+        try:
+            codes = parse_status_codes(self.retry_statuses)
+            if codes - RETRYABLE_STATUSES:
+                raise ValueError(
+                    f"Only {', '.join(map(str, sorted(RETRYABLE_STATUSES)))} can be retried "
+                    f"(not {', '.join(map(str, sorted(codes - RETRYABLE_STATUSES)))}): a 401 "
+                    "gets one refresh-and-retry, other errors are answers."
+                )
+        except ValueError as err:
+            errors["retry_statuses"] = str(err)
+        else:
+            self.retry_statuses = ",".join(str(code) for code in sorted(codes))
         try:
             methods = parse_methods(self.allowed_methods)
         except ValueError as err:
@@ -527,6 +581,14 @@ class Datasource(models.Model):
             return parse_status_codes(self.expiry_status_codes)
         except ValueError:
             return frozenset({401})
+
+    @property
+    def retry_status_set(self) -> frozenset[int]:
+        """The upstream statuses retried (see ``retry_statuses``); never anything else."""
+        try:
+            return parse_status_codes(self.retry_statuses) & RETRYABLE_STATUSES
+        except ValueError:
+            return frozenset()
 
     @property
     def allowed_method_set(self) -> frozenset[str]:
@@ -618,6 +680,10 @@ CONFIG_FIELDS = (
     "allowed_methods",
     "default_headers",
     "default_query_params",
+    "retry_count",
+    "retry_statuses",
+    "retry_on_connection_errors",
+    "retry_budget",
 )
 
 

@@ -50,6 +50,8 @@ NOT_FORWARDED = HOP_BY_HOP | {
     "cookie",
     "x-api-key",
     "x-csrftoken",
+    # addressed to this proxy, not to the upstream (see proxy/retries.py)
+    "x-datasource-retries",
     # set by us (or by urllib3) for the upstream
     "host",
     "content-length",

@@ -17,7 +17,8 @@ from django.views.decorators.csrf import csrf_exempt
 from .. import tokens
 from ..exceptions import NotAuthorized, ReauthorizationRequired, TransientUpstreamError
 from ..models import Datasource, Token
-from . import cache, callers, target, transport, usage
+from . import cache, callers, retries, target, transport, usage
+from .attempts import URLLIB3, Attempts
 from .callers import Refused
 
 
@@ -107,32 +108,27 @@ def _forward(
         placed = target.token_header(datasource, token.access_token)
         return transport.request_headers(datasource, request.headers, placed, length)
 
+    def send(token: Token) -> urllib3.BaseHTTPResponse:
+        return transport.send_with_token(
+            request.method, datasource, url, query, token.access_token, headers_for(token), body
+        )
+
     try:
         token = tokens.get_valid_token(datasource, token=token)
         cache.tokens.put((datasource.slug, token.user_id), token)
-        upstream = transport.send_with_token(
-            request.method, datasource, url, query, token.access_token, headers_for(token), body
+        attempts = Attempts(
+            datasource,
+            token,
+            URLLIB3,
+            method=request.method,
+            policy=retries.RetryPolicy.of(
+                datasource, requested=request.headers.get(retries.RETRIES_HEADER)
+            ),
+            replayable=replayable,
+            idempotency_key=bool(request.headers.get(retries.IDEMPOTENCY_HEADER)),
+            on_token=lambda fresh: cache.tokens.put((datasource.slug, fresh.user_id), fresh),
         )
-        if upstream.status in datasource.expiry_statuses and replayable:
-            # Refresh once and retry once, unless the rules say the answer stands (the token is
-            # too young to blame, or a refresh failed moments ago): then it is passed on.
-            retry = tokens.refresh_after_rejection(
-                datasource, token.access_token, user=token.user_id
-            )
-            if retry is not None:
-                upstream.drain_conn()
-                upstream.release_conn()
-                token = retry
-                cache.tokens.put((datasource.slug, token.user_id), token)
-                upstream = transport.send_with_token(
-                    request.method,
-                    datasource,
-                    url,
-                    query,
-                    token.access_token,
-                    headers_for(token),
-                    body,
-                )
+        upstream = attempts.run(send)
     except (NotAuthorized, ReauthorizationRequired) as err:
         error = "not_authorized" if isinstance(err, NotAuthorized) else "reauthorization_required"
         if datasource.per_user:
