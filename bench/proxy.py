@@ -51,7 +51,10 @@ def main() -> None:
     parser.add_argument("--stream-bytes", type=int, default=1_000_000_000)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=8, help="gunicorn gthread threads")
+    parser.add_argument("--asgi-threads", type=int, default=16, help="PROXY_ASGI_THREADS")
+    parser.add_argument("--asgi-workers", type=int, default=None, help="default: --workers")
     args = parser.parse_args()
+    args.asgi_workers = args.asgi_workers or args.workers
     kinds = [kind.strip() for kind in args.server.split(",") if kind.strip()]
     if not set(kinds) <= {"asgi", "wsgi"}:
         raise SystemExit("--server takes asgi, wsgi or asgi,wsgi")
@@ -71,6 +74,7 @@ def main() -> None:
         FERNET_KEYS="bench-fernet-key-0123456789",
         DATA_DIR=str(BENCH_DIR),
         DJANGO_SETTINGS_MODULE="bench.settings",
+        DATASOURCES_PROXY_ASGI_THREADS=str(args.asgi_threads),
         LOG_LEVEL="WARNING",
         CELERY_BROKER_URL="memory://",
     )
@@ -198,7 +202,7 @@ def server_command(kind: str, port: int, args) -> list[str]:
     if kind == "asgi":
         return [
             *(sys.executable, "-m", "uvicorn", "config.asgi:application"),
-            *("--host", "127.0.0.1", "--port", str(port), "--workers", str(args.workers)),
+            *("--host", "127.0.0.1", "--port", str(port), "--workers", str(args.asgi_workers)),
             *("--loop", "uvloop", "--http", "httptools", "--no-access-log"),
             *("--log-level", "warning"),
         ]
@@ -215,7 +219,10 @@ def server_command(kind: str, port: int, args) -> list[str]:
 
 def server_description(kind: str, args) -> str:
     if kind == "asgi":
-        return f"asgi = uvicorn (uvloop, httptools) {args.workers} workers"
+        return (
+            f"asgi = uvicorn (uvloop, httptools) {args.asgi_workers} workers x "
+            f"{args.asgi_threads} threads"
+        )
     return f"wsgi = gunicorn {args.workers} gthread workers x {args.threads} threads"
 
 

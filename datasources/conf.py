@@ -78,6 +78,8 @@ DEFAULTS: dict[str, Any] = {
     "RETRY_BACKOFF_MAX": 8.0,
     # Largest number of pooled keep-alive connections per upstream host, per process.
     "PROXY_POOL_SIZE": 32,
+    # Threads per process that run the proxy's calls under the ASGI fast path (config.asgi).
+    "PROXY_ASGI_THREADS": 16,
     # How long (seconds) a process reuses a datasource's configuration, its current token and a
     # verified API key without reading the database. Edits, revocations and re-authorizations
     # made in other processes take effect within this time. 0 disables the cache.

@@ -257,3 +257,17 @@ def fake_token_endpoint(monkeypatch):
     session.mount("http://", Adapter())
     monkeypatch.setattr(oauth, "http_session", lambda: session)
     return fake
+
+
+# --- serving paths ------------------------------------------------------------------------
+
+
+@pytest.fixture(params=["wsgi", "asgi"])
+def serving(request, monkeypatch) -> str:
+    """The proxy served by Django's WSGI handler, then by the ASGI fast path (tests/serving.py):
+    a module that uses this fixture proves both paths behave the same."""
+    if request.param == "asgi":
+        from .serving import serve_proxy_through_asgi
+
+        serve_proxy_through_asgi(monkeypatch)
+    return request.param

@@ -22,7 +22,7 @@ from datasources.proxy import transport, usage
 
 from .conftest import SECRET, make_datasource
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("serving")]
 
 PRODUCTION = {
     "PROXY_CACHE_SECONDS": DEFAULTS["PROXY_CACHE_SECONDS"],

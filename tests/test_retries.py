@@ -29,7 +29,7 @@ from datasources.proxy.retries import (
 from .conftest import make_datasource
 from .flaky import HANG, RESET, FlakyUpstream, status
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("serving")]
 
 ACCESS_TOKEN = "stored-access-token-" + "s" * 24
 POLICY = RetryPolicy(max_retries=3, budget=10.0, backoff_base=0.5, backoff_max=8.0)
