@@ -123,6 +123,7 @@ class DatasourceAdmin(admin.ModelAdmin):
         "status",
         "expires",
         "usage_24h",
+        "upstream",
         "last_refreshed",
         "last_error_short",
         "grant_type",
@@ -282,6 +283,13 @@ class DatasourceAdmin(admin.ModelAdmin):
             '{}<br><small class="datasource-usage-summary">{}</small>',
             dashboard.chart(usage, width=120, height=24),
             usage.summary(),
+        )
+
+    @admin.display(description=_("upstream"))
+    def upstream(self, obj: Datasource):
+        key, words = dashboard.upstream_state(obj)
+        return format_html(
+            '<span class="datasource-upstream datasource-upstream-{}">{}</span>', key, words
         )
 
     @admin.display(description=_("granted scope"))

@@ -76,6 +76,19 @@ DEFAULTS: dict[str, Any] = {
     # each retry with jitter; a server's Retry-After replaces them.
     "RETRY_BACKOFF_BASE": 0.5,
     "RETRY_BACKOFF_MAX": 8.0,
+    # Shared upstream health (rate-limit memory, circuit breaker): "auto" (Redis when REDIS_URL
+    # is set, else the database), "redis" or "database"; a process re-reads a datasource's
+    # record at most this often (seconds; 0: on every call).
+    "HEALTH_STORE": "auto",
+    "HEALTH_CACHE_SECONDS": 1.0,
+    # An upstream's rate limit (Retry-After, RateLimit-Reset) is remembered at most this long.
+    "RATE_LIMIT_MAX_SECONDS": 3600,
+    # Circuit breaker: this many consecutive upstream failures (5xx, connection errors,
+    # timeouts; 0: no breaker) within BREAKER_WINDOW seconds open the circuit for
+    # BREAKER_COOLDOWN seconds; then one call probes.
+    "BREAKER_THRESHOLD": 5,
+    "BREAKER_WINDOW": 60.0,
+    "BREAKER_COOLDOWN": 30.0,
     # Largest number of pooled keep-alive connections per upstream host, per process.
     "PROXY_POOL_SIZE": 32,
     # How long (seconds) a process reuses a datasource's configuration, its current token and a

@@ -1007,3 +1007,26 @@ class UsageSample(models.Model):
 
     def __str__(self) -> str:
         return f"Usage of {self.datasource_id} at {self.taken_at:%Y-%m-%d %H:%M}"
+
+
+class UpstreamHealth(models.Model):
+    """The database's copy of an upstream's shared health (rate limit, circuit breaker), used
+    when no Redis is configured; see :mod:`datasources.proxy.limits`. One row per datasource
+    that has something to remember, changed under a row lock."""
+
+    datasource = models.OneToOneField(
+        Datasource, on_delete=models.CASCADE, primary_key=True, related_name="upstream_health"
+    )
+    rate_limited_until = models.DateTimeField(_("rate-limited until"), null=True, blank=True)
+    failures = models.PositiveIntegerField(_("consecutive failures"), default=0)
+    first_failure_at = models.DateTimeField(_("first failure of the run"), null=True, blank=True)
+    open_until = models.DateTimeField(_("circuit open until"), null=True, blank=True)
+    opened_at = models.DateTimeField(_("circuit opened at"), null=True, blank=True)
+    probe_until = models.DateTimeField(_("probe under way until"), null=True, blank=True)
+
+    class Meta:
+        verbose_name = _("upstream health")
+        verbose_name_plural = _("upstream health")
+
+    def __str__(self) -> str:
+        return f"Upstream health of {self.datasource_id}"

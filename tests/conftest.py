@@ -51,6 +51,20 @@ def _fresh_app_settings():
     app_settings.reload()
 
 
+@pytest.fixture(autouse=True)
+def _fresh_upstream_health():
+    """Nothing remembered about upstreams from an earlier test (ids are reused after a flush);
+    with Redis, its records go too (the database's go with the flush)."""
+    from datasources.proxy import health
+
+    health.reset()
+    store = health.store()
+    if isinstance(store, health.RedisStore):
+        store.clear()
+    yield
+    health.reset()
+
+
 # --- authorization server (django-oauth-toolkit) -------------------------------------------
 
 

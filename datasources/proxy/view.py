@@ -17,9 +17,10 @@ from django.views.decorators.csrf import csrf_exempt
 from .. import tokens
 from ..exceptions import NotAuthorized, ReauthorizationRequired, TransientUpstreamError
 from ..models import Datasource, Token
-from . import cache, callers, retries, target, transport, usage
+from . import cache, callers, health, retries, target, transport, usage
 from .attempts import URLLIB3, Attempts
 from .callers import Refused
+from .limits import Verdict
 
 
 @csrf_exempt  # session callers are CSRF-checked in callers.authenticate (API keys need none)
@@ -113,6 +114,12 @@ def _forward(
             request.method, datasource, url, query, token.access_token, headers_for(token), body
         )
 
+    gate = health.admit(datasource.pk)
+    if gate.verdict in (Verdict.RATE_LIMITED, Verdict.CIRCUIT_OPEN):
+        # Remembered from an earlier answer, in any process: the upstream is not called.
+        refused = Refused(*health.refusal(gate))
+        refused.headers["Retry-After"] = health.retry_after_header(gate)
+        raise refused
     try:
         token = tokens.get_valid_token(datasource, token=token)
         cache.tokens.put((datasource.slug, token.user_id), token)
@@ -127,6 +134,7 @@ def _forward(
             replayable=replayable,
             idempotency_key=bool(request.headers.get(retries.IDEMPOTENCY_HEADER)),
             on_token=lambda fresh: cache.tokens.put((datasource.slug, fresh.user_id), fresh),
+            observe=health.observe,
         )
         upstream = attempts.run(send)
     except (NotAuthorized, ReauthorizationRequired) as err:
