@@ -7,6 +7,13 @@ the ratios from one run, then streams a 1 GB response through the proxy and repo
 of the gunicorn workers' resident memory.
 
     python bench/proxy.py [--duration 10] [--rounds 5] [--connections 16] [--stream-bytes 1000000000]
+    python bench/proxy.py --features [--duration 30] [--rounds 10]
+
+``--features`` measures instead what the call log, the retries machinery and the shared upstream
+health (rate-limit memory, circuit breaker) cost when no retry happens: two gunicorn servers,
+one with them (a datasource with 3 retries configured, call log on) and one without
+(``BENCH_FEATURES=off``: call log and upstream health off, no retries configured), driven in
+interleaved slices; prints both and the ratio.
 
 Needs wrk (Debian package `wrk`). Uses BENCH_DATABASE_URL (default: SQLite under var/bench).
 """
@@ -37,6 +44,7 @@ def main() -> None:
     parser.add_argument("--stream-bytes", type=int, default=1_000_000_000)
     parser.add_argument("--gunicorn-workers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=8)
+    parser.add_argument("--features", action="store_true", help="features on vs off (see above)")
     args = parser.parse_args()
     if not shutil.which("wrk"):
         raise SystemExit("wrk is not installed: apt-get install wrk")
@@ -92,6 +100,8 @@ def main() -> None:
         last_refreshed_at=timezone.now(),
     )
     _, key = create_api_key("bench")
+    if args.features:
+        return features(args, env, datasource, key)
 
     port = free_port()
     server = subprocess.Popen(
@@ -164,6 +174,78 @@ def main() -> None:
     print(
         f"streamed {streamed / 1e9:.2f} GB in {seconds:.1f}s ({streamed / seconds / 1e6:.0f} MB/s); "
         f"worker RSS growth: {growth / 1e6:.1f} MB  (target <= 30 MB)"
+    )
+
+
+def start_gunicorn(args, env: dict[str, str]) -> tuple[subprocess.Popen, int]:
+    port = free_port()
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "gunicorn",
+            "config.wsgi",
+            "-b",
+            f"127.0.0.1:{port}",
+            "-w",
+            str(args.gunicorn_workers),
+            "-k",
+            "gthread",
+            "--threads",
+            str(args.threads),
+            "--log-level",
+            "warning",
+            "--reuse-port",
+        ],
+        cwd=ROOT,
+        env=env,
+    )
+    wait_until_up(f"http://127.0.0.1:{port}/admin/login/")
+    return server, port
+
+
+def features(args, env: dict[str, str], datasource, key: str) -> None:
+    """Call log + retries machinery + upstream health on vs off, no retry happening."""
+    from datasources.models import ProxyCall, Token
+
+    resilient = type(datasource).objects.get(pk=datasource.pk)
+    resilient.pk, resilient.slug, resilient.name = None, "bench-resilient", "Bench (resilient)"
+    resilient.retry_count = 3
+    resilient.save()
+    Token.objects.filter(datasource=resilient).update(
+        **Token.objects.filter(datasource=datasource).values(
+            "access_token", "status", "expires_at", "last_refreshed_at"
+        )[0]
+    )
+    on, on_port = start_gunicorn(args, env)
+    off, off_port = start_gunicorn(args, {**env, "BENCH_FEATURES": "off"})
+    try:
+        auth = f"Authorization: Api-Key {key}"
+        targets = {
+            "on": (
+                f"http://127.0.0.1:{on_port}/api/v1/datasources/bench-resilient/proxy/items",
+                auth,
+            ),
+            "off": (f"http://127.0.0.1:{off_port}/api/v1/datasources/bench/proxy/items", auth),
+        }
+        runs = interleaved(targets, args)
+    finally:
+        for server in (on, off):
+            server.terminate()
+            server.wait(10)
+    logged = ProxyCall.objects.filter(datasource=resilient).count()
+    on_rps, off_rps = runs["on"][0], runs["off"][0]
+    print()
+    print(
+        f"gunicorn: {args.gunicorn_workers} workers x {args.threads} threads; wrk: "
+        f"{args.connections} connections, {args.duration}s each in {args.rounds} interleaved rounds"
+    )
+    print(f"{'':8} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8}")
+    for name, (rps, p50, p99) in runs.items():
+        print(f"{name:8} {rps:10.0f} {p50:8.2f} {p99:8.2f}")
+    print(f"call-log rows written by 'on': {logged}")
+    print(
+        f"throughput on / off: {on_rps / off_rps:.3f}  (cost {100 * (1 - on_rps / off_rps):.1f}%, target < 10%)"
     )
 
 

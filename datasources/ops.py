@@ -16,7 +16,7 @@ from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET
 
 from .conf import app_settings
-from .models import Datasource, DatasourceUsage, Token, TokenEvent, TokenStatus
+from .models import LATENCY_BUCKETS_MS, Datasource, DatasourceUsage, Token, TokenEvent, TokenStatus
 from .proxy import health, limits
 
 
@@ -145,11 +145,16 @@ def metrics(request: HttpRequest) -> HttpResponse:
     for kind in TokenEvent.Kind.values:
         lines.append(f'datasources_token_events{{kind="{kind}"}} {events.get(kind, 0)}')
 
-    rows = list(
+    histograms = list(
         DatasourceUsage.objects.select_related("datasource").values_list(
-            "datasource__slug", "calls", "errors", "total_duration_ms"
+            "datasource__slug",
+            "calls",
+            "errors",
+            "total_duration_ms",
+            *(f"latency_le_{le}" for le in LATENCY_BUCKETS_MS),
         )
     )
+    rows = [row[:4] for row in histograms]
     family("datasources_proxy_calls_total", "counter", "Proxied calls by datasource.")
     lines += [
         f'datasources_proxy_calls_total{{datasource="{_label(s)}"}} {c}' for s, c, _, _ in rows
@@ -160,14 +165,27 @@ def metrics(request: HttpRequest) -> HttpResponse:
     lines += [
         f'datasources_proxy_errors_total{{datasource="{_label(s)}"}} {e}' for s, _, e, _ in rows
     ]
-    family("datasources_proxy_duration_seconds", "summary", "Proxy call duration by datasource.")
-    for slug, calls, _, duration_ms in rows:
+    family(
+        "datasources_proxy_duration_seconds",
+        "histogram",
+        "Proxy call duration by datasource (from the stored counters: the same in every process).",
+    )
+    for slug, calls, _, duration_ms, *buckets in histograms:
+        label = _label(slug)
+        cumulative = 0
+        for le, count in zip(LATENCY_BUCKETS_MS, buckets, strict=True):
+            cumulative += count
+            lines.append(
+                f'datasources_proxy_duration_seconds_bucket{{datasource="{label}",le="{le / 1000:g}"}} '
+                f"{cumulative}"
+            )
         lines.append(
-            f'datasources_proxy_duration_seconds_sum{{datasource="{_label(slug)}"}} {duration_ms / 1000:.3f}'
+            f'datasources_proxy_duration_seconds_bucket{{datasource="{label}",le="+Inf"}} {calls}'
         )
         lines.append(
-            f'datasources_proxy_duration_seconds_count{{datasource="{_label(slug)}"}} {calls}'
+            f'datasources_proxy_duration_seconds_sum{{datasource="{label}"}} {duration_ms / 1000:.3f}'
         )
+        lines.append(f'datasources_proxy_duration_seconds_count{{datasource="{label}"}} {calls}')
     _upstream_health(lines, family)
     return HttpResponse(
         "\n".join(lines) + "\n", content_type="text/plain; version=0.0.4; charset=utf-8"

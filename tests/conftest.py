@@ -65,6 +65,16 @@ def _fresh_upstream_health():
     health.reset()
 
 
+@pytest.fixture(autouse=True)
+def _no_pending_call_log():
+    """Call-log rows batched by one test are not written into the next one's database."""
+    from datasources import calllog
+
+    calllog.discard()
+    yield
+    calllog.discard()
+
+
 # --- authorization server (django-oauth-toolkit) -------------------------------------------
 
 

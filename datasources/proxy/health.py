@@ -282,6 +282,8 @@ def _update(datasource_id: int, change: Change) -> Health | None:
 def admit(datasource_id: int) -> Gate:
     """May a call to this datasource go upstream now? PASS, PROBE (this call is the circuit's
     one probe), or a refusal with its Retry-After."""
+    if not app_settings.UPSTREAM_HEALTH:
+        return Gate(Verdict.PASS)
     now = time.time()
     verdict = limits.gate(current(datasource_id), now)
     if verdict.verdict is not Verdict.PROBE:
@@ -296,6 +298,8 @@ def admit(datasource_id: int) -> Gate:
 def observe(datasource, status: int, header: Callable[[str], str | None] | None) -> None:
     """Learn from one upstream answer (or connection error): rate limits, failures, recovery.
     Writes only when something changes."""
+    if not app_settings.UPSTREAM_HEALTH:
+        return
     now = time.time()
     known = current(datasource.pk)
     until = (
