@@ -14,6 +14,13 @@ reports the growth of its workers' resident memory.
 
     python bench/proxy.py [--server asgi,wsgi] [--duration 10] [--rounds 5] [--connections 16]
                           [--stream-bytes 1000000000]
+    python bench/proxy.py --features [--duration 30] [--rounds 10]
+
+``--features`` measures instead what the call log, the retries machinery and the shared upstream
+health (rate-limit memory, circuit breaker) cost when no retry happens: two gunicorn servers,
+one with them (a datasource with 3 retries configured, call log on) and one without
+(``BENCH_FEATURES=off``: call log and upstream health off, no retries configured), driven in
+interleaved slices; prints both and the ratio.
 
 Install what it drives (Debian, as root): ``apt-get install -y wrk nginx-light`` (or ``nginx``);
 ``make bench-proxy`` installs the Python side (``pip install -e '.[test]'``: gunicorn, uvicorn).
@@ -53,6 +60,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=8, help="gunicorn gthread threads")
     parser.add_argument("--asgi-threads", type=int, default=16, help="PROXY_ASGI_THREADS")
     parser.add_argument("--asgi-workers", type=int, default=None, help="default: --workers")
+    parser.add_argument("--features", action="store_true", help="features on vs off (see above)")
     args = parser.parse_args()
     args.asgi_workers = args.asgi_workers or args.workers
     kinds = [kind.strip() for kind in args.server.split(",") if kind.strip()]
@@ -119,6 +127,8 @@ def main() -> None:
     )
     _, key = create_api_key("bench")
     auth = f"Authorization: Api-Key {key}"
+    if args.features:
+        return features(args, env, datasource, key)
 
     try:
         nginx_port = start_nginx(upstream_port, args.workers, processes)
@@ -266,6 +276,58 @@ http {{
     processes.append(subprocess.Popen([NGINX, "-p", str(directory), "-c", str(conf), *user]))
     wait_until_up(f"http://127.0.0.1:{port}/items")
     return port
+
+
+def start_gunicorn(args, env: dict[str, str]) -> tuple[subprocess.Popen, int]:
+    port = free_port()
+    server = subprocess.Popen(server_command("wsgi", port, args), cwd=ROOT, env=env)
+    wait_until_up(f"http://127.0.0.1:{port}/admin/login/")
+    return server, port
+
+
+def features(args, env: dict[str, str], datasource, key: str) -> None:
+    """Call log + retries machinery + upstream health on vs off, no retry happening."""
+    from datasources.models import ProxyCall, Token
+
+    resilient = type(datasource).objects.get(pk=datasource.pk)
+    resilient.pk, resilient.slug, resilient.name = None, "bench-resilient", "Bench (resilient)"
+    resilient.retry_count = 3
+    resilient.save()
+    Token.objects.filter(datasource=resilient).update(
+        **Token.objects.filter(datasource=datasource).values(
+            "access_token", "status", "expires_at", "last_refreshed_at"
+        )[0]
+    )
+    on, on_port = start_gunicorn(args, env)
+    off, off_port = start_gunicorn(args, {**env, "BENCH_FEATURES": "off"})
+    try:
+        auth = f"Authorization: Api-Key {key}"
+        targets = {
+            "on": (
+                f"http://127.0.0.1:{on_port}/api/v1/datasources/bench-resilient/proxy/items",
+                auth,
+            ),
+            "off": (f"http://127.0.0.1:{off_port}/api/v1/datasources/bench/proxy/items", auth),
+        }
+        runs = interleaved(targets, args)
+    finally:
+        for server in (on, off):
+            server.terminate()
+            server.wait(10)
+    logged = ProxyCall.objects.filter(datasource=resilient).count()
+    on_rps, off_rps = runs["on"][0], runs["off"][0]
+    print()
+    print(
+        f"gunicorn: {args.workers} workers x {args.threads} threads; wrk: "
+        f"{args.connections} connections, {args.duration}s each in {args.rounds} interleaved rounds"
+    )
+    print(f"{'':8} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8}")
+    for name, (rps, p50, p99) in runs.items():
+        print(f"{name:8} {rps:10.0f} {p50:8.2f} {p99:8.2f}")
+    print(f"call-log rows written by 'on': {logged}")
+    print(
+        f"throughput on / off: {on_rps / off_rps:.3f}  (cost {100 * (1 - on_rps / off_rps):.1f}%, target < 10%)"
+    )
 
 
 def free_port() -> int:

@@ -11,7 +11,11 @@ query parameters apply as they do in the proxy. The token is placed as the datas
 refreshed when about to expire, and on an "expired" answer (401 unless the datasource says
 otherwise) refreshed once and the request retried once, unless the token is too young to blame.
 The datasource's opt-in retries apply as in the proxy (:mod:`datasources.proxy.attempts`); pass
-``headers={"X-Datasource-Retries": "0"}`` for fewer (the header is not sent).
+``headers={"X-Datasource-Retries": "0"}`` for fewer (the header is not sent). While the
+upstream's rate limit has not lifted, or its circuit breaker is open (remembered by every
+process, see :mod:`datasources.proxy.health`), a call raises
+:class:`~datasources.exceptions.UpstreamRefused` (``status`` 429 or 503, ``retry_after``) without
+being sent.
 """
 
 from __future__ import annotations
@@ -23,9 +27,10 @@ import requests
 
 from . import tokens
 from .conf import app_settings
-from .exceptions import DatasourceError
-from .proxy import retries, target
+from .exceptions import DatasourceError, UpstreamRefused
+from .proxy import health, retries, target
 from .proxy.attempts import Attempts
+from .proxy.limits import Verdict
 
 if TYPE_CHECKING:
     from .models import Datasource
@@ -66,6 +71,10 @@ class DatasourceSession(requests.Session):
         kwargs["allow_redirects"] = False
         headers = dict(headers or {})
         requested = _pop_header(headers, retries.RETRIES_HEADER)
+        gate = health.admit(self.datasource.pk)
+        if gate.verdict in (Verdict.RATE_LIMITED, Verdict.CIRCUIT_OPEN):
+            status, _, message = health.refusal(gate)
+            raise UpstreamRefused(message, status=status, retry_after=gate.retry_after)
         attempts = Attempts(
             self.datasource,
             tokens.get_valid_token(self.datasource, user=self.user),
@@ -76,6 +85,7 @@ class DatasourceSession(requests.Session):
             idempotency_key=any(
                 name.lower() == retries.IDEMPOTENCY_HEADER.lower() for name in headers
             ),
+            observe=health.observe,
         )
         return attempts.run(
             lambda token: self._send(

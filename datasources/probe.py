@@ -15,7 +15,7 @@ from . import tokens
 from .exceptions import NotAuthorized, ReauthorizationRequired, TransientUpstreamError
 from .explain import explain
 from .models import Datasource
-from .proxy import retries, target, transport
+from .proxy import health, retries, target, transport
 from .proxy.attempts import URLLIB3, Attempts
 
 #: How much of the answer is shown.
@@ -84,6 +84,7 @@ def run(datasource: Datasource, method: str, path: str, *, user=None) -> ProbeRe
             method=method,
             policy=retries.RetryPolicy.of(datasource),
             on_token=lambda fresh: secrets_seen.extend([fresh.access_token, fresh.refresh_token]),
+            observe=health.observe,  # not gated: the Test may be the call that shows recovery
         )
         upstream = attempts.run(lambda token: _send(datasource, method, url, query, token))
         result.refreshed, result.retries = attempts.refreshed, attempts.retries

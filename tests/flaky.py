@@ -26,6 +26,7 @@ class Step:
     body: bytes = b'{"ok": true}'
     reset: bool = False
     hang: bool = False
+    delay: float = 0.0  # seconds the server waits before answering
 
 
 def status(code: int, **headers: str) -> Step:
@@ -84,6 +85,8 @@ class FlakyUpstream:
                     upstream.stopped.wait(30)
                     self.close_connection = True
                     return None
+                if step.delay:
+                    upstream.stopped.wait(step.delay)
                 self.send_response(step.status)
                 self.send_header("Content-Type", "application/json")
                 for name, value in step.headers.items():

@@ -161,9 +161,9 @@ def quick_backoff(settings):
 
 def flaky_datasource(flaky: FlakyUpstream, **fields) -> Datasource:
     fields.setdefault("slug", "flaky")
+    fields.setdefault("name", "Flaky API")
+    fields.setdefault("base_url", f"{flaky.base}/api/")
     datasource = make_datasource(
-        name="Flaky API",
-        base_url=f"{flaky.base}/api/",
         grant_type="client_credentials",
         authorization_url="",
         access_token_url=f"{flaky.base}/token",
