@@ -17,7 +17,7 @@ from datasources.models import ProxyCall
 from .flaky import FlakyUpstream, Step, status
 from .test_retries import ACCESS_TOKEN, flaky_datasource
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("serving")]
 
 SECRET_QUERY_VALUE = "query-secret-" + "q" * 20
 

@@ -32,7 +32,7 @@ from datasources.proxy.limits import (
 from .flaky import FlakyUpstream, status
 from .test_retries import flaky_datasource
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("serving")]
 
 T = 1_800_000_000.0  # "now", Unix seconds
 POLICY = BreakerPolicy(threshold=3, window=60, cooldown=30, probe_seconds=70)

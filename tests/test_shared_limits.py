@@ -26,8 +26,24 @@ from .test_retries import flaky_datasource
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
-@pytest.fixture(scope="module")
-def workers(django_db_setup, django_db_blocker, tmp_path_factory) -> Iterator[list[str]]:
+def server_command(kind: str, port: int) -> list[str]:
+    """One process of each serving path: gunicorn (config.wsgi) or uvicorn (config.asgi)."""
+    if kind == "asgi":
+        return [
+            *(sys.executable, "-m", "uvicorn", "config.asgi:application", "--workers", "1"),
+            *("--host", "127.0.0.1", "--port", str(port), "--loop", "uvloop"),
+            *("--http", "httptools", "--no-access-log"),
+        ]
+    return [
+        *(sys.executable, "-m", "gunicorn", "config.wsgi", "-k", "gthread", "-w", "1"),
+        *("--threads", "2", "-b", f"127.0.0.1:{port}"),
+        *(["--no-control-socket"] if gunicorn.version_info >= (27,) else []),
+    ]
+
+
+@pytest.fixture(scope="module", params=["wsgi", "asgi"])
+def workers(request, django_db_setup, django_db_blocker, tmp_path_factory) -> Iterator[list[str]]:
+    """Two server processes of one serving path (the proxy behaves the same on both)."""
     directory = tmp_path_factory.mktemp("workers")
     with django_db_blocker.unblock():
         env = subprocess_env()
@@ -35,25 +51,11 @@ def workers(django_db_setup, django_db_blocker, tmp_path_factory) -> Iterator[li
     try:
         for n in range(2):
             port = free_port()
-            log = open(directory / f"gunicorn-{n}.log", "wb")  # noqa: SIM115 (closed below)
+            log = open(directory / f"server-{n}.log", "wb")  # noqa: SIM115 (closed below)
             processes.append(
                 (
                     subprocess.Popen(
-                        [
-                            sys.executable,
-                            "-m",
-                            "gunicorn",
-                            "config.wsgi",
-                            "-k",
-                            "gthread",
-                            "-w",
-                            "1",
-                            "--threads",
-                            "2",
-                            "-b",
-                            f"127.0.0.1:{port}",
-                            *(["--no-control-socket"] if gunicorn.version_info >= (27,) else []),
-                        ],
+                        server_command(request.param, port),
                         cwd=ROOT,
                         env={**env, "DJANGO_SETTINGS_MODULE": "tests.settings"},
                         stdout=log,
