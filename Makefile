@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: run test lint format bench-refresh bench-proxy bench-sweep bench-dpop browser nginx oidc clean
+.PHONY: run test lint format bench-refresh bench-proxy bench-sweep bench-dpop browser nginx oidc wrk clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -54,6 +54,13 @@ nginx:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx >/dev/null; \
 	  else echo "nginx not installed: the production-recipe test will be skipped (apt-get install nginx)"; fi; }
 
+# wrk (Debian) drives the proxy benchmark; nginx (above) is one of its targets.
+wrk:
+	@command -v wrk >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; \
+	  else echo "wrk not installed: apt-get install wrk"; exit 1; fi; }
+
 # panva's oidc-provider (npm) for the tests that need a real OpenID provider (tests/oidcprovider.py):
 # pinned by tests/oidc/package-lock.json, reinstalled only when the lock file changes.
 OIDC_STAMP := tests/oidc/node_modules/.installed
@@ -79,7 +86,7 @@ format: $(VENV)/.installed-test
 bench-refresh: $(VENV)/.installed-test
 	$(BIN)/python bench/refresh_sweep.py
 
-bench-proxy: $(VENV)/.installed-test
+bench-proxy: $(VENV)/.installed-test nginx wrk
 	$(BIN)/python bench/proxy.py
 
 bench-dpop: $(VENV)/.installed-test

@@ -1,14 +1,31 @@
-"""Benchmark: the proxy under load, against direct calls and a naive forwarding view.
+"""Benchmark: the proxy under load, against direct calls, nginx and a naive forwarding view.
 
-Serves the project with gunicorn (gthread workers) and drives it with wrk on loopback:
-(a) direct to a small upstream server, (b) through our proxy, (c) through a minimal Django view
-that forwards with a new requests session per request. Prints requests/s, p50/p99 latency and
-the ratios from one run, then streams a 1 GB response through the proxy and reports the growth
-of the gunicorn workers' resident memory.
+Drives, with wrk on loopback, in interleaved slices of one run:
+(a) ``direct``: a small upstream server (asyncio, keep-alive);
+(b) ``nginx``: Debian's nginx ``proxy_pass`` to it, adding a static Authorization header (what a
+    user would put in front of an API);
+(c) ``proxy``: our proxy, served the way the README's production command serves it
+    (``--server asgi``: uvicorn with the proxy's fast path, config.asgi) and/or as before
+    (``--server wsgi``: gunicorn gthread workers, config.wsgi); ``--server asgi,wsgi`` runs both;
+(d) ``naive``: a minimal Django view that forwards with a new requests session per request.
+Prints requests/s, p50/p99 latency, ours/nginx, ours/naive and the added p50 latency at one
+connection, then streams a 1 GB response (and a 1 GB request body) through each server and
+reports the growth of its workers' resident memory.
 
-    python bench/proxy.py [--duration 10] [--rounds 5] [--connections 16] [--stream-bytes 1000000000]
+    python bench/proxy.py [--server asgi,wsgi] [--duration 10] [--rounds 5] [--connections 16]
+                          [--stream-bytes 1000000000]
+    python bench/proxy.py --features [--duration 30] [--rounds 10]
 
-Needs wrk (Debian package `wrk`). Uses BENCH_DATABASE_URL (default: SQLite under var/bench).
+``--features`` measures instead what the call log, the retries machinery and the shared upstream
+health (rate-limit memory, circuit breaker) cost when no retry happens: two gunicorn servers,
+one with them (a datasource with 3 retries configured, call log on) and one without
+(``BENCH_FEATURES=off``: call log and upstream health off, no retries configured), driven in
+interleaved slices; prints both and the ratio.
+
+Install what it drives (Debian, as root): ``apt-get install -y wrk nginx-light`` (or ``nginx``);
+``make bench-proxy`` installs the Python side (``pip install -e '.[test]'``: gunicorn, uvicorn).
+Uses BENCH_DATABASE_URL (default: SQLite under var/bench-proxy). The machine should be
+otherwise idle: check ``uptime``, and repeat the run to see the noise.
 """
 
 from __future__ import annotations
@@ -29,17 +46,30 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCH_DIR = ROOT / "var" / "bench-proxy"
 
 
+NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
+    parser.add_argument("--server", default="asgi,wsgi", help="asgi, wsgi or both: asgi,wsgi")
     parser.add_argument("--duration", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--stream-bytes", type=int, default=1_000_000_000)
-    parser.add_argument("--gunicorn-workers", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=8)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=8, help="gunicorn gthread threads")
+    parser.add_argument("--asgi-threads", type=int, default=16, help="PROXY_ASGI_THREADS")
+    parser.add_argument("--asgi-workers", type=int, default=None, help="default: --workers")
+    parser.add_argument("--features", action="store_true", help="features on vs off (see above)")
     args = parser.parse_args()
+    args.asgi_workers = args.asgi_workers or args.workers
+    kinds = [kind.strip() for kind in args.server.split(",") if kind.strip()]
+    if not set(kinds) <= {"asgi", "wsgi"}:
+        raise SystemExit("--server takes asgi, wsgi or asgi,wsgi")
     if not shutil.which("wrk"):
-        raise SystemExit("wrk is not installed: apt-get install wrk")
+        raise SystemExit("wrk is not installed: apt-get install -y wrk")
+    if not os.access(NGINX, os.X_OK):
+        raise SystemExit("nginx is not installed: apt-get install -y nginx-light (or nginx)")
 
     shutil.rmtree(BENCH_DIR, ignore_errors=True)
     BENCH_DIR.mkdir(parents=True)
@@ -52,6 +82,7 @@ def main() -> None:
         FERNET_KEYS="bench-fernet-key-0123456789",
         DATA_DIR=str(BENCH_DIR),
         DJANGO_SETTINGS_MODULE="bench.settings",
+        DATASOURCES_PROXY_ASGI_THREADS=str(args.asgi_threads),
         LOG_LEVEL="WARNING",
         CELERY_BROKER_URL="memory://",
     )
@@ -69,11 +100,13 @@ def main() -> None:
     call_command("migrate", verbosity=0)
     Datasource.objects.all().delete()
 
+    processes: list[subprocess.Popen] = []
     upstream = subprocess.Popen(
         [sys.executable, str(ROOT / "bench" / "upstream_server.py")],
         stdout=subprocess.PIPE,
         text=True,
     )
+    processes.append(upstream)
     upstream_port = int(upstream.stdout.readline())
     datasource = Datasource(
         name="Bench",
@@ -83,6 +116,7 @@ def main() -> None:
         access_token_url="http://127.0.0.1:9/token",
         client_id="bench",
         client_secret="bench-secret",
+        allowed_methods="GET,HEAD,POST,PUT,PATCH,DELETE",
     )
     datasource.save()
     Token.objects.filter(datasource=datasource).update(
@@ -92,78 +126,207 @@ def main() -> None:
         last_refreshed_at=timezone.now(),
     )
     _, key = create_api_key("bench")
+    auth = f"Authorization: Api-Key {key}"
+    if args.features:
+        return features(args, env, datasource, key)
 
-    port = free_port()
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "gunicorn",
-            "config.wsgi",
-            "-b",
-            f"127.0.0.1:{port}",
-            "-w",
-            str(args.gunicorn_workers),
-            "-k",
-            "gthread",
-            "--threads",
-            str(args.threads),
-            "--log-level",
-            "warning",
-            # One listening socket per worker: the kernel spreads connections across workers.
-            # With a shared socket one worker often accepts every keep-alive connection.
-            "--reuse-port",
-        ],
-        cwd=ROOT,
-        env=env,
-    )
     try:
-        wait_until_up(f"http://127.0.0.1:{port}/admin/login/")
-        auth = f"Authorization: Api-Key {key}"
+        nginx_port = start_nginx(upstream_port, args.workers, processes)
+        servers: dict[str, tuple[int, subprocess.Popen]] = {}
+        for kind in kinds:
+            port = free_port()
+            server = subprocess.Popen(server_command(kind, port, args), cwd=ROOT, env=env)
+            processes.append(server)
+            servers[kind] = (port, server)
+            wait_until_up(f"http://127.0.0.1:{port}/admin/login/")
+        naive_port = servers.get("wsgi", next(iter(servers.values())))[0]
+
+        def proxy_url(port: int) -> str:
+            return f"http://127.0.0.1:{port}/api/v1/datasources/bench/proxy/items"
+
         targets = {
             "direct": (f"http://127.0.0.1:{upstream_port}/items", None),
-            "proxy": (f"http://127.0.0.1:{port}/api/v1/datasources/bench/proxy/items", auth),
-            "naive": (f"http://127.0.0.1:{port}/naive/bench/items", None),
+            "nginx": (f"http://127.0.0.1:{nginx_port}/items", None),
+            **{f"ours-{kind}": (proxy_url(port), auth) for kind, (port, _) in servers.items()},
+            "naive": (f"http://127.0.0.1:{naive_port}/naive/bench/items", None),
         }
         runs = interleaved(targets, args)
-        single = {
-            "direct": run_wrk(f"http://127.0.0.1:{upstream_port}/items", args, None, connections=1),
-            "proxy": run_wrk(
-                f"http://127.0.0.1:{port}/api/v1/datasources/bench/proxy/items",
-                args,
-                auth,
-                connections=1,
-            ),
+        single = interleaved(
+            {name: targets[name] for name in targets if name != "naive"}, args, connections=1
+        )
+        streams = {
+            kind: stream_memory(port, key, args.stream_bytes, server.pid)
+            for kind, (port, server) in servers.items()
         }
-        growth, streamed, seconds = stream_memory(port, key, args.stream_bytes, server.pid)
     finally:
-        server.terminate()
-        server.wait(10)
-        upstream.terminate()
+        for process in reversed(processes):
+            process.terminate()
+        for process in processes:
+            process.wait(10)
 
     print()
+    print(f"load average before the run: {LOAD_BEFORE}; after: {os.getloadavg()}")
     print(
-        f"gunicorn: {args.gunicorn_workers} workers x {args.threads} threads; wrk: {args.connections} connections, {args.duration}s each in {args.rounds} interleaved rounds"
+        f"servers: {', '.join(server_description(kind, args) for kind in kinds)}; nginx "
+        f"{args.workers} workers; wrk: {args.connections} connections, {args.duration}s per "
+        f"target in {args.rounds} interleaved rounds"
+    )
+    print(f"{'':12} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'p50 ms @1 conn':>15}")
+    for name, (rps, p50, p99) in runs.items():
+        one = f"{single[name][1]:15.3f}" if name in single else f"{'':>15}"
+        print(f"{name:12} {rps:10.0f} {p50:8.2f} {p99:8.2f} {one}")
+    direct, nginx, naive = runs["direct"], runs["nginx"], runs["naive"]
+    print(
+        f"nginx: {nginx[0] / direct[0]:.0%} of direct; added p50 at 1 connection "
+        f"{single['nginx'][1] - single['direct'][1]:.3f} ms"
+    )
+    for kind in kinds:
+        ours = runs[f"ours-{kind}"]
+        added = single[f"ours-{kind}"][1] - single["direct"][1]
+        print(
+            f"ours ({kind}): {ours[0] / nginx[0]:.1%} of nginx (goal >= 25%), "
+            f"{ours[0] / naive[0]:.1f}x naive, added p50 at 1 connection {added:.3f} ms "
+            f"(goal <= 0.3 ms)"
+        )
+    for kind, (
+        growth,
+        streamed,
+        seconds,
+        upload_growth,
+        uploaded,
+        upload_seconds,
+    ) in streams.items():
+        print(
+            f"ours ({kind}): streamed {streamed / 1e9:.2f} GB down in {seconds:.1f}s "
+            f"({streamed / seconds / 1e6:.0f} MB/s), worker RSS growth {growth / 1e6:.1f} MB; "
+            f"{uploaded / 1e9:.2f} GB up in {upload_seconds:.1f}s, growth "
+            f"{upload_growth / 1e6:.1f} MB (target <= 30 MB)"
+        )
+
+
+LOAD_BEFORE = os.getloadavg()
+
+
+def server_command(kind: str, port: int, args) -> list[str]:
+    """The README's production commands, on loopback."""
+    if kind == "asgi":
+        return [
+            *(sys.executable, "-m", "uvicorn", "config.asgi:application"),
+            *("--host", "127.0.0.1", "--port", str(port), "--workers", str(args.asgi_workers)),
+            *("--loop", "uvloop", "--http", "httptools", "--no-access-log"),
+            *("--log-level", "warning"),
+        ]
+    return [
+        *(sys.executable, "-m", "gunicorn", "config.wsgi", "-b", f"127.0.0.1:{port}"),
+        *("-w", str(args.workers), "-k", "gthread", "--threads", str(args.threads)),
+        "--log-level",
+        "warning",
+        # One listening socket per worker: the kernel spreads connections across workers.
+        # With a shared socket one worker often accepts every keep-alive connection.
+        "--reuse-port",
+    ]
+
+
+def server_description(kind: str, args) -> str:
+    if kind == "asgi":
+        return (
+            f"asgi = uvicorn (uvloop, httptools) {args.asgi_workers} workers x "
+            f"{args.asgi_threads} threads"
+        )
+    return f"wsgi = gunicorn {args.workers} gthread workers x {args.threads} threads"
+
+
+def start_nginx(upstream_port: int, workers: int, processes: list[subprocess.Popen]) -> int:
+    """nginx proxy_pass to the upstream with keep-alive, adding a static Authorization header."""
+    port = free_port()
+    directory = BENCH_DIR / "nginx"
+    directory.mkdir()
+    conf = directory / "nginx.conf"
+    conf.write_text(
+        f"""
+worker_processes {workers};
+daemon off;
+pid {directory / "nginx.pid"};
+error_log {directory / "error.log"} warn;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    client_body_temp_path {directory / "body"};
+    proxy_temp_path {directory / "proxy"};
+    fastcgi_temp_path {directory / "fastcgi"};
+    uwsgi_temp_path {directory / "uwsgi"};
+    scgi_temp_path {directory / "scgi"};
+    upstream api {{
+        server 127.0.0.1:{upstream_port};
+        keepalive 64;
+    }}
+    server {{
+        listen 127.0.0.1:{port} reuseport;
+        location / {{
+            proxy_pass http://api;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Authorization "Bearer bench-access-token";
+        }}
+    }}
+}}
+"""
+    )
+    user = ["-g", "user root;"] if os.geteuid() == 0 else []
+    processes.append(subprocess.Popen([NGINX, "-p", str(directory), "-c", str(conf), *user]))
+    wait_until_up(f"http://127.0.0.1:{port}/items")
+    return port
+
+
+def start_gunicorn(args, env: dict[str, str]) -> tuple[subprocess.Popen, int]:
+    port = free_port()
+    server = subprocess.Popen(server_command("wsgi", port, args), cwd=ROOT, env=env)
+    wait_until_up(f"http://127.0.0.1:{port}/admin/login/")
+    return server, port
+
+
+def features(args, env: dict[str, str], datasource, key: str) -> None:
+    """Call log + retries machinery + upstream health on vs off, no retry happening."""
+    from datasources.models import ProxyCall, Token
+
+    resilient = type(datasource).objects.get(pk=datasource.pk)
+    resilient.pk, resilient.slug, resilient.name = None, "bench-resilient", "Bench (resilient)"
+    resilient.retry_count = 3
+    resilient.save()
+    Token.objects.filter(datasource=resilient).update(
+        **Token.objects.filter(datasource=datasource).values(
+            "access_token", "status", "expires_at", "last_refreshed_at"
+        )[0]
+    )
+    on, on_port = start_gunicorn(args, env)
+    off, off_port = start_gunicorn(args, {**env, "BENCH_FEATURES": "off"})
+    try:
+        auth = f"Authorization: Api-Key {key}"
+        targets = {
+            "on": (
+                f"http://127.0.0.1:{on_port}/api/v1/datasources/bench-resilient/proxy/items",
+                auth,
+            ),
+            "off": (f"http://127.0.0.1:{off_port}/api/v1/datasources/bench/proxy/items", auth),
+        }
+        runs = interleaved(targets, args)
+    finally:
+        for server in (on, off):
+            server.terminate()
+            server.wait(10)
+    logged = ProxyCall.objects.filter(datasource=resilient).count()
+    on_rps, off_rps = runs["on"][0], runs["off"][0]
+    print()
+    print(
+        f"gunicorn: {args.workers} workers x {args.threads} threads; wrk: "
+        f"{args.connections} connections, {args.duration}s each in {args.rounds} interleaved rounds"
     )
     print(f"{'':8} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8}")
     for name, (rps, p50, p99) in runs.items():
         print(f"{name:8} {rps:10.0f} {p50:8.2f} {p99:8.2f}")
-    d, p, n = runs["direct"], runs["proxy"], runs["naive"]
-    sd, sp = single["direct"], single["proxy"]
+    print(f"call-log rows written by 'on': {logged}")
     print(
-        f"one connection: direct p50 {sd[1]:.2f} ms, proxy p50 {sp[1]:.2f} ms, p99 {sp[2]:.2f} ms"
-    )
-    print(
-        f"added p50 latency over direct:   {sp[1] - sd[1]:.2f} ms at 1 connection  (target <= 2 ms)"
-    )
-    print(
-        f"added p50 latency under load:    {p[1] - d[1]:.2f} ms at {args.connections} connections"
-    )
-    print(f"throughput ours / naive:         {p[0] / n[0]:.2f}x  (target >= 3x)")
-    print(f"throughput ours / direct:        {p[0] / d[0]:.2f}")
-    print(
-        f"streamed {streamed / 1e9:.2f} GB in {seconds:.1f}s ({streamed / seconds / 1e6:.0f} MB/s); "
-        f"worker RSS growth: {growth / 1e6:.1f} MB  (target <= 30 MB)"
+        f"throughput on / off: {on_rps / off_rps:.3f}  (cost {100 * (1 - on_rps / off_rps):.1f}%, target < 10%)"
     )
 
 
@@ -184,11 +347,11 @@ def wait_until_up(url: str) -> None:
             return
         except requests.RequestException:
             time.sleep(0.1)
-    raise SystemExit("gunicorn did not start")
+    raise SystemExit(f"{url} did not answer")
 
 
 def interleaved(
-    targets: dict[str, tuple[str, str | None]], args
+    targets: dict[str, tuple[str, str | None]], args, connections: int | None = None
 ) -> dict[str, tuple[float, float, float]]:
     """Each target gets --duration seconds in all, in --rounds slices taken in turn, so that a
     slow spell on this shared machine falls on every target alike rather than on one of them.
@@ -197,7 +360,9 @@ def interleaved(
     slices: dict[str, list[tuple[float, float, float]]] = {name: [] for name in targets}
     for _ in range(args.rounds):
         for name, (url, header) in targets.items():
-            slices[name].append(run_wrk(url, args, header, duration=seconds))
+            slices[name].append(
+                run_wrk(url, args, header, connections=connections, duration=seconds)
+            )
     return {
         name: (
             statistics.fmean(rps for rps, _, _ in runs),
@@ -243,13 +408,16 @@ def worker_rss(master_pid: int) -> int:
     return total
 
 
-def stream_memory(port: int, key: str, size: int, master_pid: int) -> tuple[int, int, float]:
-    import requests
+def stream_memory(
+    port: int, key: str, size: int, master_pid: int
+) -> tuple[int, int, float, int, int, float]:
+    """(RSS growth, bytes, seconds) for a response of ``size`` bytes, then for a request body."""
+    down = stream_down(port, key, size, master_pid)
+    up = stream_up(port, key, size, master_pid)
+    return (*down, *up)
 
-    url = f"http://127.0.0.1:{port}/api/v1/datasources/bench/proxy/big?size={size}"
-    headers = {"Authorization": f"Api-Key {key}"}
-    warm = requests.get(url.replace(str(size), "1000000"), headers=headers, timeout=30)
-    assert len(warm.content) == 1_000_000
+
+def peak_rss_during(master_pid: int, work) -> tuple[int, object]:
     baseline = worker_rss(master_pid)
     peak = baseline
     done = threading.Event()
@@ -262,17 +430,65 @@ def stream_memory(port: int, key: str, size: int, master_pid: int) -> tuple[int,
 
     sampler = threading.Thread(target=sample)
     sampler.start()
-    started = time.perf_counter()
-    received = 0
-    with requests.get(url, headers=headers, stream=True, timeout=120) as response:
-        for chunk in response.iter_content(1024 * 1024):
-            received += len(chunk)
-    seconds = time.perf_counter() - started
-    done.set()
-    sampler.join()
+    try:
+        result = work()
+    finally:
+        done.set()
+        sampler.join()
+    return peak - baseline, result
+
+
+def stream_up(port: int, key: str, size: int, master_pid: int) -> tuple[int, int, float]:
+    import requests
+
+    url = f"http://127.0.0.1:{port}/api/v1/datasources/bench/proxy/upload"
+    headers = {"Authorization": f"Api-Key {key}"}
+
+    class Body:
+        """``size`` bytes made as they are read (a length, so no chunked encoding)."""
+
+        def __init__(self) -> None:
+            self.left = size
+
+        def __len__(self) -> int:
+            return self.left
+
+        def read(self, amount: int = -1) -> bytes:
+            amount = self.left if amount < 0 else min(amount, self.left)
+            self.left -= amount
+            return b"u" * amount
+
+    def work() -> float:
+        started = time.perf_counter()
+        response = requests.post(url, data=Body(), headers=headers, timeout=300)
+        if response.status_code != 200:
+            raise SystemExit(f"upload: {response.status_code} {response.text[:200]}")
+        return time.perf_counter() - started
+
+    growth, seconds = peak_rss_during(master_pid, work)
+    return growth, size, seconds
+
+
+def stream_down(port: int, key: str, size: int, master_pid: int) -> tuple[int, int, float]:
+    import requests
+
+    url = f"http://127.0.0.1:{port}/api/v1/datasources/bench/proxy/big?size={size}"
+    headers = {"Authorization": f"Api-Key {key}"}
+    warm = requests.get(url.replace(str(size), "1000000"), headers=headers, timeout=30)
+    assert len(warm.content) == 1_000_000
+
+    def work() -> tuple[int, float]:
+        started = time.perf_counter()
+        received = 0
+        with requests.get(url, headers=headers, stream=True, timeout=120) as response:
+            for chunk in response.iter_content(1024 * 1024):
+                received += len(chunk)
+        return received, time.perf_counter() - started
+
+    growth, (received, seconds) = peak_rss_during(master_pid, work)
     if received != size:
         raise SystemExit(f"streamed {received} bytes, expected {size}")
-    return peak - baseline, received, seconds
+    return growth, received, seconds
 
 
 if __name__ == "__main__":

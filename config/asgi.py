@@ -10,4 +10,8 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
 # middleware looks for STATIC_ROOT when the handler is built and warns if it is missing.
 django.setup(set_prefix=False)
 ensure_data_dirs()
-application = ASGIHandler()
+
+from datasources.proxy.asgi import Router  # noqa: E402  (after django.setup())
+
+# The proxy's URLs take the fast path (datasources/proxy/asgi.py); everything else is Django's.
+application = Router(ASGIHandler())

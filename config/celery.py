@@ -31,6 +31,12 @@ def _install_beat_schedule(sender: Celery, **kwargs: object) -> None:
             "schedule": float(app_settings.USAGE_SAMPLE_INTERVAL),
             "options": {"expires": float(app_settings.USAGE_SAMPLE_INTERVAL)},
         },
+        # The call log's retention.
+        "datasources-prune-call-log": {
+            "task": "datasources.tasks.prune_call_log",
+            "schedule": float(app_settings.CALL_LOG_PRUNE_INTERVAL),
+            "options": {"expires": float(app_settings.CALL_LOG_PRUNE_INTERVAL)},
+        },
     }
 
 

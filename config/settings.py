@@ -178,6 +178,7 @@ DATASOURCES = {
     "HTTP_TIMEOUT": env.float("DATASOURCES_HTTP_TIMEOUT", default=10.0),
     "METRICS_TOKEN": env.str("DATASOURCES_METRICS_TOKEN", default=""),
     "IMPORT_ENV_PREFIX": env.str("DATASOURCES_IMPORT_ENV_PREFIX", default="DATASOURCE_SECRET_"),
+    "PROXY_ASGI_THREADS": env.int("DATASOURCES_PROXY_ASGI_THREADS", default=16),
 }
 
 # Email (re-authorization notices to datasource owners). Default: printed to the console.

@@ -27,6 +27,7 @@ from .models import (
     Datasource,
     DatasourceUsage,
     GrantType,
+    ProxyCall,
     Token,
     TokenEvent,
     TokenPlacement,
@@ -148,6 +149,7 @@ class DatasourceAdmin(admin.ModelAdmin):
         "status",
         "expires",
         "usage_24h",
+        "upstream",
         "last_refreshed",
         "last_error_short",
         "grant_type",
@@ -246,6 +248,18 @@ class DatasourceAdmin(admin.ModelAdmin):
             {
                 "classes": ("collapse",),
                 "fields": ("allowed_methods", "default_headers", "default_query_params"),
+            },
+        ),
+        (
+            _("Retries"),
+            {
+                "classes": ("collapse",),
+                "fields": (
+                    "retry_count",
+                    "retry_statuses",
+                    "retry_on_connection_errors",
+                    "retry_budget",
+                ),
             },
         ),
         (
@@ -413,6 +427,13 @@ class DatasourceAdmin(admin.ModelAdmin):
             _("Public key (JWK)"),
             obj.dpop_public_jwk,
             _("Regenerate DPoP key"),
+        )
+
+    @admin.display(description=_("upstream"))
+    def upstream(self, obj: Datasource):
+        key, words = dashboard.upstream_state(obj)
+        return format_html(
+            '<span class="datasource-upstream datasource-upstream-{}">{}</span>', key, words
         )
 
     @admin.display(description=_("granted scope"))
@@ -843,3 +864,60 @@ class ApiKeyAdmin(admin.ModelAdmin):
             ngettext("Revoked %(count)d key.", "Revoked %(count)d keys.", count) % {"count": count},
             messages.SUCCESS,
         )
+
+
+class StatusClassFilter(admin.SimpleListFilter):
+    title = _("status class")
+    parameter_name = "status_class"
+
+    def lookups(self, request, model_admin):
+        return [("2", "2xx"), ("3", "3xx"), ("4", "4xx"), ("5", "5xx")]
+
+    def queryset(self, request, queryset):
+        value = self.value()
+        if value in ("2", "3", "4", "5"):
+            low = int(value) * 100
+            return queryset.filter(status__gte=low, status__lt=low + 100)
+        return queryset
+
+
+@admin.register(ProxyCall)
+class ProxyCallAdmin(admin.ModelAdmin):
+    """The call log: read-only (rows are written by the proxy and pruned after
+    CALL_LOG_RETENTION_DAYS)."""
+
+    list_display = (
+        "called_at",
+        "datasource",
+        "caller",
+        "method",
+        "path",
+        "status",
+        "error",
+        "latency_ms",
+        "response_bytes",
+        "retries",
+        "refreshed",
+    )
+    list_filter = ("datasource", StatusClassFilter, "api_key", "user", "method", "refreshed")
+    list_select_related = ("datasource", "api_key", "user")
+    search_fields = ("path",)
+    date_hierarchy = "called_at"
+    show_full_result_count = False  # a count(*) over a large log on every page is slow
+
+    @admin.display(description=_("caller"))
+    def caller(self, obj: ProxyCall):
+        if obj.api_key_id:
+            return str(obj.api_key) if obj.api_key else _("deleted API key")
+        if obj.user_id:
+            return obj.user.get_username() if obj.user else _("deleted user")
+        return "—"
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        return False

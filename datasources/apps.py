@@ -9,6 +9,6 @@ class DatasourcesConfig(AppConfig):
 
     def ready(self) -> None:
         from . import checks, encryption, logfilters, notifications  # noqa: F401
-        from .proxy import cache  # noqa: F401  (empties the caches on edits)
+        from .proxy import cache, health  # noqa: F401  (empty the caches on edits)
 
         logfilters.install()

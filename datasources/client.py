@@ -10,6 +10,12 @@ default ``DATASOURCES['CLIENT_TIMEOUT']``). The datasource's allowed methods, de
 query parameters apply as they do in the proxy. The token is placed as the datasource says,
 refreshed when about to expire, and on an "expired" answer (401 unless the datasource says
 otherwise) refreshed once and the request retried once, unless the token is too young to blame.
+The datasource's opt-in retries apply as in the proxy (:mod:`datasources.proxy.attempts`); pass
+``headers={"X-Datasource-Retries": "0"}`` for fewer (the header is not sent). While the
+upstream's rate limit has not lifted, or its circuit breaker is open (remembered by every
+process, see :mod:`datasources.proxy.health`), a call raises
+:class:`~datasources.exceptions.UpstreamRefused` (``status`` 429 or 503, ``retry_after``) without
+being sent.
 """
 
 from __future__ import annotations
@@ -21,8 +27,10 @@ import requests
 
 from . import binding, tls, tokens
 from .conf import app_settings
-from .exceptions import DatasourceError
-from .proxy import target
+from .exceptions import DatasourceError, UpstreamRefused
+from .proxy import health, retries, target
+from .proxy.attempts import Attempts
+from .proxy.limits import Verdict
 
 if TYPE_CHECKING:
     from .models import Datasource
@@ -69,21 +77,29 @@ class DatasourceSession(requests.Session):
         path_url, query = self._target(url, params)
         kwargs.setdefault("timeout", self.timeout)
         kwargs["allow_redirects"] = False
-        token = tokens.get_valid_token(self.datasource, user=self.user)
-        replayable = _replayable(data)
-        response = self._send(method, path_url, query, token, data, headers, kwargs, replayable)
-        if replayable and binding.token_rejected(
-            self.datasource, response.status_code, response.headers
-        ):
-            retry = tokens.refresh_after_rejection(
-                self.datasource, token.access_token, user=self.user
+        headers = dict(headers or {})
+        requested = _pop_header(headers, retries.RETRIES_HEADER)
+        gate = health.admit(self.datasource.pk)
+        if gate.verdict in (Verdict.RATE_LIMITED, Verdict.CIRCUIT_OPEN):
+            status, _, message = health.refusal(gate)
+            raise UpstreamRefused(message, status=status, retry_after=gate.retry_after)
+        attempts = Attempts(
+            self.datasource,
+            tokens.get_valid_token(self.datasource, user=self.user),
+            REQUESTS,
+            method=method,
+            policy=retries.RetryPolicy.of(self.datasource, requested=requested),
+            replayable=_replayable(data),
+            idempotency_key=any(
+                name.lower() == retries.IDEMPOTENCY_HEADER.lower() for name in headers
+            ),
+            observe=health.observe,
+        )
+        return attempts.run(
+            lambda token: self._send(
+                method, path_url, query, token, data, headers, kwargs, attempts.replayable
             )
-            if retry is not None:
-                response.close()
-                response = self._send(
-                    method, path_url, query, retry, data, headers, kwargs, replayable
-                )
-        return response
+        )
 
     def _send(self, method, url, query, token, data, headers, kwargs, replayable):
         """One call with ``token``; once more with a fresh DPoP proof when the server refused
@@ -146,6 +162,35 @@ def _encode_params(params: Any) -> str:
         values = value if isinstance(value, list | tuple) else [value]
         pairs.extend((name, v) for v in values if v is not None)
     return urlencode(pairs)
+
+
+class _RequestsWire:
+    """How requests' answers are read by :class:`~datasources.proxy.attempts.Attempts`."""
+
+    connection_errors = (requests.ConnectionError, requests.Timeout)
+
+    @staticmethod
+    def status(response: requests.Response) -> int:
+        return response.status_code
+
+    @staticmethod
+    def header(response: requests.Response, name: str) -> str | None:
+        return response.headers.get(name)
+
+    @staticmethod
+    def discard(response: requests.Response) -> None:
+        response.close()
+
+
+REQUESTS = _RequestsWire()
+
+
+def _pop_header(headers: dict[str, str], name: str) -> str | None:
+    """Remove ``name`` (any case) from ``headers``; its value, if it was there."""
+    value = None
+    for key in [k for k in headers if k.lower() == name.lower()]:
+        value = headers.pop(key)
+    return value
 
 
 def _replayable(data: Any) -> bool:

@@ -72,8 +72,28 @@ DEFAULTS: dict[str, Any] = {
     "PROXY_READ_TIMEOUT": 60.0,
     "PROXY_REPLAY_MAX_BYTES": 1024 * 1024,
     "PROXY_CHUNK_SIZE": 64 * 1024,
+    # Opt-in retries (per datasource): the first wait and the longest one (seconds), doubled
+    # each retry with jitter; a server's Retry-After replaces them.
+    "RETRY_BACKOFF_BASE": 0.5,
+    "RETRY_BACKOFF_MAX": 8.0,
+    # Shared upstream health (rate-limit memory, circuit breaker): "auto" (Redis when REDIS_URL
+    # is set, else the database), "redis" or "database"; a process re-reads a datasource's
+    # record at most this often (seconds; 0: on every call).
+    "UPSTREAM_HEALTH": True,  # False: no rate-limit memory and no circuit breaker at all
+    "HEALTH_STORE": "auto",
+    "HEALTH_CACHE_SECONDS": 1.0,
+    # An upstream's rate limit (Retry-After, RateLimit-Reset) is remembered at most this long.
+    "RATE_LIMIT_MAX_SECONDS": 3600,
+    # Circuit breaker: this many consecutive upstream failures (5xx, connection errors,
+    # timeouts; 0: no breaker) within BREAKER_WINDOW seconds open the circuit for
+    # BREAKER_COOLDOWN seconds; then one call probes.
+    "BREAKER_THRESHOLD": 5,
+    "BREAKER_WINDOW": 60.0,
+    "BREAKER_COOLDOWN": 30.0,
     # Largest number of pooled keep-alive connections per upstream host, per process.
     "PROXY_POOL_SIZE": 32,
+    # Threads per process that run the proxy's calls under the ASGI fast path (config.asgi).
+    "PROXY_ASGI_THREADS": 16,
     # How long (seconds) a process reuses a datasource's configuration, its current token and a
     # verified API key without reading the database. Edits, revocations and re-authorizations
     # made in other processes take effect within this time. 0 disables the cache.
@@ -84,6 +104,14 @@ DEFAULTS: dict[str, Any] = {
     "EMAIL_OWNER_ON_REAUTHORIZATION": True,
     # Proxy call counters are written to the database at most this often (seconds) per process.
     "USAGE_FLUSH_INTERVAL": 1.0,
+    # Call log: one row per proxied call (no query strings, headers or bodies), written in
+    # batches at most every CALL_LOG_FLUSH_INTERVAL seconds (or CALL_LOG_MAX_BUFFER rows) per
+    # process, kept CALL_LOG_RETENTION_DAYS days (pruned every CALL_LOG_PRUNE_INTERVAL s by beat).
+    "CALL_LOG": True,
+    "CALL_LOG_FLUSH_INTERVAL": 1.0,
+    "CALL_LOG_MAX_BUFFER": 5000,
+    "CALL_LOG_RETENTION_DAYS": 7,
+    "CALL_LOG_PRUNE_INTERVAL": 3600,
     # Beat snapshots the proxy counters this often (seconds) for the admin's 24-hour charts.
     "USAGE_SAMPLE_INTERVAL": 300,
     # Timeout (seconds, or a (connect, read) pair) of the Python client (datasource.session())

@@ -9,8 +9,9 @@ progress, so it needs nothing from the proxy's hot path.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from itertools import pairwise
 from urllib.parse import urlsplit
 
@@ -383,6 +384,7 @@ def banners(datasource: Datasource, token: Token | None) -> list[Banner]:
                 actions["refresh"],
             )
         )
+    found += upstream_banners(datasource, actions["test"])
     missing = no_refresh_token_warning(datasource, token) if token else ""
     if missing:
         found.append(Banner("warning", "no-refresh-token", missing, action=actions["reauthorize"]))
@@ -412,6 +414,67 @@ def banners(datasource: Datasource, token: Token | None) -> list[Banner]:
             )
         )
     return found
+
+
+def upstream_state(datasource: Datasource) -> tuple[str, str]:
+    """(key, plain words) for the upstream's shared health: ``ok``, ``rate-limited``,
+    ``circuit-open``, ``half-open`` or ``failing``."""
+    from .proxy import health
+
+    record = health.current(datasource.pk)
+    now = time.time()
+    if record.rate_limited_until and record.rate_limited_until > now:
+        until = datetime.fromtimestamp(record.rate_limited_until, UTC)
+        return "rate-limited", (
+            f"rate-limited until {timezone.localtime(until):%H:%M:%S} "
+            f"({_seconds(record.rate_limited_until - now)})"
+        )
+    if record.open_until is not None:
+        if record.open_until > now:
+            until = datetime.fromtimestamp(record.open_until, UTC)
+            return "circuit-open", (
+                f"circuit open until {timezone.localtime(until):%H:%M:%S} "
+                f"after {record.failures} failures in a row"
+            )
+        return (
+            "half-open",
+            f"circuit half-open: the next call tests the API ({record.failures} failures in a row)",
+        )
+    if record.failures:
+        return "failing", f"{record.failures} failures in a row"
+    return "ok", "ok"
+
+
+def _seconds(value: float) -> str:
+    seconds = max(1, int(value + 0.999))
+    return f"{seconds} s" if seconds < 120 else f"{seconds // 60} min"
+
+
+def upstream_banners(datasource: Datasource, test: Action) -> list[Banner]:
+    """The API asked for a pause, or has been failing: what callers get meanwhile."""
+    key, words = upstream_state(datasource)
+    if key == "rate-limited":
+        return [
+            Banner(
+                "warning",
+                "rate-limited",
+                f"The API said its rate limit is used up: calls through the proxy are answered "
+                f"429 at once, without calling it, until then ({words}).",
+                action=test,
+            )
+        ]
+    if key in ("circuit-open", "half-open"):
+        return [
+            Banner(
+                "error",
+                "circuit-open",
+                f"The API keeps failing, so calls through the proxy are answered 503 at once "
+                f"({words}). After the cooldown one call tests it; a success lets calls through "
+                "again.",
+                action=test,
+            )
+        ]
+    return []
 
 
 def _user_action(user) -> Action | None:

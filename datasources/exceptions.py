@@ -57,3 +57,12 @@ class InsecureTransport(DatasourceError):
 
 class DatasourcesConfigurationError(ImproperlyConfigured):
     """The app is misconfigured (settings, keys)."""
+
+
+class UpstreamRefused(TransientUpstreamError):
+    """The call was not sent: the upstream's rate limit has not lifted yet (``status`` 429) or
+    its circuit breaker is open (503). ``retry_after`` says when to try again."""
+
+    def __init__(self, message: str, *, status: int, retry_after: float) -> None:
+        self.status = status
+        super().__init__(message, retry_after=retry_after)

@@ -329,6 +329,9 @@ class DatasourceForm(forms.ModelForm):
         for name in ("custom_auth_params", "default_headers", "default_query_params"):
             if name in self.fields:
                 self.fields[name].error_messages["invalid"] = JSON_HINT
+        for name in ("retry_count", "retry_budget"):
+            if name in self.fields:  # left empty (or not sent by an older form): the default
+                self.fields[name].required = False
         stored = bool(self.instance.pk and self.instance.client_secret)
         self.held_secret = None
         if self.is_bound and not self.data.get("client_secret") and self._session is not None:
@@ -470,6 +473,14 @@ class DatasourceForm(forms.ModelForm):
                 _('Enter a JSON object, e.g. {"Accept": "application/json"}.')
             )
         return value  # names and values are checked by Datasource.clean()
+
+    def clean_retry_count(self):
+        value = self.cleaned_data.get("retry_count")
+        return Datasource._meta.get_field("retry_count").default if value is None else value
+
+    def clean_retry_budget(self):
+        value = self.cleaned_data.get("retry_budget")
+        return Datasource._meta.get_field("retry_budget").default if value is None else value
 
     def clean(self):
         cleaned = super().clean()

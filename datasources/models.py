@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
+from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 from django.urls import reverse
 from django.utils import timezone
@@ -55,6 +56,11 @@ def parse_status_codes(value: str) -> frozenset[int]:
         codes.add(int(part))
     return frozenset(codes)
 
+
+#: The most retries a datasource may ask for.
+MAX_RETRIES = 10
+#: Statuses a datasource may retry on (mirrors datasources.proxy.retries.RETRYABLE_STATUSES).
+RETRYABLE_STATUSES = frozenset({429, 502, 503, 504})
 
 #: Methods the proxy forwards unless a datasource says otherwise.
 DEFAULT_ALLOWED_METHODS = "GET,HEAD,POST,PUT,PATCH,DELETE,OPTIONS"
@@ -578,6 +584,42 @@ class Datasource(models.Model):
             "Server certificates are always verified."
         ),
     )
+    retry_count = models.PositiveSmallIntegerField(
+        _("retries"),
+        default=0,
+        validators=[MaxValueValidator(MAX_RETRIES)],
+        help_text=_(
+            "How many times a failed call is sent again (0: never). Only idempotent methods "
+            "(GET, HEAD, OPTIONS, PUT, DELETE) or calls with an Idempotency-Key header, and only "
+            "when the request body could be kept in memory. A caller may ask for fewer with the "
+            "X-Datasource-Retries header."
+        ),
+    )
+    retry_statuses = models.CharField(
+        _("retry on statuses"),
+        max_length=50,
+        default="429,502,503,504",
+        blank=True,
+        help_text=_(
+            "Upstream statuses after which a call is retried, comma separated: any of 429, 502, "
+            "503, 504. The server's Retry-After is honoured; otherwise exponential backoff with "
+            "jitter."
+        ),
+    )
+    retry_on_connection_errors = models.BooleanField(
+        _("retry on connection errors"),
+        default=True,
+        help_text=_("Also retry when the connection is refused, reset or times out."),
+    )
+    retry_budget = models.PositiveSmallIntegerField(
+        _("retry budget (seconds)"),
+        default=10,
+        validators=[MinValueValidator(1), MaxValueValidator(300)],
+        help_text=_(
+            "The longest a call may take with its retries and waits: a retry whose wait would "
+            "end later is not made, and the last answer is passed on."
+        ),
+    )
     created_at = models.DateTimeField(_("created"), auto_now_add=True)
     updated_at = models.DateTimeField(_("updated"), auto_now=True)
 
@@ -663,6 +705,18 @@ class Datasource(models.Model):
             errors["expiry_status_codes"] = str(err)
         else:
             self.expiry_status_codes = ",".join(str(code) for code in sorted(codes))
+        try:
+            codes = parse_status_codes(self.retry_statuses)
+            if codes - RETRYABLE_STATUSES:
+                raise ValueError(
+                    f"Only {', '.join(map(str, sorted(RETRYABLE_STATUSES)))} can be retried "
+                    f"(not {', '.join(map(str, sorted(codes - RETRYABLE_STATUSES)))}): a 401 "
+                    "gets one refresh-and-retry, other errors are answers."
+                )
+        except ValueError as err:
+            errors["retry_statuses"] = str(err)
+        else:
+            self.retry_statuses = ",".join(str(code) for code in sorted(codes))
         try:
             methods = parse_methods(self.allowed_methods)
         except ValueError as err:
@@ -773,6 +827,14 @@ class Datasource(models.Model):
             return parse_status_codes(self.expiry_status_codes)
         except ValueError:
             return frozenset({401})
+
+    @property
+    def retry_status_set(self) -> frozenset[int]:
+        """The upstream statuses retried (see ``retry_statuses``); never anything else."""
+        try:
+            return parse_status_codes(self.retry_statuses) & RETRYABLE_STATUSES
+        except ValueError:
+            return frozenset()
 
     @property
     def allowed_method_set(self) -> frozenset[str]:
@@ -893,6 +955,10 @@ CONFIG_FIELDS = (
     "use_dpop",
     "certificate_bound_tokens",
     "tls_ca_bundle",
+    "retry_count",
+    "retry_statuses",
+    "retry_on_connection_errors",
+    "retry_budget",
 )
 
 
@@ -1170,6 +1236,10 @@ class ApiKey(models.Model):
         return self.revoked_at is None
 
 
+#: Upper bounds (ms) of the proxy latency histogram's buckets (DatasourceUsage.latency_le_*).
+LATENCY_BUCKETS_MS = (5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
+
+
 class DatasourceUsage(models.Model):
     """Proxy call counters, flushed from each process at most once a second."""
 
@@ -1183,6 +1253,18 @@ class DatasourceUsage(models.Model):
     total_duration_ms = models.PositiveBigIntegerField(default=0)
     last_status = models.PositiveSmallIntegerField(_("last status"), null=True, blank=True)
     last_called_at = models.DateTimeField(_("last called"), null=True, blank=True)
+    # Latency histogram (calls per bucket, not cumulative; above the last: calls minus the sum).
+    latency_le_5 = models.PositiveBigIntegerField(default=0, editable=False)
+    latency_le_10 = models.PositiveBigIntegerField(default=0, editable=False)
+    latency_le_25 = models.PositiveBigIntegerField(default=0, editable=False)
+    latency_le_50 = models.PositiveBigIntegerField(default=0, editable=False)
+    latency_le_100 = models.PositiveBigIntegerField(default=0, editable=False)
+    latency_le_250 = models.PositiveBigIntegerField(default=0, editable=False)
+    latency_le_500 = models.PositiveBigIntegerField(default=0, editable=False)
+    latency_le_1000 = models.PositiveBigIntegerField(default=0, editable=False)
+    latency_le_2500 = models.PositiveBigIntegerField(default=0, editable=False)
+    latency_le_5000 = models.PositiveBigIntegerField(default=0, editable=False)
+    latency_le_10000 = models.PositiveBigIntegerField(default=0, editable=False)
 
     class Meta:
         verbose_name = _("datasource usage")
@@ -1216,3 +1298,94 @@ class UsageSample(models.Model):
 
     def __str__(self) -> str:
         return f"Usage of {self.datasource_id} at {self.taken_at:%Y-%m-%d %H:%M}"
+
+
+class UpstreamHealth(models.Model):
+    """The database's copy of an upstream's shared health (rate limit, circuit breaker), used
+    when no Redis is configured; see :mod:`datasources.proxy.limits`. One row per datasource
+    that has something to remember, changed under a row lock."""
+
+    datasource = models.OneToOneField(
+        Datasource, on_delete=models.CASCADE, primary_key=True, related_name="upstream_health"
+    )
+    rate_limited_until = models.DateTimeField(_("rate-limited until"), null=True, blank=True)
+    failures = models.PositiveIntegerField(_("consecutive failures"), default=0)
+    first_failure_at = models.DateTimeField(_("first failure of the run"), null=True, blank=True)
+    open_until = models.DateTimeField(_("circuit open until"), null=True, blank=True)
+    opened_at = models.DateTimeField(_("circuit opened at"), null=True, blank=True)
+    probe_until = models.DateTimeField(_("probe under way until"), null=True, blank=True)
+
+    class Meta:
+        verbose_name = _("upstream health")
+        verbose_name_plural = _("upstream health")
+
+    def __str__(self) -> str:
+        return f"Upstream health of {self.datasource_id}"
+
+
+class ProxyCall(models.Model):
+    """One proxied call, for the call log: who called which datasource, what method and path
+    (never the query string, headers or bodies), the outcome and its cost. Written in batches
+    (:mod:`datasources.calllog`), pruned after CALL_LOG_RETENTION_DAYS."""
+
+    called_at = models.DateTimeField(_("time"), db_index=True)
+    # No database constraints: the log outlives deleted datasources, keys and users (rows age
+    # out with the retention), and deleting a datasource does not walk millions of log rows.
+    datasource = models.ForeignKey(
+        Datasource,
+        on_delete=models.DO_NOTHING,
+        db_constraint=False,
+        null=True,
+        related_name="+",
+        verbose_name=_("datasource"),
+    )
+    api_key = models.ForeignKey(
+        ApiKey,
+        on_delete=models.DO_NOTHING,
+        db_constraint=False,
+        null=True,
+        blank=True,
+        related_name="+",
+        verbose_name=_("API key"),
+    )
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        on_delete=models.DO_NOTHING,
+        db_constraint=False,
+        null=True,
+        blank=True,
+        related_name="+",
+        verbose_name=_("user"),
+        help_text=_("The signed-in user, or the user the API key acts for."),
+    )
+    method = models.CharField(_("method"), max_length=16)
+    path = models.CharField(
+        _("path"), max_length=1000, help_text=_("Below the base URL; never the query string.")
+    )
+    status = models.PositiveSmallIntegerField(_("status"))
+    error = models.CharField(
+        _("refused as"),
+        max_length=40,
+        blank=True,
+        help_text=_(
+            "The proxy's own answer (e.g. rate_limited, upstream_timeout); empty: the upstream's."
+        ),
+    )
+    latency_ms = models.PositiveIntegerField(_("latency (ms)"))
+    request_bytes = models.PositiveBigIntegerField(_("request bytes"), default=0)
+    response_bytes = models.PositiveBigIntegerField(_("response bytes"), default=0)
+    retries = models.PositiveSmallIntegerField(_("retries"), default=0)
+    refreshed = models.BooleanField(
+        _("refreshed"),
+        default=False,
+        help_text=_("The token was refreshed after an expired answer."),
+    )
+
+    class Meta:
+        verbose_name = _("proxy call")
+        verbose_name_plural = _("call log")
+        ordering = ["-called_at", "-id"]
+        indexes = [models.Index(fields=["datasource", "-called_at"], name="ds_call_recent")]
+
+    def __str__(self) -> str:
+        return f"{self.method} {self.path} → {self.status}"

@@ -16,7 +16,8 @@ from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET
 
 from .conf import app_settings
-from .models import DatasourceUsage, Token, TokenEvent, TokenStatus
+from .models import LATENCY_BUCKETS_MS, Datasource, DatasourceUsage, Token, TokenEvent, TokenStatus
+from .proxy import health, limits
 
 
 def check_database() -> str:
@@ -65,6 +66,44 @@ def _label(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
+def _upstream_health(lines: list[str], family) -> None:
+    """Rate limits and circuit breakers from the shared store (every process sees the same)."""
+    slugs = dict(Datasource.objects.values_list("pk", "slug"))
+    try:
+        records = health.store().read_many(slugs)
+    except Exception:  # the store is away: report nothing rather than fail the scrape
+        return
+    now = time.time()
+    states = {pk: records.get(pk, limits.CLEAN) for pk in slugs}
+    family(
+        "datasources_rate_limited_seconds",
+        "gauge",
+        "Seconds until the upstream's remembered rate limit lifts (0: not rate-limited).",
+    )
+    for pk, slug in slugs.items():
+        until = states[pk].rate_limited_until
+        left = max(0.0, until - now) if until else 0.0
+        lines.append(f'datasources_rate_limited_seconds{{datasource="{_label(slug)}"}} {left:g}')
+    family(
+        "datasources_circuit_open",
+        "gauge",
+        "1 while the circuit breaker is open (calls refused, or one probe under way), else 0.",
+    )
+    for pk, slug in slugs.items():
+        is_open = int(states[pk].open_until is not None)
+        lines.append(f'datasources_circuit_open{{datasource="{_label(slug)}"}} {is_open}')
+    family(
+        "datasources_upstream_consecutive_failures",
+        "gauge",
+        "Consecutive upstream failures (5xx, connection errors, timeouts) counted by the breaker.",
+    )
+    for pk, slug in slugs.items():
+        lines.append(
+            f'datasources_upstream_consecutive_failures{{datasource="{_label(slug)}"}} '
+            f"{states[pk].failures}"
+        )
+
+
 @never_cache
 @require_GET
 def metrics(request: HttpRequest) -> HttpResponse:
@@ -106,11 +145,16 @@ def metrics(request: HttpRequest) -> HttpResponse:
     for kind in TokenEvent.Kind.values:
         lines.append(f'datasources_token_events{{kind="{kind}"}} {events.get(kind, 0)}')
 
-    rows = list(
+    histograms = list(
         DatasourceUsage.objects.select_related("datasource").values_list(
-            "datasource__slug", "calls", "errors", "total_duration_ms"
+            "datasource__slug",
+            "calls",
+            "errors",
+            "total_duration_ms",
+            *(f"latency_le_{le}" for le in LATENCY_BUCKETS_MS),
         )
     )
+    rows = [row[:4] for row in histograms]
     family("datasources_proxy_calls_total", "counter", "Proxied calls by datasource.")
     lines += [
         f'datasources_proxy_calls_total{{datasource="{_label(s)}"}} {c}' for s, c, _, _ in rows
@@ -121,14 +165,28 @@ def metrics(request: HttpRequest) -> HttpResponse:
     lines += [
         f'datasources_proxy_errors_total{{datasource="{_label(s)}"}} {e}' for s, _, e, _ in rows
     ]
-    family("datasources_proxy_duration_seconds", "summary", "Proxy call duration by datasource.")
-    for slug, calls, _, duration_ms in rows:
+    family(
+        "datasources_proxy_duration_seconds",
+        "histogram",
+        "Proxy call duration by datasource (from the stored counters: the same in every process).",
+    )
+    for slug, calls, _, duration_ms, *buckets in histograms:
+        label = _label(slug)
+        cumulative = 0
+        for le, count in zip(LATENCY_BUCKETS_MS, buckets, strict=True):
+            cumulative += count
+            lines.append(
+                f'datasources_proxy_duration_seconds_bucket{{datasource="{label}",le="{le / 1000:g}"}} '
+                f"{cumulative}"
+            )
         lines.append(
-            f'datasources_proxy_duration_seconds_sum{{datasource="{_label(slug)}"}} {duration_ms / 1000:.3f}'
+            f'datasources_proxy_duration_seconds_bucket{{datasource="{label}",le="+Inf"}} {calls}'
         )
         lines.append(
-            f'datasources_proxy_duration_seconds_count{{datasource="{_label(slug)}"}} {calls}'
+            f'datasources_proxy_duration_seconds_sum{{datasource="{label}"}} {duration_ms / 1000:.3f}'
         )
+        lines.append(f'datasources_proxy_duration_seconds_count{{datasource="{label}"}} {calls}')
+    _upstream_health(lines, family)
     return HttpResponse(
         "\n".join(lines) + "\n", content_type="text/plain; version=0.0.4; charset=utf-8"
     )

@@ -15,7 +15,8 @@ from . import binding, dpop, tls, tokens
 from .exceptions import NotAuthorized, ReauthorizationRequired, TransientUpstreamError
 from .explain import explain
 from .models import Datasource
-from .proxy import target, transport
+from .proxy import health, retries, target, transport
+from .proxy.attempts import URLLIB3, Attempts
 
 #: How much of the answer is shown.
 PREVIEW_BYTES = 2048
@@ -37,6 +38,7 @@ class ProbeResult:
     error: str = ""
     explanation: str = ""
     refreshed: bool = False
+    retries: int = 0
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -75,18 +77,17 @@ def run(datasource: Datasource, method: str, path: str, *, user=None) -> ProbeRe
     secrets_seen += [token.access_token, token.refresh_token]
     started = time.perf_counter()
     try:
-        upstream = _send(datasource, method, url, query, token)
-        if binding.token_rejected(datasource, upstream.status, upstream.headers):
-            retry = tokens.refresh_after_rejection(
-                datasource, token.access_token, user=token.user_id
-            )
-            if retry is not None:
-                upstream.close()
-                token = retry
-                secrets_seen += [token.access_token, token.refresh_token]
-                result.refreshed = True
-                started = time.perf_counter()
-                upstream = _send(datasource, method, url, query, token)
+        attempts = Attempts(
+            datasource,
+            token,
+            URLLIB3,
+            method=method,
+            policy=retries.RetryPolicy.of(datasource),
+            on_token=lambda fresh: secrets_seen.extend([fresh.access_token, fresh.refresh_token]),
+            observe=health.observe,  # not gated: the Test may be the call that shows recovery
+        )
+        upstream = attempts.run(lambda token: _send(datasource, method, url, query, token))
+        result.refreshed, result.retries = attempts.refreshed, attempts.retries
         try:
             body = upstream.read(PREVIEW_BYTES + 1, decode_content=True) or b""
         finally:

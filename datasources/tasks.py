@@ -170,3 +170,15 @@ def sample_usage() -> int:
     from .dashboard import take_samples
 
     return take_samples()
+
+
+@shared_task(name="datasources.tasks.prune_call_log", ignore_result=True)
+def prune_call_log() -> int:
+    """Delete call-log rows older than CALL_LOG_RETENTION_DAYS (beat, every
+    CALL_LOG_PRUNE_INTERVAL seconds)."""
+    from . import calllog
+
+    deleted = calllog.prune()
+    if deleted:
+        logger.info("pruned %d call-log row(s)", deleted)
+    return deleted

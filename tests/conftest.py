@@ -51,6 +51,30 @@ def _fresh_app_settings():
     app_settings.reload()
 
 
+@pytest.fixture(autouse=True)
+def _fresh_upstream_health():
+    """Nothing remembered about upstreams from an earlier test (ids are reused after a flush);
+    with Redis, its records go too (the database's go with the flush)."""
+    from datasources.proxy import health
+
+    health.reset()
+    store = health.store()
+    if isinstance(store, health.RedisStore):
+        store.clear()
+    yield
+    health.reset()
+
+
+@pytest.fixture(autouse=True)
+def _no_pending_call_log():
+    """Call-log rows batched by one test are not written into the next one's database."""
+    from datasources import calllog
+
+    calllog.discard()
+    yield
+    calllog.discard()
+
+
 # --- authorization server (django-oauth-toolkit) -------------------------------------------
 
 
@@ -257,3 +281,17 @@ def fake_token_endpoint(monkeypatch):
     session.mount("http://", Adapter())
     monkeypatch.setattr(oauth, "http_session", lambda: session)
     return fake
+
+
+# --- serving paths ------------------------------------------------------------------------
+
+
+@pytest.fixture(params=["wsgi", "asgi"])
+def serving(request, monkeypatch) -> str:
+    """The proxy served by Django's WSGI handler, then by the ASGI fast path (tests/serving.py):
+    a module that uses this fixture proves both paths behave the same."""
+    if request.param == "asgi":
+        from .serving import serve_proxy_through_asgi
+
+        serve_proxy_through_asgi(monkeypatch)
+    return request.param

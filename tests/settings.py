@@ -65,6 +65,8 @@ DATASOURCES = {
     "LEASE_WAIT": 20.0,
     "USAGE_FLUSH_INTERVAL": 0,
     "PROXY_CACHE_SECONDS": 0,
+    "HEALTH_CACHE_SECONDS": 0,
+    "CALL_LOG_FLUSH_INTERVAL": 0,
 }
 
 # The live server answers each request in a new thread; persistent connections would outlive

@@ -48,7 +48,7 @@ from .conftest import CALLBACK_PATH, SECRET, make_datasource
 from .helpers import subprocess_env
 from .spy import Answer, HostileServer, SpyUpstream
 
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("serving")]
 
 ACCESS_TOKEN = "access-token-" + "a" * 32
 REFRESH_TOKEN = "refresh-token-" + "r" * 32

@@ -109,3 +109,26 @@ def test_management_command_exit_code_is_nonzero_without_traceback(tmp_path):
     assert result.returncode != 0
     assert "base_url" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_retry_settings_are_exported_and_imported(tmp_path, capsys, monkeypatch):
+    make_datasource(retry_count=3, retry_statuses="503,429", retry_budget=20)
+    call_command("export_datasources")
+    exported = json.loads(capsys.readouterr().out)
+    assert {k: exported[0][k] for k in exported[0] if k.startswith("retry")} == {
+        "retry_count": 3,
+        "retry_statuses": "429,503",
+        "retry_on_connection_errors": True,
+        "retry_budget": 20,
+    }
+    monkeypatch.setenv("DATASOURCE_SECRET_CRM", "s")
+    call_command(
+        "import_datasources",
+        write(tmp_path, [{**VALID, "retry_count": 2, "retry_on_connection_errors": False}]),
+    )
+    crm = Datasource.objects.get(slug="crm")
+    assert (crm.retry_count, crm.retry_on_connection_errors) == (2, False)
+    with pytest.raises(CommandError, match="retry_statuses"):
+        call_command("import_datasources", write(tmp_path, [{**VALID, "retry_statuses": "401"}]))
+    with pytest.raises(CommandError, match="retry_count"):
+        call_command("import_datasources", write(tmp_path, [{**VALID, "retry_count": "3"}]))

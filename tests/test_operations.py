@@ -24,6 +24,7 @@ def user_with_permission(django_user_model, username: str):
 
 
 @pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("serving")
 def test_per_user_tokens_end_to_end(auth_server, django_user_model):
     auth_server.app("client-basic")
     datasource = make_datasource(auth_server, token_sharing="per_user")

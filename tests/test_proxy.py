@@ -22,11 +22,13 @@ from datasources.proxy import transport, usage
 
 from .conftest import SECRET, make_datasource
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("serving")]
 
 PRODUCTION = {
     "PROXY_CACHE_SECONDS": DEFAULTS["PROXY_CACHE_SECONDS"],
     "USAGE_FLUSH_INTERVAL": DEFAULTS["USAGE_FLUSH_INTERVAL"],
+    "HEALTH_CACHE_SECONDS": DEFAULTS["HEALTH_CACHE_SECONDS"],
+    "CALL_LOG_FLUSH_INTERVAL": DEFAULTS["CALL_LOG_FLUSH_INTERVAL"],
 }
 
 

@@ -52,6 +52,8 @@ NOT_FORWARDED = HOP_BY_HOP | {
     "x-api-key",
     "x-csrftoken",
     "dpop",  # a proof is ours to make, for our key
+    # addressed to this proxy, not to the upstream (see proxy/retries.py)
+    "x-datasource-retries",
     # set by us (or by urllib3) for the upstream
     "host",
     "content-length",

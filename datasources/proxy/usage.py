@@ -1,19 +1,22 @@
-"""Per-datasource proxy counters, accumulated in memory and flushed at most once a second per
+"""Per-datasource proxy counters (and the latency histogram), accumulated in memory and flushed at most once a second per
 process, so the proxy's hot path does not write to the database on every call."""
 
 from __future__ import annotations
 
 import threading
 import time
+from bisect import bisect_left
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from django.db import IntegrityError, transaction
 from django.db.models import F
 from django.utils import timezone
 
 from ..conf import app_settings
-from ..models import Datasource, DatasourceUsage
+from ..models import LATENCY_BUCKETS_MS, Datasource, DatasourceUsage
+
+_BUCKET_FIELDS = [f"latency_le_{le}" for le in LATENCY_BUCKETS_MS]
 
 
 @dataclass
@@ -23,6 +26,8 @@ class _Pending:
     duration_ms: int = 0
     last_status: int | None = None
     last_called_at: object = None
+    #: calls per latency bucket (LATENCY_BUCKETS_MS, then one for "slower than the last")
+    buckets: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS_MS) + 1))
 
 
 _lock = threading.Lock()
@@ -37,6 +42,7 @@ def record(datasource_id: int, status: int, duration_ms: float, *, error: bool) 
         entry.calls += 1
         entry.errors += int(error)
         entry.duration_ms += int(duration_ms)
+        entry.buckets[bisect_left(LATENCY_BUCKETS_MS, duration_ms)] += 1
         entry.last_status = status
         entry.last_called_at = timezone.now()
         due = time.monotonic() - _last_flush >= app_settings.USAGE_FLUSH_INTERVAL
@@ -69,6 +75,11 @@ def _write(datasource_id: int, entry: _Pending) -> None:
         "total_duration_ms": F("total_duration_ms") + entry.duration_ms,
         "last_status": entry.last_status,
         "last_called_at": entry.last_called_at,
+        **{
+            name: F(name) + count
+            for name, count in zip(_BUCKET_FIELDS, entry.buckets, strict=False)
+            if count
+        },
     }
     if DatasourceUsage.objects.filter(datasource_id=datasource_id).update(**values):
         return
@@ -83,6 +94,7 @@ def _write(datasource_id: int, entry: _Pending) -> None:
                 total_duration_ms=entry.duration_ms,
                 last_status=entry.last_status,
                 last_called_at=entry.last_called_at,
+                **dict(zip(_BUCKET_FIELDS, entry.buckets, strict=False)),
             )
     except IntegrityError:  # another process created it first, or the datasource is gone
         DatasourceUsage.objects.filter(datasource_id=datasource_id).update(**values)

@@ -8,40 +8,60 @@ goes (:mod:`.target`), sending it and relaying the answer (:mod:`.transport`), c
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable, Iterator
 
 import urllib3
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.utils.log import log_response
 from django.views.decorators.csrf import csrf_exempt
 
-from .. import binding, dpop, tls, tokens
+from .. import binding, calllog, dpop, tls, tokens
 from ..exceptions import NotAuthorized, ReauthorizationRequired, TransientUpstreamError
 from ..models import Datasource, Token
-from . import cache, callers, target, transport, usage
+from . import cache, callers, health, retries, target, transport, usage
+from .attempts import URLLIB3, Attempts
 from .callers import Refused
+from .limits import Verdict
 
 
 @csrf_exempt  # session callers are CSRF-checked in callers.authenticate (API keys need none)
 def proxy(request: HttpRequest, slug: str, path: str = "") -> HttpResponse:
-    started = time.perf_counter()
+    call = calllog.Call.begin(request.method, path, _content_length(request))
     datasource: Datasource | None = None
 
     def done(status: int) -> None:
         if datasource is not None:
-            elapsed = (time.perf_counter() - started) * 1000
+            elapsed = (time.perf_counter() - call.started) * 1000
             usage.record(datasource.pk, status, elapsed, error=status >= 500)
+            calllog.record(call, datasource.pk, status, elapsed)
 
     try:
         caller = callers.authenticate(request)
+        call.api_key_id, call.user_id = caller.api_key_id, caller.user_id
         token = _token_for(slug, caller)
         datasource = token.datasource
         url = _check_request(request, datasource, path)
-        response = _forward(request, caller, token, url, done)
+        response = _forward(request, caller, token, url, done, call)
     except Refused as refused:
+        call.error = refused.error
         response = _refusal(request, refused)
-    if not response.streaming:  # a streamed answer is counted when its body has been sent
+    if response.streaming:  # counted (and logged, by relay's done) when its body has been sent
+        response.streaming_content = _counted(response.streaming_content, call)
+    else:
+        call.response_bytes = len(response.content)
         done(response.status_code)
     return response
+
+
+def _counted(chunks: Iterable[bytes], call: calllog.Call) -> Iterator[bytes]:
+    for chunk in chunks:
+        call.response_bytes += len(chunk)
+        yield chunk
+
+
+def _content_length(request: HttpRequest) -> int:
+    value = request.META.get("CONTENT_LENGTH") or ""
+    return int(value) if value.isdigit() else 0
 
 
 def _token_for(slug: str, caller: callers.Caller) -> Token:
@@ -98,6 +118,7 @@ def _forward(
     token: Token,
     url: str,
     done,
+    call: calllog.Call,
 ) -> HttpResponse:
     datasource = token.datasource
     query = request.META.get("QUERY_STRING", "")
@@ -107,26 +128,37 @@ def _forward(
         placed = binding.auth_headers(datasource, token, request.method, url)
         return transport.request_headers(datasource, request.headers, placed, length)
 
+    def send(token: Token) -> urllib3.BaseHTTPResponse:
+        return transport.send_for_token(
+            request.method, datasource, url, query, token, headers_for, body, replayable
+        )
+
+    gate = health.admit(datasource.pk)
+    if gate.verdict in (Verdict.RATE_LIMITED, Verdict.CIRCUIT_OPEN):
+        # Remembered from an earlier answer, in any process: the upstream is not called.
+        refused = Refused(*health.refusal(gate))
+        refused.headers["Retry-After"] = health.retry_after_header(gate)
+        raise refused
     try:
         token = tokens.get_valid_token(datasource, token=token)
         cache.tokens.put((datasource.slug, token.user_id), token)
-        upstream = transport.send_for_token(
-            request.method, datasource, url, query, token, headers_for, body, replayable
+        attempts = Attempts(
+            datasource,
+            token,
+            URLLIB3,
+            method=request.method,
+            policy=retries.RetryPolicy.of(
+                datasource, requested=request.headers.get(retries.RETRIES_HEADER)
+            ),
+            replayable=replayable,
+            idempotency_key=bool(request.headers.get(retries.IDEMPOTENCY_HEADER)),
+            on_token=lambda fresh: cache.tokens.put((datasource.slug, fresh.user_id), fresh),
+            observe=health.observe,
         )
-        if replayable and binding.token_rejected(datasource, upstream.status, upstream.headers):
-            # Refresh once and retry once, unless the rules say the answer stands (the token is
-            # too young to blame, or a refresh failed moments ago): then it is passed on.
-            retry = tokens.refresh_after_rejection(
-                datasource, token.access_token, user=token.user_id
-            )
-            if retry is not None:
-                upstream.drain_conn()
-                upstream.release_conn()
-                token = retry
-                cache.tokens.put((datasource.slug, token.user_id), token)
-                upstream = transport.send_for_token(
-                    request.method, datasource, url, query, token, headers_for, body, replayable
-                )
+        try:
+            upstream = attempts.run(send)
+        finally:
+            call.retries, call.refreshed = attempts.retries, attempts.refreshed
     except (NotAuthorized, ReauthorizationRequired) as err:
         error = "not_authorized" if isinstance(err, NotAuthorized) else "reauthorization_required"
         if datasource.per_user:

@@ -1,0 +1,149 @@
+"""The call log: one :class:`~datasources.models.ProxyCall` row per proxied call.
+
+Rows are kept in memory and written with one ``bulk_create`` at most every
+CALL_LOG_FLUSH_INTERVAL seconds (or once CALL_LOG_MAX_BUFFER rows wait) per process, so the
+proxy's hot path appends to a list and does not write to the database. What is recorded is
+chosen so nothing secret can be in it: the method, the path below the base URL without its
+query string, the status, sizes and timings; never headers, bodies or query values.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from django.utils import timezone
+
+from .conf import app_settings
+from .models import ProxyCall
+
+logger = logging.getLogger(__name__)
+
+#: Longest path kept (the column's size).
+MAX_PATH = 1000
+
+
+@dataclass(slots=True)
+class Call:
+    """What one call did, filled in as it goes (the proxy view and :class:`.proxy.attempts`)."""
+
+    method: str
+    path: str
+    started: float  # time.perf_counter()
+    called_at: float  # time.time()
+    request_bytes: int = 0
+    response_bytes: int = 0
+    api_key_id: int | None = None
+    user_id: int | None = None
+    retries: int = 0
+    refreshed: bool = False
+    error: str = ""
+
+    @classmethod
+    def begin(cls, method: str, path: str, request_bytes: int = 0) -> Call:
+        return cls(
+            method,
+            path.partition("?")[0][:MAX_PATH],
+            time.perf_counter(),
+            time.time(),
+            request_bytes,
+        )
+
+
+_lock = threading.Lock()
+_pending: list[tuple] = []
+_last_flush = time.monotonic()
+
+
+def record(call: Call, datasource_id: int, status: int, latency_ms: float) -> None:
+    """Queue one row; write the queue when it is due."""
+    global _last_flush
+    if not app_settings.CALL_LOG:
+        return
+    row = (
+        call.called_at,
+        datasource_id,
+        call.api_key_id,
+        call.user_id,
+        call.method,
+        call.path,
+        status,
+        call.error,
+        int(latency_ms),
+        call.request_bytes,
+        call.response_bytes,
+        call.retries,
+        call.refreshed,
+    )
+    with _lock:
+        _pending.append(row)
+        due = (
+            len(_pending) >= app_settings.CALL_LOG_MAX_BUFFER
+            or time.monotonic() - _last_flush >= app_settings.CALL_LOG_FLUSH_INTERVAL
+        )
+    if due:
+        flush()
+
+
+def flush() -> int:
+    """Write every queued row now; how many were written."""
+    global _last_flush
+    with _lock:
+        batch = list(_pending)
+        _pending.clear()
+        _last_flush = time.monotonic()
+    if not batch:
+        return 0
+    rows = [_row(values) for values in batch]
+    ProxyCall.objects.bulk_create(rows)  # no foreign-key constraints: nothing to refuse it
+    return len(rows)
+
+
+def discard() -> None:
+    """Forget the rows not written yet (tests start from nothing)."""
+    global _last_flush
+    with _lock:
+        _pending.clear()
+        _last_flush = time.monotonic()
+
+
+def _row(values: tuple) -> ProxyCall:
+    (called_at, datasource_id, api_key_id, user_id, method, path, status, error, latency_ms,
+     request_bytes, response_bytes, retries, refreshed) = values  # fmt: skip
+    return ProxyCall(
+        called_at=datetime.fromtimestamp(called_at, UTC),
+        datasource_id=datasource_id,
+        api_key_id=api_key_id,
+        user_id=user_id,
+        method=method,
+        path=path,
+        status=status,
+        error=error,
+        latency_ms=latency_ms,
+        request_bytes=request_bytes,
+        response_bytes=response_bytes,
+        retries=retries,
+        refreshed=refreshed,
+    )
+
+
+def prune(now: datetime | None = None) -> int:
+    """Delete rows older than CALL_LOG_RETENTION_DAYS; how many went."""
+    cutoff = (now or timezone.now()) - timedelta(days=app_settings.CALL_LOG_RETENTION_DAYS)
+    deleted, _ = ProxyCall.objects.filter(called_at__lt=cutoff).delete()
+    return deleted
+
+
+@atexit.register
+def _flush_at_exit() -> None:
+    """A process that stops (gunicorn worker restart) writes what it still holds."""
+    if not _pending:
+        return
+    try:
+        flush()
+    except Exception as err:  # the database may be gone at exit; nothing else to do
+        logger.warning("Call log rows lost at exit (%s)", type(err).__name__)

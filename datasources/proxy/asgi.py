@@ -1,0 +1,257 @@
+"""The proxy's fast serving path under an ASGI server (uvicorn with uvloop and httptools).
+
+:func:`application` wraps the project's Django ASGI application: calls to the proxy's URLs
+(``/api/v1/datasources/<slug>/proxy/...``) are served by :class:`ProxyHandler`, everything else
+(admin, authorization flow, API-key pages) by Django's own ASGI handler, so one command serves
+both.
+
+Why not Django's ASGI handler for the proxy too: it runs a sync view and every sync middleware
+through ``sync_to_async(thread_sensitive=True)``, i.e. one thread per process and several hops
+between the event loop and that thread per request, and it consumes a streamed answer's
+iterator whole before sending it (a 1 GB answer would sit in memory). :class:`ProxyHandler`
+runs the same request cycle (the project's middleware, URL resolving, the same view, the same
+signals and error handling: :class:`django.core.handlers.base.BaseHandler` in its sync mode) in
+one hop to a thread pool, and moves bodies both ways in bounded pieces: a large request body is
+read from the connection as the view reads it, a streamed answer is sent chunk by chunk. What
+is decided (who may call, which headers, which answer) is the view's, on both serving paths;
+this module only does I/O.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import re
+import threading
+from collections.abc import Awaitable, Callable, Iterator, MutableMapping
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+from urllib.parse import unquote_to_bytes
+
+from django.core import signals
+from django.core.exceptions import RequestDataTooBig
+from django.core.handlers.asgi import ASGIHandler, ASGIRequest, get_script_prefix
+from django.core.handlers.base import BaseHandler
+from django.http import HttpResponse, HttpResponseBadRequest
+from django.urls import set_script_prefix
+from django.utils.encoding import repercent_broken_unicode
+
+from ..conf import app_settings
+
+logger = logging.getLogger("django.request")
+
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[dict]]
+Send = Callable[[dict], Awaitable[None]]
+
+#: The proxy's URLs (datasources/urls.py); anything else is Django's.
+PROXY_PATH = re.compile(r"^/api/v1/datasources/[-a-zA-Z0-9_]+/proxy/")
+
+
+class _ReceivedBody(io.RawIOBase):
+    """A request body read from the ASGI connection as the view reads it (in a pool thread),
+    so a large upload streams upstream with bounded memory instead of being spooled first."""
+
+    def __init__(self, receive: Receive, loop: asyncio.AbstractEventLoop) -> None:
+        self._receive = receive
+        self._loop = loop
+        self._buffer = b""
+        self._more = True
+        self.disconnected = False
+
+    def readable(self) -> bool:
+        return True
+
+    def _next(self) -> None:
+        message = asyncio.run_coroutine_threadsafe(self._receive(), self._loop).result()
+        if message["type"] == "http.disconnect":
+            self.disconnected, self._more = True, False
+            return
+        self._buffer += message.get("body", b"")
+        self._more = message.get("more_body", False)
+
+    def read(self, size: int = -1) -> bytes:
+        while self._more and (size < 0 or len(self._buffer) < size):
+            self._next()
+        if size < 0 or size >= len(self._buffer):
+            data, self._buffer = self._buffer, b""
+        else:
+            data, self._buffer = self._buffer[:size], self._buffer[size:]
+        return data
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+
+class ProxyHandler(ASGIHandler):
+    """Django's request cycle in its sync mode, one hop to a thread pool per request."""
+
+    def __init__(self, threads: int | None = None) -> None:
+        BaseHandler.__init__(self)
+        self.load_middleware(is_async=False)
+        self.executor = ThreadPoolExecutor(
+            max_workers=threads or app_settings.PROXY_ASGI_THREADS,
+            thread_name_prefix="proxy",
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        loop = asyncio.get_running_loop()
+        body: io.RawIOBase | io.BytesIO
+        if _small_body(scope):
+            chunks = []
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return
+                chunks.append(message.get("body", b""))
+                if not message.get("more_body", False):
+                    break
+            body = io.BytesIO(b"".join(chunks))
+            receiving = False
+        else:
+            body = _ReceivedBody(receive, loop)
+            receiving = True
+        response = await loop.run_in_executor(self.executor, self._respond, scope, body)
+        try:
+            if receiving:
+                # What the view did not read stays unread; the server closes the connection.
+                body.close()
+            await self._send(response, receive, send, loop, listen=not receiving)
+        finally:
+            await loop.run_in_executor(self.executor, response.close)
+
+    def _respond(self, scope: Scope, body: io.IOBase) -> HttpResponse:
+        """The project's middleware and view, in a pool thread (what WSGIHandler.__call__ does)."""
+        set_script_prefix(get_script_prefix(scope))
+        signals.request_started.send(sender=self.__class__, scope=scope)
+        try:
+            request = self.make_request(scope, body)
+        except UnicodeDecodeError:
+            logger.warning("Bad Request (UnicodeDecodeError)", extra={"status_code": 400})
+            return HttpResponseBadRequest()
+        except RequestDataTooBig:
+            return HttpResponse("413 Payload too large", status=413)
+        response = self.get_response(request)
+        response._handler_class = self.__class__
+        return response
+
+    def make_request(self, scope: Scope, body: io.IOBase) -> ASGIRequest:
+        return ASGIRequest(_wsgi_like_path(scope), body)
+
+    async def _send(
+        self,
+        response: HttpResponse,
+        receive: Receive,
+        send: Send,
+        loop: asyncio.AbstractEventLoop,
+        *,
+        listen: bool,
+    ) -> None:
+        headers = [
+            (name.encode("ascii"), value.encode("latin1")) for name, value in response.items()
+        ]
+        for cookie in response.cookies.values():
+            headers.append((b"Set-Cookie", cookie.output(header="").encode("ascii").strip()))
+        await send(
+            {"type": "http.response.start", "status": response.status_code, "headers": headers}
+        )
+        if not response.streaming:
+            await send({"type": "http.response.body", "body": response.content})
+            return
+        # A streamed answer, a chunk at a time from a pool thread; a client that goes away
+        # stops it (the upstream connection is then released by the response's close()).
+        disconnected = asyncio.ensure_future(_disconnect(receive)) if listen else None
+        chunks: Iterator[bytes] = iter(response.streaming_content)
+        try:
+            while disconnected is None or not disconnected.done():
+                chunk = await loop.run_in_executor(self.executor, next, chunks, None)
+                if chunk is None:
+                    break
+                if chunk:
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            else:
+                return
+            await send({"type": "http.response.body"})
+        finally:
+            if disconnected is not None and not disconnected.done():
+                disconnected.cancel()
+
+
+async def _disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+def _wsgi_like_path(scope: Scope) -> Scope:
+    """The scope with its path decoded from the raw bytes as Django's WSGI handler decodes it:
+    bytes that are not UTF-8 stay percent-encoded (servers decode them to U+FFFD, which would
+    hide them from the path checks in :mod:`.target`)."""
+    raw = scope.get("raw_path")
+    if not raw:
+        return scope
+    path = repercent_broken_unicode(unquote_to_bytes(raw.decode("latin1"))).decode()
+    root = scope.get("root_path", "")
+    return {**scope, "path": path if not root or path.startswith(root) else root + path}
+
+
+def _small_body(scope: Scope) -> bool:
+    """Whether the request body is read before the view runs (it fits the replay buffer)."""
+    length = None
+    for name, value in scope.get("headers", ()):
+        if name == b"transfer-encoding":
+            return False
+        if name == b"content-length":
+            try:
+                length = int(value)
+            except ValueError:
+                return True
+    return length is None or length <= app_settings.PROXY_REPLAY_MAX_BYTES
+
+
+class Router:
+    """The project's ASGI application: the proxy's fast path, Django for everything else."""
+
+    def __init__(self, django_app: Callable, proxy: ProxyHandler | None = None) -> None:
+        self.django = django_app
+        self._proxy = proxy
+        self._lock = threading.Lock()
+
+    @property
+    def proxy(self) -> ProxyHandler:
+        if self._proxy is None:
+            with self._lock:
+                if self._proxy is None:
+                    self._proxy = ProxyHandler()
+        return self._proxy
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            path = scope["path"]
+            root = scope.get("root_path", "")
+            if root and path.startswith(root):
+                path = path[len(root) :]
+            if PROXY_PATH.match(path):
+                await self.proxy(scope, receive, send)
+            else:
+                await self.django(scope, receive, send)
+        elif kind == "lifespan":
+            await self._lifespan(receive, send)
+        else:
+            raise ValueError(f"Django can only handle ASGI/HTTP connections, not {kind}.")
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        from . import usage
+
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                # Counts not written yet are written before the process exits.
+                await asyncio.get_running_loop().run_in_executor(None, usage.flush)
+                await send({"type": "lifespan.shutdown.complete"})
+                return

@@ -1,0 +1,182 @@
+"""Sending one call upstream until its answer stands: the one place that drives the "expired"
+refresh-and-retry and the opt-in retries, for the proxy, the admin's Test and the Python client.
+
+Each of them sends differently (urllib3 or requests, streamed or buffered), so they hand in a
+``send(token)`` function and a :class:`Wire` that reads their answers; the rules are shared:
+
+* an "expired" status (the datasource's, 401 by default) on a replayable call: the token rules
+  (:func:`datasources.tokens.refresh_after_rejection`) say whether to refresh; if so the call is
+  sent once more with the new token. Never a second time, whatever the next answer is;
+* any other answer or a connection error: :func:`.retries.decide_retry` says whether and when
+  to send it again (the datasource's opt-in retries);
+* every answer and connection error is shown to ``observe`` (the shared rate-limit memory and
+  circuit breaker learn from it).
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
+
+import urllib3
+
+from .. import binding, tokens
+from . import retries
+
+if TYPE_CHECKING:
+    from ..models import Datasource, Token
+
+R = TypeVar("R")
+
+
+class Wire(Protocol[R]):
+    """How one transport's answers are read."""
+
+    #: Exceptions meaning "no answer": refused, reset, timed out.
+    connection_errors: tuple[type[BaseException], ...]
+
+    def status(self, response: R) -> int: ...
+
+    def header(self, response: R, name: str) -> str | None: ...
+
+    def discard(self, response: R) -> None:
+        """Throw an answer away (it is being replaced by another attempt)."""
+
+
+class Urllib3Wire:
+    """urllib3's answers (the proxy's transport); a discarded answer's connection is reused."""
+
+    connection_errors = (
+        urllib3.exceptions.NewConnectionError,
+        urllib3.exceptions.TimeoutError,
+        urllib3.exceptions.ProtocolError,  # reset, or closed without an answer
+    )
+
+    @staticmethod
+    def status(response: urllib3.BaseHTTPResponse) -> int:
+        return response.status
+
+    @staticmethod
+    def header(response: urllib3.BaseHTTPResponse, name: str) -> str | None:
+        return response.headers.get(name)
+
+    @staticmethod
+    def discard(response: urllib3.BaseHTTPResponse) -> None:
+        response.drain_conn()
+        response.release_conn()
+
+
+URLLIB3 = Urllib3Wire()
+
+
+class _Headers(Generic[R]):
+    """An answer's headers read through its wire (the shape :mod:`datasources.binding` reads)."""
+
+    __slots__ = ("response", "wire")
+
+    def __init__(self, wire: Wire[R], response: R) -> None:
+        self.wire, self.response = wire, response
+
+    def get(self, name: str, default: str | None = None) -> str | None:
+        value = self.wire.header(self.response, name)
+        return default if value is None else value
+
+
+#: observe(datasource, status or retries.CONNECTION_ERROR, header getter or None)
+Observer = Callable[["Datasource", int, Callable[[str], str | None] | None], None]
+
+
+class Attempts(Generic[R]):
+    """One call and its attempts. After :meth:`run` (returned or raised), ``retries``,
+    ``refreshed`` and ``token`` say what happened, for the call log."""
+
+    def __init__(
+        self,
+        datasource: Datasource,
+        token: Token,
+        wire: Wire[R],
+        *,
+        method: str,
+        policy: retries.RetryPolicy = retries.NO_RETRIES,
+        replayable: bool = True,
+        idempotency_key: bool = False,
+        on_token: Callable[[Token], None] | None = None,
+        observe: Observer | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.datasource = datasource
+        self.token = token
+        self.wire = wire
+        self.method = method
+        self.policy = policy
+        self.replayable = replayable
+        self.idempotency_key = idempotency_key
+        self.on_token = on_token
+        self.observe = observe
+        self.sleep = sleep
+        self.clock = clock
+        self.retries = 0
+        self.refreshed = False
+
+    def run(self, send: Callable[[Token], R]) -> R:
+        started = self.clock()
+        rejection_handled = False
+        while True:
+            try:
+                response = send(self.token)
+            except self.wire.connection_errors:
+                if self.observe is not None:
+                    self.observe(self.datasource, retries.CONNECTION_ERROR, None)
+                if not self._wait(retries.CONNECTION_ERROR, None, started):
+                    raise
+                continue
+            status = self.wire.status(response)
+            if self.observe is not None:
+                self.observe(self.datasource, status, functools.partial(self.wire.header, response))
+            if binding.token_rejected(self.datasource, status, _Headers(self.wire, response)):
+                if rejection_handled or not self.replayable:
+                    return response
+                rejection_handled = True
+                # Refresh once and retry once, unless the rules say the answer stands (the token
+                # is too young to blame, or a refresh failed moments ago).
+                fresh = tokens.refresh_after_rejection(
+                    self.datasource, self.token.access_token, user=self.token.user_id
+                )
+                if fresh is None:
+                    return response
+                self.wire.discard(response)
+                self.token, self.refreshed = fresh, True
+                if self.on_token is not None:
+                    self.on_token(fresh)
+                continue
+            retry_after = retries.parse_retry_after(
+                self.wire.header(response, "Retry-After"), time.time()
+            )
+            if not self._wait(status, retry_after, started, response):
+                return response
+
+    def _wait(
+        self, status: int, retry_after: float | None, started: float, response: R | None = None
+    ) -> bool:
+        """Sleep before the next attempt and say True, or say False (the outcome stands)."""
+        wait = retries.decide_retry(
+            self.policy,
+            method=self.method,
+            status=status,
+            retries_done=self.retries,
+            elapsed=self.clock() - started,
+            retry_after=retry_after,
+            idempotency_key=self.idempotency_key,
+            replayable=self.replayable,
+        )
+        if wait is None:
+            return False
+        if response is not None:
+            self.wire.discard(response)
+        self.retries += 1
+        if wait > 0:
+            self.sleep(wait)
+        return True
