@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -47,11 +48,20 @@ class Call:
     def begin(cls, method: str, path: str, request_bytes: int = 0) -> Call:
         return cls(
             method,
-            path.partition("?")[0][:MAX_PATH],
+            _CONTROL.sub(_escape, path.partition("?")[0])[:MAX_PATH],
             time.perf_counter(),
             time.time(),
             request_bytes,
         )
+
+
+#: Control characters (NUL among them) are stored percent-encoded: PostgreSQL refuses NUL in text,
+#: and a log line should not carry raw control characters either.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _escape(match: re.Match[str]) -> str:
+    return f"%{ord(match.group()):02X}"
 
 
 _lock = threading.Lock()
