@@ -234,13 +234,14 @@ def send_task(group: Workers, name: str) -> None:
     from config.paths import broker_folders, filesystem_transport_options
 
     url = group.env["CELERY_BROKER_URL"]
-    options = {}
+    options, transport = {}, None
     if url.startswith("filesystem://"):
+        transport = "config.fsbroker:Transport"
         data_dir = Path(group.env["DATA_DIR"])
         for folder in broker_folders(data_dir).values():  # the worker may not have made them yet
             folder.mkdir(parents=True, exist_ok=True)
         options = filesystem_transport_options(data_dir)
-    with Connection(url, transport_options=options) as connection:
+    with Connection(url, transport=transport, transport_options=options) as connection:
         app.send_task(name, queue=group.env["CELERY_TASK_DEFAULT_QUEUE"], connection=connection)
 
 
