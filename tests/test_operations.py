@@ -120,12 +120,13 @@ def test_healthz_reports_database_and_broker(client):
 def test_healthz_fails_when_the_broker_is_down(client, settings):
     from config.celery import app
 
-    original = app.conf.broker_url
-    app.conf.broker_url = "redis://127.0.0.1:9/0"
+    original = app.conf.broker_url, app.conf.broker_transport
+    # (the filesystem broker's transport class would override the URL's scheme)
+    app.conf.broker_url, app.conf.broker_transport = "redis://127.0.0.1:9/0", None
     try:
         response = client.get("/healthz")
     finally:
-        app.conf.broker_url = original
+        app.conf.broker_url, app.conf.broker_transport = original
     assert response.status_code == 503
     assert response.json()["broker"].startswith("error")
 
