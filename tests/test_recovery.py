@@ -213,21 +213,28 @@ def assert_lost_response_event(datasource) -> None:
     ).exists()
 
 
-def wait_for_sessions_to_end(timeout: float = 10.0) -> None:
-    """PostgreSQL: a killed process's session ends once the server notices; wait for it so the
-    test database can be flushed and dropped."""
+def other_sessions() -> set[int]:
+    """Backend pids of the other sessions on the test database (PostgreSQL; empty elsewhere)."""
     if connection.vendor != "postgresql":
-        return
+        return set()
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT pid FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+        return {pid for (pid,) in cursor.fetchall()}
 
-    def alone() -> bool:
-        with connection.cursor() as cursor:
-            cursor.execute(
-                "SELECT count(*) FROM pg_stat_activity "
-                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
-            )
-            return cursor.fetchone()[0] == 0
 
-    wait_until(alone, timeout, interval=0.05, what="the killed process's database session")
+def wait_for_sessions_to_end(before: set[int], timeout: float = 10.0) -> None:
+    """PostgreSQL: a killed process's session ends once the server notices; wait for it so the
+    test database can be flushed and dropped. Sessions that were open before the process started
+    (this process's other threads, e.g. a serving thread pool) are not its."""
+    wait_until(
+        lambda: not (other_sessions() - before),
+        timeout,
+        interval=0.05,
+        what="the killed process's database session",
+    )
 
 
 def test_lease_holder_killed_mid_refresh(fake_provider, staff_client):
@@ -242,6 +249,7 @@ def test_lease_holder_killed_mid_refresh(fake_provider, staff_client):
     expire_everywhere(provider, datasource)
     provider.hang(after_issue=True)
 
+    sessions_before = other_sessions()
     holder = subprocess.Popen(
         [sys.executable, str(ROOT / "tests" / "proc_refresh.py"), datasource.slug, "0"],
         stdout=subprocess.PIPE,
@@ -268,7 +276,7 @@ def test_lease_holder_killed_mid_refresh(fake_provider, staff_client):
             holder.kill()
         holder.communicate(timeout=30)
     assert holder.returncode == -signal.SIGKILL
-    wait_for_sessions_to_end()
+    wait_for_sessions_to_end(sessions_before)
     provider.release()  # the rotated answer goes to a dead socket
 
     # A dead holder's lease lapses after LEASE_SECONDS: travel there instead of waiting.
