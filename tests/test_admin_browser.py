@@ -497,6 +497,26 @@ def test_generate_key_pair_button_and_token_with_the_registered_key(
 # --- banners: each problem with the one action that fixes it ---------------------------------
 
 
+def test_generate_key_pair_shows_only_where_a_signing_key_is_used(
+    auth_server, page, expect, builder
+):
+    """The button makes a signing key: a datasource that authenticates with a secret or a TLS
+    certificate does not use one, so it is not offered there."""
+    datasource = make_datasource(auth_server, slug="basic-auth", client_authentication="basic")
+    base = auth_server.base
+    log_in(page, base)
+    page.goto(f"{base}{datasource.get_admin_url()}")
+    button = page.locator("button.datasource-generate-key")
+    expect(button).to_be_hidden()
+    page.select_option("#id_client_authentication", "private_key_jwt")
+    expect(button).to_be_visible()
+    page.select_option("#id_client_authentication", "tls_client_auth")
+    expect(button).to_be_hidden()
+    page.select_option("#id_client_authentication", "basic")
+    page.select_option("#id_grant_type", "jwt_bearer")
+    expect(button).to_be_visible()
+
+
 def test_banners_offer_the_fixing_action(
     auth_server, page, expect, builder, token_calls, authorize
 ):

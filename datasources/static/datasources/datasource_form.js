@@ -13,7 +13,7 @@
   // The signing key: for private_key_jwt client authentication and the JWT bearer grant.
   var KEY_FIELDS = [
     "private_key", "private_key_file", "generate_private_key", "clear_private_key",
-    "private_key_id", "signing_algorithm", "signing_certificate", "public_key"
+    "private_key_id", "signing_algorithm", "signing_certificate", "public_key", "key_pair"
   ];
   var JWT_BEARER_ONLY = ["service_account_key", "service_account_key_file", "assertion_subject"];
 
