@@ -260,7 +260,7 @@ def test_form_shows_only_the_fields_that_apply(auth_server, page, expect, builde
     base = auth_server.base
     log_in(page, base)
     page.goto(f"{base}/admin/datasources/datasource/add/")
-    code_only = [".field-authorization_url", ".field-token_sharing", ".field-issuer"]
+    code_only = [".field-authorization_url", ".field-token_sharing"]
     for selector in code_only:
         expect(page.locator(selector)).to_be_visible()
     expect(page.locator(".datasource-redirect-uri")).to_be_visible()
@@ -273,6 +273,9 @@ def test_form_shows_only_the_fields_that_apply(auth_server, page, expect, builde
         expect(page.locator(selector)).to_be_hidden()
     expect(page.locator(".datasource-redirect-uri")).to_be_hidden()
     expect(page.locator("input[name=_authorize]")).to_be_hidden()
+    # Discovery fills the token endpoint for every grant (Okta and Entra service apps).
+    expect(page.locator(".field-issuer")).to_be_visible()
+    expect(page.locator(".field-discover")).to_be_visible()
     shot(page, "datasource-add-client-credentials")
 
     page.select_option("#id_token_placement", "query")

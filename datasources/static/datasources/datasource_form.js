@@ -5,10 +5,11 @@
   "use strict";
 
   // Fields that only mean something for the authorization code grant (a person signs in).
+  // The issuer and discovery apply to every grant: they fill the token endpoint, and a signed
+  // client assertion may be addressed to the issuer.
   var CODE_GRANT_ONLY = [
-    "authorization_url", "use_pkce", "token_sharing", "issuer", "discover",
-    "issuer_returns_iss", "custom_auth_params", "pushed_authorization_request_url",
-    "require_pushed_authorization_requests"
+    "authorization_url", "use_pkce", "token_sharing", "issuer_returns_iss", "custom_auth_params",
+    "pushed_authorization_request_url", "require_pushed_authorization_requests"
   ];
   // The signing key: for private_key_jwt client authentication and the JWT bearer grant.
   var KEY_FIELDS = [
