@@ -19,6 +19,7 @@ certificate are never used for another's calls.
 from __future__ import annotations
 
 import base64
+import collections
 import functools
 import hashlib
 import os
@@ -158,11 +159,43 @@ def context_for(datasource: Datasource, *, api: bool) -> ssl.SSLContext | None:
     )
 
 
-@functools.lru_cache(maxsize=128)
+#: How many TLS configurations a process keeps built (contexts, their pools, failures).
+CACHED_CONFIGURATIONS = 128
+
+
 @sensitive_variables()
 def ssl_context(certificate_pem: str, key_pem: str, ca_pem: str) -> ssl.SSLContext:
     """A verifying client context: system CAs plus ``ca_pem``, and the client certificate and
-    key when given. Cached per (certificate, key, CA) text: built once per process."""
+    key when given. Built once per process per (certificate, key, CA) text; a configuration
+    that cannot be built fails the same way every time, so its failure is remembered too and
+    a broken datasource does not write and load a key file on every call."""
+    if _failures and (failed := _failures.get(_fingerprint(certificate_pem, key_pem, ca_pem))):
+        raise TLSConfigError(failed)
+    try:
+        return _build_context(certificate_pem, key_pem, ca_pem)
+    except TLSConfigError as err:
+        with _pools_lock:
+            _failures[_fingerprint(certificate_pem, key_pem, ca_pem)] = str(err)
+            while len(_failures) > CACHED_CONFIGURATIONS:
+                _failures.popitem(last=False)
+        raise
+
+
+_failures: collections.OrderedDict[str, str] = collections.OrderedDict()
+
+
+def _fingerprint(*parts: str) -> str:
+    """A key for the failure memory that does not keep the key text itself."""
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(part.encode())
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
+@functools.lru_cache(maxsize=CACHED_CONFIGURATIONS)
+@sensitive_variables()
+def _build_context(certificate_pem: str, key_pem: str, ca_pem: str) -> ssl.SSLContext:
     context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     # create_default_context verifies already; stated, because nothing may turn it off.
@@ -210,7 +243,11 @@ def _load_client_pair(context: ssl.SSLContext, certificate_pem: str, key_pem: st
         shutil.rmtree(directory, ignore_errors=True)
 
 
-_pools: dict[int, urllib3.PoolManager] = {}
+#: id(context) -> its pools, least recently used first. An entry holds its context (through
+#: the manager), so an id is not reused while its entry exists; beyond CACHED_CONFIGURATIONS
+#: the least recently used pools are closed, so a process that sees many certificates over its
+#: life does not keep a pool set for each.
+_pools: collections.OrderedDict[int, urllib3.PoolManager] = collections.OrderedDict()
 _pools_lock = threading.Lock()
 
 
@@ -218,21 +255,23 @@ def pool_manager(context: ssl.SSLContext, *, maxsize: int) -> urllib3.PoolManage
     """Keep-alive pools that connect with ``context`` (one PoolManager per context: a client
     certificate's connections are kept apart from every other datasource's)."""
     key = id(context)
-    manager = _pools.get(key)
-    if manager is None:
-        with _pools_lock:
-            manager = _pools.get(key)
-            if manager is None:
-                manager = urllib3.PoolManager(
-                    num_pools=16,
-                    maxsize=maxsize,
-                    retries=False,
-                    block=False,
-                    ssl_context=context,
-                    cert_reqs="CERT_REQUIRED",
-                )
-                # the context stays referenced by the manager, so its id is not reused
-                _pools[key] = manager
+    with _pools_lock:
+        manager = _pools.get(key)
+        if manager is not None:
+            _pools.move_to_end(key)
+            return manager
+        manager = urllib3.PoolManager(
+            num_pools=16,
+            maxsize=maxsize,
+            retries=False,
+            block=False,
+            ssl_context=context,
+            cert_reqs="CERT_REQUIRED",
+        )
+        _pools[key] = manager
+        while len(_pools) > CACHED_CONFIGURATIONS:
+            _, evicted = _pools.popitem(last=False)
+            evicted.clear()  # closes its idle connections; ones in use close when released
     return manager
 
 

@@ -76,6 +76,41 @@ def test_the_client_key_reaches_the_ssl_module_encrypted_in_a_private_file_remov
     assert tls.pool_manager(context, maxsize=2) is not tls.pool_manager(second, maxsize=2)
 
 
+def test_a_configuration_that_cannot_be_built_fails_from_memory_without_touching_disk(
+    ca, monkeypatch
+):
+    one, other = certs.client_cert(ca, "broken-one"), certs.client_cert(ca, "broken-other")
+    loads = []
+    real = ssl.SSLContext.load_cert_chain
+
+    def counted(self, *args, **kwargs):
+        loads.append(1)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(ssl.SSLContext, "load_cert_chain", counted)
+    for _ in range(3):
+        with pytest.raises(tls.TLSConfigError, match="could not be loaded") as caught:
+            tls.ssl_context(one.cert_pem, other.key_pem, "")
+        assert "PRIVATE" not in str(caught.value)
+    assert len(loads) == 1
+    assert all(one.key_pem not in key and other.key_pem not in key for key in tls._failures)
+
+
+def test_pools_are_kept_for_the_most_recently_used_configurations_only(monkeypatch):
+    monkeypatch.setattr(tls, "_pools", type(tls._pools)())
+    monkeypatch.setattr(tls, "CACHED_CONFIGURATIONS", 2)
+    contexts = [ssl.create_default_context() for _ in range(3)]
+    first = tls.pool_manager(contexts[0], maxsize=2)
+    second = tls.pool_manager(contexts[1], maxsize=2)
+    second.connection_from_url("https://example.invalid/")  # a pool inside it
+    assert len(second.pools) == 1
+    assert tls.pool_manager(contexts[0], maxsize=2) is first  # used again: kept
+    tls.pool_manager(contexts[2], maxsize=2)  # evicts the least recently used: the second
+    assert list(tls._pools) == [id(contexts[0]), id(contexts[2])]
+    assert len(second.pools) == 0  # closed, not just forgotten
+    assert tls.pool_manager(contexts[1], maxsize=2) is not second
+
+
 @pytest.mark.django_db
 def test_import_refuses_a_mismatched_pair_and_mtls_without_a_certificate(ca):
     one, other = certs.client_cert(ca, "one"), certs.client_cert(ca, "other")
