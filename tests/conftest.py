@@ -15,6 +15,9 @@ from datasources.models import Datasource
 
 CALLBACK_PATH = "/api/v1/datasources/authorize"
 
+# The browser tests' shared fixtures (page, expect, builder, playwright_api).
+pytest_plugins = ["tests.browser"]
+
 
 # --- CI: a skip is a failure ---------------------------------------------------------------
 
