@@ -286,6 +286,29 @@ def fake_token_endpoint(monkeypatch):
     return fake
 
 
+# --- local fake upstreams -------------------------------------------------------------------
+
+
+@pytest.fixture
+def spy():
+    """The spy upstream API (tests/spy.py): records exactly what reached it."""
+    from .spy import SpyUpstream
+
+    upstream = SpyUpstream().start()
+    yield upstream
+    upstream.stop()
+
+
+@pytest.fixture
+def flaky():
+    """The scripted flaky upstream API with its token endpoint (tests/flaky.py)."""
+    from .flaky import FlakyUpstream
+
+    upstream = FlakyUpstream().start()
+    yield upstream
+    upstream.stop()
+
+
 # --- serving paths ------------------------------------------------------------------------
 
 

@@ -15,18 +15,11 @@ from datasources import calllog
 from datasources.apikeys import create_api_key
 from datasources.models import ProxyCall
 
-from .flaky import FlakyUpstream, status
+from .flaky import status
 from .test_admin_browser import log_in, message, shot
 from .test_retries import flaky_datasource
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
-
-
-@pytest.fixture
-def flaky():
-    upstream = FlakyUpstream().start()
-    yield upstream
-    upstream.stop()
 
 
 @pytest.fixture
