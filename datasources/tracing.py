@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 from collections.abc import Mapping, MutableMapping
 from typing import Any
 from urllib.parse import urlsplit
@@ -42,6 +43,7 @@ _UNRESOLVED = object()
 _tracer: Any = _UNRESOLVED
 _propagate = False
 _trust_incoming = False
+_resolving = threading.Lock()
 
 
 class NoopSpan:
@@ -228,6 +230,13 @@ def _start(tracer: Any, name: str, attributes, client: bool, parent_headers) -> 
 
 
 def _resolve() -> Any:
+    """Read the settings once (the first span of a process, or after :func:`reset`); under a
+    lock, so that the threads of a fresh worker install one SDK provider, not one each."""
+    with _resolving:
+        return _tracer if _tracer is not _UNRESOLVED else _resolve_locked()
+
+
+def _resolve_locked() -> Any:
     global _tracer, _propagate, _trust_incoming
     from .conf import app_settings
 

@@ -383,11 +383,20 @@ class Collector(LocalHTTPServer):
 
 
 SCRIPT = """
-import sys, django
+import sys, threading, django
 django.setup()
 from datasources import tracing
-with tracing.span(tracing.PROXY, {"datasources.datasource": "crm"}):
-    pass
+# A fresh gunicorn gthread worker: its threads' first spans come at once.
+start = threading.Barrier(8)
+def first_span():
+    start.wait()
+    with tracing.span(tracing.PROXY, {"datasources.datasource": "crm"}):
+        pass
+threads = [threading.Thread(target=first_span) for _ in range(8)]
+for thread in threads:
+    thread.start()
+for thread in threads:
+    thread.join()
 print("imported" if "opentelemetry" in sys.modules else "not-imported")
 if tracing.enabled():
     from opentelemetry import trace
@@ -423,11 +432,12 @@ def test_off_by_default_no_import_and_on_exports_over_otlp():
             timeout=60,
         )
         assert on.returncode == 0, on.stderr
+        assert "Overriding" not in on.stderr  # one provider installed, not one per thread
         deadline = time.monotonic() + 10
         while not collector.bodies:
             assert time.monotonic() < deadline, "nothing reached the OTLP endpoint"
             time.sleep(0.05)
         body = b"".join(collector.bodies)
-        assert tracing.PROXY.encode() in body and b"datasources-test" in body
+        assert body.count(tracing.PROXY.encode()) == 8 and b"datasources-test" in body
     finally:
         collector.stop()
