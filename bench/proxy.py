@@ -15,12 +15,19 @@ reports the growth of its workers' resident memory.
     python bench/proxy.py [--server asgi,wsgi] [--duration 10] [--rounds 5] [--connections 16]
                           [--stream-bytes 1000000000]
     python bench/proxy.py --features [--duration 30] [--rounds 10]
+    python bench/proxy.py --tracing [--duration 30] [--rounds 10]
 
 ``--features`` measures instead what the call log, the retries machinery and the shared upstream
 health (rate-limit memory, circuit breaker) cost when no retry happens: two gunicorn servers,
 one with them (a datasource with 3 retries configured, call log on) and one without
 (``BENCH_FEATURES=off``: call log and upstream health off, no retries configured), driven in
 interleaved slices; prints both and the ratio.
+
+``--tracing`` measures what OpenTelemetry spans cost (docs/tracing.md): two gunicorn servers,
+one with ``DATASOURCES_TRACING=1`` exporting every span over OTLP/HTTP (the SDK's batch
+processor) to a local sink that only counts, one with tracing off (the default); interleaved
+slices, both printed with the ratio; then the cost per call of the off path's calls into
+``datasources.tracing``, timed in this process.
 
 Install what it drives (Debian, as root): ``apt-get install -y wrk nginx-light`` (or ``nginx``);
 ``make bench-proxy`` installs the Python side (``pip install -e '.[test]'``: gunicorn, uvicorn).
@@ -61,6 +68,7 @@ def main() -> None:
     parser.add_argument("--asgi-threads", type=int, default=16, help="PROXY_ASGI_THREADS")
     parser.add_argument("--asgi-workers", type=int, default=None, help="default: --workers")
     parser.add_argument("--features", action="store_true", help="features on vs off (see above)")
+    parser.add_argument("--tracing", action="store_true", help="tracing on vs off (see above)")
     args = parser.parse_args()
     args.asgi_workers = args.asgi_workers or args.workers
     kinds = [kind.strip() for kind in args.server.split(",") if kind.strip()]
@@ -129,6 +137,8 @@ def main() -> None:
     auth = f"Authorization: Api-Key {key}"
     if args.features:
         return features(args, env, datasource, key)
+    if args.tracing:
+        return tracing_cost(args, env, key)
 
     try:
         nginx_port = start_nginx(upstream_port, args.workers, processes)
@@ -328,6 +338,96 @@ def features(args, env: dict[str, str], datasource, key: str) -> None:
     print(
         f"throughput on / off: {on_rps / off_rps:.3f}  (cost {100 * (1 - on_rps / off_rps):.1f}%, target < 10%)"
     )
+
+
+def tracing_cost(args, env: dict[str, str], key: str) -> None:
+    """Tracing on (every span exported over OTLP/HTTP to a local sink) vs off."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    received = {"requests": 0, "bytes": 0}
+
+    class Sink(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            received["requests"] += 1
+            received["bytes"] += len(body)
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args) -> None:
+            pass
+
+    sink = ThreadingHTTPServer(("127.0.0.1", 0), Sink)
+    threading.Thread(target=sink.serve_forever, daemon=True).start()
+    env = {k: v for k, v in env.items() if not k.startswith(("DATASOURCES_TRACING", "OTEL_"))}
+    off, off_port = start_gunicorn(args, env)
+    on, on_port = start_gunicorn(
+        args,
+        {
+            **env,
+            "DATASOURCES_TRACING": "1",
+            "OTEL_SERVICE_NAME": "bench-proxy",
+            "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{sink.server_address[1]}",
+        },
+    )
+    try:
+        auth = f"Authorization: Api-Key {key}"
+        path = "api/v1/datasources/bench/proxy/items"
+        targets = {
+            "off": (f"http://127.0.0.1:{off_port}/{path}", auth),
+            "on": (f"http://127.0.0.1:{on_port}/{path}", auth),
+        }
+        runs = interleaved(targets, args)
+        single = interleaved(targets, args, connections=1)
+    finally:
+        for server in (on, off):
+            server.terminate()
+            server.wait(10)
+        sink.shutdown()
+    on_rps, off_rps = runs["on"][0], runs["off"][0]
+    print()
+    print(
+        f"gunicorn: {args.workers} workers x {args.threads} threads; wrk: "
+        f"{args.connections} connections (then 1), {args.duration}s each in {args.rounds} "
+        "interleaved rounds"
+    )
+    print(f"{'':8} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'p50 ms, 1 conn':>15}")
+    for name, (rps, p50, p99) in runs.items():
+        print(f"{name:8} {rps:10.0f} {p50:8.2f} {p99:8.2f} {single[name][1]:15.3f}")
+    print(f"OTLP export requests received: {received['requests']} ({received['bytes']} bytes)")
+    print(
+        f"throughput on / off: {on_rps / off_rps:.3f}  (cost {100 * (1 - on_rps / off_rps):.1f}%); "
+        f"added p50 at one connection: {single['on'][1] - single['off'][1]:.3f} ms"
+    )
+    print(f"off: {off_path_ns():.0f} ns per proxy call in datasources.tracing (this process)")
+
+
+def off_path_ns(calls: int = 200_000) -> float:
+    """What one proxy call spends in datasources.tracing with tracing off: the proxy span, one
+    upstream attempt's span, its status and the (skipped) header injection."""
+    import timeit
+
+    from datasources import tracing
+
+    tracing.reset()
+    assert not tracing.enabled()
+    headers: dict[str, str] = {}
+
+    def one_call() -> None:
+        with tracing.span(
+            tracing.PROXY, {"http.request.method": "GET"}, parent_headers=headers
+        ) as span:
+            with tracing.upstream_attempt("GET", "http://127.0.0.1/", 1) as attempt:
+                tracing.inject(headers)
+                tracing.answered(attempt, 200)
+            if span is not tracing.NOOP:
+                raise AssertionError("tracing is on")
+
+    best = min(timeit.repeat(one_call, number=calls, repeat=5))
+    return best / calls * 1e9
 
 
 def free_port() -> int:

@@ -180,6 +180,10 @@ DATASOURCES = {
     "METRICS_TOKEN": env.str("DATASOURCES_METRICS_TOKEN", default=""),
     "IMPORT_ENV_PREFIX": env.str("DATASOURCES_IMPORT_ENV_PREFIX", default="DATASOURCE_SECRET_"),
     "PROXY_ASGI_THREADS": env.int("DATASOURCES_PROXY_ASGI_THREADS", default=16),
+    # OpenTelemetry (docs/tracing.md; pip install '.[otel]'); the exporter reads OTEL_* variables.
+    "TRACING": env.bool("DATASOURCES_TRACING", default=False),
+    "TRACING_PROPAGATE": env.bool("DATASOURCES_TRACING_PROPAGATE", default=False),
+    "TRACING_TRUST_INCOMING": env.bool("DATASOURCES_TRACING_TRUST_INCOMING", default=False),
 }
 
 # Email (re-authorization notices to datasource owners). Default: printed to the console.

@@ -93,3 +93,21 @@ def check_secure_cookies(app_configs=None, **kwargs):
             id="datasources.W010",
         )
     ]
+
+
+@register()
+def check_tracing(app_configs=None, **kwargs):
+    if not app_settings.TRACING:
+        return []
+    try:
+        import opentelemetry.trace  # noqa: F401
+    except ImportError:
+        return [
+            Error(
+                "DATASOURCES['TRACING'] is on but opentelemetry-api is not installed: no spans "
+                "would be recorded.",
+                hint="pip install 'django-oauth2-datasources[otel]', or turn TRACING off.",
+                id="datasources.E006",
+            )
+        ]
+    return []

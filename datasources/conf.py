@@ -123,6 +123,11 @@ DEFAULTS: dict[str, Any] = {
     "IMPORT_ENV_PREFIX": "DATASOURCE_SECRET_",
     # import_datasources: the largest file read (bytes).
     "IMPORT_MAX_BYTES": 1024 * 1024,
+    # OpenTelemetry spans (docs/tracing.md): off unless on; traceparent sent upstream only with
+    # TRACING_PROPAGATE; a caller's traceparent continued only with TRACING_TRUST_INCOMING.
+    "TRACING": False,
+    "TRACING_PROPAGATE": False,
+    "TRACING_TRUST_INCOMING": False,
 }
 
 

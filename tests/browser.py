@@ -2,6 +2,9 @@
 
 Playwright cannot download its own browser here, so the tests launch /usr/bin/chromium with
 the flags a headless CI machine needs, and skip (a failure under CI) when it is missing.
+
+The fixtures at the end (``playwright_api``, ``page``, ``expect``, ``builder``) are shared by
+the admin browser tests: ``tests/conftest.py`` loads this module as a pytest plugin.
 """
 
 from __future__ import annotations
@@ -52,3 +55,30 @@ def chromium_page(api: Any, monkeypatch: pytest.MonkeyPatch, **context: Any) -> 
             # ORM calls made while Playwright's loop runs use their own (context-local)
             # connection; close it, or it keeps the test database busy at teardown.
             connections.close_all()
+
+
+# --- fixtures shared by the admin browser tests ----------------------------------------------
+
+#: The superuser the admin browser tests log in as (``log_in`` in test_admin_browser.py).
+BUILDER_PASSWORD = "builder-pass-1"
+
+
+@pytest.fixture(name="playwright_api")
+def playwright_api_fixture() -> Any:
+    return playwright_api()
+
+
+@pytest.fixture
+def page(playwright_api, monkeypatch) -> Iterator[Any]:
+    with chromium_page(playwright_api, monkeypatch, viewport={"width": 1280, "height": 900}) as p:
+        yield p
+
+
+@pytest.fixture
+def expect(playwright_api) -> Any:
+    return playwright_api.expect
+
+
+@pytest.fixture
+def builder(django_user_model):
+    return django_user_model.objects.create_superuser("builder", "b@example.com", BUILDER_PASSWORD)

@@ -15,6 +15,9 @@ from datasources.models import Datasource
 
 CALLBACK_PATH = "/api/v1/datasources/authorize"
 
+# The browser tests' shared fixtures (page, expect, builder, playwright_api).
+pytest_plugins = ["tests.browser"]
+
 
 # --- CI: a skip is a failure ---------------------------------------------------------------
 
@@ -281,6 +284,29 @@ def fake_token_endpoint(monkeypatch):
     session.mount("http://", Adapter())
     monkeypatch.setattr(oauth, "http_session", lambda: session)
     return fake
+
+
+# --- local fake upstreams -------------------------------------------------------------------
+
+
+@pytest.fixture
+def spy():
+    """The spy upstream API (tests/spy.py): records exactly what reached it."""
+    from .spy import SpyUpstream
+
+    upstream = SpyUpstream().start()
+    yield upstream
+    upstream.stop()
+
+
+@pytest.fixture
+def flaky():
+    """The scripted flaky upstream API with its token endpoint (tests/flaky.py)."""
+    from .flaky import FlakyUpstream
+
+    upstream = FlakyUpstream().start()
+    yield upstream
+    upstream.stop()
 
 
 # --- serving paths ------------------------------------------------------------------------

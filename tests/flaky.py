@@ -13,7 +13,9 @@ import socket
 import struct
 import threading
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
+
+from .localserver import LocalHTTPServer
 
 
 @dataclass
@@ -45,7 +47,7 @@ class Hit:
     body: bytes
 
 
-class FlakyUpstream:
+class FlakyUpstream(LocalHTTPServer):
     def __init__(self) -> None:
         self.scripts: dict[str, list[Step]] = {}
         self.always: dict[str, Step] = {}
@@ -53,92 +55,53 @@ class FlakyUpstream:
         self.token_calls = 0
         self.stopped = threading.Event()
         self._lock = threading.Lock()
-        upstream = self
+        super().__init__()
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
+    def handle(self, request: BaseHTTPRequestHandler, body: bytes) -> None:
+        path = request.path.split("?")[0]
+        if path == "/token":
+            return self._token(request)
+        with self._lock:
+            self.hits.append(Hit(request.command, request.path, dict(request.headers), body))
+            script = self.scripts.get(path)
+            step = script.pop(0) if script else self.always.get(path, Step())
+        if step.reset:
+            # SO_LINGER 0: close() sends an RST, the caller sees "connection reset".
+            request.connection.setsockopt(
+                socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+            )
+            request.connection.close()
+            request.close_connection = True
+            return None
+        if step.hang:
+            self.stopped.wait(30)
+            request.close_connection = True
+            return None
+        if step.delay:
+            self.stopped.wait(step.delay)
+        headers = [("Content-Type", "application/json"), *step.headers.items()]
+        self.reply(request, step.status, headers, step.body)
+        return None
 
-            def __getattr__(self, name: str):
-                if name.startswith("do_"):
-                    return self._handle
-                raise AttributeError(name)
-
-            def _handle(self) -> None:
-                length = int(self.headers.get("Content-Length") or 0)
-                body = self.rfile.read(length) if length else b""
-                path = self.path.split("?")[0]
-                if path == "/token":
-                    return self._token()
-                with upstream._lock:
-                    upstream.hits.append(Hit(self.command, self.path, dict(self.headers), body))
-                    script = upstream.scripts.get(path)
-                    step = script.pop(0) if script else upstream.always.get(path, Step())
-                if step.reset:
-                    # SO_LINGER 0: close() sends an RST, the caller sees "connection reset".
-                    self.connection.setsockopt(
-                        socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
-                    )
-                    self.connection.close()
-                    self.close_connection = True
-                    return None
-                if step.hang:
-                    upstream.stopped.wait(30)
-                    self.close_connection = True
-                    return None
-                if step.delay:
-                    upstream.stopped.wait(step.delay)
-                self.send_response(step.status)
-                self.send_header("Content-Type", "application/json")
-                for name, value in step.headers.items():
-                    self.send_header(name, value)
-                self.send_header("Content-Length", str(len(step.body)))
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(step.body)
-                return None
-
-            def _token(self) -> None:
-                with upstream._lock:
-                    upstream.token_calls += 1
-                    number = upstream.token_calls
-                payload = json.dumps(
-                    {
-                        "access_token": f"fresh-access-token-{number}-" + "f" * 24,
-                        "token_type": "Bearer",
-                        "expires_in": 3600,
-                    }
-                ).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
-
-            def log_message(self, *args) -> None:
-                pass
-
-        class Server(ThreadingHTTPServer):
-            daemon_threads = True
-
-            def handle_error(self, request, client_address) -> None:
-                pass  # resets and callers that gave up are the point here
-
-        self.server = Server(("127.0.0.1", 0), Handler)
-        self.port = self.server.server_address[1]
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    @property
-    def base(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+    def _token(self, request: BaseHTTPRequestHandler) -> None:
+        with self._lock:
+            self.token_calls += 1
+            number = self.token_calls
+        payload = json.dumps(
+            {
+                "access_token": f"fresh-access-token-{number}-" + "f" * 24,
+                "token_type": "Bearer",
+                "expires_in": 3600,
+            }
+        ).encode()
+        self.reply(request, 200, [("Content-Type", "application/json")], payload)
 
     def start(self) -> FlakyUpstream:
-        self.thread.start()
-        return self
+        return super().start()
 
     def stop(self) -> None:
         self.stopped.set()
-        self.server.shutdown()
-        self.server.server_close()
+        super().stop()
 
     def script(self, path: str, *steps: Step) -> None:
         with self._lock:

@@ -10,7 +10,9 @@ import json
 import socket
 import threading
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
+
+from .localserver import LocalHTTPServer
 
 
 @dataclass
@@ -42,7 +44,7 @@ class Answer:
     hold: threading.Event | None = None
 
 
-class SpyUpstream:
+class SpyUpstream(LocalHTTPServer):
     """``spy.seen`` lists every request received; ``spy.answers[path]`` sets what a path
     answers (default: 200 ``{"ok": true}``)."""
 
@@ -50,58 +52,26 @@ class SpyUpstream:
         self.seen: list[Seen] = []
         self.answers: dict[str, Answer] = {}
         self._lock = threading.Lock()
-        spy = self
+        super().__init__()
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def __getattr__(self, name: str):
-                if name.startswith("do_"):
-                    return self._handle
-                raise AttributeError(name)
-
-            def _handle(self) -> None:
-                length = int(self.headers.get("Content-Length") or 0)
-                body = self.rfile.read(length) if length else b""
-                with spy._lock:
-                    spy.seen.append(Seen(self.command, self.path, list(self.headers.items()), body))
-                answer = spy.answers.get(self.path.split("?")[0], Answer())
-                if answer.hold is not None:
-                    answer.hold.wait(30)
-                self.send_response(answer.status)
-                for name, value in answer.headers:
-                    self.send_header(name, value)
-                self.send_header("Content-Length", str(len(answer.body)))
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(answer.body)
-
-            def log_message(self, *args) -> None:
-                pass
-
-        class Server(ThreadingHTTPServer):
-            def handle_error(self, request, client_address) -> None:
-                pass  # a client that gave up (a timeout test) is not news
-
-        self.server = Server(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.port = self.server.server_address[1]
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    @property
-    def base(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+    def handle(self, request: BaseHTTPRequestHandler, body: bytes) -> None:
+        with self._lock:
+            self.seen.append(
+                Seen(request.command, request.path, list(request.headers.items()), body)
+            )
+        answer = self.answers.get(request.path.split("?")[0], Answer())
+        if answer.hold is not None:
+            answer.hold.wait(30)
+        self.reply(request, answer.status, answer.headers, answer.body)
 
     def start(self) -> SpyUpstream:
-        self.thread.start()
-        return self
+        return super().start()
 
     def stop(self) -> None:
         for answer in self.answers.values():
             if answer.hold is not None:
                 answer.hold.set()
-        self.server.shutdown()
-        self.server.server_close()
+        super().stop()
 
     def targets(self) -> list[str]:
         return [seen.target for seen in self.seen]

@@ -15,35 +15,12 @@ from django.utils import timezone
 from datasources.models import ApiKey, Datasource, Token, TokenStatus, UsageSample
 
 from . import browser
-from .browser import ARTIFACTS
+from .browser import ARTIFACTS, BUILDER_PASSWORD
 from .conftest import CALLBACK_PATH, SECRET, make_datasource
 
-PASSWORD = "builder-pass-1"
+PASSWORD = BUILDER_PASSWORD
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
-
-
-@pytest.fixture
-def playwright_api():
-    return browser.playwright_api()
-
-
-@pytest.fixture
-def page(playwright_api, monkeypatch):
-    with browser.chromium_page(
-        playwright_api, monkeypatch, viewport={"width": 1280, "height": 900}
-    ) as page:
-        yield page
-
-
-@pytest.fixture
-def expect(playwright_api):
-    return playwright_api.expect
-
-
-@pytest.fixture
-def builder(django_user_model):
-    return django_user_model.objects.create_superuser("builder", "b@example.com", PASSWORD)
 
 
 @pytest.fixture

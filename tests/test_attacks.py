@@ -69,13 +69,6 @@ def production_defaults(settings):
 
 
 @pytest.fixture
-def spy():
-    upstream = SpyUpstream().start()
-    yield upstream
-    upstream.stop()
-
-
-@pytest.fixture
 def hostile():
     servers: list[HostileServer] = []
 

@@ -14,7 +14,7 @@ from datasources import calllog, tasks
 from datasources.apikeys import create_api_key
 from datasources.models import ProxyCall
 
-from .flaky import FlakyUpstream, Step, status
+from .flaky import Step, status
 from .test_retries import ACCESS_TOKEN, flaky_datasource
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("serving")]
@@ -33,13 +33,6 @@ def fresh_log(settings):
     calllog.discard()
     yield
     calllog.discard()
-
-
-@pytest.fixture
-def flaky():
-    upstream = FlakyUpstream().start()
-    yield upstream
-    upstream.stop()
 
 
 def metric_lines(text: str) -> dict[str, float]:

@@ -34,7 +34,7 @@ from django.test import Client
 from datasources.apikeys import create_api_key
 
 from .helpers import ROOT, subprocess_env
-from .spy import Answer, SpyUpstream
+from .spy import Answer
 from .test_attacks import ACCESS_TOKEN, HOSTILE_HEADERS, HOSTILE_HTML, connected
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -214,13 +214,6 @@ def stack(django_db_setup, django_db_blocker, tmp_path_factory) -> Iterator[Stac
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait(10)
-
-
-@pytest.fixture
-def spy():
-    upstream = SpyUpstream().start()
-    yield upstream
-    upstream.stop()
 
 
 def test_the_proxy_works_through_the_recipe(stack, spy, django_user_model):

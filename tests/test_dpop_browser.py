@@ -12,37 +12,13 @@ import requests
 
 from datasources.models import Datasource, Token
 
-from . import browser
 from .conftest import CALLBACK_PATH
 from .oidcprovider import TEST_USER, start_oidc_provider
-from .test_admin_browser import PASSWORD, log_in, message, shot
+from .test_admin_browser import log_in, message, shot
 
 SECRET = "dpop-browser-secret-0123456789-abcdef"
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
-
-
-@pytest.fixture
-def playwright_api():
-    return browser.playwright_api()
-
-
-@pytest.fixture
-def page(playwright_api, monkeypatch):
-    with browser.chromium_page(
-        playwright_api, monkeypatch, viewport={"width": 1280, "height": 900}
-    ) as page:
-        yield page
-
-
-@pytest.fixture
-def expect(playwright_api):
-    return playwright_api.expect
-
-
-@pytest.fixture
-def builder(django_user_model):
-    return django_user_model.objects.create_superuser("builder", "b@example.com", PASSWORD)
 
 
 @pytest.fixture

@@ -29,7 +29,7 @@ from datasources.proxy.limits import (
     rate_limited_until,
 )
 
-from .flaky import FlakyUpstream, status
+from .flaky import status
 from .test_retries import flaky_datasource
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("serving")]
@@ -227,13 +227,6 @@ def test_store_updates_are_atomic_across_threads(store_kind, flaky):
 
 
 # --- end to end ------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def flaky():
-    upstream = FlakyUpstream().start()
-    yield upstream
-    upstream.stop()
 
 
 @pytest.fixture

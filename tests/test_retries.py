@@ -138,13 +138,6 @@ def test_only_retryable_statuses_can_be_configured():
 # --- against a real flaky upstream -------------------------------------------------------------
 
 
-@pytest.fixture
-def flaky():
-    upstream = FlakyUpstream().start()
-    yield upstream
-    upstream.stop()
-
-
 @pytest.fixture(autouse=True)
 def quick_backoff(settings):
     settings.DATASOURCES = {

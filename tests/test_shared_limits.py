@@ -18,7 +18,7 @@ import requests
 
 from datasources.apikeys import create_api_key
 
-from .flaky import FlakyUpstream, status
+from .flaky import status
 from .helpers import ROOT, subprocess_env
 from .test_deploy import free_port, wait_for
 from .test_retries import flaky_datasource
@@ -79,13 +79,6 @@ def workers(request, django_db_setup, django_db_blocker, tmp_path_factory) -> It
                 process.kill()
                 process.wait(10)
             log.close()
-
-
-@pytest.fixture
-def flaky():
-    upstream = FlakyUpstream().start()
-    yield upstream
-    upstream.stop()
 
 
 def get(base: str, slug: str, path: str, key: str) -> requests.Response:

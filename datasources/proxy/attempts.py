@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 
 import urllib3
 
-from .. import binding, tokens
+from .. import binding, tokens, tracing
 from . import retries
 
 if TYPE_CHECKING:
@@ -124,9 +124,16 @@ class Attempts(Generic[R]):
     def run(self, send: Callable[[Token], R]) -> R:
         started = self.clock()
         rejection_handled = False
+        attempt = 0
         while True:
+            attempt += 1
             try:
-                response = send(self.token)
+                # tracing: one HTTP client span per attempt (datasources/tracing.py)
+                with tracing.upstream_attempt(
+                    self.method, self.datasource.base_url, attempt
+                ) as span:
+                    response = send(self.token)
+                    tracing.answered(span, self.wire.status(response))
             except self.wire.connection_errors:
                 if self.observe is not None:
                     self.observe(self.datasource, retries.CONNECTION_ERROR, None)

@@ -15,7 +15,7 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.utils.log import log_response
 from django.views.decorators.csrf import csrf_exempt
 
-from .. import binding, calllog, dpop, tls, tokens
+from .. import binding, calllog, dpop, tls, tokens, tracing
 from ..exceptions import NotAuthorized, ReauthorizationRequired, TransientUpstreamError
 from ..models import Datasource, Token
 from . import cache, callers, health, retries, target, transport, usage
@@ -26,6 +26,33 @@ from .limits import Verdict
 
 @csrf_exempt  # session callers are CSRF-checked in callers.authenticate (API keys need none)
 def proxy(request: HttpRequest, slug: str, path: str = "") -> HttpResponse:
+    # --- tracing (datasources/tracing.py): one span around the call --------------------------
+    with tracing.span(
+        tracing.PROXY, {"http.request.method": request.method}, parent_headers=request.headers
+    ) as span:
+        response, call = _proxy(request, slug, path)
+        if span is not tracing.NOOP:
+            _describe(span, slug, call, response.status_code)
+    return response
+
+
+def _describe(span: tracing.Span, slug: str, call: calllog.Call, status: int) -> None:
+    """The proxy span's attributes: nothing the caller typed but a known datasource's slug."""
+    if call.error != "not_found":
+        span.set("datasources.datasource", slug)
+    span.set(
+        "datasources.caller", "api_key" if call.api_key_id else "user" if call.user_id else "none"
+    )
+    span.set("http.response.status_code", status)
+    span.set("datasources.retries", call.retries)
+    span.set("datasources.refreshed", call.refreshed)
+    if call.error:
+        span.set("datasources.refusal", call.error)
+    if status >= 500:
+        span.fail(call.error or str(status))
+
+
+def _proxy(request: HttpRequest, slug: str, path: str) -> tuple[HttpResponse, calllog.Call]:
     call = calllog.Call.begin(request.method, path, _content_length(request))
     datasource: Datasource | None = None
 
@@ -50,7 +77,7 @@ def proxy(request: HttpRequest, slug: str, path: str = "") -> HttpResponse:
     else:
         call.response_bytes = len(response.content)
         done(response.status_code)
-    return response
+    return response, call
 
 
 def _counted(chunks: Iterable[bytes], call: calllog.Call) -> Iterator[bytes]:
@@ -126,7 +153,9 @@ def _forward(
 
     def headers_for(token: Token) -> dict[str, str]:
         placed = binding.auth_headers(datasource, token, request.method, url)
-        return transport.request_headers(datasource, request.headers, placed, length)
+        headers = transport.request_headers(datasource, request.headers, placed, length)
+        tracing.inject(headers)  # traceparent upstream, only with TRACING_PROPAGATE
+        return headers
 
     def send(token: Token) -> urllib3.BaseHTTPResponse:
         return transport.send_for_token(

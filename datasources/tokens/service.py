@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from django.utils import timezone
 from django.views.decorators.debug import sensitive_variables
 
-from .. import oauth
+from .. import oauth, tracing
 from ..conf import app_settings
 from ..exceptions import (
     DatasourceError,
@@ -101,6 +101,7 @@ def _obtain(
     waited = False
     deadline: float | None = None
     rounds = 0
+    waiting, wait_started = None, 0.0  # tracing: the lease-wait span, while waiting
     while True:
         now = timezone.now()
         decision = decide(
@@ -111,13 +112,19 @@ def _obtain(
             rejected_is_current=rejected is None or _same_secret(token.access_token, rejected),
             refreshed_meanwhile=waited and token.refresh_count != seen_refreshes,
         )
+        if waiting is not None and decision.action is not Action.WAIT:
+            _end_wait(waiting, decision.action.value, wait_started)
+            waiting = None
         if decision.action is Action.USE:
             return token
         if decision.action is Action.PASS:
             return None
         if decision.action is Action.WAIT:
+            if waiting is None:
+                waiting, wait_started = tracing.start(tracing.LEASE_WAIT), time.monotonic()
             deadline = deadline or time.monotonic() + app_settings.LEASE_WAIT
             if time.monotonic() >= deadline:
+                _end_wait(waiting, "timeout", wait_started)
                 raise TransientUpstreamError(
                     f"Timed out waiting for another refresh of datasource {datasource.slug!r}.",
                     retry_after=policy.probe_interval,
@@ -143,6 +150,16 @@ def _obtain(
             continue
         if refreshed:
             return token
+
+
+def _end_wait(span: tracing.Span | tracing.NoopSpan, outcome: str, started: float) -> None:
+    """``outcome``: what the rules said once the wait was over (``use``: the holder's token;
+    ``refresh``: it failed, refresh ourselves; ``unavailable`` …) or ``timeout``."""
+    span.set("datasources.outcome", outcome)
+    span.set("datasources.waited_ms", round((time.monotonic() - started) * 1000, 1))
+    if outcome == "timeout":
+        span.fail("timeout")
+    span.end()
 
 
 def _raise_for(datasource: Datasource, token: Token, decision: Decision) -> None:
@@ -294,20 +311,32 @@ def _refresh_leased(
             )
             if decision.action is not Action.REFRESH:
                 return token, False
-        try:
-            response = _call_token_endpoint(datasource, token)
-        except DatasourceError as err:
-            kind = classify(err)
-            if kind is not FailureKind.PERMANENT:
-                record_retryable(datasource, token, err, kind)
-                raise _RetryableFailure(err, kind) from None
-            current = reload(token, datasource)
-            if _rotated_elsewhere(token, current):
-                current.lease_id, current.lease_expires_at = "", None  # released below
-                return current, False
-            raise _dead_grant(datasource, token, err) from None
-        stored = True  # the UPDATE that stores the token releases the lease
-        return store_refresh(datasource, token, response, lease_id), True
+        with tracing.refresh(
+            datasource.grant_type, datasource.access_token_url, situation.value
+        ) as span:
+            try:
+                response = _call_token_endpoint(datasource, token)
+            except DatasourceError as err:
+                kind = classify(err)
+                # tracing: the OAuth error code only (a description can echo what was sent)
+                span.fail(
+                    tracing.error_code(err.error)
+                    if isinstance(err, OAuthError)
+                    else type(err).__name__
+                )
+                span.set("datasources.outcome", kind.value)
+                if kind is not FailureKind.PERMANENT:
+                    record_retryable(datasource, token, err, kind)
+                    raise _RetryableFailure(err, kind) from None
+                current = reload(token, datasource)
+                if _rotated_elsewhere(token, current):
+                    current.lease_id, current.lease_expires_at = "", None  # released below
+                    span.set("datasources.outcome", "rotated_elsewhere")
+                    return current, False
+                raise _dead_grant(datasource, token, err) from None
+            span.set("datasources.outcome", "refreshed")
+            stored = True  # the UPDATE that stores the token releases the lease
+            return store_refresh(datasource, token, response, lease_id), True
     finally:
         if not stored:
             lease.release(token.pk, lease_id)
