@@ -180,6 +180,12 @@ DATASOURCES = {
     "METRICS_TOKEN": env.str("DATASOURCES_METRICS_TOKEN", default=""),
     "IMPORT_ENV_PREFIX": env.str("DATASOURCES_IMPORT_ENV_PREFIX", default="DATASOURCE_SECRET_"),
     "PROXY_ASGI_THREADS": env.int("DATASOURCES_PROXY_ASGI_THREADS", default=16),
+    "WEBHOOK_TIMEOUT": env.float("DATASOURCES_WEBHOOK_TIMEOUT", default=10.0),
+    "WEBHOOK_MAX_ATTEMPTS": env.int("DATASOURCES_WEBHOOK_MAX_ATTEMPTS", default=12),
+    "WEBHOOK_BACKOFF_BASE": env.float("DATASOURCES_WEBHOOK_BACKOFF_BASE", default=15.0),
+    "WEBHOOK_BACKOFF_MAX": env.float("DATASOURCES_WEBHOOK_BACKOFF_MAX", default=3600.0),
+    "WEBHOOK_CLAIM_SECONDS": env.float("DATASOURCES_WEBHOOK_CLAIM_SECONDS", default=60.0),
+    "WEBHOOK_SWEEP_INTERVAL": env.float("DATASOURCES_WEBHOOK_SWEEP_INTERVAL", default=60.0),
 }
 
 # Email (re-authorization notices to datasource owners). Default: printed to the console.

@@ -93,3 +93,16 @@ def check_secure_cookies(app_configs=None, **kwargs):
             id="datasources.W010",
         )
     ]
+
+
+@register()
+def check_webhook_timing(app_configs=None, **kwargs):
+    if app_settings.WEBHOOK_CLAIM_SECONDS <= app_settings.WEBHOOK_TIMEOUT:
+        return [
+            Warning(
+                "DATASOURCES['WEBHOOK_CLAIM_SECONDS'] should exceed DATASOURCES['WEBHOOK_TIMEOUT']: "
+                "a slow attempt could be sent a second time by the sweep while it still runs.",
+                id="datasources.W020",
+            )
+        ]
+    return []
