@@ -742,6 +742,7 @@ class WebhookEndpointForm(forms.ModelForm):
         label=_("URL"),
         max_length=2000,
         assume_scheme="https",
+        widget=forms.URLInput(attrs={"class": "vURLField"}),
         help_text=WebhookEndpoint._meta.get_field("url").help_text,
     )
 
