@@ -462,3 +462,82 @@ def test_endpoint_validation_and_nothing_queued_without_endpoints():
     WebhookEndpoint.objects.filter(pk=inactive.pk).update(active=False)
     assert events.emit(WebhookEvent.DATASOURCE_AUTHORIZED, datasource, {}) == []
     assert "whsec" not in repr(inactive) + str(inactive)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_rolled_back_change_sends_nothing(receiver, eager):  # noqa: F811
+    from django.db import transaction
+
+    endpoint = make_endpoint(receiver.url)
+    receiver.secrets = [endpoint.secret]
+    datasource = make_datasource()
+    with pytest.raises(RuntimeError), transaction.atomic():
+        events.emit(WebhookEvent.DATASOURCE_AUTHORIZED, datasource, {"n": 1})
+        assert WebhookDelivery.objects.count() == 1  # written in the caller's transaction
+        raise RuntimeError("the change that caused the event failed")
+    assert WebhookDelivery.objects.count() == 0
+    with transaction.atomic():
+        events.emit(WebhookEvent.DATASOURCE_AUTHORIZED, datasource, {"n": 2})
+        assert receiver.requests == []  # not before the commit
+    assert [r.json["data"] for r in receiver.verified()] == [{"n": 2}]
+
+
+@pytest.mark.django_db
+def test_secrets_are_ciphertext_at_rest_and_rotate_with_the_keys(settings):
+    import io
+
+    from django.core.management import call_command
+    from django.db import connection
+
+    from datasources.encryption import encrypted_fields
+
+    assert (WebhookEndpoint, ["previous_secret", "secret"]) in [
+        (model, sorted(names)) for model, names in encrypted_fields()
+    ]
+    endpoint = make_endpoint("https://example.com/hooks")
+    endpoints.rotate_secret(endpoint)
+
+    def raw() -> tuple[bytes, ...]:
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT secret, previous_secret FROM datasources_webhookendpoint WHERE id = %s",
+                [endpoint.pk],
+            )
+            return tuple(bytes(value) for value in cursor.fetchone())
+
+    before = raw()
+    assert all(value and b"whsec" not in value for value in before)
+    new_key = "Xq0kJ6xQv0mW8c3cV3m0u9S1v8pX0d6l2c3k4j5h6g0="
+    settings.FERNET_KEYS = [new_key, *settings.FERNET_KEYS]
+    call_command("rotate_encryption_keys", stdout=io.StringIO())
+    assert raw() != before
+    fresh = WebhookEndpoint.objects.get(pk=endpoint.pk)
+    assert (fresh.secret, fresh.previous_secret) == (endpoint.secret, endpoint.previous_secret)
+
+
+@pytest.mark.django_db
+def test_admin_buttons_need_post_and_change_permission(client, django_user_model, staff_client):
+    from django.contrib.auth.models import Permission
+
+    endpoint = make_endpoint("https://example.com/hooks")
+    base = f"/admin/datasources/webhookendpoint/{endpoint.pk}"
+    assert staff_client.get(f"{base}/rotate/").status_code == 405
+    assert staff_client.get(f"{base}/test/").status_code == 405
+    viewer = django_user_model.objects.create_user("viewer", password="x", is_staff=True)
+    viewer.user_permissions.add(
+        Permission.objects.get(codename="view_webhookendpoint"),
+        Permission.objects.get(codename="view_webhookdelivery"),
+    )
+    client.force_login(viewer)
+    secret = endpoint.secret
+    assert client.post(f"{base}/rotate/").status_code == 403
+    assert client.post(f"{base}/test/").status_code == 403
+    endpoint.refresh_from_db()
+    assert endpoint.secret == secret and not WebhookDelivery.objects.exists()
+    page = client.get(f"{base}/change/").content.decode()
+    assert "Rotate secret" not in page and secret not in page
+    # A secret page reached without a held secret shows nothing.
+    assert secret not in client.get(f"{base}/secret/").content.decode()
+    # No "Retry now" for a user who may not change endpoints.
+    deliveries = client.get("/admin/datasources/webhookdelivery/").content.decode()
+    assert "retry_now" not in deliveries
