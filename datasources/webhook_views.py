@@ -76,6 +76,11 @@ def test_view(model_admin: ModelAdmin, request: HttpRequest, pk: int) -> HttpRes
     if request.method != "POST":
         return HttpResponseNotAllowed(["POST"])
     endpoint = _changeable(model_admin, request, pk)
+    if not endpoint.active:
+        model_admin.message_user(
+            request, "This endpoint is not active: tick “active” and save first.", messages.WARNING
+        )
+        return HttpResponseRedirect(endpoint.get_admin_url())
     delivery = endpoints.send_test(endpoint)
     link = reverse("admin:datasources_webhookdelivery_change", args=[delivery.pk])
     model_admin.message_user(

@@ -9,10 +9,11 @@ import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
+import requests
 from django.utils import timezone
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
-from datasources import tasks, tokens
+from datasources import outbound, tasks, tokens
 from datasources.models import (
     DeliveryStatus,
     Token,
@@ -523,6 +524,9 @@ def test_admin_buttons_need_post_and_change_permission(client, django_user_model
     base = f"/admin/datasources/webhookendpoint/{endpoint.pk}"
     assert staff_client.get(f"{base}/rotate/").status_code == 405
     assert staff_client.get(f"{base}/test/").status_code == 405
+    WebhookEndpoint.objects.filter(pk=endpoint.pk).update(active=False)
+    answer = staff_client.post(f"{base}/test/", follow=True)
+    assert "not active" in answer.content.decode() and not WebhookDelivery.objects.exists()
     viewer = django_user_model.objects.create_user("viewer", password="x", is_staff=True)
     viewer.user_permissions.add(
         Permission.objects.get(codename="view_webhookendpoint"),
@@ -541,3 +545,41 @@ def test_admin_buttons_need_post_and_change_permission(client, django_user_model
     # No "Retry now" for a user who may not change endpoints.
     deliveries = client.get("/admin/datasources/webhookdelivery/").content.decode()
     assert "retry_now" not in deliveries
+
+
+def _caused(outer: BaseException, inner: BaseException) -> BaseException:
+    outer.__cause__ = inner
+    return outer
+
+
+URL = "https://hooks.example.com/services/T000/B000/s3cr3t-path-token"
+
+
+@pytest.mark.parametrize(
+    ("error", "words"),
+    [
+        (outbound.DeadlineExceeded(URL), "timeout"),
+        (requests.ReadTimeout(URL), "timeout"),
+        (requests.exceptions.SSLError(URL), "TLS error"),
+        (
+            _caused(requests.ConnectionError(URL), ConnectionRefusedError(111, URL)),
+            "connection refused",
+        ),
+        (
+            _caused(requests.ConnectionError(URL), ConnectionResetError(104, URL)),
+            "connection closed without an answer",
+        ),
+        (requests.ConnectionError(URL), "connection failed"),
+        (OSError(URL), "connection failed"),
+    ],
+)
+def test_failures_are_described_in_fixed_words_never_the_exception_text(error, words):
+    assert delivery.describe(error) == words
+
+
+def test_claim_shorter_than_the_timeout_is_flagged(settings):
+    from datasources.checks import check_webhook_timing
+
+    assert check_webhook_timing() == []
+    settings.DATASOURCES = {**settings.DATASOURCES, "WEBHOOK_TIMEOUT": 90.0}
+    assert [w.id for w in check_webhook_timing()] == ["datasources.W020"]

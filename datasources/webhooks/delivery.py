@@ -27,6 +27,7 @@ from django.utils import timezone
 from .. import outbound
 from ..conf import app_settings
 from ..models import DeliveryStatus, WebhookAttempt, WebhookDelivery
+from ..oauth import parse_retry_after
 from . import signing
 
 logger = logging.getLogger(__name__)
@@ -120,12 +121,6 @@ def body_of(delivery: WebhookDelivery) -> bytes:
     return json.dumps(delivery.payload, separators=(",", ":"), sort_keys=True).encode()
 
 
-def _retry_after(value: str | None) -> float | None:
-    if value and value.strip().isdigit():
-        return float(value.strip())
-    return None
-
-
 def send(delivery: WebhookDelivery) -> Result:
     """One signed POST with a total deadline, no redirects, the answer read up to a cap."""
     endpoint = delivery.endpoint
@@ -154,7 +149,7 @@ def send(delivery: WebhookDelivery) -> Result:
                 stream=True,
             )
             status = response.status_code
-            retry_after = _retry_after(response.headers.get("Retry-After"))
+            retry_after = parse_retry_after(response.headers.get("Retry-After"))
             try:  # the answer is not used: read a little (keep-alive), then let go
                 outbound.read_body(response, app_settings.WEBHOOK_MAX_RESPONSE_BYTES)
             except Exception:  # noqa: S110 - too large or cut short: the status has come
