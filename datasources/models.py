@@ -1450,12 +1450,30 @@ class WebhookEndpoint(models.Model):
     active = models.BooleanField(
         _("active"), default=True, help_text=_("Off: no new events are queued for this URL.")
     )
-    secret = EncryptedTextField(_("signing secret"), editable=False)
-    previous_secret = EncryptedTextField(_("previous signing secret"), blank=True, editable=False)
-    previous_secret_expires_at = models.DateTimeField(
-        _("previous secret signs until"), null=True, blank=True, editable=False
+    secret = EncryptedTextField(
+        _("signing secret"),
+        editable=False,
+        help_text=_("whsec_…, encrypted; shown once, when created or rotated."),
     )
-    secret_created_at = models.DateTimeField(_("secret created"), null=True, editable=False)
+    previous_secret = EncryptedTextField(
+        _("previous signing secret"),
+        blank=True,
+        editable=False,
+        help_text=_("The secret before the last rotation, encrypted; signs during the grace."),
+    )
+    previous_secret_expires_at = models.DateTimeField(
+        _("previous secret signs until"),
+        null=True,
+        blank=True,
+        editable=False,
+        help_text=_("Until then events carry a second signature, made with the previous secret."),
+    )
+    secret_created_at = models.DateTimeField(
+        _("secret created"),
+        null=True,
+        editable=False,
+        help_text=_("When the current secret was made (creation or last rotation)."),
+    )
     created_at = models.DateTimeField(_("created"), auto_now_add=True)
     updated_at = models.DateTimeField(_("updated"), auto_now=True)
 
@@ -1511,7 +1529,9 @@ class WebhookDelivery(models.Model):
         max_length=64,
         help_text=_("The webhook-id header: the same on every attempt, for de-duplication."),
     )
-    event_type = models.CharField(_("event"), max_length=64)
+    event_type = models.CharField(
+        _("event"), max_length=64, help_text=_("The payload's type, e.g. token.refresh_failed.")
+    )
     payload = models.JSONField(_("payload"), help_text=_("The JSON body; never a secret."))
     status = models.CharField(
         _("status"),
@@ -1519,7 +1539,9 @@ class WebhookDelivery(models.Model):
         choices=DeliveryStatus.choices,
         default=DeliveryStatus.PENDING,
     )
-    attempts = models.PositiveSmallIntegerField(_("attempts"), default=0)
+    attempts = models.PositiveSmallIntegerField(
+        _("attempts"), default=0, help_text=_("HTTP attempts made so far (each listed below).")
+    )
     next_attempt_at = models.DateTimeField(
         _("next attempt at"),
         null=True,
@@ -1527,9 +1549,17 @@ class WebhookDelivery(models.Model):
         help_text=_("When it is sent (again); empty once delivered or given up."),
     )
     last_status_code = models.PositiveSmallIntegerField(
-        _("last HTTP status"), null=True, blank=True
+        _("last HTTP status"),
+        null=True,
+        blank=True,
+        help_text=_("The receiver's answer to the last attempt; empty: none came."),
     )
-    last_error = models.CharField(_("last error"), max_length=200, blank=True)
+    last_error = models.CharField(
+        _("last error"),
+        max_length=200,
+        blank=True,
+        help_text=_("Why the last attempt failed, from a fixed vocabulary."),
+    )
     created_at = models.DateTimeField(_("created"), default=timezone.now, db_index=True)
     delivered_at = models.DateTimeField(_("delivered"), null=True, blank=True)
     updated_at = models.DateTimeField(_("updated"), auto_now=True)
