@@ -45,6 +45,10 @@ def test_endpoint_secret_test_event_rotation_deliveries_and_retry(
     secret = page.locator("code.new-webhook-secret").inner_text()
     endpoint = WebhookEndpoint.objects.get()
     assert secret.startswith("whsec_") and secret == endpoint.secret
+    page.context.grant_permissions(["clipboard-read", "clipboard-write"])
+    page.click("button.datasource-copy-secret")
+    expect(page.locator("button.datasource-copy-secret")).to_have_text("Copied")
+    assert page.evaluate("navigator.clipboard.readText()") == secret
     shot(page, "webhook-secret-once")
     page.reload()
     expect(page.locator(".datasource-webhook-secret-gone")).to_be_visible()
@@ -72,6 +76,8 @@ def test_endpoint_secret_test_event_rotation_deliveries_and_retry(
     rotated = page.locator("code.new-webhook-secret").inner_text()
     assert rotated.startswith("whsec_") and rotated != secret
     expect(page.locator(".datasource-webhook-grace")).to_be_visible()
+    page.click("button.datasource-copy-secret")
+    assert page.evaluate("navigator.clipboard.readText()") == rotated
     page.click("a.datasource-back-to-endpoint")
     receiver.secrets = [rotated]
     page.click("button.datasource-webhook-test")
