@@ -107,6 +107,14 @@ def test_endpoint_secret_test_event_rotation_deliveries_and_retry(
     failed.refresh_from_db()
     assert (failed.status, failed.attempts, failed.last_status_code) == ("delivered", 2, 204)
     assert len(receiver.verified()) == 4  # the failed attempt was signed too
+    assert page.locator("#result_list tbody tr").count() == 0  # no longer given up
+    page.click(f"#changelist-filter a[href='?endpoint__id__exact={endpoint.pk}']")
+    page.click(f"#result_list a[href*='/webhookdelivery/{failed.pk}/change/']")
+    page.wait_for_url(f"**/webhookdelivery/{failed.pk}/change/**")
+    codes = page.locator(".field-status_code").all_inner_texts()
+    assert [c.strip() for c in codes] == ["500", "204"]  # each attempt, inline
+    expect(page.locator(".field-error").first).to_contain_text("HTTP 500")
+    page.go_back()
 
     page.click("#changelist-filter a:text('webhook.test')")
     page.wait_for_url("**event_type=webhook.test**")
