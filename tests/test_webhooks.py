@@ -583,3 +583,34 @@ def test_claim_shorter_than_the_timeout_is_flagged(settings):
     assert check_webhook_timing() == []
     settings.DATASOURCES = {**settings.DATASOURCES, "WEBHOOK_TIMEOUT": 90.0}
     assert [w.id for w in check_webhook_timing()] == ["datasources.W020"]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_short_retries_get_a_countdown_and_long_ones_wait_for_the_sweep(
+    receiver,  # noqa: F811
+    monkeypatch,
+    settings,
+):
+    settings.DATASOURCES = {
+        **settings.DATASOURCES,
+        "WEBHOOK_SWEEP_INTERVAL": 60,
+        "WEBHOOK_BACKOFF_BASE": 40.0,
+    }
+    endpoint = make_endpoint(receiver.url)
+    receiver.script = [500, 500]
+    sent: list[dict] = []
+    monkeypatch.setattr(
+        tasks.deliver_webhook, "apply_async", lambda args, **kw: sent.append({"id": args[0], **kw})
+    )
+    row = endpoints.send_test(endpoint)
+    assert sent == [{"id": row.pk}]  # on commit
+    assert delivery.attempt(row.pk) == DeliveryStatus.RETRYING  # 40 s +/- 20%: a countdown
+    assert sent[1]["id"] == row.pk and 32 <= sent[1]["countdown"] <= 48
+    WebhookDelivery.objects.filter(pk=row.pk).update(next_attempt_at=timezone.now())
+    assert delivery.attempt(row.pk) == DeliveryStatus.RETRYING  # 80 s +/- 20%: the sweep's
+    assert len(sent) == 2
+    row.refresh_from_db()
+    wait = (row.next_attempt_at - timezone.now()).total_seconds()
+    assert 60 < wait <= 96
+    assert delivery.due() == []
+    assert delivery.due(now=row.next_attempt_at) == [row.pk]

@@ -215,7 +215,9 @@ def attempt(delivery_id: int) -> str:
             delivered_at=now if step.status == DeliveryStatus.DELIVERED else None,
             updated_at=now,
         )
-    if step.status == DeliveryStatus.RETRYING:
+    if step.status == DeliveryStatus.RETRYING and (step.delay or 0) <= _sweep_interval():
+        # A longer wait is left to the sweep: a receiver down for hours must not pile up
+        # countdown messages held in the workers' memory (and redelivered by Redis).
         _enqueue_later(delivery.pk, step.delay or 0)
     log = logger.info if result.delivered else logger.warning
     log(
@@ -227,6 +229,10 @@ def attempt(delivery_id: int) -> str:
         result.error or f"HTTP {result.status_code}",
     )
     return step.status
+
+
+def _sweep_interval() -> float:
+    return float(app_settings.WEBHOOK_SWEEP_INTERVAL)
 
 
 def _enqueue_later(pk: int, delay: float) -> None:
