@@ -31,6 +31,12 @@ def _install_beat_schedule(sender: Celery, **kwargs: object) -> None:
             "schedule": float(app_settings.USAGE_SAMPLE_INTERVAL),
             "options": {"expires": float(app_settings.USAGE_SAMPLE_INTERVAL)},
         },
+        # Webhook deliveries whose task was lost (or whose worker died); their retention.
+        "datasources-webhook-sweep": {
+            "task": "datasources.tasks.sweep_webhooks",
+            "schedule": float(app_settings.WEBHOOK_SWEEP_INTERVAL),
+            "options": {"expires": float(app_settings.WEBHOOK_SWEEP_INTERVAL)},
+        },
         # The call log's retention.
         "datasources-prune-call-log": {
             "task": "datasources.tasks.prune_call_log",

@@ -184,6 +184,12 @@ DATASOURCES = {
     "TRACING": env.bool("DATASOURCES_TRACING", default=False),
     "TRACING_PROPAGATE": env.bool("DATASOURCES_TRACING_PROPAGATE", default=False),
     "TRACING_TRUST_INCOMING": env.bool("DATASOURCES_TRACING_TRUST_INCOMING", default=False),
+    "WEBHOOK_TIMEOUT": env.float("DATASOURCES_WEBHOOK_TIMEOUT", default=10.0),
+    "WEBHOOK_MAX_ATTEMPTS": env.int("DATASOURCES_WEBHOOK_MAX_ATTEMPTS", default=12),
+    "WEBHOOK_BACKOFF_BASE": env.float("DATASOURCES_WEBHOOK_BACKOFF_BASE", default=15.0),
+    "WEBHOOK_BACKOFF_MAX": env.float("DATASOURCES_WEBHOOK_BACKOFF_MAX", default=3600.0),
+    "WEBHOOK_CLAIM_SECONDS": env.float("DATASOURCES_WEBHOOK_CLAIM_SECONDS", default=60.0),
+    "WEBHOOK_SWEEP_INTERVAL": env.float("DATASOURCES_WEBHOOK_SWEEP_INTERVAL", default=60.0),
 }
 
 # Email (re-authorization notices to datasource owners). Default: printed to the console.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import timedelta
 from functools import partial
 
@@ -18,8 +19,19 @@ from django.utils.translation import gettext_lazy as _
 from django.utils.translation import ngettext
 from django.views.decorators.debug import sensitive_post_parameters
 
-from . import admin_views, apikey_views, apikeys, dashboard, flow, keys, presets, tokens, views
-from .forms import ApiKeyForm, DatasourceForm
+from . import (
+    admin_views,
+    apikey_views,
+    apikeys,
+    dashboard,
+    flow,
+    keys,
+    presets,
+    tokens,
+    views,
+    webhook_views,
+)
+from .forms import ApiKeyForm, DatasourceForm, WebhookEndpointForm
 from .models import (
     API_KEY_PREFIX,
     MTLS_METHODS,
@@ -33,8 +45,14 @@ from .models import (
     TokenPlacement,
     TokenStatus,
     UsageSample,
+    WebhookAttempt,
+    WebhookDelivery,
+    WebhookEndpoint,
+    WebhookEvent,
 )
 from .proxy import cache as proxy_cache
+from .webhooks import delivery as webhook_delivery
+from .webhooks import endpoints as webhook_endpoints
 
 _STATUS_COLOURS = {
     TokenStatus.ACTIVE: "#1a7f37",
@@ -921,3 +939,138 @@ class ProxyCallAdmin(admin.ModelAdmin):
 
     def has_delete_permission(self, request, obj=None) -> bool:
         return False
+
+
+# --- webhooks ----------------------------------------------------------------------------------
+
+
+@admin.register(WebhookEndpoint)
+class WebhookEndpointAdmin(admin.ModelAdmin):
+    """The secret is shown once, on the page right after creation or rotation."""
+
+    form = WebhookEndpointForm
+    list_display = ("name", "url", "scope", "events", "active", "secret_created_at")
+    list_filter = ("active", "datasource")
+    list_select_related = ("datasource",)
+    search_fields = ("name", "url")
+    readonly_fields = ("secret_created_at", "previous_secret_expires_at", "created_at")
+
+    def get_fields(self, request, obj=None):
+        fields = ["name", "url", "datasource", "event_types", "active"]
+        return fields if obj is None else [*fields, *self.readonly_fields]
+
+    @admin.display(description=_("datasources"))
+    def scope(self, obj: WebhookEndpoint) -> str:
+        return obj.datasource.slug if obj.datasource_id else _("all (project-wide)")
+
+    @admin.display(description=_("events"))
+    def events(self, obj: WebhookEndpoint) -> str:
+        chosen = set(obj.event_types or [])
+        if chosen >= set(WebhookEvent.values):
+            return _("all")
+        return ", ".join(sorted(chosen))
+
+    def save_model(self, request, obj, form, change):
+        if not change:
+            request._datasources_new_webhook_secret = webhook_endpoints.assign_secret(obj)
+        super().save_model(request, obj, form, change)
+
+    def response_add(self, request, obj, post_url_continue=None):
+        secret = getattr(request, "_datasources_new_webhook_secret", None)
+        if secret is None:
+            return super().response_add(request, obj, post_url_continue)
+        return webhook_views.hold(request, obj, secret)
+
+    def get_urls(self):
+        def view(function):
+            return self.admin_site.admin_view(partial(function, self))
+
+        return [
+            path(
+                "<int:pk>/secret/",
+                view(webhook_views.secret_view),
+                name="datasources_webhookendpoint_secret",
+            ),
+            path(
+                "<int:pk>/rotate/",
+                view(webhook_views.rotate_view),
+                name="datasources_webhookendpoint_rotate",
+            ),
+            path(
+                "<int:pk>/test/",
+                view(webhook_views.test_view),
+                name="datasources_webhookendpoint_test",
+            ),
+            *super().get_urls(),
+        ]
+
+
+class WebhookAttemptInline(admin.TabularInline):
+    model = WebhookAttempt
+    fields = ("number", "started_at", "duration_ms", "status_code", "error", "delivered")
+    readonly_fields = fields
+    extra = 0
+    can_delete = False
+
+    def has_add_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+
+@admin.register(WebhookDelivery)
+class WebhookDeliveryAdmin(ReadOnlyAdmin):
+    """Every event sent to every endpoint, with each attempt; failed ones can be retried."""
+
+    list_display = (
+        "created_at",
+        "event_type",
+        "endpoint",
+        "datasource",
+        "status",
+        "attempts",
+        "last_status_code",
+        "last_error",
+        "next_attempt_at",
+    )
+    list_filter = ("status", "event_type", "endpoint")
+    list_select_related = ("endpoint", "datasource")
+    search_fields = ("event_id", "datasource__slug")
+    date_hierarchy = "created_at"
+    fields = (
+        "event_id",
+        "event_type",
+        "endpoint",
+        "datasource",
+        "status",
+        "attempts",
+        "next_attempt_at",
+        "last_status_code",
+        "last_error",
+        "created_at",
+        "delivered_at",
+        "payload_json",
+    )
+    readonly_fields = fields
+    inlines = (WebhookAttemptInline,)
+    actions = ("retry_now",)
+
+    @admin.display(description=_("payload"))
+    def payload_json(self, obj: WebhookDelivery):
+        return format_html("<pre>{}</pre>", json.dumps(obj.payload, indent=2, sort_keys=True))
+
+    def has_retry_permission(self, request) -> bool:
+        return request.user.has_perm("datasources.change_webhookendpoint")
+
+    @admin.action(description=_("Retry now"), permissions=["retry"])
+    def retry_now(self, request, queryset):
+        count = webhook_delivery.retry_now(queryset)
+        self.message_user(
+            request,
+            ngettext(
+                "Retrying %(count)d delivery now.", "Retrying %(count)d deliveries now.", count
+            )
+            % {"count": count},
+            messages.SUCCESS if count else messages.WARNING,
+        )

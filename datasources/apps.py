@@ -10,5 +10,6 @@ class DatasourcesConfig(AppConfig):
     def ready(self) -> None:
         from . import checks, encryption, logfilters, notifications  # noqa: F401
         from .proxy import cache, health  # noqa: F401  (empty the caches on edits)
+        from .webhooks import events  # noqa: F401  (the signal receivers)
 
         logfilters.install()

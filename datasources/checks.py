@@ -111,3 +111,16 @@ def check_tracing(app_configs=None, **kwargs):
             )
         ]
     return []
+
+
+@register()
+def check_webhook_timing(app_configs=None, **kwargs):
+    if app_settings.WEBHOOK_CLAIM_SECONDS <= app_settings.WEBHOOK_TIMEOUT:
+        return [
+            Warning(
+                "DATASOURCES['WEBHOOK_CLAIM_SECONDS'] should exceed DATASOURCES['WEBHOOK_TIMEOUT']: "
+                "a slow attempt could be sent a second time by the sweep while it still runs.",
+                id="datasources.W020",
+            )
+        ]
+    return []

@@ -117,6 +117,24 @@ DEFAULTS: dict[str, Any] = {
     # Timeout (seconds, or a (connect, read) pair) of the Python client (datasource.session())
     # unless one is given per session or per call.
     "CLIENT_TIMEOUT": 30.0,
+    # Webhooks (docs/webhooks.md): the deadline of one attempt (seconds, whole call), the most
+    # of a receiver's answer read, and how many attempts a delivery gets, BACKOFF_BASE *
+    # 2**(attempt-1) seconds apart (capped at BACKOFF_MAX, +/-20% jitter).
+    "WEBHOOK_TIMEOUT": 10.0,
+    "WEBHOOK_MAX_RESPONSE_BYTES": 64 * 1024,
+    "WEBHOOK_MAX_ATTEMPTS": 12,
+    "WEBHOOK_BACKOFF_BASE": 15.0,
+    "WEBHOOK_BACKOFF_MAX": 3600.0,
+    # A worker holds a delivery this long per attempt (must exceed WEBHOOK_TIMEOUT): after a
+    # killed worker or a lost task, the sweep sends it again once this has passed.
+    "WEBHOOK_CLAIM_SECONDS": 60,
+    # Beat sends deliveries whose task was lost every this many seconds (at most this many per
+    # run) and deletes finished deliveries older than WEBHOOK_RETENTION_DAYS.
+    "WEBHOOK_SWEEP_INTERVAL": 60,
+    "WEBHOOK_SWEEP_BATCH_SIZE": 1000,
+    "WEBHOOK_RETENTION_DAYS": 30,
+    # After "Rotate secret", the previous secret keeps signing (a second signature) this long.
+    "WEBHOOK_SECRET_ROTATION_GRACE": 86400,
     # import_datasources: {"env": NAME} may only name environment variables starting with this
     # prefix, so an import file cannot read the project's own secrets (SECRET_KEY, FERNET_KEYS,
     # DATABASE_URL ...) and send them to a token URL it names.

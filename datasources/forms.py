@@ -19,6 +19,8 @@ from .models import (
     ClientAuthentication,
     Datasource,
     GrantType,
+    WebhookEndpoint,
+    WebhookEvent,
     normalize_scopes,
 )
 
@@ -731,3 +733,27 @@ class ApiKeyForm(forms.ModelForm):
                 _("Choose the datasources this key may call, or tick “all datasources”.")
             )
         return cleaned
+
+
+class WebhookEndpointForm(forms.ModelForm):
+    """The event types as checkboxes (all ticked for a new endpoint)."""
+
+    url = forms.URLField(
+        label=_("URL"),
+        max_length=2000,
+        assume_scheme="https",
+        widget=forms.URLInput(attrs={"class": "vURLField"}),
+        help_text=WebhookEndpoint._meta.get_field("url").help_text,
+    )
+
+    event_types = forms.MultipleChoiceField(
+        label=_("Events"),
+        choices=WebhookEvent.choices,
+        widget=forms.CheckboxSelectMultiple,
+        initial=list(WebhookEvent.values),
+        help_text=_("The event types sent to this URL."),
+    )
+
+    class Meta:
+        model = WebhookEndpoint
+        fields = ("name", "url", "datasource", "event_types", "active")

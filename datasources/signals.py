@@ -1,9 +1,11 @@
 """Signals other code can listen to. Receivers get no secret values.
 
-datasource_authorized(sender=Datasource, datasource, user)
-    The authorization-code flow stored a new token.
-token_refreshed(sender=Datasource, datasource, token)
-    A refresh (or a new client-credentials grant) succeeded.
+datasource_authorized(sender=Datasource, datasource, user, token, recovered)
+    The authorization-code flow stored a new token. ``recovered``: the token was failing
+    before (``Token.is_failing``: needed re-authorization, or refreshes had failed since the
+    last success).
+token_refreshed(sender=Datasource, datasource, token, recovered)
+    A refresh (or a new client-credentials grant) succeeded; ``recovered`` as above.
 token_refresh_failed(sender=Datasource, datasource, token, error, transient)
     A refresh failed; ``transient`` says whether it will be retried.
 reauthorization_required(sender=Datasource, datasource, token, error)

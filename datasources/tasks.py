@@ -88,6 +88,8 @@ _OWN_TASKS = frozenset(
         "datasources.tasks.refresh_now",
         "datasources.tasks.revoke_deleted",
         "datasources.tasks.sample_usage",
+        "datasources.tasks.deliver_webhook",
+        "datasources.tasks.sweep_webhooks",
     }
 )
 
@@ -182,3 +184,35 @@ def prune_call_log() -> int:
     if deleted:
         logger.info("pruned %d call-log row(s)", deleted)
     return deleted
+
+
+# --- webhooks ----------------------------------------------------------------------------------
+
+
+@shared_task(
+    name="datasources.tasks.deliver_webhook",
+    ignore_result=True,
+    acks_late=True,
+    reject_on_worker_lost=True,
+)
+def deliver_webhook(delivery_id: int) -> str:
+    """One attempt of one webhook delivery (claimed first: a duplicate message does nothing)."""
+    from .webhooks import delivery
+
+    return delivery.attempt(delivery_id)
+
+
+@shared_task(name="datasources.tasks.sweep_webhooks", ignore_result=True)
+def sweep_webhooks() -> int:
+    """Enqueue the deliveries that are due and held by no worker (their task was lost, or
+    their worker died mid-attempt); prune finished ones past WEBHOOK_RETENTION_DAYS."""
+    from .webhooks import delivery
+
+    ids = delivery.due(limit=max(1, app_settings.WEBHOOK_SWEEP_BATCH_SIZE))
+    if ids:
+        with sweep_webhooks.app.producer_or_acquire() as producer:
+            for pk in ids:
+                deliver_webhook.apply_async((pk,), producer=producer)
+        logger.info("webhook sweep enqueued %d delivery(ies)", len(ids))
+    delivery.prune()
+    return len(ids)

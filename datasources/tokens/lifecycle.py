@@ -112,6 +112,7 @@ def store_authorization(
     now = timezone.now()
     owner = token_owner(datasource, user)
     current = load_token(datasource, owner)
+    recovered = current.is_failing
     fields = token_fields(datasource, current, response, now)
     with transaction.atomic():
         Token.objects.filter(pk=current.pk).update(**fields, obtained_at=now, **NO_LEASE)
@@ -120,7 +121,9 @@ def store_authorization(
             detail += "; no new refresh token: the stored one is kept"
         record_event(datasource, TokenEvent.Kind.AUTHORIZED, detail)
     token = load_token(datasource, owner)
-    datasource_authorized.send(sender=Datasource, datasource=datasource, user=user)
+    datasource_authorized.send(
+        sender=Datasource, datasource=datasource, user=user, token=token, recovered=recovered
+    )
     return token
 
 
@@ -130,6 +133,7 @@ def store_refresh(
 ) -> Token:
     """Persist access and (rotated) refresh token in one UPDATE, before anyone can use either."""
     now = timezone.now()
+    recovered = token.is_failing
     fields = token_fields(datasource, token, response, now)
     if token.status == TokenStatus.NOT_AUTHORIZED:
         fields["obtained_at"] = now
@@ -148,7 +152,7 @@ def store_refresh(
     for name, value in {**fields, **NO_LEASE}.items():
         setattr(token, name, value)
     token.refresh_count += 1
-    token_refreshed.send(sender=Datasource, datasource=datasource, token=token)
+    token_refreshed.send(sender=Datasource, datasource=datasource, token=token, recovered=recovered)
     return token
 
 
