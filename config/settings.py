@@ -180,6 +180,7 @@ DATASOURCES = {
     "METRICS_TOKEN": env.str("DATASOURCES_METRICS_TOKEN", default=""),
     "IMPORT_ENV_PREFIX": env.str("DATASOURCES_IMPORT_ENV_PREFIX", default="DATASOURCE_SECRET_"),
     "PROXY_ASGI_THREADS": env.int("DATASOURCES_PROXY_ASGI_THREADS", default=16),
+    "PROXY_FAST_LANE": env.bool("DATASOURCES_PROXY_FAST_LANE", default=True),
 }
 
 # Email (re-authorization notices to datasource owners). Default: printed to the console.
