@@ -64,12 +64,17 @@ class _ReceivedBody(io.RawIOBase):
         return True
 
     def _next(self) -> None:
-        message = asyncio.run_coroutine_threadsafe(self._receive(), self._loop).result()
+        message = asyncio.run_coroutine_threadsafe(self._received(), self._loop).result()
         if message["type"] == "http.disconnect":
             self.disconnected, self._more = True, False
             return
         self._buffer += message.get("body", b"")
         self._more = message.get("more_body", False)
+
+    async def _received(self) -> dict:
+        # A coroutine for run_coroutine_threadsafe: some servers' receive (granian's) returns
+        # another kind of awaitable.
+        return await self._receive()
 
     def read(self, size: int = -1) -> bytes:
         while self._more and (size < 0 or len(self._buffer) < size):

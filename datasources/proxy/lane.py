@@ -129,6 +129,7 @@ class _Middleware:
         self.security = SecurityMiddleware(unused)
         self.common = CommonMiddleware(unused)
         self.xframe = XFrameOptionsMiddleware(unused)
+        self._added: dict[bool, list[tuple[str, str]]] = {}
 
     def admits(self, request: ASGIRequest) -> bool:
         """The request passes the checks Django's middleware makes before the view (allowed
@@ -141,11 +142,40 @@ class _Middleware:
         except Exception:  # DisallowedHost, PermissionDenied: Django's answer, not ours
             return False
 
+        self._added: dict[bool, list[tuple[str, str]]] = {}
+
     def finish(self, request: ASGIRequest, response: HttpResponse) -> HttpResponse:
         """What the response middleware adds, in Django's order (the reverse of MIDDLEWARE)."""
         response = self.xframe.process_response(request, response)
         response = self.common.process_response(request, response)
         return self.security.process_response(request, response)
+
+    def added(self, request: ASGIRequest) -> list[tuple[str, str]]:
+        """The headers :meth:`finish` adds to a streamed answer that has none of them: each is
+        added only where the answer lacks it (these middleware never replace a header), so
+        the relayed answers' headers are built without a response object. Asked of the
+        middleware once per process (and per HTTPS or not: HSTS)."""
+        secure = request.is_secure()
+        found = self._added.get(secure)
+        if found is None:
+            blank = StreamingHttpResponse(())
+            del blank["Content-Type"]
+            found = self._added[secure] = list(self.finish(request, blank).items())
+        return found
+
+    def headers(
+        self, request: ASGIRequest, headers: list[tuple[str, str]], length: int | None
+    ) -> list[tuple[bytes, bytes]]:
+        """An answer's headers with the middleware's additions (and, for a buffered answer of
+        ``length`` bytes, CommonMiddleware's Content-Length), as ASGI sends them."""
+        present = {name.lower() for name, _ in headers}
+        out = [(name.encode("latin1"), value.encode("latin1")) for name, value in headers]
+        if length is not None and "content-length" not in present:
+            out.append((b"Content-Length", str(length).encode("ascii")))
+        for name, value in self.added(request):
+            if name.lower() not in present:
+                out.append((name.encode("latin1"), value.encode("latin1")))
+        return out
 
 
 @functools.cache
@@ -421,26 +451,32 @@ class _Call:
             await self.lane.blocking(functools.partial(health.observe, datasource, status, header))
 
     async def _relay(self, upstream: Response) -> None:
+        headers = transport.answer_headers(upstream.headers, browser=False)
         if transport.answered_in_one_piece(upstream.headers):
             try:
                 content = await upstream.read()
             finally:
                 upstream.release()
-            response = HttpResponse(content, status=upstream.status)
-            transport.copy_headers(upstream.headers, response, browser=False)
-            await self._answer(response, content)
+            self._log_upstream_error(upstream.status)
+            self.log.response_bytes = len(content)
+            await self._done(upstream.status)
+            await self.send(
+                {
+                    "type": "http.response.start",
+                    "status": upstream.status,
+                    "headers": self.middleware.headers(self.request, headers, len(content)),
+                }
+            )
+            await self.send({"type": "http.response.body", "body": content})
             return
-        response = StreamingHttpResponse((), status=upstream.status)
-        transport.copy_headers(upstream.headers, response, browser=False)
-        response = self.middleware.finish(self.request, response)
-        view.log_upstream_error(self.request, response, self.datasource.slug)
+        self._log_upstream_error(upstream.status)
         disconnected = asyncio.ensure_future(_disconnect(self.receive))
         try:
             await self.send(
                 {
                     "type": "http.response.start",
-                    "status": response.status_code,
-                    "headers": asgi_headers(response),
+                    "status": upstream.status,
+                    "headers": self.middleware.headers(self.request, headers, None),
                 }
             )
             async for piece in upstream.pieces():
@@ -453,13 +489,15 @@ class _Call:
         finally:
             disconnected.cancel()
             upstream.release()  # no-op when released above; closes an unfinished answer
-            await self._done(response.status_code)
+            await self._done(upstream.status)
+
+    def _log_upstream_error(self, status: int) -> None:
+        if status >= 500:
+            view.log_upstream_error(self.request, HttpResponse(status=status), self.datasource.slug)
 
     async def _answer(self, response: HttpResponse, content: bytes) -> None:
-        """A buffered answer: counted, then sent (as the view counts before returning)."""
+        """A refusal: counted, then sent (as the view counts before returning)."""
         response = self.middleware.finish(self.request, response)
-        if response.status_code >= 500 and not self.log.error:
-            view.log_upstream_error(self.request, response, self.datasource.slug)
         self.log.response_bytes = len(content)
         await self._done(response.status_code)
         await self.send(

@@ -361,19 +361,29 @@ def answered_in_one_piece(headers: Mapping[str, str]) -> bool:
 
 
 def copy_headers(headers: urllib3.HTTPHeaderDict, response: HttpResponse, *, browser: bool) -> None:
-    """The upstream's headers our caller gets, and ours, set on ``response`` (both serving
-    paths: :func:`relay` and the fast lane)."""
+    """The headers of :func:`answer_headers` set on ``response`` (Django's default
+    Content-Type removed when the upstream sent none)."""
     if "Content-Type" not in headers:
         del response["Content-Type"]
+    for name, value in answer_headers(headers, browser=browser):
+        response[name] = value
+
+
+def answer_headers(headers: urllib3.HTTPHeaderDict, *, browser: bool) -> list[tuple[str, str]]:
+    """The upstream's headers our caller gets, then ours: the one rule for both serving paths
+    (:func:`copy_headers` for the view, the fast lane directly)."""
     dropped = (NOT_RETURNED_TO_BROWSERS if browser else NOT_RETURNED) | _connection_named(
         headers.get("Connection")
     )
-    for name, value in headers.itermerged():
-        lowered = name.lower()
-        if lowered in dropped or (browser and lowered.startswith("access-control-")):
-            continue
-        response[name] = value
-    for name, value in (BROWSER_HEADERS if browser else INERT_HEADERS).items():
-        response[name] = value
-    if browser:
-        response.headers.setdefault("Cache-Control", "private")
+    kept = [
+        (name, value)
+        for name, value in headers.itermerged()
+        if not (
+            (lowered := name.lower()) in dropped
+            or (browser and lowered.startswith("access-control-"))
+        )
+    ]
+    kept.extend((BROWSER_HEADERS if browser else INERT_HEADERS).items())
+    if browser and "Cache-Control" not in headers:
+        kept.append(("Cache-Control", "private"))
+    return kept

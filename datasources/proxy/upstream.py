@@ -121,6 +121,15 @@ class _Connection(asyncio.Protocol):
         if self.wakeup is not None and not self.wakeup.done():
             self.wakeup.set_result(None)
 
+    def timed_out(self, target: str, timeout: float) -> None:
+        """No answer (status line and headers) within the read timeout."""
+        if not self.head.done():
+            self._fail(
+                urllib3.exceptions.ReadTimeoutError(
+                    None, target, f"Read timed out. (read timeout={timeout})"
+                )
+            )
+
     def close(self) -> None:
         self.closed = True
         if self.transport is not None:
@@ -285,16 +294,14 @@ class Pool:
         key = (scheme, host, port, id(context))
         conn = self._get(key) or await self._connect(scheme, host, port, context, connect_timeout)
         conn.transport.write(_head(method, host, port, scheme, target, headers, body))  # type: ignore[union-attr]
+        timer = conn.loop.call_later(read_timeout, conn.timed_out, target, read_timeout)
         try:
-            await asyncio.wait_for(asyncio.shield(conn.head), read_timeout)
-        except TimeoutError:
-            conn.close()
-            raise urllib3.exceptions.ReadTimeoutError(
-                None, target, f"Read timed out. (read timeout={read_timeout})"
-            ) from None
+            await conn.head
         except BaseException:
             conn.close()
             raise
+        finally:
+            timer.cancel()
         if logger.isEnabledFor(logging.DEBUG):
             # The request line as urllib3 logs it, never with its query (a token may be there).
             path, query, _ = target.partition("?")
