@@ -5,8 +5,10 @@ Drives, with wrk on loopback, in interleaved slices of one run:
 (b) ``nginx``: Debian's nginx ``proxy_pass`` to it, adding a static Authorization header (what a
     user would put in front of an API);
 (c) ``proxy``: our proxy, served the way the README's production command serves it
-    (``--server asgi``: uvicorn with the proxy's fast path, config.asgi) and/or as before
-    (``--server wsgi``: gunicorn gthread workers, config.wsgi); ``--server asgi,wsgi`` runs both;
+    (``--server asgi``: uvicorn serving config.asgi, the proxy's fast lane), and/or
+    ``granian`` (the same application under granian), ``asgi-threads`` (uvicorn with
+    DATASOURCES_PROXY_FAST_LANE=0: every call on the thread-pool path) and ``wsgi`` (gunicorn
+    gthread workers, config.wsgi); ``--server asgi,wsgi`` runs both;
 (d) ``naive``: a minimal Django view that forwards with a new requests session per request.
 Prints requests/s, p50/p99 latency, ours/nginx, ours/naive and the added p50 latency at one
 connection, then streams a 1 GB response (and a 1 GB request body) through each server and
@@ -58,7 +60,9 @@ NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--server", default="asgi,wsgi", help="asgi, wsgi or both: asgi,wsgi")
+    parser.add_argument(
+        "--server", default="asgi,wsgi", help="comma-separated: asgi, granian, asgi-threads, wsgi"
+    )
     parser.add_argument("--duration", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--connections", type=int, default=16)
@@ -72,8 +76,8 @@ def main() -> None:
     args = parser.parse_args()
     args.asgi_workers = args.asgi_workers or args.workers
     kinds = [kind.strip() for kind in args.server.split(",") if kind.strip()]
-    if not set(kinds) <= {"asgi", "wsgi"}:
-        raise SystemExit("--server takes asgi, wsgi or asgi,wsgi")
+    if not kinds or not set(kinds) <= set(SERVER_KINDS):
+        raise SystemExit(f"--server takes a comma-separated list of {', '.join(SERVER_KINDS)}")
     if not shutil.which("wrk"):
         raise SystemExit("wrk is not installed: apt-get install -y wrk")
     if not os.access(NGINX, os.X_OK):
@@ -145,7 +149,8 @@ def main() -> None:
         servers: dict[str, tuple[int, subprocess.Popen]] = {}
         for kind in kinds:
             port = free_port()
-            server = subprocess.Popen(server_command(kind, port, args), cwd=ROOT, env=env)
+            server_env = {**env, **SERVER_KINDS[kind]}
+            server = subprocess.Popen(server_command(kind, port, args), cwd=ROOT, env=server_env)
             processes.append(server)
             servers[kind] = (port, server)
             wait_until_up(f"http://127.0.0.1:{port}/admin/login/")
@@ -217,9 +222,24 @@ def main() -> None:
 LOAD_BEFORE = os.getloadavg()
 
 
+#: The servers the benchmark can drive, with their environment.
+SERVER_KINDS = {
+    "asgi": {},
+    "granian": {},
+    "asgi-threads": {"DATASOURCES_PROXY_FAST_LANE": "0"},
+    "wsgi": {},
+}
+
+
 def server_command(kind: str, port: int, args) -> list[str]:
     """The README's production commands, on loopback."""
-    if kind == "asgi":
+    if kind == "granian":
+        return [
+            *(sys.executable, "-m", "granian", "--interface", "asgi", "config.asgi:application"),
+            *("--host", "127.0.0.1", "--port", str(port), "--workers", str(args.asgi_workers)),
+            *("--loop", "uvloop", "--no-ws", "--log-level", "warning"),
+        ]
+    if kind in ("asgi", "asgi-threads"):
         return [
             *(sys.executable, "-m", "uvicorn", "config.asgi:application"),
             *("--host", "127.0.0.1", "--port", str(port), "--workers", str(args.asgi_workers)),
@@ -238,6 +258,10 @@ def server_command(kind: str, port: int, args) -> list[str]:
 
 
 def server_description(kind: str, args) -> str:
+    if kind == "granian":
+        return f"granian = granian (asgi, uvloop) {args.asgi_workers} workers"
+    if kind == "asgi-threads":
+        return f"asgi-threads = uvicorn, fast lane off, {args.asgi_workers} workers"
     if kind == "asgi":
         return (
             f"asgi = uvicorn (uvloop, httptools) {args.asgi_workers} workers x "

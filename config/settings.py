@@ -190,6 +190,7 @@ DATASOURCES = {
     "WEBHOOK_BACKOFF_MAX": env.float("DATASOURCES_WEBHOOK_BACKOFF_MAX", default=3600.0),
     "WEBHOOK_CLAIM_SECONDS": env.float("DATASOURCES_WEBHOOK_CLAIM_SECONDS", default=60.0),
     "WEBHOOK_SWEEP_INTERVAL": env.float("DATASOURCES_WEBHOOK_SWEEP_INTERVAL", default=60.0),
+    "PROXY_FAST_LANE": env.bool("DATASOURCES_PROXY_FAST_LANE", default=True),
 }
 
 # Email (re-authorization notices to datasource owners). Default: printed to the console.

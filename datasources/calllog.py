@@ -69,11 +69,13 @@ _pending: list[tuple] = []
 _last_flush = time.monotonic()
 
 
-def record(call: Call, datasource_id: int, status: int, latency_ms: float) -> None:
-    """Queue one row; write the queue when it is due."""
-    global _last_flush
+def record(
+    call: Call, datasource_id: int, status: int, latency_ms: float, *, write: bool = True
+) -> bool:
+    """Queue one row; write the queue when it is due. ``write=False``: only say whether it is
+    due (the fast lane then writes it with :func:`flush` off its event loop)."""
     if not app_settings.CALL_LOG:
-        return
+        return False
     row = (
         call.called_at,
         datasource_id,
@@ -95,8 +97,9 @@ def record(call: Call, datasource_id: int, status: int, latency_ms: float) -> No
             len(_pending) >= app_settings.CALL_LOG_MAX_BUFFER
             or time.monotonic() - _last_flush >= app_settings.CALL_LOG_FLUSH_INTERVAL
         )
-    if due:
+    if due and write:
         flush()
+    return due
 
 
 def flush() -> int:

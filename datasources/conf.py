@@ -94,6 +94,9 @@ DEFAULTS: dict[str, Any] = {
     "PROXY_POOL_SIZE": 32,
     # Threads per process that run the proxy's calls under the ASGI fast path (config.asgi).
     "PROXY_ASGI_THREADS": 16,
+    # Under ASGI (config.asgi), the proxy's hot path is served on the event loop
+    # (datasources/proxy/lane.py); False: every call takes the thread-pool path.
+    "PROXY_FAST_LANE": True,
     # How long (seconds) a process reuses a datasource's configuration, its current token and a
     # verified API key without reading the database. Edits, revocations and re-authorizations
     # made in other processes take effect within this time. 0 disables the cache.

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import collections
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -313,11 +314,31 @@ def flaky():
 
 
 @pytest.fixture(params=["wsgi", "asgi"])
-def serving(request, monkeypatch) -> str:
-    """The proxy served by Django's WSGI handler, then by the ASGI fast path (tests/serving.py):
-    a module that uses this fixture proves both paths behave the same."""
-    if request.param == "asgi":
-        from .serving import serve_proxy_through_asgi
+def serving(request, monkeypatch) -> Iterator[str]:
+    """The proxy served by Django's WSGI handler, then by the ASGI application (tests/serving.py:
+    the fast lane, and the thread-pool path for what it hands over): a module that uses this
+    fixture proves both behave the same. On the ASGI path the lane's counters are checked after
+    the test: no call may have been handed over because the lane was switched off, and
+    SERVING_COUNTS (printed at the end of the run) shows how many calls the lane served."""
+    if request.param != "asgi":
+        yield request.param
+        return
+    from .serving import LANE, serve_proxy_through_asgi
 
-        serve_proxy_through_asgi(monkeypatch)
-    return request.param
+    serve_proxy_through_asgi(monkeypatch)
+    served, handed_over = LANE.served, dict(LANE.handed_over)
+    yield request.param
+    SERVING_COUNTS["served"] += LANE.served - served
+    for reason, count in LANE.handed_over.items():
+        SERVING_COUNTS[str(reason)] += count - handed_over.get(reason, 0)
+    assert LANE.handed_over.get("middleware", 0) == handed_over.get("middleware", 0)
+
+
+#: Calls the fast lane served, and handed over by reason, over the whole run.
+SERVING_COUNTS: collections.Counter = collections.Counter()
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if SERVING_COUNTS:
+        counts = ", ".join(f"{name} {count}" for name, count in sorted(SERVING_COUNTS.items()))
+        terminalreporter.write_line(f"proxy calls on the ASGI path: {counts}")

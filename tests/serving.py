@@ -1,17 +1,19 @@
 """Both serving paths for the proxy's tests: Django's WSGI handler (as gunicorn runs it) and the
-ASGI fast path (datasources/proxy/asgi.py, as uvicorn runs it).
+ASGI application (as uvicorn runs it): the fast lane (datasources/proxy/lane.py) and, for what it
+hands over, the thread-pool path (datasources/proxy/asgi.py).
 
 ``serve_proxy_through_asgi`` makes every django.test.Client send the proxy's URLs through the
-fast path's real ASGI application: the client's request (what a server would have parsed) is
-turned into an ASGI scope, the body is delivered in 64 KiB ``http.request`` messages, and the
+real ASGI application: the client's request (what a server would have parsed) is turned into an
+ASGI scope, the body is delivered in 64 KiB ``http.request`` messages, and the
 ``http.response.*`` messages that come back become the client's response (streamed when the
 application sent the body in pieces). Other URLs (admin, authorization) stay on the WSGI path.
+``LANE.served`` counts the calls the fast lane served itself, ``LANE.handed_over`` the others
+(by reason), so a test can prove which lane answered.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import queue
 import threading
 from concurrent.futures import Executor, Future
@@ -24,6 +26,7 @@ from django.db import close_old_connections
 from django.http import HttpResponse, StreamingHttpResponse
 from django.test.client import ClientHandler
 
+from datasources.proxy import lane as fast_lane
 from datasources.proxy.asgi import PROXY_PATH, ProxyHandler
 
 CHUNK = 64 * 1024
@@ -72,9 +75,25 @@ class _TestProxyHandler(ProxyHandler):
         return request
 
 
-@functools.cache
-def _handler(enforce_csrf_checks: bool) -> _TestProxyHandler:
-    return _TestProxyHandler(enforce_csrf_checks)
+class _TestLane(fast_lane.Lane):
+    """The fast lane over the test's thread-pool path; the test's database connection stays
+    open across its pool jobs (as the test client keeps it across requests)."""
+
+    housekeeping = staticmethod(lambda: None)
+
+    def __init__(self) -> None:
+        super().__init__(fallback=_TestProxyHandler(False))
+        self.handlers = {
+            False: self.fallback,
+            True: _TestProxyHandler(True),
+        }
+
+    def use(self, enforce_csrf_checks: bool) -> None:
+        self.fallback = self.handlers[enforce_csrf_checks]
+
+
+#: The one lane every test client's proxy calls go through (its counters are the tests').
+LANE = _TestLane()
 
 
 def scope_from_environ(environ: dict) -> dict:
@@ -126,11 +145,16 @@ def through_asgi(client_handler: ClientHandler, environ: dict) -> HttpResponse:
 
         try:
             await handler(scope, receive, send)
+            # Let a flush the call started (counts, call log) finish, as a server would.
+            if handler._flushing is not None:
+                await handler._flushing
         finally:
+            await fast_lane.pool().close()
             finished.set()
-            handler.executor.finished()
+            handler.fallback.executor.finished()
 
-    handler = _handler(client_handler.enforce_csrf_checks)
+    LANE.use(client_handler.enforce_csrf_checks)
+    handler = LANE
     failure: list[BaseException] = []
 
     def loop() -> None:
@@ -145,7 +169,7 @@ def through_asgi(client_handler: ClientHandler, environ: dict) -> HttpResponse:
     try:
         thread = threading.Thread(target=loop)
         thread.start()
-        handler.executor.run_until_finished()
+        handler.fallback.executor.run_until_finished()
         thread.join()
     finally:
         request_started.connect(close_old_connections)
@@ -175,7 +199,7 @@ def through_asgi(client_handler: ClientHandler, environ: dict) -> HttpResponse:
 
 
 def serve_proxy_through_asgi(monkeypatch) -> None:
-    """Route the proxy's URLs of every test client through the ASGI fast path."""
+    """Route the proxy's URLs of every test client through the ASGI application."""
     original = ClientHandler.__call__
 
     def call(self, environ):

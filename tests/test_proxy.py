@@ -350,3 +350,16 @@ def test_chunked_request_body_is_refused_not_dropped(ready, monkeypatch):
     )
     assert response.status_code == 411
     assert calls == []
+
+
+def test_hot_path_calls_are_served_by_the_fast_lane(ready, serving):
+    """On the ASGI path an API-key call with a fresh token is served by the fast lane itself;
+    the thread-pool path only gets what the lane hands over (a session caller here). On WSGI
+    the same calls simply succeed."""
+    from .serving import LANE
+
+    datasource, client, _ = ready()
+    served = LANE.served
+    assert echo(client.get(url(datasource, "me"), {"q": "1"}))["query"] == {"q": "1"}
+    assert echo(client.get(url(datasource, "me")))["method"] == "GET"
+    assert LANE.served == served + (2 if serving == "asgi" else 0)

@@ -64,12 +64,17 @@ class _ReceivedBody(io.RawIOBase):
         return True
 
     def _next(self) -> None:
-        message = asyncio.run_coroutine_threadsafe(self._receive(), self._loop).result()
+        message = asyncio.run_coroutine_threadsafe(self._received(), self._loop).result()
         if message["type"] == "http.disconnect":
             self.disconnected, self._more = True, False
             return
         self._buffer += message.get("body", b"")
         self._more = message.get("more_body", False)
+
+    async def _received(self) -> dict:
+        # A coroutine for run_coroutine_threadsafe: some servers' receive (granian's) returns
+        # another kind of awaitable.
+        return await self._receive()
 
     def read(self, size: int = -1) -> bytes:
         while self._more and (size < 0 or len(self._buffer) < size):
@@ -139,7 +144,7 @@ class ProxyHandler(ASGIHandler):
         return response
 
     def make_request(self, scope: Scope, body: io.IOBase) -> ASGIRequest:
-        return ASGIRequest(_wsgi_like_path(scope), body)
+        return ASGIRequest(wsgi_like_path(scope), body)
 
     async def _send(
         self,
@@ -150,13 +155,12 @@ class ProxyHandler(ASGIHandler):
         *,
         listen: bool,
     ) -> None:
-        headers = [
-            (name.encode("ascii"), value.encode("latin1")) for name, value in response.items()
-        ]
-        for cookie in response.cookies.values():
-            headers.append((b"Set-Cookie", cookie.output(header="").encode("ascii").strip()))
         await send(
-            {"type": "http.response.start", "status": response.status_code, "headers": headers}
+            {
+                "type": "http.response.start",
+                "status": response.status_code,
+                "headers": asgi_headers(response),
+            }
         )
         if not response.streaming:
             await send({"type": "http.response.body", "body": response.content})
@@ -180,12 +184,20 @@ class ProxyHandler(ASGIHandler):
                 disconnected.cancel()
 
 
+def asgi_headers(response: HttpResponse) -> list[tuple[bytes, bytes]]:
+    """A response's headers and cookies as ASGI sends them (both ASGI serving paths)."""
+    headers = [(name.encode("ascii"), value.encode("latin1")) for name, value in response.items()]
+    for cookie in response.cookies.values():
+        headers.append((b"Set-Cookie", cookie.output(header="").encode("ascii").strip()))
+    return headers
+
+
 async def _disconnect(receive: Receive) -> None:
     while (await receive())["type"] != "http.disconnect":
         pass
 
 
-def _wsgi_like_path(scope: Scope) -> Scope:
+def wsgi_like_path(scope: Scope) -> Scope:
     """The scope with its path decoded from the raw bytes as Django's WSGI handler decodes it:
     bytes that are not UTF-8 stay percent-encoded (servers decode them to U+FFFD, which would
     hide them from the path checks in :mod:`.target`)."""
@@ -212,19 +224,26 @@ def _small_body(scope: Scope) -> bool:
 
 
 class Router:
-    """The project's ASGI application: the proxy's fast path, Django for everything else."""
+    """The project's ASGI application: the proxy's URLs to its fast lane (:mod:`.lane`, which
+    hands what it does not serve to :class:`ProxyHandler`; only the latter with
+    PROXY_FAST_LANE off), Django for everything else."""
 
-    def __init__(self, django_app: Callable, proxy: ProxyHandler | None = None) -> None:
+    def __init__(self, django_app: Callable, proxy: Callable | None = None) -> None:
         self.django = django_app
         self._proxy = proxy
         self._lock = threading.Lock()
 
     @property
-    def proxy(self) -> ProxyHandler:
+    def proxy(self) -> Callable:
         if self._proxy is None:
             with self._lock:
                 if self._proxy is None:
-                    self._proxy = ProxyHandler()
+                    if app_settings.PROXY_FAST_LANE:
+                        from .lane import Lane
+
+                        self._proxy = Lane()
+                    else:
+                        self._proxy = ProxyHandler()
         return self._proxy
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

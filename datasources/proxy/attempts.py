@@ -15,9 +15,10 @@ Each of them sends differently (urllib3 or requests, streamed or buffered), so t
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 
 import urllib3
@@ -83,6 +84,9 @@ class _Headers(Generic[R]):
         value = self.wire.header(self.response, name)
         return default if value is None else value
 
+
+#: Runs a blocking function off the event loop (the database, the token endpoint).
+Blocking = Callable[[Callable[[], "Token | None"]], Awaitable["Token | None"]]
 
 #: observe(datasource, status or retries.CONNECTION_ERROR, header getter or None)
 Observer = Callable[["Datasource", int, Callable[[str], str | None] | None], None]
@@ -165,10 +169,73 @@ class Attempts(Generic[R]):
             if not self._wait(status, retry_after, started, response):
                 return response
 
+    async def run_async(
+        self,
+        send: Callable[[Token], Awaitable[R]],
+        *,
+        blocking: Blocking,
+        observe: Callable[[Datasource, int, Callable[[str], str | None] | None], Awaitable[None]],
+    ) -> R:
+        """:meth:`run` on an event loop (the fast lane): the same rules, the same order; the
+        refresh runs off the loop through ``blocking``, waits are ``asyncio.sleep``, and the
+        wire's ``discard`` is awaited. ``self.observe``/``self.sleep`` are not used."""
+        started = self.clock()
+        rejection_handled = False
+        while True:
+            try:
+                response = await send(self.token)
+            except self.wire.connection_errors:
+                await observe(self.datasource, retries.CONNECTION_ERROR, None)
+                wait = self._next_wait(retries.CONNECTION_ERROR, None, started)
+                if wait is None:
+                    raise
+                await asyncio.sleep(wait)
+                continue
+            status = self.wire.status(response)
+            await observe(self.datasource, status, functools.partial(self.wire.header, response))
+            if binding.token_rejected(self.datasource, status, _Headers(self.wire, response)):
+                if rejection_handled or not self.replayable:
+                    return response
+                rejection_handled = True
+                fresh = await blocking(
+                    functools.partial(
+                        tokens.refresh_after_rejection,
+                        self.datasource,
+                        self.token.access_token,
+                        user=self.token.user_id,
+                    )
+                )
+                if fresh is None:
+                    return response
+                await self.wire.discard(response)  # type: ignore[func-returns-value]
+                self.token, self.refreshed = fresh, True
+                if self.on_token is not None:
+                    self.on_token(fresh)
+                continue
+            retry_after = retries.parse_retry_after(
+                self.wire.header(response, "Retry-After"), time.time()
+            )
+            wait = self._next_wait(status, retry_after, started)
+            if wait is None:
+                return response
+            await self.wire.discard(response)  # type: ignore[func-returns-value]
+            await asyncio.sleep(wait)
+
     def _wait(
         self, status: int, retry_after: float | None, started: float, response: R | None = None
     ) -> bool:
         """Sleep before the next attempt and say True, or say False (the outcome stands)."""
+        wait = self._next_wait(status, retry_after, started)
+        if wait is None:
+            return False
+        if response is not None:
+            self.wire.discard(response)
+        if wait > 0:
+            self.sleep(wait)
+        return True
+
+    def _next_wait(self, status: int, retry_after: float | None, started: float) -> float | None:
+        """Seconds before the next attempt (counted as a retry), or None: the outcome stands."""
         wait = retries.decide_retry(
             self.policy,
             method=self.method,
@@ -179,11 +246,6 @@ class Attempts(Generic[R]):
             idempotency_key=self.idempotency_key,
             replayable=self.replayable,
         )
-        if wait is None:
-            return False
-        if response is not None:
-            self.wire.discard(response)
-        self.retries += 1
-        if wait > 0:
-            self.sleep(wait)
-        return True
+        if wait is not None:
+            self.retries += 1
+        return wait

@@ -258,6 +258,15 @@ def current(datasource_id: int) -> Health:
     return health
 
 
+def cached(datasource_id: int) -> Health | None:
+    """The datasource's record if this process read it less than HEALTH_CACHE_SECONDS ago
+    (no I/O: the fast lane asks this on its event loop), else None."""
+    entry = _cache.get(datasource_id)
+    if entry is not None and entry[0] > time.monotonic():
+        return entry[1]
+    return None
+
+
 def _remember(datasource_id: int, health: Health, now: float | None = None) -> None:
     ttl = app_settings.HEALTH_CACHE_SECONDS
     if ttl > 0:
@@ -300,8 +309,22 @@ def observe(datasource, status: int, header: Callable[[str], str | None] | None)
     Writes only when something changes."""
     if not app_settings.UPSTREAM_HEALTH:
         return
-    now = time.time()
-    known = current(datasource.pk)
+    _learn(datasource, status, header, current(datasource.pk))
+
+
+def observe_without_io(datasource, status: int, header: Callable[[str], str | None] | None) -> bool:
+    """:func:`observe` when that needs no I/O (the record is cached and nothing changes):
+    True. False: nothing was done, call :func:`observe` off the event loop (the fast lane)."""
+    if not app_settings.UPSTREAM_HEALTH:
+        return True
+    known = cached(datasource.pk)
+    return known is not None and _changes(known, status, header, time.time()) is None
+
+
+def _changes(
+    known: Health, status: int, header: Callable[[str], str | None] | None, now: float
+) -> Change | None:
+    """What one answer changes in the record (None: nothing, nothing to write)."""
     until = (
         limits.rate_limited_until(
             status, header, now, max_seconds=app_settings.RATE_LIMIT_MAX_SECONDS
@@ -313,7 +336,7 @@ def observe(datasource, status: int, header: Callable[[str], str | None] | None)
     breaker = policy()
     recovering = not failure and status != 429 and (known.failures or known.open_until is not None)
     if until is None and not (failure and breaker.threshold > 0) and not recovering:
-        return
+        return None
 
     def change(health: Health) -> Health:
         health = limits.tidy(health, now)
@@ -325,6 +348,15 @@ def observe(datasource, status: int, header: Callable[[str], str | None] | None)
             health = limits.after_success(health)
         return health
 
+    return change
+
+
+def _learn(
+    datasource, status: int, header: Callable[[str], str | None] | None, known: Health
+) -> None:
+    change = _changes(known, status, header, time.time())
+    if change is None:
+        return
     before_open = known.open_until is not None
     new = _update(datasource.pk, change)
     if new is not None and new.open_until is not None and not before_open:

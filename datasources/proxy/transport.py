@@ -249,6 +249,15 @@ def send_for_token(
     return upstream
 
 
+def upstream_target(
+    datasource: Datasource, url: str, query: str, access_token: str
+) -> tuple[str, str, int | None, str]:
+    """(scheme, host, port, request target) of a call to ``url``: what
+    :func:`send_with_token` sends, for the fast lane's client."""
+    full_url = target.with_query(url, target.build_query(datasource, query, access_token))
+    return (*_origin(datasource.base_url), _request_target(full_url))
+
+
 def _request_target(url: str) -> str:
     """The path and query of an absolute URL (``scheme://authority`` removed)."""
     slash = url.find("/", url.find("//") + 2)
@@ -323,14 +332,13 @@ def relay(
     """The upstream's answer for our caller: small bodies in one piece, others streamed (raw
     bytes: a compressed body stays compressed, matching Content-Encoding)."""
     chunk_size = app_settings.PROXY_CHUNK_SIZE
-    length = upstream.headers.get("Content-Length", "")
-    if length.isdigit() and int(length) <= chunk_size:
+    if answered_in_one_piece(upstream.headers):
         try:
             body = upstream.read(decode_content=False)
         finally:
             upstream.release_conn()
         response: HttpResponse = HttpResponse(body, status=upstream.status)
-        copy_headers(upstream, response, browser=browser)
+        copy_headers(upstream.headers, response, browser=browser)
         return response
 
     def content() -> Iterator[bytes]:
@@ -341,24 +349,41 @@ def relay(
             done(upstream.status)
 
     streaming = StreamingHttpResponse(content(), status=upstream.status)
-    copy_headers(upstream, streaming, browser=browser)
+    copy_headers(upstream.headers, streaming, browser=browser)
     return streaming
 
 
-def copy_headers(
-    upstream: urllib3.BaseHTTPResponse, response: HttpResponse, *, browser: bool
-) -> None:
-    if "Content-Type" not in upstream.headers:
+def answered_in_one_piece(headers: Mapping[str, str]) -> bool:
+    """Whether an upstream answer is relayed as one body (its declared length is at most
+    PROXY_CHUNK_SIZE) rather than streamed."""
+    length = headers.get("Content-Length", "")
+    return length.isdigit() and int(length) <= app_settings.PROXY_CHUNK_SIZE
+
+
+def copy_headers(headers: urllib3.HTTPHeaderDict, response: HttpResponse, *, browser: bool) -> None:
+    """The headers of :func:`answer_headers` set on ``response`` (Django's default
+    Content-Type removed when the upstream sent none)."""
+    if "Content-Type" not in headers:
         del response["Content-Type"]
+    for name, value in answer_headers(headers, browser=browser):
+        response[name] = value
+
+
+def answer_headers(headers: urllib3.HTTPHeaderDict, *, browser: bool) -> list[tuple[str, str]]:
+    """The upstream's headers our caller gets, then ours: the one rule for both serving paths
+    (:func:`copy_headers` for the view, the fast lane directly)."""
     dropped = (NOT_RETURNED_TO_BROWSERS if browser else NOT_RETURNED) | _connection_named(
-        upstream.headers.get("Connection")
+        headers.get("Connection")
     )
-    for name, value in upstream.headers.itermerged():
-        lowered = name.lower()
-        if lowered in dropped or (browser and lowered.startswith("access-control-")):
-            continue
-        response[name] = value
-    for name, value in (BROWSER_HEADERS if browser else INERT_HEADERS).items():
-        response[name] = value
-    if browser:
-        response.headers.setdefault("Cache-Control", "private")
+    kept = [
+        (name, value)
+        for name, value in headers.itermerged()
+        if not (
+            (lowered := name.lower()) in dropped
+            or (browser and lowered.startswith("access-control-"))
+        )
+    ]
+    kept.extend((BROWSER_HEADERS if browser else INERT_HEADERS).items())
+    if browser and "Cache-Control" not in headers:
+        kept.append(("Cache-Control", "private"))
+    return kept

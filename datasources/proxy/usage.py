@@ -35,8 +35,11 @@ _pending: dict[int, _Pending] = defaultdict(_Pending)
 _last_flush = time.monotonic()
 
 
-def record(datasource_id: int, status: int, duration_ms: float, *, error: bool) -> None:
-    global _last_flush
+def record(
+    datasource_id: int, status: int, duration_ms: float, *, error: bool, write: bool = True
+) -> bool:
+    """Count one call; write the counts when they are due. ``write=False``: only say whether
+    they are due (the fast lane then writes them with :func:`flush` off its event loop)."""
     with _lock:
         entry = _pending[datasource_id]
         entry.calls += 1
@@ -46,8 +49,9 @@ def record(datasource_id: int, status: int, duration_ms: float, *, error: bool) 
         entry.last_status = status
         entry.last_called_at = timezone.now()
         due = time.monotonic() - _last_flush >= app_settings.USAGE_FLUSH_INTERVAL
-    if due:
+    if due and write:
         flush()
+    return due
 
 
 def flush() -> None:

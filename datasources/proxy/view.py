@@ -65,13 +65,14 @@ def _proxy(request: HttpRequest, slug: str, path: str) -> tuple[HttpResponse, ca
     try:
         caller = callers.authenticate(request)
         call.api_key_id, call.user_id = caller.api_key_id, caller.user_id
-        token = _token_for(slug, caller)
+        token = token_for(slug, caller)
+        assert token is not None
         datasource = token.datasource
-        url = _check_request(request, datasource, path)
+        url = check_request(request, datasource, path)
         response = _forward(request, caller, token, url, done, call)
     except Refused as refused:
         call.error = refused.error
-        response = _refusal(request, refused)
+        response = refusal_response(request, refused)
     if response.streaming:  # counted (and logged, by relay's done) when its body has been sent
         response.streaming_content = _counted(response.streaming_content, call)
     else:
@@ -91,9 +92,14 @@ def _content_length(request: HttpRequest) -> int:
     return int(value) if value.isdigit() else 0
 
 
-def _token_for(slug: str, caller: callers.Caller) -> Token:
+def token_for(slug: str, caller: callers.Caller, *, cached_only: bool = False) -> Token | None:
+    """The token (with its datasource) ``caller`` calls ``slug`` with, or Refused (404, 403,
+    409 user_required). ``cached_only``: None instead of reading the database (the fast lane
+    asks this first, on its event loop)."""
     token = cache.tokens.get((slug, caller.user_id)) or cache.tokens.get((slug, None))
     if token is None:
+        if cached_only:
+            return None
         try:
             token = Token.objects.select_related("datasource").get(datasource__slug=slug, user=None)
         except Token.DoesNotExist:
@@ -110,11 +116,13 @@ def _token_for(slug: str, caller: callers.Caller) -> Token:
                 "that acts for one.",
                 datasource=slug,
             )
+        if cached_only:
+            return None
         token = tokens.load_token(datasource, caller.user_id)
     return token
 
 
-def _check_request(request: HttpRequest, datasource: Datasource, path: str) -> str:
+def check_request(request: HttpRequest, datasource: Datasource, path: str) -> str:
     """The upstream URL (without query), or Refused: 405 method, 400 path, 411 chunked body."""
     if request.method not in datasource.allowed_method_set:
         refused = Refused(
@@ -188,20 +196,47 @@ def _forward(
             upstream = attempts.run(send)
         finally:
             call.retries, call.refreshed = attempts.retries, attempts.refreshed
-    except (NotAuthorized, ReauthorizationRequired) as err:
+    except Exception as err:
+        refused = refusal_for(err, request, datasource)
+        if refused is None:
+            raise
+        raise refused from None
+    response = transport.relay(upstream, browser=caller.is_browser, done=done)
+    log_upstream_error(request, response, datasource.slug)
+    return response
+
+
+def log_upstream_error(request: HttpRequest, response: HttpResponse, slug: str) -> None:
+    """An upstream's own 5xx, passed on, is logged as a warning: not an error of this server."""
+    if response.status_code >= 500:
+        log_response(
+            "Upstream of datasource %s answered %s: %s",
+            slug,
+            response.status_code,
+            request.path,
+            response=response,
+            request=request,
+            level="warning",
+        )
+
+
+def refusal_for(err: Exception, request: HttpRequest, datasource: Datasource) -> Refused | None:
+    """The answer for a failure while getting a token or calling upstream (None: not ours to
+    answer, an error of this server). Shared by the view and the fast lane (.lane)."""
+    if isinstance(err, NotAuthorized | ReauthorizationRequired):
         error = "not_authorized" if isinstance(err, NotAuthorized) else "reauthorization_required"
         if datasource.per_user:
             where, authorize_url = "by the calling user", datasource.get_connect_url()
         else:
             where, authorize_url = "in the admin", datasource.get_authorize_url()
-        raise Refused(
+        return Refused(
             409,
             error,
             f"Datasource {datasource.slug!r} needs to be authorized {where}.",
             datasource=datasource.slug,
             authorize_url=request.build_absolute_uri(authorize_url),
-        ) from None
-    except TransientUpstreamError as err:
+        )
+    if isinstance(err, TransientUpstreamError):
         refused = Refused(
             503,
             "token_unavailable",
@@ -209,40 +244,25 @@ def _forward(
         )
         if err.retry_after:
             refused.headers["Retry-After"] = str(max(1, int(err.retry_after)))
-        raise refused from None
-    except urllib3.exceptions.NewConnectionError:  # (a ConnectTimeoutError subclass in urllib3)
-        raise Refused(
-            502, "upstream_unreachable", "The upstream API refused the connection."
-        ) from None
-    except urllib3.exceptions.TimeoutError:
-        raise Refused(504, "upstream_timeout", "The upstream API did not answer in time.") from None
-    except dpop.DPoPKeyError as err:
-        raise Refused(503, "dpop_key_unusable", f"No call was made: {err}") from None
-    except (urllib3.exceptions.SSLError, tls.TLSConfigError) as err:
+        return refused
+    if isinstance(err, urllib3.exceptions.NewConnectionError):  # a ConnectTimeoutError subclass
+        return Refused(502, "upstream_unreachable", "The upstream API refused the connection.")
+    if isinstance(err, urllib3.exceptions.TimeoutError):
+        return Refused(504, "upstream_timeout", "The upstream API did not answer in time.")
+    if isinstance(err, dpop.DPoPKeyError):
+        return Refused(503, "dpop_key_unusable", f"No call was made: {err}")
+    if isinstance(err, urllib3.exceptions.SSLError | tls.TLSConfigError):
         # Nothing was sent: the server's certificate is not trusted, or ours was refused.
-        raise Refused(
+        return Refused(
             502, "upstream_tls_failed", f"No call was made: {tls.failure_reason(err) or err}."
-        ) from None
-    except urllib3.exceptions.HTTPError as err:
-        raise Refused(
-            502, "upstream_unreachable", f"The upstream API is unreachable ({type(err).__name__})."
-        ) from None
-    response = transport.relay(upstream, browser=caller.is_browser, done=done)
-    if response.status_code >= 500:
-        # The upstream's own error, passed on: not an error of this server.
-        log_response(
-            "Upstream of datasource %s answered %s: %s",
-            datasource.slug,
-            response.status_code,
-            request.path,
-            response=response,
-            request=request,
-            level="warning",
         )
-    return response
+    if isinstance(err, urllib3.exceptions.HTTPError):
+        return Refused(
+            502, "upstream_unreachable", f"The upstream API is unreachable ({type(err).__name__})."
+        )
 
 
-def _refusal(request: HttpRequest, refused: Refused) -> JsonResponse:
+def refusal_response(request: HttpRequest, refused: Refused) -> JsonResponse:
     response = JsonResponse(
         {"error": refused.error, "detail": refused.detail, **refused.extra}, status=refused.status
     )

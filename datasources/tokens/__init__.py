@@ -28,6 +28,7 @@ from .service import (
     refresh_after_rejection,
     refresh_token,
     refresh_token_by_id,
+    usable_as_is,
 )
 
 __all__ = [
@@ -49,4 +50,5 @@ __all__ = [
     "reset_after_reconfiguration",
     "store_authorization",
     "token_owner",
+    "usable_as_is",
 ]

@@ -80,6 +80,15 @@ def get_valid_token(datasource: Datasource, *, token: Token | None = None, user=
     return result
 
 
+def usable_as_is(datasource: Datasource, token: Token) -> bool:
+    """Whether :func:`get_valid_token` would return ``token`` as it is, without any I/O (the
+    request path's decision is USE). The fast lane asks this on its event loop; any other
+    decision is :func:`get_valid_token`'s to carry out."""
+    now = timezone.now()
+    decision = decide(TokenState.of(token, now), Policy.of(datasource), Situation.REQUEST, now)
+    return decision.action is Action.USE
+
+
 def refresh_after_rejection(
     datasource: Datasource, rejected_access_token: str, *, user=None
 ) -> Token | None:

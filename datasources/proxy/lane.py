@@ -1,0 +1,534 @@
+"""The proxy's fast lane: the hot path served on the ASGI server's event loop.
+
+A call to ``/api/v1/datasources/<slug>/proxy/...`` with an API key and a small body is served
+here without a Django request cycle and without a thread hop: the caller, datasource and token
+come from the process caches (:mod:`.cache`, or from the database in a pool thread when they
+are not cached), the token is used as it is when the token rules say so
+(:func:`datasources.tokens.usable_as_is`), the health gate admits from its cached record, and
+the call goes upstream through an asyncio client (:mod:`.upstream`). Every decision is made by
+the same functions the view uses (:mod:`.view`, :mod:`.callers`, :mod:`.target`,
+:mod:`.transport`, :mod:`.attempts`, :mod:`.health`), and the parts of Django's middleware that
+touch a proxy answer are Django's own classes, called directly.
+
+Everything else is handed to the thread-pool path (:class:`.asgi.ProxyHandler`, the Django view)
+*before anything was sent upstream* (:func:`hand_over_reason` says why, for the log and the
+tests): signed-in sessions, refusals, a token to refresh or to wait for, a health gate that is
+not a plain PASS, DPoP, HTTPS upstreams, chunked or large bodies, middleware the lane does not
+know. Once a call went upstream it is finished here: the refresh-and-retry after an "expired"
+answer, the opt-in retries, counting and logging.
+
+Tracing hooks: :meth:`Lane.serve` (the proxy call) and :meth:`Lane._send_upstream` (one
+attempt) are the two places a ``tracing.span(...)`` goes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import functools
+import io
+import re
+import time
+from collections.abc import Callable
+from typing import Any
+
+from django.conf import settings
+from django.core.handlers.asgi import ASGIRequest
+from django.core.signals import setting_changed
+from django.db import close_old_connections
+from django.dispatch import receiver
+from django.http import HttpResponse, StreamingHttpResponse
+from django.middleware.clickjacking import XFrameOptionsMiddleware
+from django.middleware.common import CommonMiddleware
+from django.middleware.security import SecurityMiddleware
+
+from .. import binding, calllog, tokens
+from ..conf import app_settings
+from ..models import Token
+from . import cache, callers, health, limits, retries, transport, usage, view
+from .asgi import PROXY_PATH, ProxyHandler, Receive, Scope, Send, asgi_headers, wsgi_like_path
+from .attempts import URLLIB3, Attempts
+from .callers import Refused
+from .upstream import Pool, Response
+
+#: The middleware whose effect on a proxy answer the lane reproduces (by calling it); with any
+#: other middleware configured every call takes the thread-pool path.
+KNOWN_MIDDLEWARE = frozenset(
+    {
+        "django.middleware.security.SecurityMiddleware",
+        "whitenoise.middleware.WhiteNoiseMiddleware",
+        "django.contrib.sessions.middleware.SessionMiddleware",
+        "django.middleware.common.CommonMiddleware",
+        "django.middleware.csrf.CsrfViewMiddleware",
+        "django.contrib.auth.middleware.AuthenticationMiddleware",
+        "django.contrib.messages.middleware.MessageMiddleware",
+        "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    }
+)
+
+#: The proxy's URL patterns (datasources/urls.py: ``<slug:slug>`` and ``<path:path>``).
+_ROUTE = re.compile(r"^/api/v1/datasources/(?P<slug>[-a-zA-Z0-9_]+)/proxy/(?:(?P<path>.+))?\Z")
+
+
+class HandOver(enum.StrEnum):
+    """Why a call is handed to the thread-pool path (before anything went upstream)."""
+
+    MIDDLEWARE = "middleware"  # middleware the lane does not reproduce
+    CHUNKED = "chunked"  # a body without Content-Length
+    LARGE_BODY = "large_body"  # a body above PROXY_REPLAY_MAX_BYTES: streamed by the view
+    NOT_API_KEY = "not_api_key"  # a session (cookie) caller, or no credentials
+    REFUSED = "refused"  # the view answers refusals (401, 403, 404, 405, 400, 409, 429, 503)
+    REQUEST = "request"  # something Django's request handling answers (host, encoding)
+    DPOP = "dpop"  # proofs are made by the view
+    HTTPS = "https"  # TLS to the upstream: the view's urllib3 pools (CA bundles, mTLS)
+    TOKEN = "token"  # the token needs a refresh, a wait, or is unusable
+    GATE = "gate"  # rate limited, circuit open, or this call would be the probe
+
+
+def hand_over_reason(
+    *,
+    middleware_known: bool,
+    chunked: bool,
+    length: int,
+    api_key: bool,
+    scheme: str | None = None,
+    dpop: bool = False,
+    token_usable: bool = True,
+    gate: limits.Verdict = limits.Verdict.PASS,
+) -> HandOver | None:
+    """The one rule for "may the fast lane serve this call?": None (yes) or why not. Asked in
+    steps as the facts become known (the later ones default to "fine")."""
+    if not middleware_known:
+        return HandOver.MIDDLEWARE
+    if chunked:
+        return HandOver.CHUNKED
+    if length > app_settings.PROXY_REPLAY_MAX_BYTES:
+        return HandOver.LARGE_BODY
+    if not api_key:
+        return HandOver.NOT_API_KEY
+    if scheme is not None and scheme != "http":
+        return HandOver.HTTPS
+    if dpop:
+        return HandOver.DPOP
+    if not token_usable:
+        return HandOver.TOKEN
+    if gate is not limits.Verdict.PASS:
+        return HandOver.GATE
+    return None
+
+
+class _Middleware:
+    """Django's middleware classes whose request checks and response headers apply to a proxy
+    call, built from the current settings."""
+
+    def __init__(self) -> None:
+        def unused(request: Any) -> HttpResponse:  # pragma: no cover - never called
+            raise AssertionError
+
+        self.known = set(settings.MIDDLEWARE) <= KNOWN_MIDDLEWARE
+        self.security = SecurityMiddleware(unused)
+        self.common = CommonMiddleware(unused)
+        self.xframe = XFrameOptionsMiddleware(unused)
+        self._added: dict[bool, list[tuple[str, str]]] = {}
+
+    def admits(self, request: ASGIRequest) -> bool:
+        """The request passes the checks Django's middleware makes before the view (allowed
+        host, user agent, HTTPS redirect, www prefix)."""
+        try:
+            return (
+                self.security.process_request(request) is None
+                and self.common.process_request(request) is None
+            )
+        except Exception:  # DisallowedHost, PermissionDenied: Django's answer, not ours
+            return False
+
+        self._added: dict[bool, list[tuple[str, str]]] = {}
+
+    def finish(self, request: ASGIRequest, response: HttpResponse) -> HttpResponse:
+        """What the response middleware adds, in Django's order (the reverse of MIDDLEWARE)."""
+        response = self.xframe.process_response(request, response)
+        response = self.common.process_response(request, response)
+        return self.security.process_response(request, response)
+
+    def added(self, request: ASGIRequest) -> list[tuple[str, str]]:
+        """The headers :meth:`finish` adds to a streamed answer that has none of them: each is
+        added only where the answer lacks it (these middleware never replace a header), so
+        the relayed answers' headers are built without a response object. Asked of the
+        middleware once per process (and per HTTPS or not: HSTS)."""
+        secure = request.is_secure()
+        found = self._added.get(secure)
+        if found is None:
+            blank = StreamingHttpResponse(())
+            del blank["Content-Type"]
+            found = self._added[secure] = list(self.finish(request, blank).items())
+        return found
+
+    def headers(
+        self, request: ASGIRequest, headers: list[tuple[str, str]], length: int | None
+    ) -> list[tuple[bytes, bytes]]:
+        """An answer's headers with the middleware's additions (and, for a buffered answer of
+        ``length`` bytes, CommonMiddleware's Content-Length), as ASGI sends them."""
+        present = {name.lower() for name, _ in headers}
+        out = [(name.encode("latin1"), value.encode("latin1")) for name, value in headers]
+        if length is not None and "content-length" not in present:
+            out.append((b"Content-Length", str(length).encode("ascii")))
+        for name, value in self.added(request):
+            if name.lower() not in present:
+                out.append((name.encode("latin1"), value.encode("latin1")))
+        return out
+
+
+@functools.cache
+def _middleware() -> _Middleware:
+    return _Middleware()
+
+
+@receiver(setting_changed)
+def _settings_changed(**kwargs: Any) -> None:
+    _middleware.cache_clear()
+
+
+_pools: dict[asyncio.AbstractEventLoop, Pool] = {}
+
+
+def pool() -> Pool:
+    """This event loop's keep-alive pool (one loop per server process)."""
+    loop = asyncio.get_running_loop()
+    found = _pools.get(loop)
+    if found is None:
+        for old in [other for other in _pools if other.is_closed()]:
+            del _pools[old]
+        found = _pools[loop] = Pool(app_settings.PROXY_POOL_SIZE)
+    return found
+
+
+class _AsyncWire:
+    """:mod:`.attempts`' view of the lane's answers."""
+
+    connection_errors = URLLIB3.connection_errors  # the client raises urllib3's exceptions
+
+    @staticmethod
+    def status(response: Response) -> int:
+        return response.status
+
+    @staticmethod
+    def header(response: Response, name: str) -> str | None:
+        return response.headers.get(name)
+
+    @staticmethod
+    async def discard(response: Response) -> None:
+        await response.discard()
+
+
+_WIRE = _AsyncWire()
+
+
+class Lane:
+    """The ASGI application for the proxy's URLs: the fast lane, and ``fallback`` (the Django
+    view in a thread pool) for every call it hands over. ``served`` and ``handed_over`` count
+    calls (the tests check which lane served them)."""
+
+    def __init__(self, fallback: ProxyHandler | None = None) -> None:
+        self.fallback = fallback or ProxyHandler()
+        self.served = 0
+        self.handed_over: dict[HandOver, int] = {}
+        self._flushing: asyncio.Future | None = None
+
+    def flush_soon(self, *, counts: bool, log: bool) -> None:
+        """Write the counts and/or the call log in the thread pool, not waiting for it (one
+        flush at a time: calls that find the batches due meanwhile are in the next one)."""
+        if self._flushing is None or self._flushing.done():
+            job = functools.partial(_flush, counts, log)
+            self._flushing = asyncio.ensure_future(self.blocking(job))
+
+    async def blocking(self, fn: Callable[[], Any]) -> Any:
+        """``fn`` in the thread pool (database, token endpoint), with Django's connection
+        housekeeping around it as a request would have."""
+        return await asyncio.get_running_loop().run_in_executor(
+            self.fallback.executor, self._in_thread, fn
+        )
+
+    #: What a request's start and end do to database connections (the tests' harness keeps
+    #: the test's connection instead, as Django's test client does).
+    housekeeping: Callable[[], None] = staticmethod(close_old_connections)
+
+    def _in_thread(self, fn: Callable[[], Any]) -> Any:
+        self.housekeeping()
+        try:
+            return fn()
+        finally:
+            self.housekeeping()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        middleware = _middleware()
+        chunked, length, api_key = False, 0, False
+        for name, value in scope.get("headers", ()):
+            if name == b"transfer-encoding":
+                chunked = True
+            elif name == b"content-length":
+                length = int(value) if value.isdigit() else 0
+            elif name == b"authorization":
+                api_key = api_key or value[:8].lower() == b"api-key "
+            elif name == b"x-api-key":
+                api_key = api_key or bool(value.strip())
+        reason = hand_over_reason(
+            middleware_known=middleware.known, chunked=chunked, length=length, api_key=api_key
+        )
+        if reason is not None:
+            return await self._hand_over(reason, scope, receive, send)
+        # A small body: read it now (the view would read it whole too).
+        messages, parts = [], []
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            messages.append(message)
+            parts.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        replay = _Replay(messages, receive)
+        outcome = await self.serve(scope, b"".join(parts), replay.receive, send, middleware)
+        if outcome is not None:
+            await self._hand_over(outcome, scope, replay.receive, send)
+
+    async def _hand_over(self, reason: HandOver, scope: Scope, receive: Receive, send: Send):
+        self.handed_over[reason] = self.handed_over.get(reason, 0) + 1
+        await self.fallback(scope, receive, send)
+
+    async def serve(
+        self, scope: Scope, body: bytes, receive: Receive, send: Send, middleware: _Middleware
+    ) -> HandOver | None:
+        """Serve one call, or say why it is handed over (nothing was sent upstream then)."""
+        try:
+            scope = wsgi_like_path(scope)
+            request = ASGIRequest(scope, io.BytesIO(body))
+        except UnicodeDecodeError:
+            return HandOver.REQUEST
+        route = _ROUTE.match(request.path_info)
+        if route is None or not middleware.admits(request):
+            return HandOver.REQUEST
+        slug, path = route["slug"], route["path"] or ""
+        # Who is calling, with which token: the caches, else the database in a pool thread.
+        key = callers.api_key_of(request.META)
+        caller = callers.caller_for_key(key, cached_only=True)
+        if caller is None:
+            caller = await self.blocking(functools.partial(callers.caller_for_key, key))
+            if caller is None:
+                return HandOver.REFUSED
+        try:
+            token = view.token_for(slug, caller, cached_only=True)
+            if token is None:
+                token = await self.blocking(functools.partial(view.token_for, slug, caller))
+            datasource = token.datasource
+            url = view.check_request(request, datasource, path)
+        except Refused:
+            return HandOver.REFUSED
+        scheme = url.partition(":")[0].lower()
+        reason = hand_over_reason(
+            middleware_known=True,
+            chunked=False,
+            length=length_of(request),
+            api_key=True,
+            scheme=scheme,
+            dpop=datasource.use_dpop or binding.dpop_bound(datasource, token),
+            token_usable=tokens.usable_as_is(datasource, token),
+        )
+        if reason is not None:
+            return reason
+        if app_settings.UPSTREAM_HEALTH:
+            known = health.cached(datasource.pk)
+            if known is None:
+                known = await self.blocking(functools.partial(health.current, datasource.pk))
+            reason = hand_over_reason(
+                middleware_known=True,
+                chunked=False,
+                length=0,
+                api_key=True,
+                gate=limits.gate(known, time.time()).verdict,
+            )
+            if reason is not None:
+                return reason
+        cache.tokens.put((datasource.slug, token.user_id), token)
+        self.served += 1
+        await _Call(self, request, caller, token, url, path, body, send, receive, middleware).run()
+        return None
+
+
+def length_of(request: ASGIRequest) -> int:
+    value = request.META.get("CONTENT_LENGTH") or ""
+    return int(value) if value.isdigit() else 0
+
+
+class _Replay:
+    """The body messages the lane read, given again to the thread-pool path on a hand-over."""
+
+    def __init__(self, messages: list[dict], receive: Receive) -> None:
+        self._messages = messages
+        self._receive = receive
+
+    async def receive(self) -> dict:
+        if self._messages:
+            return self._messages.pop(0)
+        return await self._receive()
+
+
+class _Call:
+    """One call on the fast lane, from the first attempt to the last byte of the answer."""
+
+    def __init__(
+        self,
+        lane: Lane,
+        request: ASGIRequest,
+        caller: callers.Caller,
+        token: Token,
+        url: str,
+        path: str,
+        body: bytes,
+        send: Send,
+        receive: Receive,
+        middleware: _Middleware,
+    ) -> None:
+        self.lane, self.request, self.caller, self.token = lane, request, caller, token
+        self.datasource = token.datasource
+        self.url, self.body, self.send, self.receive = url, body, send, receive
+        self.middleware = middleware
+        self.log = calllog.Call.begin(request.method, path, len(body))
+        self.log.api_key_id, self.log.user_id = caller.api_key_id, caller.user_id
+
+    async def run(self) -> None:
+        request, datasource = self.request, self.datasource
+        attempts = Attempts(
+            datasource,
+            self.token,
+            _WIRE,
+            method=request.method,
+            policy=retries.RetryPolicy.of(
+                datasource, requested=request.headers.get(retries.RETRIES_HEADER)
+            ),
+            replayable=True,
+            idempotency_key=bool(request.headers.get(retries.IDEMPOTENCY_HEADER)),
+            on_token=lambda fresh: cache.tokens.put((datasource.slug, fresh.user_id), fresh),
+        )
+        try:
+            upstream = await attempts.run_async(
+                self._send_upstream, blocking=self.lane.blocking, observe=self._observe
+            )
+        except Exception as err:
+            refused = view.refusal_for(err, request, datasource)
+            if refused is None:
+                raise
+            self.log.error = refused.error
+            self.log.retries, self.log.refreshed = attempts.retries, attempts.refreshed
+            response = view.refusal_response(request, refused)
+            await self._answer(response, response.content)
+            return
+        self.log.retries, self.log.refreshed = attempts.retries, attempts.refreshed
+        await self._relay(upstream)
+
+    async def _send_upstream(self, token: Token) -> Response:
+        """One attempt (a tracing span goes here)."""
+        request, datasource = self.request, self.datasource
+        placed = binding.auth_headers(datasource, token, request.method, self.url)
+        headers = transport.request_headers(datasource, request.headers, placed, len(self.body))
+        scheme, host, port, target = transport.upstream_target(
+            datasource, self.url, request.META.get("QUERY_STRING", ""), token.access_token or ""
+        )
+        return await pool().request(
+            request.method,
+            scheme,
+            host,
+            port,
+            target,
+            headers,
+            self.body or None,
+            context=None,
+            connect_timeout=app_settings.PROXY_CONNECT_TIMEOUT,
+            read_timeout=app_settings.PROXY_READ_TIMEOUT,
+        )
+
+    async def _observe(self, datasource: Any, status: int, header: Any) -> None:
+        if not health.observe_without_io(datasource, status, header):
+            await self.lane.blocking(functools.partial(health.observe, datasource, status, header))
+
+    async def _relay(self, upstream: Response) -> None:
+        headers = transport.answer_headers(upstream.headers, browser=False)
+        if transport.answered_in_one_piece(upstream.headers):
+            try:
+                content = await upstream.read()
+            finally:
+                upstream.release()
+            self._log_upstream_error(upstream.status)
+            self.log.response_bytes = len(content)
+            await self._done(upstream.status)
+            await self.send(
+                {
+                    "type": "http.response.start",
+                    "status": upstream.status,
+                    "headers": self.middleware.headers(self.request, headers, len(content)),
+                }
+            )
+            await self.send({"type": "http.response.body", "body": content})
+            return
+        self._log_upstream_error(upstream.status)
+        disconnected = asyncio.ensure_future(_disconnect(self.receive))
+        try:
+            await self.send(
+                {
+                    "type": "http.response.start",
+                    "status": upstream.status,
+                    "headers": self.middleware.headers(self.request, headers, None),
+                }
+            )
+            async for piece in upstream.pieces():
+                if disconnected.done():
+                    return
+                self.log.response_bytes += len(piece)
+                await self.send({"type": "http.response.body", "body": piece, "more_body": True})
+            await self.send({"type": "http.response.body"})
+            upstream.release()
+        finally:
+            disconnected.cancel()
+            upstream.release()  # no-op when released above; closes an unfinished answer
+            await self._done(upstream.status)
+
+    def _log_upstream_error(self, status: int) -> None:
+        if status >= 500:
+            view.log_upstream_error(self.request, HttpResponse(status=status), self.datasource.slug)
+
+    async def _answer(self, response: HttpResponse, content: bytes) -> None:
+        """A refusal: counted, then sent (as the view counts before returning)."""
+        response = self.middleware.finish(self.request, response)
+        self.log.response_bytes = len(content)
+        await self._done(response.status_code)
+        await self.send(
+            {
+                "type": "http.response.start",
+                "status": response.status_code,
+                "headers": asgi_headers(response),
+            }
+        )
+        await self.send({"type": "http.response.body", "body": content})
+
+    async def _done(self, status: int) -> None:
+        """Counted and logged in memory; the batches are written off the loop when due."""
+        elapsed = (time.perf_counter() - self.log.started) * 1000
+        pk = self.datasource.pk
+        counts_due = usage.record(pk, status, elapsed, error=status >= 500, write=False)
+        log_due = calllog.record(self.log, pk, status, elapsed, write=False)
+        if counts_due or log_due:
+            self.lane.flush_soon(counts=counts_due, log=log_due)
+
+
+def _flush(counts: bool, log: bool) -> None:
+    if counts:
+        usage.flush()
+    if log:
+        calllog.flush()
+
+
+async def _disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+__all__ = ["PROXY_PATH", "HandOver", "Lane", "hand_over_reason"]
