@@ -30,6 +30,9 @@ FINE = dict(middleware_known=True, chunked=False, length=10, api_key=True)
         ({"gate": Verdict.RATE_LIMITED}, HandOver.GATE),
         ({"gate": Verdict.CIRCUIT_OPEN}, HandOver.GATE),
         ({"chunked": True, "api_key": False}, HandOver.CHUNKED),
+        ({"traced": True}, HandOver.TRACED),
+        ({"traced": True, "chunked": True, "api_key": False}, HandOver.TRACED),
+        ({"traced": True, "middleware_known": False}, HandOver.MIDDLEWARE),
     ],
 )
 def test_hand_over_reason(facts, expected):

@@ -14,11 +14,12 @@ Everything else is handed to the thread-pool path (:class:`.asgi.ProxyHandler`, 
 *before anything was sent upstream* (:func:`hand_over_reason` says why, for the log and the
 tests): signed-in sessions, refusals, a token to refresh or to wait for, a health gate that is
 not a plain PASS, DPoP, HTTPS upstreams, chunked or large bodies, middleware the lane does not
-know. Once a call went upstream it is finished here: the refresh-and-retry after an "expired"
+know, and every call while tracing is on (the view records the spans). Once a call went upstream it is finished here: the refresh-and-retry after an "expired"
 answer, the opt-in retries, counting and logging.
 
-Tracing hooks: :meth:`Lane.serve` (the proxy call) and :meth:`Lane._send_upstream` (one
-attempt) are the two places a ``tracing.span(...)`` goes.
+Tracing: while it is on, the lane hands every call to the view, whose spans are the documented
+ones (docs/tracing.md); spans of the lane's own would go in :meth:`Lane.serve` (the call) and
+:meth:`Lane._send_upstream` (one attempt).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from django.middleware.clickjacking import XFrameOptionsMiddleware
 from django.middleware.common import CommonMiddleware
 from django.middleware.security import SecurityMiddleware
 
-from .. import binding, calllog, tokens
+from .. import binding, calllog, tokens, tracing
 from ..conf import app_settings
 from ..models import Token
 from . import cache, callers, health, limits, retries, transport, usage, view
@@ -83,6 +84,7 @@ class HandOver(enum.StrEnum):
     HTTPS = "https"  # TLS to the upstream: the view's urllib3 pools (CA bundles, mTLS)
     TOKEN = "token"  # the token needs a refresh, a wait, or is unusable
     GATE = "gate"  # rate limited, circuit open, or this call would be the probe
+    TRACED = "traced"  # tracing is on: the view records the spans (datasources/tracing.py)
 
 
 def hand_over_reason(
@@ -91,6 +93,7 @@ def hand_over_reason(
     chunked: bool,
     length: int,
     api_key: bool,
+    traced: bool = False,
     scheme: str | None = None,
     dpop: bool = False,
     token_usable: bool = True,
@@ -100,6 +103,8 @@ def hand_over_reason(
     steps as the facts become known (the later ones default to "fine")."""
     if not middleware_known:
         return HandOver.MIDDLEWARE
+    if traced:
+        return HandOver.TRACED
     if chunked:
         return HandOver.CHUNKED
     if length > app_settings.PROXY_REPLAY_MAX_BYTES:
@@ -272,7 +277,11 @@ class Lane:
             elif name == b"x-api-key":
                 api_key = api_key or bool(value.strip())
         reason = hand_over_reason(
-            middleware_known=middleware.known, chunked=chunked, length=length, api_key=api_key
+            middleware_known=middleware.known,
+            traced=tracing.enabled(),
+            chunked=chunked,
+            length=length,
+            api_key=api_key,
         )
         if reason is not None:
             return await self._hand_over(reason, scope, receive, send)
