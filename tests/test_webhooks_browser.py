@@ -8,16 +8,7 @@ import pytest
 
 from datasources.models import DeliveryStatus, WebhookDelivery, WebhookEndpoint
 
-from .test_admin_browser import (  # noqa: F401
-    builder,
-    eager_celery,
-    expect,
-    log_in,
-    message,
-    page,
-    playwright_api,
-    shot,
-)
+from .test_admin_browser import eager_celery, log_in, message, shot  # noqa: F401
 from .webhook_receiver import receiver  # noqa: F401
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
@@ -25,9 +16,9 @@ pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
 
 def test_endpoint_secret_test_event_rotation_deliveries_and_retry(
     live_server,
-    page,  # noqa: F811
-    expect,  # noqa: F811
-    builder,  # noqa: F811
+    page,
+    expect,
+    builder,
     eager_celery,  # noqa: F811
     receiver,  # noqa: F811
     settings,
