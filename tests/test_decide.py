@@ -14,6 +14,7 @@ import jwt
 import pytest
 
 from datasources.tokens.decide import (
+    FOREVER,
     Action,
     Policy,
     Situation,
@@ -21,6 +22,7 @@ from datasources.tokens.decide import (
     decide,
     refresh_due_at,
     spread_of,
+    use_until,
     window,
 )
 from datasources.tokens.expiry import MAX_LIFETIME, expiry_of, jwt_expires_in, parse_expires_in
@@ -693,3 +695,41 @@ def test_grants_without_a_person_share_the_client_credentials_rules(grant_type, 
     from datasources.models import Datasource
 
     assert Policy.of(Datasource(grant_type=grant_type)).client_credentials is machine
+
+
+# --- the fast lane's once-per-token question ---------------------------------------------------
+
+USE_UNTIL_STATES = {row[0]: (row[1], row[2]) for row in ROWS if row[3] is R} | {
+    row[0]: (row[1], row[2]) for row in DUE_STATES
+}
+OFFSETS = [-86400, -3600, -60, -1, 0, 1, 10, 19, 20, 29, 30, 60, 600, 2969, 2970, 2999, 3000]
+
+
+@pytest.mark.parametrize("name", list(USE_UNTIL_STATES))
+def test_use_until_agrees_with_decide(name):
+    """Before use_until, decide() answers USE on the request path at every moment; at it, the
+    reason it said USE ("fresh", or a token that cannot be renewed still valid) has ended."""
+    state, policy = USE_UNTIL_STATES[name]
+    until = use_until(state, policy)
+    moments = [at(seconds) for seconds in [*OFFSETS, 86400 * 40]]
+    if until is not None:
+        if until is not FOREVER:
+            moments.append(until - timedelta(milliseconds=1))
+        for moment in [m for m in moments if m < until]:
+            assert decide(state, policy, R, moment).action is Action.USE, moment
+        if until is not FOREVER:
+            after = decide(state, policy, R, until)
+            assert after.reason not in ("fresh", "no_refresh_token"), after
+    else:
+        # Nothing follows from the token alone: decide() is asked each time, and says
+        # something other than "fresh" now.
+        assert decide(state, policy, R, NOW).reason not in ("fresh", "no_refresh_token")
+
+
+def test_use_until_covers_the_common_tokens():
+    """The hot path's tokens get an answer (else the lane would ask decide() on every call)."""
+    assert use_until(HOURLY, POLICY) == at(3000 - 30)
+    assert use_until(SHORT, POLICY) == at(10)  # leeway capped at half the 20 s lifetime
+    assert use_until(replace(HOURLY, has_refresh_token=False), POLICY) == at(3000)
+    assert use_until(TokenState(expires_at=None, issued_at=NOW), POLICY) is FOREVER
+    assert use_until(replace(HOURLY, status="needs_reauthorization"), POLICY) is None

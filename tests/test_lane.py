@@ -37,3 +37,95 @@ FINE = dict(middleware_known=True, chunked=False, length=10, api_key=True)
 )
 def test_hand_over_reason(facts, expected):
     assert hand_over_reason(**{**FINE, **facts}) is expected
+
+
+# --- what the lane remembers per process ------------------------------------------------------
+
+pytestmark_db = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture
+def lane_client(monkeypatch, spy):
+    """An API-key client whose proxy calls go through the ASGI application (the lane)."""
+    from django.test import Client
+
+    from datasources.apikeys import create_api_key
+
+    from .serving import serve_proxy_through_asgi
+    from .test_attacks import connected
+
+    serve_proxy_through_asgi(monkeypatch)
+    datasource = connected(spy)
+    _, key = create_api_key("app")
+    return Client(HTTP_AUTHORIZATION=f"Api-Key {key}"), datasource
+
+
+@pytestmark_db
+def test_an_admitted_host_does_not_admit_another(lane_client, spy, settings):
+    """Django's host check runs once per host and is remembered: a host that is not allowed is
+    still answered by Django (400) after an allowed one was served, and nothing goes upstream."""
+    from .serving import LANE
+
+    client, datasource = lane_client
+    settings.ALLOWED_HOSTS = ["api.example"]
+    url = f"/api/v1/datasources/{datasource.slug}/proxy/items"
+    served = LANE.served
+    for _ in range(2):
+        assert client.get(url, HTTP_HOST="api.example").status_code == 200
+    assert LANE.served == served + 2
+    assert client.get(url, HTTP_HOST="evil.example").status_code == 400
+    assert (
+        client.get(url, HTTP_HOST="api.example", HTTP_X_FORWARDED_HOST="evil.example").status_code
+        == 200
+    )
+    assert len(spy.seen) == 3  # the X-Forwarded-Host one: not trusted, so api.example served
+    settings.USE_X_FORWARDED_HOST = True
+    response = client.get(url, HTTP_HOST="api.example", HTTP_X_FORWARDED_HOST="evil.example")
+    assert response.status_code == 400
+    assert len(spy.seen) == 3
+
+
+@pytestmark_db
+def test_hsts_follows_each_calls_scheme(lane_client, settings):
+    """Whether a call came over HTTPS (here: the proxy's X-Forwarded-Proto) is part of what is
+    remembered: the HSTS header goes on the secure calls' answers only."""
+    client, datasource = lane_client
+    settings.SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+    settings.SECURE_HSTS_SECONDS = 3600
+    url = f"/api/v1/datasources/{datasource.slug}/proxy/items"
+    plain = client.get(url)
+    secure = client.get(url, HTTP_X_FORWARDED_PROTO="https")
+    again = client.get(url, HTTP_X_FORWARDED_PROTO="http")
+    assert [r.status_code for r in (plain, secure, again)] == [200, 200, 200]
+    assert "Strict-Transport-Security" not in plain
+    assert secure["Strict-Transport-Security"] == "max-age=3600"
+    assert "Strict-Transport-Security" not in again
+
+
+@pytestmark_db
+def test_a_cached_token_is_read_again_after_the_cache_time_however_busy(
+    lane_client, spy, settings, monkeypatch
+):
+    """Using a cached token does not extend its life: a token replaced by another process
+    (a queryset update sends no signal) is picked up PROXY_CACHE_SECONDS after it was cached,
+    while calls keep coming."""
+    from django.utils import timezone
+
+    from datasources.models import Token
+    from datasources.proxy import cache
+
+    client, datasource = lane_client
+    settings.DATASOURCES = {**settings.DATASOURCES, "PROXY_CACHE_SECONDS": 10}
+    clock = [1000.0]
+    monkeypatch.setattr(cache.time, "monotonic", lambda: clock[0])
+    url = f"/api/v1/datasources/{datasource.slug}/proxy/items"
+    assert client.get(url).status_code == 200  # cached at t=1000 until 1010
+    Token.objects.filter(datasource=datasource).update(
+        access_token="replaced-elsewhere", last_refreshed_at=timezone.now()
+    )
+    for now in (1004.0, 1008.0, 1012.0):
+        clock[0] = now
+        assert client.get(url).status_code == 200
+    sent = [seen.header("Authorization") for seen in spy.seen]
+    assert sent[:3] == [sent[0]] * 3 and sent[0] != "Bearer replaced-elsewhere"
+    assert sent[3] == "Bearer replaced-elsewhere"

@@ -204,7 +204,10 @@ def wsgi_like_path(scope: Scope) -> Scope:
     raw = scope.get("raw_path")
     if not raw:
         return scope
-    path = repercent_broken_unicode(unquote_to_bytes(raw.decode("latin1"))).decode()
+    if b"%" not in raw and raw.isascii():
+        path = raw.decode("ascii")  # nothing to decode (the common case)
+    else:
+        path = repercent_broken_unicode(unquote_to_bytes(raw.decode("latin1"))).decode()
     root = scope.get("root_path", "")
     return {**scope, "path": path if not root or path.startswith(root) else root + path}
 

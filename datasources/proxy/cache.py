@@ -41,6 +41,14 @@ class TTLCache:
                 self._data.clear()
             self._data[key] = (time.monotonic() + ttl, value)
 
+    def keep(self, key: Any, value: Any) -> None:
+        """:meth:`put`, unless the entry holds this very object already: using a cached entry
+        does not extend its life, so edits made in other processes show within
+        PROXY_CACHE_SECONDS however busy the proxy is."""
+        item = self._data.get(key)
+        if item is None or item[1] is not value or item[0] <= time.monotonic():
+            self.put(key, value)
+
     def clear(self) -> None:
         with self._lock:
             self._data.clear()

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 from django.http import HttpRequest
 from django.middleware.csrf import CsrfViewMiddleware
@@ -50,7 +49,7 @@ class Caller:
 @sensitive_variables()
 def authenticate(request: HttpRequest) -> Caller:
     """The caller, or Refused (401 no or bad credentials, 403 no permission or CSRF)."""
-    key = api_key_of(request.META)
+    key = api_key_of(request.headers)
     if key:
         caller = caller_for_key(key)
         if caller is None:
@@ -69,15 +68,13 @@ def authenticate(request: HttpRequest) -> Caller:
 
 
 @sensitive_variables()
-def api_key_of(meta: Mapping[str, Any]) -> str:
+def api_key_of(headers: Mapping[str, str]) -> str:
     """The API key the request carries ("" if none): ``Authorization: Api-Key <key>`` first,
-    then ``X-Api-Key``."""
-    header = meta.get("HTTP_AUTHORIZATION", "")
+    then ``X-Api-Key``. ``headers``: a request's ``headers`` (case-insensitive)."""
+    header = headers.get("Authorization") or ""
     if header[:8].lower() == "api-key ":
         return header[8:].strip()
-    if meta.get("HTTP_X_API_KEY"):
-        return meta["HTTP_X_API_KEY"].strip()
-    return ""
+    return (headers.get("X-Api-Key") or "").strip()
 
 
 @sensitive_variables()

@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import enum
 import functools
-import io
 import re
 import time
 from collections.abc import Callable
@@ -47,9 +46,10 @@ from .. import binding, calllog, tokens, tracing
 from ..conf import app_settings
 from ..models import Token
 from . import cache, callers, health, limits, retries, transport, usage, view
-from .asgi import PROXY_PATH, ProxyHandler, Receive, Scope, Send, asgi_headers, wsgi_like_path
+from .asgi import PROXY_PATH, ProxyHandler, Receive, Scope, Send, asgi_headers
 from .attempts import URLLIB3, Attempts
 from .callers import Refused
+from .incoming import Incoming
 from .upstream import Pool, Response
 
 #: The middleware whose effect on a proxy answer the lane reproduces (by calling it); with any
@@ -126,6 +126,9 @@ class _Middleware:
     """Django's middleware classes whose request checks and response headers apply to a proxy
     call, built from the current settings."""
 
+    #: Admissions remembered per process (beyond it, each call asks the middleware again).
+    MAX_ADMISSIONS = 1024
+
     def __init__(self) -> None:
         def unused(request: Any) -> HttpResponse:  # pragma: no cover - never called
             raise AssertionError
@@ -134,7 +137,53 @@ class _Middleware:
         self.security = SecurityMiddleware(unused)
         self.common = CommonMiddleware(unused)
         self.xframe = XFrameOptionsMiddleware(unused)
-        self._added: dict[bool, list[tuple[str, str]]] = {}
+        self._admitted: dict[tuple, list[tuple[bytes, bytes]]] = {}
+        # What the middleware's request checks read besides the settings (see _admission_key).
+        ssl_header = settings.SECURE_PROXY_SSL_HEADER
+        ssl_meta = ssl_header[0] if isinstance(ssl_header, tuple | list) and ssl_header else ""
+        self._ssl_header = ssl_meta.removeprefix("HTTP_") if ssl_meta else None
+        self._cacheable = not ssl_meta or ssl_meta.startswith("HTTP_")
+        self._by_agent = bool(settings.DISALLOWED_USER_AGENTS)
+        self._by_path = bool(settings.SECURE_SSL_REDIRECT or settings.PREPEND_WWW)
+
+    def admit(self, incoming: Incoming) -> list[tuple[bytes, bytes]] | None:
+        """None when Django's middleware would not let the call reach the view (host not
+        allowed, user agent refused, HTTPS or www redirect); else the headers its response
+        side adds to an answer (:meth:`added`). Remembered per combination of the facts the
+        checks read, so Django's code runs once per host, not once per call."""
+        key = self._admission_key(incoming)
+        found = self._admitted.get(key) if key is not None else None
+        if found is not None:
+            return found
+        request = incoming.request()
+        if not self.admits(request):
+            return None
+        found = [
+            (name.encode("latin1"), value.encode("latin1")) for name, value in self.added(request)
+        ]
+        if key is not None and len(self._admitted) < self.MAX_ADMISSIONS:
+            self._admitted[key] = found
+        return found
+
+    def _admission_key(self, incoming: Incoming) -> tuple | None:
+        """Everything :meth:`admits` and :meth:`added` read of a request: the host (Host,
+        X-Forwarded-Host, else the server's name and port), whether it is secure (the scheme,
+        SECURE_PROXY_SSL_HEADER's header), the user agent when some are disallowed, the path
+        when a redirect could depend on it. None: not remembered."""
+        if not self._cacheable:
+            return None
+        headers, scope = incoming.headers, incoming.scope
+        server = scope.get("server")
+        return (
+            scope.get("scheme"),
+            tuple(server) if server else None,
+            headers.get("Host"),
+            headers.get("X-Forwarded-Host"),
+            headers.get("X-Forwarded-Port"),
+            headers.get(self._ssl_header) if self._ssl_header else None,
+            headers.get("User-Agent") if self._by_agent else None,
+            incoming.path if self._by_path else None,
+        )
 
     def admits(self, request: ASGIRequest) -> bool:
         """The request passes the checks Django's middleware makes before the view (allowed
@@ -147,8 +196,6 @@ class _Middleware:
         except Exception:  # DisallowedHost, PermissionDenied: Django's answer, not ours
             return False
 
-        self._added: dict[bool, list[tuple[str, str]]] = {}
-
     def finish(self, request: ASGIRequest, response: HttpResponse) -> HttpResponse:
         """What the response middleware adds, in Django's order (the reverse of MIDDLEWARE)."""
         response = self.xframe.process_response(request, response)
@@ -158,29 +205,25 @@ class _Middleware:
     def added(self, request: ASGIRequest) -> list[tuple[str, str]]:
         """The headers :meth:`finish` adds to a streamed answer that has none of them: each is
         added only where the answer lacks it (these middleware never replace a header), so
-        the relayed answers' headers are built without a response object. Asked of the
-        middleware once per process (and per HTTPS or not: HSTS)."""
-        secure = request.is_secure()
-        found = self._added.get(secure)
-        if found is None:
-            blank = StreamingHttpResponse(())
-            del blank["Content-Type"]
-            found = self._added[secure] = list(self.finish(request, blank).items())
-        return found
+        the relayed answers' headers are built without a response object."""
+        blank = StreamingHttpResponse(())
+        del blank["Content-Type"]
+        return list(self.finish(request, blank).items())
 
-    def headers(
-        self, request: ASGIRequest, headers: list[tuple[str, str]], length: int | None
-    ) -> list[tuple[bytes, bytes]]:
-        """An answer's headers with the middleware's additions (and, for a buffered answer of
-        ``length`` bytes, CommonMiddleware's Content-Length), as ASGI sends them."""
-        present = {name.lower() for name, _ in headers}
-        out = [(name.encode("latin1"), value.encode("latin1")) for name, value in headers]
-        if length is not None and "content-length" not in present:
-            out.append((b"Content-Length", str(length).encode("ascii")))
-        for name, value in self.added(request):
-            if name.lower() not in present:
-                out.append((name.encode("latin1"), value.encode("latin1")))
-        return out
+
+def answer_headers(
+    headers: list[tuple[str, str]], length: int | None, added: list[tuple[bytes, bytes]]
+) -> list[tuple[bytes, bytes]]:
+    """An answer's headers with the middleware's additions ``added`` (and, for a buffered
+    answer of ``length`` bytes, CommonMiddleware's Content-Length), as ASGI sends them."""
+    present = {name.lower() for name, _ in headers}
+    out = [(name.encode("latin1"), value.encode("latin1")) for name, value in headers]
+    if length is not None and "content-length" not in present:
+        out.append((b"Content-Length", str(length).encode("ascii")))
+    for name, value in added:
+        if name.decode("latin1").lower() not in present:
+            out.append((name, value))
+    return out
 
 
 @functools.cache
@@ -309,16 +352,18 @@ class Lane:
     ) -> HandOver | None:
         """Serve one call, or say why it is handed over (nothing was sent upstream then)."""
         try:
-            scope = wsgi_like_path(scope)
-            request = ASGIRequest(scope, io.BytesIO(body))
+            incoming = Incoming(scope, body)
         except UnicodeDecodeError:
             return HandOver.REQUEST
-        route = _ROUTE.match(request.path_info)
-        if route is None or not middleware.admits(request):
+        route = _ROUTE.match(incoming.path_info)
+        if route is None:
+            return HandOver.REQUEST
+        added = middleware.admit(incoming)
+        if added is None:
             return HandOver.REQUEST
         slug, path = route["slug"], route["path"] or ""
         # Who is calling, with which token: the caches, else the database in a pool thread.
-        key = callers.api_key_of(request.META)
+        key = callers.api_key_of(incoming.headers)
         caller = callers.caller_for_key(key, cached_only=True)
         if caller is None:
             caller = await self.blocking(functools.partial(callers.caller_for_key, key))
@@ -329,14 +374,14 @@ class Lane:
             if token is None:
                 token = await self.blocking(functools.partial(view.token_for, slug, caller))
             datasource = token.datasource
-            url = view.check_request(request, datasource, path)
+            url = view.check_request(incoming.method, datasource, path, chunked=False)
         except Refused:
             return HandOver.REFUSED
         scheme = url.partition(":")[0].lower()
         reason = hand_over_reason(
             middleware_known=True,
             chunked=False,
-            length=length_of(request),
+            length=len(body),
             api_key=True,
             scheme=scheme,
             dpop=datasource.use_dpop or binding.dpop_bound(datasource, token),
@@ -357,15 +402,12 @@ class Lane:
             )
             if reason is not None:
                 return reason
-        cache.tokens.put((datasource.slug, token.user_id), token)
+        cache.tokens.keep((datasource.slug, token.user_id), token)
         self.served += 1
-        await _Call(self, request, caller, token, url, path, body, send, receive, middleware).run()
+        await _Call(
+            self, incoming, caller, token, url, path, send, receive, middleware, added
+        ).run()
         return None
-
-
-def length_of(request: ASGIRequest) -> int:
-    value = request.META.get("CONTENT_LENGTH") or ""
-    return int(value) if value.isdigit() else 0
 
 
 class _Replay:
@@ -387,35 +429,35 @@ class _Call:
     def __init__(
         self,
         lane: Lane,
-        request: ASGIRequest,
+        incoming: Incoming,
         caller: callers.Caller,
         token: Token,
         url: str,
         path: str,
-        body: bytes,
         send: Send,
         receive: Receive,
         middleware: _Middleware,
+        added: list[tuple[bytes, bytes]],
     ) -> None:
-        self.lane, self.request, self.caller, self.token = lane, request, caller, token
+        self.lane, self.incoming, self.caller, self.token = lane, incoming, caller, token
         self.datasource = token.datasource
-        self.url, self.body, self.send, self.receive = url, body, send, receive
-        self.middleware = middleware
-        self.log = calllog.Call.begin(request.method, path, len(body))
+        self.url, self.body, self.send, self.receive = url, incoming.body, send, receive
+        self.middleware, self.added = middleware, added
+        self.log = calllog.Call.begin(incoming.method, path, len(incoming.body))
         self.log.api_key_id, self.log.user_id = caller.api_key_id, caller.user_id
 
     async def run(self) -> None:
-        request, datasource = self.request, self.datasource
+        incoming, datasource = self.incoming, self.datasource
         attempts = Attempts(
             datasource,
             self.token,
             _WIRE,
-            method=request.method,
+            method=incoming.method,
             policy=retries.RetryPolicy.of(
-                datasource, requested=request.headers.get(retries.RETRIES_HEADER)
+                datasource, requested=incoming.headers.get(retries.RETRIES_HEADER)
             ),
             replayable=True,
-            idempotency_key=bool(request.headers.get(retries.IDEMPOTENCY_HEADER)),
+            idempotency_key=bool(incoming.headers.get(retries.IDEMPOTENCY_HEADER)),
             on_token=lambda fresh: cache.tokens.put((datasource.slug, fresh.user_id), fresh),
         )
         try:
@@ -423,6 +465,7 @@ class _Call:
                 self._send_upstream, blocking=self.lane.blocking, observe=self._observe
             )
         except Exception as err:
+            request = incoming.request()
             refused = view.refusal_for(err, request, datasource)
             if refused is None:
                 raise
@@ -436,14 +479,14 @@ class _Call:
 
     async def _send_upstream(self, token: Token) -> Response:
         """One attempt (a tracing span goes here)."""
-        request, datasource = self.request, self.datasource
-        placed = binding.auth_headers(datasource, token, request.method, self.url)
-        headers = transport.request_headers(datasource, request.headers, placed, len(self.body))
+        incoming, datasource = self.incoming, self.datasource
+        placed = binding.auth_headers(datasource, token, incoming.method, self.url)
+        headers = transport.request_headers(datasource, incoming.headers, placed, len(self.body))
         scheme, host, port, target = transport.upstream_target(
-            datasource, self.url, request.META.get("QUERY_STRING", ""), token.access_token or ""
+            datasource, self.url, incoming.query, token.access_token or ""
         )
         return await pool().request(
-            request.method,
+            incoming.method,
             scheme,
             host,
             port,
@@ -473,7 +516,7 @@ class _Call:
                 {
                     "type": "http.response.start",
                     "status": upstream.status,
-                    "headers": self.middleware.headers(self.request, headers, len(content)),
+                    "headers": answer_headers(headers, len(content), self.added),
                 }
             )
             await self.send({"type": "http.response.body", "body": content})
@@ -485,7 +528,7 @@ class _Call:
                 {
                     "type": "http.response.start",
                     "status": upstream.status,
-                    "headers": self.middleware.headers(self.request, headers, None),
+                    "headers": answer_headers(headers, None, self.added),
                 }
             )
             async for piece in upstream.pieces():
@@ -502,11 +545,13 @@ class _Call:
 
     def _log_upstream_error(self, status: int) -> None:
         if status >= 500:
-            view.log_upstream_error(self.request, HttpResponse(status=status), self.datasource.slug)
+            view.log_upstream_error(
+                self.incoming.request(), HttpResponse(status=status), self.datasource.slug
+            )
 
     async def _answer(self, response: HttpResponse, content: bytes) -> None:
         """A refusal: counted, then sent (as the view counts before returning)."""
-        response = self.middleware.finish(self.request, response)
+        response = self.middleware.finish(self.incoming.request(), response)
         self.log.response_bytes = len(content)
         await self._done(response.status_code)
         await self.send(

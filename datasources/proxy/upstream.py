@@ -21,7 +21,7 @@ import asyncio
 import collections
 import logging
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import httptools
 import urllib3
@@ -169,16 +169,46 @@ class _Connection(asyncio.Protocol):
                 self.wakeup = None
 
 
+class Headers:
+    """An answer's headers, read as urllib3's ``HTTPHeaderDict`` reads them (the relay and
+    :mod:`.attempts` use the same calls on both serving paths): any case, repeated headers
+    joined with ``", "``, names as first sent."""
+
+    __slots__ = ("_index",)
+
+    def __init__(self, raw: list[tuple[bytes, bytes]]) -> None:
+        index: dict[str, tuple[str, str]] = {}
+        for name_bytes, value_bytes in raw:
+            name, value = name_bytes.decode("latin1"), value_bytes.decode("latin1")
+            key = name.lower()
+            found = index.get(key)
+            index[key] = (name, value) if found is None else (found[0], f"{found[1]}, {value}")
+        self._index = index
+
+    def get(self, name: str, default: str | None = None) -> str | None:
+        found = self._index.get(name.lower())
+        return default if found is None else found[1]
+
+    def __getitem__(self, name: str) -> str:
+        return self._index[name.lower()][1]
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and name.lower() in self._index
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def itermerged(self) -> Iterator[tuple[str, str]]:
+        return iter(self._index.values())
+
+
 class Response:
     """An upstream answer: status and headers read, body still on the connection."""
 
     def __init__(self, pool: Pool, key: tuple, conn: _Connection, read_timeout: float) -> None:
         self._pool, self._key, self._conn = pool, key, conn
         self.status: int = conn.parser.get_status_code()
-        headers = urllib3.HTTPHeaderDict()
-        for name, value in conn.headers:
-            headers.add(name.decode("latin1"), value.decode("latin1"))
-        self.headers = headers
+        self.headers = Headers(conn.headers)
         self._timeout = read_timeout
         self._released = False
 

@@ -68,7 +68,12 @@ def _proxy(request: HttpRequest, slug: str, path: str) -> tuple[HttpResponse, ca
         token = token_for(slug, caller)
         assert token is not None
         datasource = token.datasource
-        url = check_request(request, datasource, path)
+        url = check_request(
+            request.method,
+            datasource,
+            path,
+            chunked=bool(request.META.get("HTTP_TRANSFER_ENCODING")),
+        )
         response = _forward(request, caller, token, url, done, call)
     except Refused as refused:
         call.error = refused.error
@@ -122,13 +127,14 @@ def token_for(slug: str, caller: callers.Caller, *, cached_only: bool = False) -
     return token
 
 
-def check_request(request: HttpRequest, datasource: Datasource, path: str) -> str:
-    """The upstream URL (without query), or Refused: 405 method, 400 path, 411 chunked body."""
-    if request.method not in datasource.allowed_method_set:
+def check_request(method: str, datasource: Datasource, path: str, *, chunked: bool) -> str:
+    """The upstream URL (without query), or Refused: 405 method, 400 path, 411 chunked body
+    (a Transfer-Encoding header)."""
+    if method not in datasource.allowed_method_set:
         refused = Refused(
             405,
             "method_not_allowed",
-            f"Datasource {datasource.slug!r} does not allow {request.method} calls.",
+            f"Datasource {datasource.slug!r} does not allow {method} calls.",
         )
         refused.headers["Allow"] = ", ".join(sorted(datasource.allowed_method_set))
         raise refused
@@ -141,7 +147,7 @@ def check_request(request: HttpRequest, datasource: Datasource, path: str) -> st
             f"The path would leave the datasource's base URL or be read ambiguously "
             f"({err.reason}).",
         ) from None
-    if request.META.get("HTTP_TRANSFER_ENCODING"):
+    if chunked:
         # WSGI gives no portable access to a chunked body; refuse rather than send it empty.
         raise Refused(411, "length_required", "Send the request body with a Content-Length.")
     return url
@@ -178,7 +184,7 @@ def _forward(
         raise refused
     try:
         token = tokens.get_valid_token(datasource, token=token)
-        cache.tokens.put((datasource.slug, token.user_id), token)
+        cache.tokens.keep((datasource.slug, token.user_id), token)
         attempts = Attempts(
             datasource,
             token,

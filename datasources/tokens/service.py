@@ -12,6 +12,8 @@ import hmac
 import time
 from dataclasses import dataclass
 
+from django.core.signals import setting_changed
+from django.dispatch import receiver
 from django.utils import timezone
 from django.views.decorators.debug import sensitive_variables
 
@@ -26,7 +28,7 @@ from ..exceptions import (
 )
 from ..models import Datasource, GrantType, Token, TokenEvent
 from . import lease
-from .decide import Action, Decision, Policy, Situation, TokenState, decide
+from .decide import Action, Decision, Policy, Situation, TokenState, decide, use_until
 from .failures import FailureKind, classify, record_event, record_permanent, record_retryable
 from .lifecycle import load_token, reload, store_due, store_refresh, token_owner
 
@@ -82,11 +84,38 @@ def get_valid_token(datasource: Datasource, *, token: Token | None = None, user=
 
 def usable_as_is(datasource: Datasource, token: Token) -> bool:
     """Whether :func:`get_valid_token` would return ``token`` as it is, without any I/O (the
-    request path's decision is USE). The fast lane asks this on its event loop; any other
-    decision is :func:`get_valid_token`'s to carry out."""
+    request path's decision is USE). The fast lane asks this on its event loop, for every call;
+    any other decision is :func:`get_valid_token`'s to carry out. :func:`use_until` is asked
+    once per token row and settings (remembered on the row), :func:`decide` past that moment."""
     now = timezone.now()
+    facts = (
+        _settings_generation,
+        datasource.machine_grant,
+        token.status,
+        bool(token.access_token),
+        bool(token.refresh_token),
+        token.expires_at,
+        token.expiry_known,
+        token.last_refreshed_at,
+    )
+    remembered = token.__dict__.get("_use_until")
+    if remembered is None or remembered[0] != facts:
+        until = use_until(TokenState.of(token, now), Policy.of(datasource))
+        token.__dict__["_use_until"] = remembered = (facts, until)
+    if remembered[1] is not None and now < remembered[1]:
+        return True
     decision = decide(TokenState.of(token, now), Policy.of(datasource), Situation.REQUEST, now)
     return decision.action is Action.USE
+
+
+#: Bumped when settings change (the policy is read from them).
+_settings_generation = 0
+
+
+@receiver(setting_changed)
+def _settings_changed(**kwargs) -> None:
+    global _settings_generation
+    _settings_generation += 1
 
 
 def refresh_after_rejection(
