@@ -48,6 +48,7 @@ def test_a_known_load_in_the_log_and_the_histogram(flaky, staff_client):
     api_key, key = create_api_key("reporting-app")
     app = Client(HTTP_AUTHORIZATION=f"Api-Key {key}")
     base = f"/api/v1/datasources/{datasource.slug}/proxy/"
+    started = timezone.now()
 
     for n in range(5):
         assert app.get(f"{base}items/{n}?token={SECRET_QUERY_VALUE}").status_code == 200
@@ -73,6 +74,8 @@ def test_a_known_load_in_the_log_and_the_histogram(flaky, staff_client):
     assert len(rows) == 13
     assert {row.datasource_id for row in rows} == {datasource.pk}
     assert {row.api_key_id for row in rows} == {api_key.pk}
+    assert all(started <= row.called_at <= timezone.now() for row in rows)
+    assert [row.called_at for row in rows] == sorted(row.called_at for row in rows)
     assert [row.path for row in rows[:5]] == [f"items/{n}" for n in range(5)]
     by_path = {row.path: row for row in rows}
     assert (by_path["flaky"].retries, by_path["flaky"].refreshed) == (1, False)
