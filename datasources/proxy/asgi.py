@@ -201,15 +201,21 @@ def wsgi_like_path(scope: Scope) -> Scope:
     """The scope with its path decoded from the raw bytes as Django's WSGI handler decodes it:
     bytes that are not UTF-8 stay percent-encoded (servers decode them to U+FFFD, which would
     hide them from the path checks in :mod:`.target`)."""
+    path = wsgi_path(scope)
+    return scope if path is scope["path"] else {**scope, "path": path}
+
+
+def wsgi_path(scope: Scope) -> str:
+    """:func:`wsgi_like_path`'s path (the scope's own when there is no raw path)."""
     raw = scope.get("raw_path")
     if not raw:
-        return scope
+        return scope["path"]
     if b"%" not in raw and raw.isascii():
         path = raw.decode("ascii")  # nothing to decode (the common case)
     else:
         path = repercent_broken_unicode(unquote_to_bytes(raw.decode("latin1"))).decode()
     root = scope.get("root_path", "")
-    return {**scope, "path": path if not root or path.startswith(root) else root + path}
+    return path if not root or path.startswith(root) else root + path
 
 
 def _small_body(scope: Scope) -> bool:

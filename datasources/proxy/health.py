@@ -333,8 +333,10 @@ def _changes(
         else None
     )
     failure = limits.is_failure(status)
-    breaker = policy()
     recovering = not failure and status != 429 and (known.failures or known.open_until is not None)
+    if until is None and not failure and not recovering:
+        return None  # the common answer: asked on every call, so nothing more is built
+    breaker = policy()
     if until is None and not (failure and breaker.threshold > 0) and not recovering:
         return None
 

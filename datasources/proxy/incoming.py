@@ -15,7 +15,7 @@ from collections.abc import Iterator, Mapping
 
 from django.core.handlers.asgi import ASGIRequest, get_script_prefix
 
-from .asgi import Scope, wsgi_like_path
+from .asgi import Scope, wsgi_path
 
 
 class Headers(Mapping[str, str]):
@@ -66,11 +66,10 @@ class Incoming:
     __slots__ = ("_request", "body", "headers", "method", "path", "path_info", "query", "scope")
 
     def __init__(self, scope: Scope, body: bytes) -> None:
-        scope = wsgi_like_path(scope)
         self.scope = scope
         self.body = body
         self.method: str = scope["method"].upper()
-        self.path: str = scope["path"]
+        self.path: str = wsgi_path(scope)
         script_name = get_script_prefix(scope)
         self.path_info: str = self.path.removeprefix(script_name) if script_name else self.path
         query = scope.get("query_string", "")
@@ -81,5 +80,6 @@ class Incoming:
     def request(self) -> ASGIRequest:
         """The Django request for this call (Django's own checks and log lines take one)."""
         if self._request is None:
-            self._request = ASGIRequest(self.scope, io.BytesIO(self.body))
+            scope = {**self.scope, "path": self.path}
+            self._request = ASGIRequest(scope, io.BytesIO(self.body))
         return self._request

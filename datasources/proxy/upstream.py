@@ -219,6 +219,13 @@ class Response:
                 yield piece
 
     async def read(self) -> bytes:
+        conn = self._conn
+        if conn.complete and not conn.paused:
+            # The whole answer arrived with its head (the usual small answer): take it as is.
+            data = b"".join(conn.pieces)
+            conn.pieces.clear()
+            conn.buffered = 0
+            return data
         return b"".join([piece async for piece in self.pieces()])
 
     async def discard(self) -> None:

@@ -8,10 +8,10 @@ import time
 from bisect import bisect_left
 from collections import defaultdict
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 from django.db import IntegrityError, transaction
 from django.db.models import F
-from django.utils import timezone
 
 from ..conf import app_settings
 from ..models import LATENCY_BUCKETS_MS, Datasource, DatasourceUsage
@@ -25,7 +25,7 @@ class _Pending:
     errors: int = 0
     duration_ms: int = 0
     last_status: int | None = None
-    last_called_at: object = None
+    last_called_at: float | None = None  # time.time()
     #: calls per latency bucket (LATENCY_BUCKETS_MS, then one for "slower than the last")
     buckets: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS_MS) + 1))
 
@@ -47,7 +47,7 @@ def record(
         entry.duration_ms += int(duration_ms)
         entry.buckets[bisect_left(LATENCY_BUCKETS_MS, duration_ms)] += 1
         entry.last_status = status
-        entry.last_called_at = timezone.now()
+        entry.last_called_at = time.time()  # a datetime when written (not on every call)
         due = time.monotonic() - _last_flush >= app_settings.USAGE_FLUSH_INTERVAL
     if due and write:
         flush()
@@ -72,13 +72,17 @@ def discard() -> None:
         _last_flush = time.monotonic()
 
 
+def _when(timestamp: float | None) -> datetime | None:
+    return None if timestamp is None else datetime.fromtimestamp(timestamp, UTC)
+
+
 def _write(datasource_id: int, entry: _Pending) -> None:
     values = {
         "calls": F("calls") + entry.calls,
         "errors": F("errors") + entry.errors,
         "total_duration_ms": F("total_duration_ms") + entry.duration_ms,
         "last_status": entry.last_status,
-        "last_called_at": entry.last_called_at,
+        "last_called_at": _when(entry.last_called_at),
         **{
             name: F(name) + count
             for name, count in zip(_BUCKET_FIELDS, entry.buckets, strict=False)
@@ -97,7 +101,7 @@ def _write(datasource_id: int, entry: _Pending) -> None:
                 errors=entry.errors,
                 total_duration_ms=entry.duration_ms,
                 last_status=entry.last_status,
-                last_called_at=entry.last_called_at,
+                last_called_at=_when(entry.last_called_at),
                 **dict(zip(_BUCKET_FIELDS, entry.buckets, strict=False)),
             )
     except IntegrityError:  # another process created it first, or the datasource is gone
