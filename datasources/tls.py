@@ -10,17 +10,18 @@ the server asks for one.
 Python's ``ssl`` module loads a client key only from a file. The key is written to a temporary
 file created with mode 0600 in a private (0700) directory, and encrypted there with a random
 one-time passphrase (PKCS#8, the passphrase only in memory), loaded into the context, and the
-file is removed at once; the plain key is never on disk. Contexts are cached per process by the
-certificate, key and CA text (so a replaced certificate is a new context), and each context has
-its own connection pools (:func:`pool_manager`): connections made with one datasource's client
-certificate are never used for another's calls.
+file is removed at once; the plain key is never on disk. Contexts are cached per process by a
+fingerprint of the certificate, key and CA text (so a replaced certificate is a new context), and
+each context has its own connection pools (:func:`pool_manager` for urllib3; the fast lane's
+client keys its pools by the context too): connections made with one datasource's client
+certificate are never used for another's calls. The fast lane takes a built context from
+:func:`built_context` on its event loop and has :func:`context_for` build one in a thread.
 """
 
 from __future__ import annotations
 
 import base64
 import collections
-import functools
 import hashlib
 import os
 import secrets
@@ -30,7 +31,7 @@ import tempfile
 import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import requests
 import urllib3
@@ -146,17 +147,41 @@ def wants_context(datasource: Datasource, *, api: bool) -> bool:
     return datasource.certificate_bound_tokens if api else True
 
 
-def context_for(datasource: Datasource, *, api: bool) -> ssl.SSLContext | None:
-    """The datasource's SSLContext for calls to its API (``api=True``) or its authorization
-    server, or None for the default (system CAs, no client certificate)."""
+def _configuration(datasource: Datasource, *, api: bool) -> tuple[str, str, str] | None:
+    """(client certificate, key, CA bundle) of the datasource's own context for its API
+    (``api=True``) or its authorization server, or None for the default: the one place that
+    says what goes into a datasource's context, for urllib3's pools and the fast lane alike."""
     if not wants_context(datasource, api=api):
         return None
     present = datasource.certificate_bound_tokens if api else True
-    return ssl_context(
+    return (
         datasource.tls_client_certificate if present else "",
         datasource.tls_client_key if present else "",
         datasource.tls_ca_bundle or "",
     )
+
+
+def context_for(datasource: Datasource, *, api: bool) -> ssl.SSLContext | None:
+    """The datasource's SSLContext for calls to its API (``api=True``) or its authorization
+    server, or None for the default (system CAs, no client certificate)."""
+    configuration = _configuration(datasource, api=api)
+    return None if configuration is None else ssl_context(*configuration)
+
+
+def built_context(datasource: Datasource, *, api: bool) -> ssl.SSLContext | None:
+    """The datasource's context when it has been built already (no file, no PEM parsing: an
+    event loop may ask), else None: then :func:`context_for`, in a thread, builds it or raises
+    its remembered failure. None also when the datasource has no context of its own
+    (:func:`wants_context` says which)."""
+    configuration = _configuration(datasource, api=api)
+    if configuration is None:
+        return None
+    fingerprint = _fingerprint(*configuration)
+    with _lock:
+        context = _contexts.get(fingerprint)
+        if context is not None:
+            _contexts.move_to_end(fingerprint)
+        return context
 
 
 #: How many TLS configurations a process keeps built (contexts, their pools, failures).
@@ -169,23 +194,47 @@ def ssl_context(certificate_pem: str, key_pem: str, ca_pem: str) -> ssl.SSLConte
     key when given. Built once per process per (certificate, key, CA) text; a configuration
     that cannot be built fails the same way every time, so its failure is remembered too and
     a broken datasource does not write and load a key file on every call."""
-    if _failures and (failed := _failures.get(_fingerprint(certificate_pem, key_pem, ca_pem))):
+    fingerprint = _fingerprint(certificate_pem, key_pem, ca_pem)
+    with _lock:
+        context = _contexts.get(fingerprint)
+        if context is not None:
+            _contexts.move_to_end(fingerprint)
+            return context
+        failed = _failures.get(fingerprint)
+    if failed:
         raise TLSConfigError(failed)
     try:
-        return _build_context(certificate_pem, key_pem, ca_pem)
+        built = _build_context(certificate_pem, key_pem, ca_pem)
     except TLSConfigError as err:
-        with _pools_lock:
-            _failures[_fingerprint(certificate_pem, key_pem, ca_pem)] = str(err)
-            while len(_failures) > CACHED_CONFIGURATIONS:
-                _failures.popitem(last=False)
+        _remember(_failures, fingerprint, str(err))
         raise
+    # Two threads may have built it at once: the first one stored is the one everybody uses
+    # (one context, one set of pools).
+    return _remember(_contexts, fingerprint, built)
 
 
+_T = TypeVar("_T")
+
+
+def _remember(memory: collections.OrderedDict[str, _T], fingerprint: str, value: _T) -> _T:
+    """Store ``value`` unless one is there already (returned instead); the least recently
+    used beyond CACHED_CONFIGURATIONS are forgotten."""
+    with _lock:
+        value = memory.setdefault(fingerprint, value)
+        memory.move_to_end(fingerprint)
+        while len(memory) > CACHED_CONFIGURATIONS:
+            memory.popitem(last=False)
+    return value
+
+
+#: Built contexts and remembered failures by the fingerprint of their (certificate, key, CA)
+#: text, least recently used first: the key text itself is not kept as a key.
+_contexts: collections.OrderedDict[str, ssl.SSLContext] = collections.OrderedDict()
 _failures: collections.OrderedDict[str, str] = collections.OrderedDict()
 
 
 def _fingerprint(*parts: str) -> str:
-    """A key for the failure memory that does not keep the key text itself."""
+    """A key for the memories that does not keep the key text itself."""
     digest = hashlib.sha256()
     for part in parts:
         digest.update(part.encode())
@@ -193,7 +242,6 @@ def _fingerprint(*parts: str) -> str:
     return digest.hexdigest()
 
 
-@functools.lru_cache(maxsize=CACHED_CONFIGURATIONS)
 @sensitive_variables()
 def _build_context(certificate_pem: str, key_pem: str, ca_pem: str) -> ssl.SSLContext:
     context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
@@ -201,6 +249,9 @@ def _build_context(certificate_pem: str, key_pem: str, ca_pem: str) -> ssl.SSLCo
     # create_default_context verifies already; stated, because nothing may turn it off.
     context.verify_mode = ssl.CERT_REQUIRED
     context.check_hostname = True
+    # HTTP/1.1 only, as urllib3 offers (it sets this on every connection; the fast lane's
+    # client does not, and speaks no h2).
+    context.set_alpn_protocols(["http/1.1"])
     if ca_pem:
         try:
             context.load_verify_locations(cadata=ca_pem)
@@ -248,14 +299,15 @@ def _load_client_pair(context: ssl.SSLContext, certificate_pem: str, key_pem: st
 #: the least recently used pools are closed, so a process that sees many certificates over its
 #: life does not keep a pool set for each.
 _pools: collections.OrderedDict[int, urllib3.PoolManager] = collections.OrderedDict()
-_pools_lock = threading.Lock()
+#: Guards _pools, _contexts and _failures (held for dictionary work only, never while building).
+_lock = threading.Lock()
 
 
 def pool_manager(context: ssl.SSLContext, *, maxsize: int) -> urllib3.PoolManager:
     """Keep-alive pools that connect with ``context`` (one PoolManager per context: a client
     certificate's connections are kept apart from every other datasource's)."""
     key = id(context)
-    with _pools_lock:
+    with _lock:
         manager = _pools.get(key)
         if manager is not None:
             _pools.move_to_end(key)
@@ -306,6 +358,10 @@ def failure_reason(err: BaseException) -> str | None:
     current: BaseException | None = err
     while current is not None and id(current) not in seen:
         seen.add(id(current))
+        if isinstance(current, TLSConfigError):
+            # Its message is the reason; the ssl error it was made from (its __context__ when
+            # just built, absent when remembered) must not make the first call's answer differ.
+            return str(current).rstrip(".")
         if isinstance(current, ssl.SSLCertVerificationError):
             return f"the server's certificate is not trusted ({current.verify_message})"
         if isinstance(current, ssl.SSLError):

@@ -1,6 +1,6 @@
 """Throwaway X.509 material made at test time with ``cryptography`` (no private key is
-committed): a CA, a server certificate for 127.0.0.1 and client certificates, CA-issued or
-self-signed."""
+committed): a CA, server certificates (for 127.0.0.1, another address, or host names) and client
+certificates, CA-issued or self-signed."""
 
 from __future__ import annotations
 
@@ -68,6 +68,7 @@ def _build(
     *,
     ca: bool = False,
     server_ip: str | None = None,
+    server_names: tuple[str, ...] = (),
     client: bool = False,
     days: int = 30,
     not_before: datetime | None = None,
@@ -83,10 +84,12 @@ def _build(
         .not_valid_after(now + timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
     )
-    if server_ip:
+    if server_ip or server_names:
+        alternative: list[x509.GeneralName] = [x509.DNSName(name) for name in server_names]
+        if server_ip:
+            alternative.append(x509.IPAddress(ipaddress.ip_address(server_ip)))
         builder = builder.add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(server_ip))]),
-            critical=False,
+            x509.SubjectAlternativeName(alternative), critical=False
         ).add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
     if client:
         builder = builder.add_extension(
@@ -101,8 +104,11 @@ def make_ca(name: str = "Test CA") -> Issued:
     return _build(_name(name), key, None, ca=True)
 
 
-def server_cert(ca: Issued, ip: str = "127.0.0.1") -> Issued:
-    return _build(_name(ip), ec.generate_private_key(ec.SECP256R1()), ca, server_ip=ip)
+def server_cert(ca: Issued, ip: str | None = "127.0.0.1", names: tuple[str, ...] = ()) -> Issued:
+    """For the address ``ip`` and/or the host ``names`` (nothing else: the name a client
+    checks must be among them)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    return _build(_name(ip or names[0]), key, ca, server_ip=ip, server_names=names)
 
 
 def client_cert(ca: Issued | None, common_name: str, **kwargs) -> Issued:

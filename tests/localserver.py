@@ -1,9 +1,13 @@
 """The server loop shared by the local fake upstreams (``tests/spy.py``, ``tests/flaky.py``): a
-``ThreadingHTTPServer`` on 127.0.0.1 (a free port) in a daemon thread that hands every request,
-whatever its method, with its body already read, to ``handle``."""
+``ThreadingHTTPServer`` on 127.0.0.1 (a free port; or another loopback address, ``::1``) in a
+daemon thread that hands every request, whatever its method, with its body already read, to
+``handle``. Given a server-side ``ssl.SSLContext`` it speaks HTTPS (the handshake happens as a
+connection is accepted; one that fails is dropped)."""
 
 from __future__ import annotations
 
+import socket
+import ssl
 import threading
 from collections.abc import Iterable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -12,7 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 class LocalHTTPServer:
     """Subclasses implement ``handle(request, body)``; ``reply`` writes a whole answer."""
 
-    def __init__(self) -> None:
+    def __init__(self, host: str = "127.0.0.1", context: ssl.SSLContext | None = None) -> None:
         owner = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -33,11 +37,15 @@ class LocalHTTPServer:
 
         class Server(ThreadingHTTPServer):
             daemon_threads = True
+            address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
 
             def handle_error(self, request, client_address) -> None:
                 pass  # resets and callers that gave up (timeout tests) are not news
 
-        self.server = Server(("127.0.0.1", 0), Handler)
+        self.server = Server((host, 0), Handler)
+        if context is not None:
+            self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
+        self.host, self.scheme = host, "http" if context is None else "https"
         self.port = self.server.server_address[1]
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
@@ -61,7 +69,8 @@ class LocalHTTPServer:
 
     @property
     def base(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.scheme}://{host}:{self.port}"
 
     def start(self):
         self.thread.start()

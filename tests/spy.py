@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import socket
+import ssl
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler
@@ -23,6 +24,12 @@ class Seen:
     target: str  # the raw request target, exactly as sent
     headers: list[tuple[str, str]]
     body: bytes
+    #: HTTPS: the client certificate presented (DER), and the client's address and port (one
+    #: per connection: calls on a reused connection share it).
+    certificate: bytes | None = None
+    peer: tuple = ()
+    #: HTTPS: the protocol agreed by ALPN (None: the client offered none).
+    alpn: str | None = None
 
     def header(self, name: str) -> str | None:
         values = [v for k, v in self.headers if k.lower() == name.lower()]
@@ -48,16 +55,27 @@ class SpyUpstream(LocalHTTPServer):
     """``spy.seen`` lists every request received; ``spy.answers[path]`` sets what a path
     answers (default: 200 ``{"ok": true}``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, host: str = "127.0.0.1", context: ssl.SSLContext | None = None) -> None:
         self.seen: list[Seen] = []
         self.answers: dict[str, Answer] = {}
         self._lock = threading.Lock()
-        super().__init__()
+        super().__init__(host, context)
 
     def handle(self, request: BaseHTTPRequestHandler, body: bytes) -> None:
+        connection = request.connection
+        tls = isinstance(connection, ssl.SSLSocket)
+        certificate = connection.getpeercert(binary_form=True) if tls else None
         with self._lock:
             self.seen.append(
-                Seen(request.command, request.path, list(request.headers.items()), body)
+                Seen(
+                    request.command,
+                    request.path,
+                    list(request.headers.items()),
+                    body,
+                    certificate,
+                    request.client_address,
+                    connection.selected_alpn_protocol() if tls else None,
+                )
             )
         answer = self.answers.get(request.path.split("?")[0], Answer())
         if answer.hold is not None:

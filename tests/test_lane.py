@@ -15,7 +15,7 @@ FINE = dict(middleware_known=True, chunked=False, length=10, api_key=True)
     ("facts", "expected"),
     [
         ({}, None),
-        ({"scheme": "http", "dpop": False, "token_usable": True}, None),
+        ({"dpop": False, "token_usable": True}, None),
         ({"gate": Verdict.PASS}, None),
         ({"middleware_known": False}, HandOver.MIDDLEWARE),
         ({"middleware_known": False, "api_key": False}, HandOver.MIDDLEWARE),
@@ -23,7 +23,6 @@ FINE = dict(middleware_known=True, chunked=False, length=10, api_key=True)
         ({"length": 1024 * 1024}, None),  # PROXY_REPLAY_MAX_BYTES: still buffered
         ({"length": 1024 * 1024 + 1}, HandOver.LARGE_BODY),
         ({"api_key": False}, HandOver.NOT_API_KEY),
-        ({"scheme": "https"}, HandOver.HTTPS),
         ({"dpop": True}, HandOver.DPOP),
         ({"token_usable": False}, HandOver.TOKEN),
         ({"gate": Verdict.PROBE}, HandOver.GATE),

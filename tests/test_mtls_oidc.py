@@ -3,7 +3,9 @@ throwaway CA made at test time: ``tls_client_auth`` (code flow → refresh → p
 ``self_signed_tls_client_auth`` (client credentials → proxy, Python client, Test), tokens bound
 to the certificate (``x5t#S256``) and accepted by the resource server only with it; the server
 certificate always verified (untrusted → clear error, nothing sent); a wrong certificate →
-clear error naming the cause."""
+clear error naming the cause. The proxy calls run through the view and through the ASGI
+application, where the fast lane serves them itself (HTTPS with the datasource's CA bundle and
+client certificate)."""
 
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from datasources.proxy import cache as proxy_cache
 from . import certs
 from .conftest import CALLBACK_PATH
 from .oidcprovider import TEST_USER, start_oidc_provider
+from .serving import LANE
 
 CALLBACK = f"http://testserver{CALLBACK_PATH}"
 
@@ -151,6 +154,24 @@ def authorize(op, staff_client, datasource: Datasource) -> Token:
     return Token.objects.get(datasource=datasource, user=None)
 
 
+class LaneCalls:
+    """On the ASGI path, proof that the fast lane served the test's proxy calls itself."""
+
+    def __init__(self, serving: str) -> None:
+        self.serving = serving
+        self.served, self.handed_over = LANE.served, dict(LANE.handed_over)
+
+    def assert_served(self, calls: int, **handed_over: int) -> None:
+        """``calls`` served by the lane, and the others handed to the view for these reasons."""
+        if self.serving == "asgi":
+            assert LANE.served - self.served == calls
+            assert {
+                reason: count - self.handed_over.get(reason, 0)
+                for reason, count in LANE.handed_over.items()
+                if count != self.handed_over.get(reason, 0)
+            } == handed_over
+
+
 def introspect(op, pki, access_token: str) -> dict:
     """RFC 7662 at the provider, authenticated as mtls-web by its certificate."""
     directory = Path(tempfile.mkdtemp())
@@ -178,7 +199,9 @@ def resource_without_certificate(op, access_token: str) -> requests.Response:
     )
 
 
-def test_tls_client_auth_code_flow_refresh_and_bound_token_through_the_proxy(op, pki, staff_client):
+def test_tls_client_auth_code_flow_refresh_and_bound_token_through_the_proxy(
+    op, pki, staff_client, serving
+):
     import_datasources([entry(op, pki)], environ=environ(pki["web"]))
     datasource = Datasource.objects.get(slug="mtls-api")
     exported = export_datasources()[0]
@@ -201,6 +224,7 @@ def test_tls_client_auth_code_flow_refresh_and_bound_token_through_the_proxy(op,
     # … and accepts it through the proxy, which presents the certificate.
     _, key = create_api_key("app")
     api = Client(HTTP_AUTHORIZATION=f"Api-Key {key}")
+    lane = LaneCalls(serving)
     response = api.get(f"/api/v1/datasources/{datasource.slug}/proxy/resource")
     assert response.status_code == 200, response.content
     assert response.json()["sub"] == TEST_USER and response.json()["client_id"] == "mtls-web"
@@ -217,13 +241,14 @@ def test_tls_client_auth_code_flow_refresh_and_bound_token_through_the_proxy(op,
     proxy_cache.forget()
     response = api.get(f"/api/v1/datasources/{datasource.slug}/proxy/resource")
     assert response.status_code == 200 and response.json()["sub"] == TEST_USER
+    lane.assert_served(2)
     # userinfo checks the binding as well
     with Datasource.objects.get(pk=datasource.pk).session() as session:
         session.datasource.base_url = f"{op.issuer}/"
         assert session.get("me").json()["sub"] == TEST_USER
 
 
-def test_self_signed_client_credentials_proxy_client_and_test(op, pki, staff_client):
+def test_self_signed_client_credentials_proxy_client_and_test(op, pki, staff_client, serving):
     import_datasources(
         [
             entry(
@@ -242,6 +267,7 @@ def test_self_signed_client_credentials_proxy_client_and_test(op, pki, staff_cli
     datasource = Datasource.objects.get(slug="mtls-svc")
     _, key = create_api_key("app")
     api = Client(HTTP_AUTHORIZATION=f"Api-Key {key}")
+    lane = LaneCalls(serving)
     response = api.get("/api/v1/datasources/mtls-svc/proxy/resource")
     assert response.status_code == 200, response.content
     assert response.json()["client_id"] == "mtls-svc"
@@ -261,6 +287,8 @@ def test_self_signed_client_credentials_proxy_client_and_test(op, pki, staff_cli
     assert resource_without_certificate(op, renewed.access_token).status_code == 401
     proxy_cache.forget()
     assert api.get("/api/v1/datasources/mtls-svc/proxy/resource").status_code == 200
+    # The first call had no token yet (the view fetched it); the second was the lane's.
+    lane.assert_served(1, token=1)
 
     with datasource.session() as session:
         assert session.get("resource").json()["client_id"] == "mtls-svc"
@@ -330,7 +358,7 @@ def test_a_certificate_the_server_does_not_know_is_a_clear_error(op, pki):
     assert call["status"] == 401 and call["error"] == "invalid_client"
 
 
-def test_the_proxy_refuses_an_api_whose_certificate_is_not_trusted(op, pki):
+def test_the_proxy_refuses_an_api_whose_certificate_is_not_trusted(op, pki, serving):
     from datetime import timedelta
 
     from django.utils import timezone
@@ -361,9 +389,11 @@ def test_the_proxy_refuses_an_api_whose_certificate_is_not_trusted(op, pki):
         refresh_due_at=timezone.now() + timedelta(hours=1),
     )
     _, key = create_api_key("app")
+    lane = LaneCalls(serving)
     response = Client(HTTP_AUTHORIZATION=f"Api-Key {key}").get(
         "/api/v1/datasources/untrusted-api/proxy/resource"
     )
+    lane.assert_served(1)
     assert response.status_code == 502
     assert response.json()["error"] == "upstream_tls_failed"
     assert "not trusted" in response.json()["detail"]

@@ -13,9 +13,13 @@ touch a proxy answer are Django's own classes, called directly.
 Everything else is handed to the thread-pool path (:class:`.asgi.ProxyHandler`, the Django view)
 *before anything was sent upstream* (:func:`hand_over_reason` says why, for the log and the
 tests): signed-in sessions, refusals, a token to refresh or to wait for, a health gate that is
-not a plain PASS, DPoP, HTTPS upstreams, chunked or large bodies, middleware the lane does not
-know, and every call while tracing is on (the view records the spans). Once a call went upstream it is finished here: the refresh-and-retry after an "expired"
-answer, the opt-in retries, counting and logging.
+not a plain PASS, DPoP, chunked or large bodies, middleware the lane does not know, and every
+call while tracing is on (the view records the spans). Once a call went upstream it is finished
+here: the refresh-and-retry after an "expired" answer, the opt-in retries, counting and logging.
+
+HTTPS upstreams are served here with the contexts the view's urllib3 pools use: the
+datasource's own (:func:`datasources.tls.context_for`: its CA bundle, its client certificate),
+built in a pool thread the first time, or the client's default (urllib3's).
 
 Tracing: while it is on, the lane hands every call to the view, whose spans are the documented
 ones (docs/tracing.md); spans of the lane's own would go in :meth:`Lane.serve` (the call) and
@@ -28,6 +32,7 @@ import asyncio
 import enum
 import functools
 import re
+import ssl
 import time
 from collections.abc import Callable
 from typing import Any
@@ -42,7 +47,7 @@ from django.middleware.clickjacking import XFrameOptionsMiddleware
 from django.middleware.common import CommonMiddleware
 from django.middleware.security import SecurityMiddleware
 
-from .. import binding, calllog, tokens, tracing
+from .. import binding, calllog, tls, tokens, tracing
 from ..conf import app_settings
 from ..models import Token
 from . import cache, callers, health, limits, retries, transport, usage, view
@@ -50,7 +55,7 @@ from .asgi import PROXY_PATH, ProxyHandler, Receive, Scope, Send, asgi_headers
 from .attempts import URLLIB3, Attempts
 from .callers import Refused
 from .incoming import Incoming
-from .upstream import Pool, Response
+from .upstream import Pool, Response, default_context
 
 #: The middleware whose effect on a proxy answer the lane reproduces (by calling it); with any
 #: other middleware configured every call takes the thread-pool path.
@@ -81,7 +86,6 @@ class HandOver(enum.StrEnum):
     REFUSED = "refused"  # the view answers refusals (401, 403, 404, 405, 400, 409, 429, 503)
     REQUEST = "request"  # something Django's request handling answers (host, encoding)
     DPOP = "dpop"  # proofs are made by the view
-    HTTPS = "https"  # TLS to the upstream: the view's urllib3 pools (CA bundles, mTLS)
     TOKEN = "token"  # the token needs a refresh, a wait, or is unusable
     GATE = "gate"  # rate limited, circuit open, or this call would be the probe
     TRACED = "traced"  # tracing is on: the view records the spans (datasources/tracing.py)
@@ -94,7 +98,6 @@ def hand_over_reason(
     length: int,
     api_key: bool,
     traced: bool = False,
-    scheme: str | None = None,
     dpop: bool = False,
     token_usable: bool = True,
     gate: limits.Verdict = limits.Verdict.PASS,
@@ -111,8 +114,6 @@ def hand_over_reason(
         return HandOver.LARGE_BODY
     if not api_key:
         return HandOver.NOT_API_KEY
-    if scheme is not None and scheme != "http":
-        return HandOver.HTTPS
     if dpop:
         return HandOver.DPOP
     if not token_usable:
@@ -377,13 +378,11 @@ class Lane:
             url = view.check_request(incoming.method, datasource, path, chunked=False)
         except Refused:
             return HandOver.REFUSED
-        scheme = url.partition(":")[0].lower()
         reason = hand_over_reason(
             middleware_known=True,
             chunked=False,
             length=len(body),
             api_key=True,
-            scheme=scheme,
             dpop=datasource.use_dpop or binding.dpop_bound(datasource, token),
             token_usable=tokens.usable_as_is(datasource, token),
         )
@@ -493,10 +492,25 @@ class _Call:
             target,
             headers,
             self.body or None,
-            context=None,
+            context=await self._tls_context() if scheme == "https" else None,
             connect_timeout=app_settings.PROXY_CONNECT_TIMEOUT,
             read_timeout=app_settings.PROXY_READ_TIMEOUT,
         )
+
+    async def _tls_context(self) -> ssl.SSLContext:
+        """The context :func:`.transport.send` connects with: the datasource's own (built in a
+        pool thread the first time: a key file, PEM parsing; a configuration that cannot be
+        built raises ``TLSConfigError``, answered as the view answers it), else the client's
+        default, urllib3's."""
+        datasource = self.datasource
+        if not tls.wants_context(datasource, api=True):
+            return default_context()
+        context = tls.built_context(datasource, api=True)
+        if context is None:
+            context = await self.lane.blocking(
+                functools.partial(tls.context_for, datasource, api=True)
+            )
+        return context or default_context()
 
     async def _observe(self, datasource: Any, status: int, header: Any) -> None:
         if not health.observe_without_io(datasource, status, header):

@@ -10,6 +10,13 @@ classes, so :mod:`.attempts` and the refusal mapping stay one), the same timeout
 250 lines on a parser that is already a dependency, and measured faster than the alternatives
 (docs/benchmarks.md).
 
+HTTPS: TCP first, then TLS on it (``loop.start_tls``) with the datasource's context (its CA
+bundle and client certificate, :func:`datasources.tls.context_for`) or :func:`default_context`
+(what urllib3 builds when given none). The pools are keyed by the context object, so a
+connection made with one datasource's client certificate or trust store never serves another
+context's calls. TLS failures are urllib3's exceptions as urllib3 raises them for the same
+event on the thread path (:meth:`Pool._start_tls`).
+
 Answers stream: the parser hands body pieces to a bounded buffer; past ``HIGH_WATER`` bytes the
 socket stops being read until the relay has sent them on (backpressure), so a 1 GB answer never
 sits in memory.
@@ -19,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import logging
 import ssl
 from collections.abc import AsyncIterator, Iterator
@@ -26,6 +34,7 @@ from collections.abc import AsyncIterator, Iterator
 import httptools
 import urllib3
 from urllib3.util.request import _METHODS_NOT_EXPECTING_BODY
+from urllib3.util.ssl_ import ALPN_PROTOCOLS, create_urllib3_context
 
 logger = logging.getLogger(__name__)
 
@@ -34,12 +43,25 @@ HIGH_WATER = 256 * 1024
 _USER_AGENT = urllib3.connection._get_default_user_agent()
 
 
+@functools.cache
+def default_context() -> ssl.SSLContext:
+    """The context for an HTTPS upstream without a context of its own: the one urllib3 builds
+    for every connection of the view's default pool (system CAs, TLS 1.2+, certificate and
+    host name verified, no common-name fallback), built once. ALPN offers only HTTP/1.1: that
+    is what this client speaks."""
+    context = create_urllib3_context(cert_reqs=ssl.CERT_REQUIRED)
+    context.load_default_certs()
+    context.set_alpn_protocols(ALPN_PROTOCOLS)
+    return context
+
+
 class _Connection(asyncio.Protocol):
     """One keep-alive connection; one request at a time."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.transport: asyncio.Transport | None = None
+        self.tls = False
         self.closed = False
         self.parser = httptools.HttpResponseParser(self)
         self._reset()
@@ -133,7 +155,12 @@ class _Connection(asyncio.Protocol):
     def close(self) -> None:
         self.closed = True
         if self.transport is not None:
-            self.transport.close()
+            if self.tls:
+                # No close_notify exchange (urllib3 closes its TLS sockets without one either):
+                # HTTP/1.1 framing ends each answer, and a TLS close would wait for the peer.
+                self.transport.abort()
+            else:
+                self.transport.close()
 
     def reusable(self) -> bool:
         return (
@@ -249,7 +276,9 @@ class Response:
 
 
 class Pool:
-    """Idle keep-alive connections per (scheme, host, port), at most ``maxsize`` each."""
+    """Idle keep-alive connections per (scheme, host, port, TLS context), at most ``maxsize``
+    each. The key holds the context object itself (not its id, which a new context could
+    reuse once the old one is gone)."""
 
     def __init__(self, maxsize: int) -> None:
         self.maxsize = maxsize
@@ -277,11 +306,12 @@ class Pool:
             conn = idle.pop()
             if not conn.closed:
                 return conn
+        if idle is not None:
+            del self._idle[key]  # a replaced context is not kept alive by an empty list
         return None
 
     async def _connect(
         self,
-        scheme: str,
         host: str,
         port: int,
         context: ssl.SSLContext | None,
@@ -289,27 +319,61 @@ class Pool:
     ) -> _Connection:
         loop = asyncio.get_running_loop()
         try:
-            _, conn = await asyncio.wait_for(
-                loop.create_connection(
-                    lambda: _Connection(loop),
-                    host,
-                    port,
-                    ssl=context if scheme == "https" else None,
-                    server_hostname=host if scheme == "https" else None,
-                ),
-                timeout,
+            transport, conn = await asyncio.wait_for(
+                loop.create_connection(lambda: _Connection(loop), host, port), timeout
             )
         except TimeoutError:
             raise urllib3.exceptions.ConnectTimeoutError(
                 None, f"Connection to {host} timed out. (connect timeout={timeout})"
             ) from None
-        except ssl.SSLError as err:
-            raise urllib3.exceptions.SSLError(err) from err
         except OSError as err:
             raise urllib3.exceptions.NewConnectionError(
                 None, f"Failed to establish a new connection: {err}"
             ) from err
+        if context is not None:
+            await self._start_tls(conn, transport, host, context, timeout)
         return conn
+
+    @staticmethod
+    async def _start_tls(
+        conn: _Connection,
+        transport: asyncio.BaseTransport,
+        host: str,
+        context: ssl.SSLContext,
+        timeout: float,
+    ) -> None:
+        """The TLS handshake on a connected socket, within ``timeout`` (urllib3 gives the
+        handshake the connect timeout too), failing as urllib3 fails on the thread path:
+
+        * the certificate or the handshake refused: ``SSLError`` around ssl's error;
+        * the server closed the connection during the handshake (asyncio says
+          ``ConnectionResetError()`` without an errno): ``SSLError`` around the
+          ``SSLEOFError`` a socket handshake gets (:func:`_eof_error`);
+        * a reset or another socket error: ``ProtocolError("Connection aborted.")``;
+        * no handshake in time: ``ReadTimeoutError`` (urllib3's socket timeout during the
+          handshake is reported as a read timeout).
+
+        ``server_hostname`` is the host (SNI and the name checked); ssl sends no SNI for an
+        IP address and checks the address instead."""
+        loop = conn.loop
+        conn.tls = True
+        try:
+            conn.transport = await asyncio.wait_for(  # type: ignore[assignment]
+                loop.start_tls(transport, conn, context, server_hostname=host), timeout
+            )
+        except BaseException as err:
+            transport.abort()  # (start_tls closes it too; a cancelled wait may not have)
+            if isinstance(err, TimeoutError):
+                raise urllib3.exceptions.ReadTimeoutError(
+                    None, host, f"Read timed out. (read timeout={timeout})"
+                ) from None
+            if isinstance(err, ssl.SSLError):
+                raise urllib3.exceptions.SSLError(err) from err
+            if isinstance(err, ConnectionResetError) and err.errno is None:
+                raise urllib3.exceptions.SSLError(_eof_error(context, host)) from err
+            if isinstance(err, OSError):
+                raise urllib3.exceptions.ProtocolError("Connection aborted.", err) from err
+            raise
 
     async def request(
         self,
@@ -328,8 +392,14 @@ class Pool:
         """Send one request; the answer once its status line and headers have arrived.
         Raises urllib3's exceptions, as :func:`.transport.send` does."""
         port = port or (443 if scheme == "https" else 80)
-        key = (scheme, host, port, id(context))
-        conn = self._get(key) or await self._connect(scheme, host, port, context, connect_timeout)
+        # "[::1]" from a URL is the address ::1 (urllib3 strips the brackets too).
+        host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+        if scheme != "https":
+            context = None
+        elif context is None:
+            context = default_context()
+        key = (scheme, host, port, context)
+        conn = self._get(key) or await self._connect(host, port, context, connect_timeout)
         conn.transport.write(_head(method, host, port, scheme, target, headers, body))  # type: ignore[union-attr]
         timer = conn.loop.call_later(read_timeout, conn.timed_out, target, read_timeout)
         try:
@@ -358,6 +428,19 @@ class Pool:
             conn.closed = True
             conn.close()
         return Response(self, key, conn, read_timeout)
+
+
+def _eof_error(context: ssl.SSLContext, host: str) -> ssl.SSLError:
+    """The error ssl gives a handshake whose peer closed the connection (as urllib3's socket
+    handshake gets it), made by a handshake on an in-memory connection at end of file:
+    OpenSSL's own error and reason (``UNEXPECTED_EOF_WHILE_READING``), not an imitation."""
+    incoming = ssl.MemoryBIO()
+    incoming.write_eof()
+    try:
+        context.wrap_bio(incoming, ssl.MemoryBIO(), server_hostname=host).do_handshake()
+    except ssl.SSLError as err:
+        return err
+    return ssl.SSLEOFError(ssl.SSL_ERROR_EOF, "EOF occurred in violation of protocol")
 
 
 def _head(
