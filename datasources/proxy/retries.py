@@ -47,15 +47,15 @@ class RetryPolicy:
     @classmethod
     def of(cls, datasource, *, requested: str | None = None, settings=None) -> RetryPolicy:
         """The datasource's policy; ``requested`` is the caller's header value (fewer only)."""
-        from ..conf import app_settings
-
-        settings = settings or app_settings
         count = datasource.retry_count or 0
         asked = caller_retries(requested)
         if asked is not None:
             count = min(count, asked)
         if count <= 0:
-            return NO_RETRIES
+            return NO_RETRIES  # most datasources, on every call: nothing else to read
+        from ..conf import app_settings
+
+        settings = settings or app_settings
         return cls(
             max_retries=count,
             statuses=datasource.retry_status_set,
