@@ -244,7 +244,9 @@ def server_command(kind: str, port: int, args) -> list[str]:
             *(sys.executable, "-m", "uvicorn", "config.asgi:application"),
             *("--host", "127.0.0.1", "--port", str(port), "--workers", str(args.asgi_workers)),
             *("--loop", "uvloop", "--http", "httptools", "--no-access-log"),
-            *("--log-level", "warning"),
+            # The rest of the README's production flags (what each costs is in the run).
+            *("--lifespan", "on", "--proxy-headers", "--forwarded-allow-ips", "127.0.0.1"),
+            *("--timeout-keep-alive", "75", "--no-server-header", "--log-level", "warning"),
         ]
     return [
         *(sys.executable, "-m", "gunicorn", "config.wsgi", "-b", f"127.0.0.1:{port}"),
