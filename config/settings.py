@@ -191,6 +191,8 @@ DATASOURCES = {
     "WEBHOOK_CLAIM_SECONDS": env.float("DATASOURCES_WEBHOOK_CLAIM_SECONDS", default=60.0),
     "WEBHOOK_SWEEP_INTERVAL": env.float("DATASOURCES_WEBHOOK_SWEEP_INTERVAL", default=60.0),
     "PROXY_FAST_LANE": env.bool("DATASOURCES_PROXY_FAST_LANE", default=True),
+    "USAGE_FLUSH_INTERVAL": env.float("DATASOURCES_USAGE_FLUSH_INTERVAL", default=1.0),
+    "CALL_LOG_FLUSH_INTERVAL": env.float("DATASOURCES_CALL_LOG_FLUSH_INTERVAL", default=1.0),
 }
 
 # Email (re-authorization notices to datasource owners). Default: printed to the console.

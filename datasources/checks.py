@@ -88,8 +88,8 @@ def check_secure_cookies(app_configs=None, **kwargs):
             'fails with "CSRF verification failed. CSRF cookie not set."',
             hint="Serve the admin over HTTPS (behind a TLS proxy set "
             "SECURE_PROXY_SSL_HEADER_ENABLED=1). Only on a trusted network, set "
-            "SESSION_COOKIE_SECURE=0 and CSRF_COOKIE_SECURE=0. If gunicorn itself terminates "
-            "TLS, silence this with SILENCED_SYSTEM_CHECKS.",
+            "SESSION_COOKIE_SECURE=0 and CSRF_COOKIE_SECURE=0. If the web server (uvicorn "
+            "or gunicorn) terminates TLS itself, silence this with SILENCED_SYSTEM_CHECKS.",
             id="datasources.W010",
         )
     ]

@@ -8,6 +8,7 @@ behaviours themselves are proven on this path by the suites that use the ``servi
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 import threading
@@ -181,3 +182,36 @@ def test_large_bodies_stream_both_ways_in_bounded_memory(uvicorn_server, sink):
             received += len(chunk)
     assert received == SIZE
     assert peak_rss(pid) - before < 30 * 1024 * 1024
+
+
+def test_lifespan_shutdown_writes_what_the_process_holds(monkeypatch, caplog):
+    """Both batches are written before shutdown completes; one failing (the database gone)
+    does not keep the other from being written, and is logged by name only."""
+    from django.db import OperationalError
+
+    from datasources import calllog
+    from datasources.proxy import usage
+    from datasources.proxy.asgi import Router
+
+    written: list[str] = []
+
+    def usage_fails() -> None:
+        raise OperationalError("could not connect to postgres://user:secret@db/x")
+
+    monkeypatch.setattr(usage, "flush", usage_fails)
+    monkeypatch.setattr(calllog, "flush", lambda: written.append("call log"))
+    messages = iter([{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}])
+    sent: list[str] = []
+
+    async def receive() -> dict:
+        return next(messages)
+
+    async def send(message: dict) -> None:
+        sent.append(message["type"])
+        if message["type"] == "lifespan.shutdown.complete":
+            assert written == ["call log"]  # written before the server is told it may exit
+
+    asyncio.run(Router(django_app=None)({"type": "lifespan"}, receive, send))
+    assert sent == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
+    assert "Usage counts lost at shutdown (OperationalError)" in caplog.text
+    assert "secret" not in caplog.text

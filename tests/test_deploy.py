@@ -1,12 +1,16 @@
 """The shipped production recipe, run: Debian's nginx with deploy/nginx.conf (TLS) in front of
-gunicorn (gthread) with the project's own settings, on loopback ports.
+each web server with the project's own settings, on loopback ports: uvicorn (ASGI, the proxy's
+fast lane) and gunicorn (WSGI, the alternative), each started with the README's command.
 
-deploy/nginx.conf is used as shipped except for what cannot be the same here: listen ports,
-the gunicorn address, the certificate, the access-log and static paths (each replaced string must
-occur in the file, so the test breaks if the recipe changes shape). The checks: the proxy's
-functional checks through nginx (what reached a spy upstream), no authorization code or state in
-the access log, and a bounded number of stalled (slowloris) connections that block gunicorn on
-its own but not the recipe.
+The commands are parsed from README.md and deploy/nginx.conf is used as shipped, except for what
+cannot be the same here: the listen ports, the app server's port, the certificate, the
+access-log and static paths (each replaced string must occur in its file, so the test breaks if
+the recipe changes shape). The checks, against both servers: the proxy's functional checks
+through nginx (what reached a spy upstream, and under uvicorn that the fast lane served the
+API-key calls), no authorization code or state in any log, and stalled (slowloris) connections
+that leave the recipe's other callers unaffected (gunicorn alone is blocked by them, uvicorn
+holds them itself). Under uvicorn, a SIGTERM writes the usage counts and call-log rows still
+held in memory.
 """
 
 from __future__ import annotations
@@ -14,7 +18,10 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
+import re
+import shlex
 import shutil
+import signal
 import socket
 import ssl
 import statistics
@@ -22,6 +29,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +40,7 @@ from django.contrib.auth.models import Permission
 from django.test import Client
 
 from datasources.apikeys import create_api_key
+from datasources.models import DatasourceUsage, ProxyCall
 
 from .helpers import ROOT, subprocess_env
 from .spy import Answer
@@ -40,24 +49,62 @@ from .test_attacks import ACCESS_TOKEN, HOSTILE_HEADERS, HOSTILE_HTML, connected
 pytestmark = pytest.mark.django_db(transaction=True)
 
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
-#: gunicorn as small as possible, so that a handful of stalled connections would block it.
-THREADS = 4
-#: Stalled connections held open against the recipe (the finding: 8 took gunicorn down).
+SERVERS = ("uvicorn", "gunicorn")
+#: Stalled connections held open against each server alone and against the recipe. Enough to
+#: take every one of gunicorn's threads (4 workers x 8; --reuse-port spreads connections over
+#: the workers by a hash, so each needs several times its 8).
 STALLED = 200
+#: The loggers whose DEBUG line names each request sent upstream: the fast lane's asyncio
+#: client (datasources/proxy/upstream.py) and urllib3, under the Django view.
+LANE_LOGGER, VIEW_LOGGER = "datasources.proxy.upstream", "urllib3.connectionpool"
+
+
+def readme_command(server: str) -> str:
+    """The README's command for ``server``: uvicorn's is the ``web:`` line of the production
+    layout, gunicorn's the WSGI alternative below it."""
+    text = (ROOT / "README.md").read_text()
+    if server == "uvicorn":
+        found = [line.removeprefix("web:") for line in text.splitlines() if line.startswith("web:")]
+    else:
+        found = re.findall(r"`(gunicorn config\.wsgi [^`]*)`", text)
+    assert len(found) == 1, f"README.md changed shape: {len(found)} {server} commands"
+    return " ".join(found[0].split("#", 1)[0].split())
+
+
+def server_argv(server: str, port: int) -> list[str]:
+    """The README's command, listening on ``port`` and run with this interpreter."""
+    command = readme_command(server)
+    address = {"uvicorn": "--host 127.0.0.1 --port 8000", "gunicorn": "-b 127.0.0.1:8000"}[server]
+    assert command.count(address) == 1, f"README.md changed shape: {address!r} in {command!r}"
+    local = {"uvicorn": f"--host 127.0.0.1 --port {port}", "gunicorn": f"-b 127.0.0.1:{port}"}
+    argv = shlex.split(command.replace(address, local[server]))
+    assert argv[0] == server, argv
+    if server == "gunicorn" and gunicorn.version_info >= (27,):
+        # gunicorn 27's control socket is one path per user: not shared with others.
+        argv.append("--no-control-socket")
+    return [sys.executable, "-m", *argv]
 
 
 @dataclass
 class Stack:
+    server: str  # "uvicorn" or "gunicorn"
     https: str  # https://127.0.0.1:PORT (nginx)
     http: str  # http://127.0.0.1:PORT (nginx, redirects)
-    gunicorn: str  # http://127.0.0.1:PORT (gunicorn directly, for the control)
+    app: str  # http://127.0.0.1:PORT (the web server directly, for the control)
     cert: str
     access_log: Path
-    gunicorn_log: Path
+    app_log: Path
+    app_process: subprocess.Popen
 
     def get(self, path: str, **kwargs) -> requests.Response:
         kwargs.setdefault("timeout", 10)
         return requests.get(self.https + path, verify=self.cert, **kwargs)
+
+    def upstream_requests(self, logger: str) -> list[str]:
+        """The requests (method and path, query redacted) that ``logger`` logged sending
+        upstream, in order."""
+        pattern = re.compile(rf' DEBUG {re.escape(logger)} \S+ "(\S+ \S+) HTTP/1\.1"')
+        return pattern.findall(self.app_log.read_text())
 
 
 def free_port() -> int:
@@ -116,14 +163,14 @@ def self_signed(directory: Path) -> tuple[Path, Path]:
     return cert_path, key_path
 
 
-def recipe(directory: Path, *, http: int, https: int, gunicorn: int) -> Path:
+def recipe(directory: Path, *, http: int, https: int, app: int) -> Path:
     """deploy/nginx.conf with this machine's ports and paths, inside a minimal nginx.conf."""
     text = (ROOT / "deploy" / "nginx.conf").read_text()
     cert, key = self_signed(directory)
     (directory / "static").mkdir()
     (directory / "static" / "probe.txt").write_text("served by nginx")
     for old, new, count in (
-        ("server 127.0.0.1:8000;", f"server 127.0.0.1:{gunicorn};", 1),
+        ("server 127.0.0.1:8000;", f"server 127.0.0.1:{app};", 1),
         ("listen 80;", f"listen 127.0.0.1:{http};", 1),
         ("    listen [::]:80;\n", "", 1),
         ("listen 443 ssl;", f"listen 127.0.0.1:{https} ssl;", 1),
@@ -150,38 +197,15 @@ def recipe(directory: Path, *, http: int, https: int, gunicorn: int) -> Path:
     return main
 
 
-@pytest.fixture(scope="module")
-def stack(django_db_setup, django_db_blocker, tmp_path_factory) -> Iterator[Stack]:
-    if not Path(NGINX).exists():
-        pytest.skip("nginx is not installed (make test installs Debian's nginx as root)")
-    directory = tmp_path_factory.mktemp("recipe")
-    ports = {name: free_port() for name in ("http", "https", "gunicorn")}
+@contextmanager
+def running(server: str, directory: Path, env: dict[str, str]) -> Iterator[Stack]:
+    """nginx with the recipe in front of ``server`` started with the README's command, up."""
+    ports = {name: free_port() for name in ("http", "https", "app")}
     main = recipe(directory, **ports)
-    with django_db_blocker.unblock():
-        env = subprocess_env(
-            DJANGO_SETTINGS_MODULE="config.settings",  # the project's own (production) settings
-            SECURE_PROXY_SSL_HEADER_ENABLED="1",
-            DEBUG="0",
-        )
-    gunicorn_log = directory / "gunicorn.log"
-    with open(gunicorn_log, "wb") as log:
+    app_log = directory / f"{server}.log"
+    with open(app_log, "wb") as log:
         app = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "gunicorn",
-                "config.wsgi",
-                "-k",
-                "gthread",
-                "-w",
-                "1",
-                "--threads",
-                str(THREADS),
-                "-b",
-                f"127.0.0.1:{ports['gunicorn']}",
-                # gunicorn 27's control socket is one path per user: not shared with others.
-                *(["--no-control-socket"] if gunicorn.version_info >= (27,) else []),
-            ],
+            server_argv(server, ports["app"]),
             cwd=ROOT,
             env=env,
             stdout=log,
@@ -194,15 +218,17 @@ def stack(django_db_setup, django_db_blocker, tmp_path_factory) -> Iterator[Stac
     )
     try:
         stack = Stack(
+            server=server,
             https=f"https://127.0.0.1:{ports['https']}",
             http=f"http://127.0.0.1:{ports['http']}",
-            gunicorn=f"http://127.0.0.1:{ports['gunicorn']}",
+            app=f"http://127.0.0.1:{ports['app']}",
             cert=str(directory / "cert.pem"),
             access_log=directory / "access.log",
-            gunicorn_log=gunicorn_log,
+            app_log=app_log,
+            app_process=app,
         )
         deadline = time.monotonic() + 60
-        wait_for(f"{stack.gunicorn}/healthz", deadline)
+        wait_for(f"{stack.app}/healthz", deadline)
         wait_for(f"{stack.https}/healthz", deadline, verify=stack.cert)
         yield stack
     finally:
@@ -210,14 +236,53 @@ def stack(django_db_setup, django_db_blocker, tmp_path_factory) -> Iterator[Stac
             process.terminate()
         for process in (proxy, app):
             try:
-                process.wait(10)
+                process.wait(40)
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait(10)
 
 
+def server_env(django_db_blocker, **extra: str) -> dict[str, str]:
+    with django_db_blocker.unblock():
+        return subprocess_env(
+            DJANGO_SETTINGS_MODULE="config.settings",  # the project's own (production) settings
+            SECURE_PROXY_SSL_HEADER_ENABLED="1",
+            DEBUG="0",
+            # Each request sent upstream is logged (LANE_LOGGER, VIEW_LOGGER): which path served.
+            LOG_LEVEL="DEBUG",
+            **extra,
+        )
+
+
+def _stack(request, django_db_blocker, tmp_path_factory, **env: str) -> Iterator[Stack]:
+    if not Path(NGINX).exists():
+        pytest.skip("nginx is not installed (make test installs Debian's nginx as root)")
+    directory = tmp_path_factory.mktemp(f"recipe-{request.param}")
+    with running(request.param, directory, server_env(django_db_blocker, **env)) as stack:
+        yield stack
+
+
+@pytest.fixture(scope="module", params=SERVERS)
+def stack(request, django_db_setup, django_db_blocker, tmp_path_factory) -> Iterator[Stack]:
+    """The recipe with each server, shared by the module's tests."""
+    yield from _stack(request, django_db_blocker, tmp_path_factory)
+
+
+@pytest.fixture
+def own_stack(request, django_db_setup, django_db_blocker, tmp_path_factory) -> Iterator[Stack]:
+    """The recipe with the server named by the test's indirect parameter, for one test that
+    stops it. Usage counts and call-log rows are written only when the server stops."""
+    yield from _stack(
+        request,
+        django_db_blocker,
+        tmp_path_factory,
+        DATASOURCES_USAGE_FLUSH_INTERVAL="3600",
+        DATASOURCES_CALL_LOG_FLUSH_INTERVAL="3600",
+    )
+
+
 def test_the_proxy_works_through_the_recipe(stack, spy, django_user_model):
-    # Slugs differ per test: gunicorn runs with the production cache (PROXY_CACHE_SECONDS).
+    # Slugs differ per test: the server runs with the production cache (PROXY_CACHE_SECONDS).
     datasource = connected(spy, slug="recipe-functional")
     _, key = create_api_key("through-nginx", datasources=[datasource])
     auth = {"Authorization": f"Api-Key {key}"}
@@ -301,6 +366,21 @@ def test_the_proxy_works_through_the_recipe(stack, spy, django_user_model):
         assert name not in page.headers, name
     assert "cookie" not in spy.seen[-1].header_names
 
+    # Which path sent each call upstream: under uvicorn the fast lane took the API-key calls
+    # (nginx turned the chunked body into one with a Content-Length) and handed the signed-in
+    # browser's to the view; under gunicorn the view sent them all.
+    by_key = [
+        "GET /api/things/42?[redacted]",
+        "POST /api/things",
+        "PUT /api/things/42",
+        "GET /api/big",
+    ]
+    lane, view = stack.upstream_requests(LANE_LOGGER), stack.upstream_requests(VIEW_LOGGER)
+    if stack.server == "uvicorn":
+        assert (lane, view) == (by_key, ["GET /api/page"])
+    else:
+        assert (lane, view) == ([], [*by_key, "GET /api/page"])
+
 
 def test_no_code_or_state_in_the_access_log(stack):
     code, state = "code-" + "c" * 20, "state-" + "s" * 20
@@ -312,7 +392,7 @@ def test_no_code_or_state_in_the_access_log(stack):
     while "/api/v1/datasources/authorize" not in stack.access_log.read_text():
         assert time.monotonic() < deadline, "the callback was not logged"
         time.sleep(0.05)
-    for log in (stack.access_log, stack.gunicorn_log):
+    for log in (stack.access_log, stack.app_log):
         text = log.read_text()
         assert code not in text and state not in text, log.name
     assert "GET /api/v1/datasources/authorize HTTP/1.1" in stack.access_log.read_text()
@@ -370,22 +450,27 @@ def _timed(call) -> float:
     return elapsed
 
 
-def test_stalled_connections_block_gunicorn_alone_but_not_the_recipe(stack, spy):
+def test_stalled_connections_leave_the_recipe_answering(stack, spy):
     datasource = connected(spy, slug="recipe-slowloris")
     _, key = create_api_key("slowloris", datasources=[datasource])
     auth = {"Authorization": f"Api-Key {key}"}
     proxied = f"/api/v1/datasources/{datasource.slug}/proxy/items"
 
-    # Control: 8 stalled connections straight to gunicorn take every thread; others wait.
-    gunicorn_address = ("127.0.0.1", int(stack.gunicorn.rsplit(":", 1)[1]))
-    held = _stall_plain(gunicorn_address, 2 * THREADS)
+    # Control, the server alone: gunicorn's threads each wait on a stalled connection, so
+    # others wait too; uvicorn's event loop holds the stalled connections and answers others.
+    app_address = ("127.0.0.1", int(stack.app.rsplit(":", 1)[1]))
+    held = _stall_plain(app_address, STALLED)
     try:
-        with pytest.raises(requests.Timeout):
-            requests.get(f"{stack.gunicorn}/healthz", timeout=2)
+        if stack.server == "gunicorn":
+            with pytest.raises(requests.Timeout):
+                requests.get(f"{stack.app}/healthz", timeout=2)
+        else:
+            assert _timed(lambda: requests.get(f"{stack.app}/healthz", timeout=2)) < 2
+            assert sum(_still_open(sock) for sock in held) == STALLED
     finally:
         for sock in held:
             sock.close()
-    wait_for(f"{stack.gunicorn}/healthz", time.monotonic() + 30)
+    wait_for(f"{stack.app}/healthz", time.monotonic() + 30)
 
     def calls() -> list[float]:
         timings = []
@@ -406,7 +491,7 @@ def test_stalled_connections_block_gunicorn_alone_but_not_the_recipe(stack, spy)
         for sock in held:
             sock.close()
     print(
-        f"\n{STALLED} stalled connections held {stalled_for:.1f} s ({still_held} still open at "
+        f"\n{stack.server}: {STALLED} stalled connections held {stalled_for:.1f} s ({still_held} still open at "
         f"the end); other callers: median {statistics.median(during) * 1000:.0f} ms, max "
         f"{max(during) * 1000:.0f} ms (without stalled connections: median "
         f"{statistics.median(baseline) * 1000:.0f} ms, max {max(baseline) * 1000:.0f} ms)"
@@ -416,3 +501,30 @@ def test_stalled_connections_block_gunicorn_alone_but_not_the_recipe(stack, spy)
     assert max(during) < 5, during
     assert still_held == STALLED, "nginx dropped stalled connections before the calls ended"
     assert len(spy.seen) == 20  # the 20 proxied calls, and nothing from the stalled POSTs
+
+
+@pytest.mark.parametrize("own_stack", ["uvicorn"], indirect=True)
+def test_graceful_shutdown_writes_the_usage_counts(own_stack, spy):
+    """Each worker keeps its usage counts and call-log rows in memory between writes
+    (USAGE_FLUSH_INTERVAL, an hour here); what it holds when it is stopped is written at the
+    lifespan's shutdown (datasources/proxy/asgi.py: uvicorn runs no exit hooks after SIGTERM)."""
+    datasource = connected(spy, slug="recipe-shutdown")
+    _, key = create_api_key("shutdown", datasources=[datasource])
+    auth = {"Authorization": f"Api-Key {key}"}
+    calls = 40
+    for index in range(calls):
+        response = own_stack.get(
+            f"/api/v1/datasources/{datasource.slug}/proxy/n/{index}", headers=auth
+        )
+        assert response.status_code == 200
+    assert len(own_stack.upstream_requests(LANE_LOGGER)) == calls  # the fast lane served them
+    # Nothing written yet: every count and row is still in the workers' memory.
+    assert not DatasourceUsage.objects.filter(datasource=datasource).exists()
+    assert not ProxyCall.objects.filter(datasource=datasource).exists()
+
+    own_stack.app_process.send_signal(signal.SIGTERM)
+    assert own_stack.app_process.wait(60) == 0
+    usage = DatasourceUsage.objects.get(datasource=datasource)
+    assert (usage.calls, usage.errors, usage.last_status) == (calls, 0, 200)
+    paths = ProxyCall.objects.filter(datasource=datasource).values_list("path", flat=True)
+    assert sorted(paths) == sorted(f"n/{index}" for index in range(calls))
