@@ -3,6 +3,8 @@ process, so the proxy's hot path does not write to the database on every call.""
 
 from __future__ import annotations
 
+import atexit
+import logging
 import threading
 import time
 from bisect import bisect_left
@@ -15,6 +17,8 @@ from django.db.models import F
 
 from ..conf import app_settings
 from ..models import LATENCY_BUCKETS_MS, Datasource, DatasourceUsage
+
+logger = logging.getLogger(__name__)
 
 _BUCKET_FIELDS = [f"latency_le_{le}" for le in LATENCY_BUCKETS_MS]
 
@@ -106,3 +110,15 @@ def _write(datasource_id: int, entry: _Pending) -> None:
             )
     except IntegrityError:  # another process created it first, or the datasource is gone
         DatasourceUsage.objects.filter(datasource_id=datasource_id).update(**values)
+
+
+@atexit.register
+def _flush_at_exit() -> None:
+    """A process that stops (a gunicorn worker restarting) writes the counts it still holds
+    (under uvicorn the ASGI lifespan's shutdown does: datasources/proxy/asgi.py)."""
+    if not _pending:
+        return
+    try:
+        flush()
+    except Exception as err:  # the database may be gone at exit; nothing else to do
+        logger.warning("Usage counts lost at exit (%s)", type(err).__name__)
