@@ -71,12 +71,15 @@ def _fresh_upstream_health():
 
 @pytest.fixture(autouse=True)
 def _no_pending_call_log():
-    """Call-log rows batched by one test are not written into the next one's database."""
+    """Call-log rows and usage counts batched by one test are not written into the next one's
+    database (nor, by the exit hooks, into none at the end of the run)."""
     from datasources import calllog
+    from datasources.proxy import usage
 
     calllog.discard()
     yield
     calllog.discard()
+    usage.discard()
 
 
 # --- authorization server (django-oauth-toolkit) -------------------------------------------

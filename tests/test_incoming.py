@@ -59,7 +59,7 @@ SCOPES = {
 
 @pytest.mark.parametrize("name", list(SCOPES))
 def test_incoming_reads_what_django_reads(name):
-    incoming = Incoming(SCOPES[name], b"body")
+    incoming = Incoming(SCOPES[name], None, b"body")
     request = ASGIRequest(wsgi_like_path(SCOPES[name]), io.BytesIO(b"body"))
     assert list(incoming.headers.items()) == list(request.headers.items())
     assert len(incoming.headers) == len(request.headers)
@@ -83,7 +83,7 @@ def test_a_query_django_cannot_decode_is_refused_the_same_way():
     with pytest.raises(UnicodeDecodeError):
         ASGIRequest(bad, io.BytesIO())
     with pytest.raises(UnicodeDecodeError):
-        Incoming(bad, b"")
+        Incoming(bad, None, b"")
 
 
 @pytest.mark.parametrize(

@@ -54,7 +54,7 @@ from . import cache, callers, health, limits, retries, transport, usage, view
 from .asgi import PROXY_PATH, ProxyHandler, Receive, Scope, Send, asgi_headers
 from .attempts import URLLIB3, Attempts
 from .callers import Refused
-from .incoming import Incoming
+from .incoming import Headers, Incoming
 from .upstream import Pool, Response, default_context
 
 #: The middleware whose effect on a proxy answer the lane reproduces (by calling it); with any
@@ -178,11 +178,11 @@ class _Middleware:
         return (
             scope.get("scheme"),
             tuple(server) if server else None,
-            headers.get("Host"),
-            headers.get("X-Forwarded-Host"),
-            headers.get("X-Forwarded-Port"),
+            headers.get("host"),
+            headers.get("x-forwarded-host"),
+            headers.get("x-forwarded-port"),
             headers.get(self._ssl_header) if self._ssl_header else None,
-            headers.get("User-Agent") if self._by_agent else None,
+            headers.get("user-agent") if self._by_agent else None,
             incoming.path if self._by_path else None,
         )
 
@@ -310,22 +310,14 @@ class Lane:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         middleware = _middleware()
-        chunked, length, api_key = False, 0, False
-        for name, value in scope.get("headers", ()):
-            if name == b"transfer-encoding":
-                chunked = True
-            elif name == b"content-length":
-                length = int(value) if value.isdigit() else 0
-            elif name == b"authorization":
-                api_key = api_key or value[:8].lower() == b"api-key "
-            elif name == b"x-api-key":
-                api_key = api_key or bool(value.strip())
+        headers = Headers(scope.get("headers", ()))
+        declared = (headers.get("Content-Length") or "").rpartition(",")[2]
         reason = hand_over_reason(
             middleware_known=middleware.known,
             traced=tracing.enabled(),
-            chunked=chunked,
-            length=length,
-            api_key=api_key,
+            chunked="Transfer-Encoding" in headers,
+            length=int(declared) if declared.isdigit() else 0,
+            api_key=bool(callers.api_key_of(headers)),
         )
         if reason is not None:
             return await self._hand_over(reason, scope, receive, send)
@@ -340,7 +332,9 @@ class Lane:
             if not message.get("more_body", False):
                 break
         replay = _Replay(messages, receive)
-        outcome = await self.serve(scope, b"".join(parts), replay.receive, send, middleware)
+        outcome = await self.serve(
+            scope, headers, b"".join(parts), replay.receive, send, middleware
+        )
         if outcome is not None:
             await self._hand_over(outcome, scope, replay.receive, send)
 
@@ -349,11 +343,17 @@ class Lane:
         await self.fallback(scope, receive, send)
 
     async def serve(
-        self, scope: Scope, body: bytes, receive: Receive, send: Send, middleware: _Middleware
+        self,
+        scope: Scope,
+        headers: Headers,
+        body: bytes,
+        receive: Receive,
+        send: Send,
+        middleware: _Middleware,
     ) -> HandOver | None:
         """Serve one call, or say why it is handed over (nothing was sent upstream then)."""
         try:
-            incoming = Incoming(scope, body)
+            incoming = Incoming(scope, headers, body)
         except UnicodeDecodeError:
             return HandOver.REQUEST
         route = _ROUTE.match(incoming.path_info)
@@ -525,15 +525,17 @@ class _Call:
                 upstream.release()
             self._log_upstream_error(upstream.status)
             self.log.response_bytes = len(content)
-            await self._done(upstream.status)
-            await self.send(
-                {
-                    "type": "http.response.start",
-                    "status": upstream.status,
-                    "headers": answer_headers(headers, len(content), self.added),
-                }
-            )
-            await self.send({"type": "http.response.body", "body": content})
+            try:
+                await self.send(
+                    {
+                        "type": "http.response.start",
+                        "status": upstream.status,
+                        "headers": answer_headers(headers, len(content), self.added),
+                    }
+                )
+                await self.send({"type": "http.response.body", "body": content})
+            finally:
+                self._done(upstream.status)  # counted once the answer is on its way
             return
         self._log_upstream_error(upstream.status)
         disconnected = asyncio.ensure_future(_disconnect(self.receive))
@@ -555,7 +557,7 @@ class _Call:
         finally:
             disconnected.cancel()
             upstream.release()  # no-op when released above; closes an unfinished answer
-            await self._done(upstream.status)
+            self._done(upstream.status)
 
     def _log_upstream_error(self, status: int) -> None:
         if status >= 500:
@@ -567,7 +569,7 @@ class _Call:
         """A refusal: counted, then sent (as the view counts before returning)."""
         response = self.middleware.finish(self.incoming.request(), response)
         self.log.response_bytes = len(content)
-        await self._done(response.status_code)
+        self._done(response.status_code)
         await self.send(
             {
                 "type": "http.response.start",
@@ -577,7 +579,7 @@ class _Call:
         )
         await self.send({"type": "http.response.body", "body": content})
 
-    async def _done(self, status: int) -> None:
+    def _done(self, status: int) -> None:
         """Counted and logged in memory; the batches are written off the loop when due."""
         elapsed = (time.perf_counter() - self.log.started) * 1000
         pk = self.datasource.pk
