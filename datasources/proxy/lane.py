@@ -46,6 +46,7 @@ from django.http import HttpResponse, StreamingHttpResponse
 from django.middleware.clickjacking import XFrameOptionsMiddleware
 from django.middleware.common import CommonMiddleware
 from django.middleware.security import SecurityMiddleware
+from django.views.decorators.debug import sensitive_variables
 
 from .. import binding, calllog, tls, tokens, tracing
 from ..conf import app_settings
@@ -308,16 +309,18 @@ class Lane:
         finally:
             self.housekeeping()
 
+    @sensitive_variables("key")
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         middleware = _middleware()
         headers = Headers(scope.get("headers", ()))
         declared = (headers.get("Content-Length") or "").rpartition(",")[2]
+        key = callers.api_key_of(headers)
         reason = hand_over_reason(
             middleware_known=middleware.known,
             traced=tracing.enabled(),
             chunked="Transfer-Encoding" in headers,
             length=int(declared) if declared.isdigit() else 0,
-            api_key=bool(callers.api_key_of(headers)),
+            api_key=bool(key),
         )
         if reason is not None:
             return await self._hand_over(reason, scope, receive, send)
@@ -333,7 +336,7 @@ class Lane:
                 break
         replay = _Replay(messages, receive)
         outcome = await self.serve(
-            scope, headers, b"".join(parts), replay.receive, send, middleware
+            scope, headers, key, b"".join(parts), replay.receive, send, middleware
         )
         if outcome is not None:
             await self._hand_over(outcome, scope, replay.receive, send)
@@ -342,10 +345,12 @@ class Lane:
         self.handed_over[reason] = self.handed_over.get(reason, 0) + 1
         await self.fallback(scope, receive, send)
 
+    @sensitive_variables("key")
     async def serve(
         self,
         scope: Scope,
         headers: Headers,
+        key: str,
         body: bytes,
         receive: Receive,
         send: Send,
@@ -363,8 +368,8 @@ class Lane:
         if added is None:
             return HandOver.REQUEST
         slug, path = route["slug"], route["path"] or ""
-        # Who is calling, with which token: the caches, else the database in a pool thread.
-        key = callers.api_key_of(incoming.headers)
+        # Who is calling (``key``: the API key the headers carry), with which token: the
+        # caches, else the database in a pool thread.
         caller = callers.caller_for_key(key, cached_only=True)
         if caller is None:
             caller = await self.blocking(functools.partial(callers.caller_for_key, key))
