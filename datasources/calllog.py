@@ -9,7 +9,6 @@ query string, the status, sizes and timings; never headers, bodies or query valu
 
 from __future__ import annotations
 
-import atexit
 import logging
 import re
 import threading
@@ -164,14 +163,3 @@ def prune(now: datetime | None = None) -> int:
     cutoff = (now or timezone.now()) - timedelta(days=app_settings.CALL_LOG_RETENTION_DAYS)
     deleted, _ = ProxyCall.objects.filter(called_at__lt=cutoff).delete()
     return deleted
-
-
-@atexit.register
-def _flush_at_exit() -> None:
-    """A process that stops (gunicorn worker restart) writes what it still holds."""
-    if not _pending:
-        return
-    try:
-        flush()
-    except Exception as err:  # the database may be gone at exit; nothing else to do
-        logger.warning("Call log rows lost at exit (%s)", type(err).__name__)

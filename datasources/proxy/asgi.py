@@ -20,6 +20,7 @@ this module only does I/O.
 from __future__ import annotations
 
 import asyncio
+import functools
 import io
 import logging
 import re
@@ -272,27 +273,15 @@ class Router:
             raise ValueError(f"Django can only handle ASGI/HTTP connections, not {kind}.")
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
+        from . import usage
+
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
-                await asyncio.get_running_loop().run_in_executor(None, write_held)
+                await asyncio.get_running_loop().run_in_executor(
+                    None, functools.partial(usage.write_held, "shutdown")
+                )
                 await send({"type": "lifespan.shutdown.complete"})
                 return
-
-
-def write_held() -> None:
-    """Write the usage counts and call-log rows this process still holds in memory, at the
-    lifespan's shutdown. Not left to calllog's atexit hook: uvicorn ends a worker stopped by
-    SIGTERM by raising the signal again once it has shut down, so exit hooks never run there."""
-    from .. import calllog
-    from . import usage
-
-    for name, flush in (("Usage counts", usage.flush), ("Call log rows", calllog.flush)):
-        try:
-            flush()
-        except Exception as err:  # the database may be gone; the other batch may still go
-            logging.getLogger(__name__).warning(
-                "%s lost at shutdown (%s)", name, type(err).__name__
-            )

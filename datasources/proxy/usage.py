@@ -112,13 +112,18 @@ def _write(datasource_id: int, entry: _Pending) -> None:
         DatasourceUsage.objects.filter(datasource_id=datasource_id).update(**values)
 
 
-@atexit.register
-def _flush_at_exit() -> None:
-    """A process that stops (a gunicorn worker restarting) writes the counts it still holds
-    (under uvicorn the ASGI lifespan's shutdown does: datasources/proxy/asgi.py)."""
-    if not _pending:
-        return
-    try:
-        flush()
-    except Exception as err:  # the database may be gone at exit; nothing else to do
-        logger.warning("Usage counts lost at exit (%s)", type(err).__name__)
+def write_held(when: str = "exit") -> None:
+    """Write the usage counts and call-log rows this process still holds in memory: at exit (a
+    gunicorn worker restarting), and at the ASGI lifespan's shutdown (uvicorn ends a worker
+    stopped by SIGTERM by raising the signal again once it has shut down, so exit hooks never
+    run there: datasources/proxy/asgi.py). Nothing held, nothing touched."""
+    from .. import calllog
+
+    for name, write in (("Usage counts", flush), ("Call log rows", calllog.flush)):
+        try:
+            write()
+        except Exception as err:  # the database may be gone; the other batch may still go
+            logger.warning("%s lost at %s (%s)", name, when, type(err).__name__)
+
+
+atexit.register(write_held)
