@@ -139,7 +139,7 @@ class _Middleware:
         self.security = SecurityMiddleware(unused)
         self.common = CommonMiddleware(unused)
         self.xframe = XFrameOptionsMiddleware(unused)
-        self._admitted: dict[tuple, list[tuple[bytes, bytes]]] = {}
+        self._admitted: dict[tuple, list[tuple[str, bytes, bytes]]] = {}
         # What the middleware's request checks read besides the settings (see _admission_key).
         ssl_header = settings.SECURE_PROXY_SSL_HEADER
         ssl_meta = ssl_header[0] if isinstance(ssl_header, tuple | list) and ssl_header else ""
@@ -148,10 +148,10 @@ class _Middleware:
         self._by_agent = bool(settings.DISALLOWED_USER_AGENTS)
         self._by_path = bool(settings.SECURE_SSL_REDIRECT or settings.PREPEND_WWW)
 
-    def admit(self, incoming: Incoming) -> list[tuple[bytes, bytes]] | None:
+    def admit(self, incoming: Incoming) -> list[tuple[str, bytes, bytes]] | None:
         """None when Django's middleware would not let the call reach the view (host not
         allowed, user agent refused, HTTPS or www redirect); else the headers its response
-        side adds to an answer (:meth:`added`). Remembered per combination of the facts the
+        side adds to an answer (:meth:`added`; lower-case name, name, value). Remembered per combination of the facts the
         checks read, so Django's code runs once per host, not once per call."""
         key = self._admission_key(incoming)
         found = self._admitted.get(key) if key is not None else None
@@ -161,7 +161,8 @@ class _Middleware:
         if not self.admits(request):
             return None
         found = [
-            (name.encode("latin1"), value.encode("latin1")) for name, value in self.added(request)
+            (name.lower(), name.encode("latin1"), value.encode("latin1"))
+            for name, value in self.added(request)
         ]
         if key is not None and len(self._admitted) < self.MAX_ADMISSIONS:
             self._admitted[key] = found
@@ -213,8 +214,8 @@ class _Middleware:
         return list(self.finish(request, blank).items())
 
 
-def answer_headers(
-    headers: list[tuple[str, str]], length: int | None, added: list[tuple[bytes, bytes]]
+def relayed_headers(
+    headers: list[tuple[str, str]], length: int | None, added: list[tuple[str, bytes, bytes]]
 ) -> list[tuple[bytes, bytes]]:
     """An answer's headers with the middleware's additions ``added`` (and, for a buffered
     answer of ``length`` bytes, CommonMiddleware's Content-Length), as ASGI sends them."""
@@ -222,8 +223,8 @@ def answer_headers(
     out = [(name.encode("latin1"), value.encode("latin1")) for name, value in headers]
     if length is not None and "content-length" not in present:
         out.append((b"Content-Length", str(length).encode("ascii")))
-    for name, value in added:
-        if name.decode("latin1").lower() not in present:
+    for lowered, name, value in added:
+        if lowered not in present:
             out.append((name, value))
     return out
 
@@ -441,7 +442,7 @@ class _Call:
         send: Send,
         receive: Receive,
         middleware: _Middleware,
-        added: list[tuple[bytes, bytes]],
+        added: list[tuple[str, bytes, bytes]],
     ) -> None:
         self.lane, self.incoming, self.caller, self.token = lane, incoming, caller, token
         self.datasource = token.datasource
@@ -535,7 +536,7 @@ class _Call:
                     {
                         "type": "http.response.start",
                         "status": upstream.status,
-                        "headers": answer_headers(headers, len(content), self.added),
+                        "headers": relayed_headers(headers, len(content), self.added),
                     }
                 )
                 await self.send({"type": "http.response.body", "body": content})
@@ -549,7 +550,7 @@ class _Call:
                 {
                     "type": "http.response.start",
                     "status": upstream.status,
-                    "headers": answer_headers(headers, None, self.added),
+                    "headers": relayed_headers(headers, None, self.added),
                 }
             )
             async for piece in upstream.pieces():
