@@ -84,10 +84,15 @@ def hostile():
 
 def connected(spy: SpyUpstream, **fields) -> Datasource:
     """A client-credentials datasource whose base URL is the spy's /api/, with a valid token."""
+    return connected_at(spy.base, **fields)
+
+
+def connected_at(base: str, **fields) -> Datasource:
+    """:func:`connected` for any origin ``base`` (``https://…`` upstreams, unreachable ones)."""
     fields.setdefault("slug", "spied")
     fields.setdefault("name", "Spied API")
     datasource = make_datasource(
-        base_url=f"{spy.base}/api/",
+        base_url=f"{base}/api/",
         grant_type="client_credentials",
         authorization_url="",
         access_token_url="http://127.0.0.1:9/token",

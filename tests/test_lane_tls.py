@@ -17,29 +17,25 @@ import struct
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives import serialization
 from django.http import HttpResponse
 from django.test import Client
-from django.utils import timezone
 
 from datasources import tls
 from datasources.apikeys import create_api_key
-from datasources.models import Datasource, Token
+from datasources.models import Datasource
 from datasources.proxy import cache as proxy_cache
 from datasources.proxy import upstream
 
 from . import certs
-from .conftest import make_datasource
 from .serving import LANE, serve_proxy_through_asgi
 from .spy import SpyUpstream
+from .test_attacks import ACCESS_TOKEN, connected_at
 
 pytestmark = pytest.mark.django_db
-
-ACCESS_TOKEN = "access-token-" + "t" * 32
 
 
 @pytest.fixture(scope="module")
@@ -97,25 +93,7 @@ def trusted_by_default(ca, tmp_path, monkeypatch) -> None:
 
 def connected(base: str, slug: str = "secure", **fields) -> Datasource:
     """A client-credentials datasource on ``base``/api/ with a token usable as it is."""
-    datasource = make_datasource(
-        slug=slug,
-        name=slug,
-        base_url=f"{base}/api/",
-        grant_type="client_credentials",
-        authorization_url="",
-        access_token_url="http://127.0.0.1:9/token",
-        **fields,
-    )
-    now = timezone.now()
-    Token.objects.filter(datasource=datasource, user=None).update(
-        access_token=ACCESS_TOKEN,
-        token_type="Bearer",
-        status="active",
-        expires_at=now + timedelta(hours=1),
-        obtained_at=now,
-        last_refreshed_at=now,
-    )
-    return datasource
+    return connected_at(base, slug=slug, name=slug, **fields)
 
 
 @pytest.fixture
