@@ -13,8 +13,8 @@ from django.core.handlers.asgi import ASGIRequest
 
 from datasources.proxy import callers
 from datasources.proxy.asgi import wsgi_like_path
-from datasources.proxy.incoming import Incoming
-from datasources.proxy.upstream import Headers
+from datasources.proxy.incoming import Headers, Incoming
+from datasources.proxy.upstream import Headers as AnswerHeaders
 
 PATH = "/api/v1/datasources/crm/proxy/v1/items"
 
@@ -59,7 +59,7 @@ SCOPES = {
 
 @pytest.mark.parametrize("name", list(SCOPES))
 def test_incoming_reads_what_django_reads(name):
-    incoming = Incoming(SCOPES[name], None, b"body")
+    incoming = Incoming(SCOPES[name], Headers(SCOPES[name]["headers"]), b"body")
     request = ASGIRequest(wsgi_like_path(SCOPES[name]), io.BytesIO(b"body"))
     assert list(incoming.headers.items()) == list(request.headers.items())
     assert len(incoming.headers) == len(request.headers)
@@ -83,7 +83,7 @@ def test_a_query_django_cannot_decode_is_refused_the_same_way():
     with pytest.raises(UnicodeDecodeError):
         ASGIRequest(bad, io.BytesIO())
     with pytest.raises(UnicodeDecodeError):
-        Incoming(bad, None, b"")
+        Incoming(bad, Headers(bad["headers"]), b"")
 
 
 @pytest.mark.parametrize(
@@ -97,7 +97,7 @@ def test_a_query_django_cannot_decode_is_refused_the_same_way():
     ],
 )
 def test_answer_headers_read_as_urllib3_reads_them(headers):
-    ours = Headers(headers)
+    ours = AnswerHeaders(headers)
     theirs = urllib3.HTTPHeaderDict()
     for name, value in headers:
         theirs.add(name.decode("latin1"), value.decode("latin1"))

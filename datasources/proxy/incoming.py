@@ -65,7 +65,7 @@ class Incoming:
 
     __slots__ = ("_request", "body", "headers", "method", "path", "path_info", "query", "scope")
 
-    def __init__(self, scope: Scope, headers: Headers | None, body: bytes) -> None:
+    def __init__(self, scope: Scope, headers: Headers, body: bytes) -> None:
         self.scope = scope
         self.body = body
         self.method: str = scope["method"].upper()
@@ -74,7 +74,7 @@ class Incoming:
         self.path_info: str = self.path.removeprefix(script_name) if script_name else self.path
         query = scope.get("query_string", "")
         self.query: str = query.decode() if isinstance(query, bytes) else query
-        self.headers = headers if headers is not None else Headers(scope.get("headers", ()))
+        self.headers = headers  # Headers(scope["headers"]), read once by the lane
         self._request: ASGIRequest | None = None
 
     def request(self) -> ASGIRequest:

@@ -151,8 +151,9 @@ class _Middleware:
     def admit(self, incoming: Incoming) -> list[tuple[str, bytes, bytes]] | None:
         """None when Django's middleware would not let the call reach the view (host not
         allowed, user agent refused, HTTPS or www redirect); else the headers its response
-        side adds to an answer (:meth:`added`; lower-case name, name, value). Remembered per combination of the facts the
-        checks read, so Django's code runs once per host, not once per call."""
+        side adds to an answer (:meth:`added`, as lower-case name, name, value). Remembered
+        per combination of the facts the checks read, so Django's code runs once per host,
+        not once per call."""
         key = self._admission_key(incoming)
         found = self._admitted.get(key) if key is not None else None
         if found is not None:
