@@ -13,8 +13,10 @@ import logging
 import re
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from django.db import connections, router, transaction
 from django.utils import timezone
@@ -112,8 +114,8 @@ def flush() -> int:
     if not batch:
         return 0
     connection = connections[router.db_for_write(ProxyCall)]
-    adapt = connection.ops.adapt_datetimefield_value
-    rows = [(adapt(datetime.fromtimestamp(row[0], UTC)), *row[1:]) for row in batch]
+    called_at = _called_at_values(connection)
+    rows = [(called_at(row[0]), *row[1:]) for row in batch]
     # One statement for the batch, without a model instance per row, in one transaction
     # (autocommit would commit each row: SQLite then writes its journal per row): under load
     # the writes run beside the fast lane's event loop, and the per-row cost showed as a
@@ -121,6 +123,40 @@ def flush() -> int:
     with transaction.atomic(using=connection.alias), connection.cursor() as cursor:
         cursor.executemany(_insert_sql(connection), rows)
     return len(rows)
+
+
+def _called_at_values(connection) -> Callable[[float], Any]:
+    """``called_at`` (a ``time.time()``) as ``connection`` takes it: Django's adapter, given
+    the datetime. On SQLite that adapter makes the text of the naive UTC time, and it cost as
+    much as the row's insert; there the text is built here instead, the date and time once per
+    second, and used only where it is the adapter's text for a set of probe times."""
+    adapt = connection.ops.adapt_datetimefield_value
+
+    def adapted(stamp: float) -> Any:
+        return adapt(datetime.fromtimestamp(stamp, UTC))
+
+    seconds: dict[int, str] = {}
+
+    def text(stamp: float) -> str:
+        # Rounded to the microsecond half to even, carried into the second, as
+        # datetime.fromtimestamp rounds.
+        second = int(stamp)
+        micro = round((stamp - second) * 1e6)
+        if micro >= 1_000_000:
+            second, micro = second + 1, micro - 1_000_000
+        prefix = seconds.get(second)
+        if prefix is None:
+            prefix = seconds[second] = f"{datetime.fromtimestamp(second, UTC):%Y-%m-%d %H:%M:%S}"
+        return f"{prefix}.{micro:06d}" if micro else prefix
+
+    if all(text(stamp) == adapted(stamp) for stamp in _PROBES):
+        return text
+    return adapted
+
+
+#: Times :func:`_called_at_values` compares its text with the adapter's on: whole seconds,
+#: microseconds, a fraction that rounds up into the next second, a leap year's last second.
+_PROBES = (0.0, 1767323045.0, 1767323045.000006, 1767323045.9999996, 1798761599.25, 951868799.5)
 
 
 #: The columns of a queued row, in its order (:func:`record`).

@@ -1337,10 +1337,13 @@ class ProxyCall(models.Model):
     called_at = models.DateTimeField(_("time"), db_index=True)
     # No database constraints: the log outlives deleted datasources, keys and users (rows age
     # out with the retention), and deleting a datasource does not walk millions of log rows.
+    # No index of its own either: ds_call_recent (below) starts with it, and every index is
+    # written for every logged call.
     datasource = models.ForeignKey(
         Datasource,
         on_delete=models.DO_NOTHING,
         db_constraint=False,
+        db_index=False,
         null=True,
         related_name="+",
         verbose_name=_("datasource"),

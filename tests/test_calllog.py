@@ -206,3 +206,39 @@ def test_the_logged_path_has_no_control_characters_or_query(path, stored):
     """PostgreSQL refuses NUL in text: a decoded ``%00`` in a (refused) path must not turn the
     call log's batch insert into a 500."""
     assert calllog.Call.begin("GET", path).path == stored
+
+
+def test_called_at_is_what_djangos_adapter_makes():
+    """The called_at values written are the database adapter's own (on SQLite the text is built
+    by calllog itself, checked here against Django's on edge and random times)."""
+    import random
+    from datetime import UTC, datetime
+
+    from django.db import connection
+
+    adapt = connection.ops.adapt_datetimefield_value
+    values = calllog._called_at_values(connection)
+    # SQLite takes text, built by calllog (the adapter's datetime elsewhere).
+    assert (values.__name__ == "text") == (connection.vendor == "sqlite")
+    now = timezone.now().timestamp()
+    edges = [0.0, 1.5, now, float(int(now)), 1767323045.0000005, 1767323045.0000015]
+    edges += [1767323045.9999996, 1767323045.9999994, 951868799.999999, 4102444799.9999995]
+    rng = random.Random(17)
+    stamps = edges + [rng.uniform(0, 4.1e9) for _ in range(5000)]
+    stamps += [int(now) + rng.randrange(1_000_000) / 1e6 for _ in range(5000)]
+    for stamp in stamps:
+        assert values(stamp) == adapt(datetime.fromtimestamp(stamp, UTC)), stamp
+
+
+def test_called_at_round_trips(settings):
+    from datetime import UTC, datetime
+
+    settings.DATASOURCES = {**settings.DATASOURCES, "CALL_LOG_FLUSH_INTERVAL": 3600}
+    stamps = [1767323045.0, 1767323045.123456, 1767323045.9999996]
+    for stamp in stamps:
+        call = calllog.Call.begin("GET", "/x")
+        call.called_at = stamp
+        calllog.record(call, None, 200, 1.0, write=False)
+    assert calllog.flush() == len(stamps)
+    stored = sorted(ProxyCall.objects.values_list("called_at", flat=True))
+    assert stored == [datetime.fromtimestamp(stamp, UTC) for stamp in stamps]
