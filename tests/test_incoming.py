@@ -12,6 +12,8 @@ import urllib3
 from django.core.handlers.asgi import ASGIRequest
 
 from datasources.proxy import callers
+from datasources.proxy import incoming as incoming_module
+from datasources.proxy import upstream as upstream_module
 from datasources.proxy.asgi import wsgi_like_path
 from datasources.proxy.incoming import Headers, Incoming
 from datasources.proxy.upstream import Headers as AnswerHeaders
@@ -57,8 +59,22 @@ SCOPES = {
 }
 
 
+@pytest.fixture(params=["names new", "names remembered"])
+def name_cache(request):
+    """The header name caches (each raw name is worked out once): empty, or holding every name
+    of the tables below from an earlier read."""
+    incoming_module._NAMES.clear()
+    upstream_module._NAMES.clear()
+    if request.param == "names remembered":
+        for each in SCOPES.values():
+            Headers(each["headers"])
+        for each in ANSWERS:
+            AnswerHeaders(each)
+    return request.param
+
+
 @pytest.mark.parametrize("name", list(SCOPES))
-def test_incoming_reads_what_django_reads(name):
+def test_incoming_reads_what_django_reads(name, name_cache):
     incoming = Incoming(SCOPES[name], Headers(SCOPES[name]["headers"]), b"body")
     request = ASGIRequest(wsgi_like_path(SCOPES[name]), io.BytesIO(b"body"))
     assert list(incoming.headers.items()) == list(request.headers.items())
@@ -86,17 +102,17 @@ def test_a_query_django_cannot_decode_is_refused_the_same_way():
         Incoming(bad, Headers(bad["headers"]), b"")
 
 
-@pytest.mark.parametrize(
-    "headers",
-    [
-        [(b"Content-Length", b"3"), (b"Content-Type", b"application/json")],
-        [(b"Set-Cookie", b"a=1"), (b"set-cookie", b"b=2"), (b"SET-COOKIE", b"c=3")],
-        [(b"X-Caf\xe9", b"\xe9t\xe9"), (b"Connection", b"close, X-Hop")],
-        [(b"RateLimit-Remaining", b"0"), (b"ratelimit-reset", b"5"), (b"Retry-After", b"")],
-        [],
-    ],
-)
-def test_answer_headers_read_as_urllib3_reads_them(headers):
+ANSWERS = [
+    [(b"Content-Length", b"3"), (b"Content-Type", b"application/json")],
+    [(b"Set-Cookie", b"a=1"), (b"set-cookie", b"b=2"), (b"SET-COOKIE", b"c=3")],
+    [(b"X-Caf\xe9", b"\xe9t\xe9"), (b"Connection", b"close, X-Hop")],
+    [(b"RateLimit-Remaining", b"0"), (b"ratelimit-reset", b"5"), (b"Retry-After", b"")],
+    [],
+]
+
+
+@pytest.mark.parametrize("headers", ANSWERS)
+def test_answer_headers_read_as_urllib3_reads_them(headers, name_cache):
     ours = AnswerHeaders(headers)
     theirs = urllib3.HTTPHeaderDict()
     for name, value in headers:

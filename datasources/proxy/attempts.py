@@ -163,6 +163,8 @@ class Attempts(Generic[R]):
                 if self.on_token is not None:
                     self.on_token(fresh)
                 continue
+            if not self._retry_left():
+                return response
             retry_after = retries.parse_retry_after(
                 self.wire.header(response, "Retry-After"), time.time()
             )
@@ -212,6 +214,8 @@ class Attempts(Generic[R]):
                 if self.on_token is not None:
                     self.on_token(fresh)
                 continue
+            if not self._retry_left():
+                return response
             retry_after = retries.parse_retry_after(
                 self.wire.header(response, "Retry-After"), time.time()
             )
@@ -233,6 +237,12 @@ class Attempts(Generic[R]):
         if wait > 0:
             self.sleep(wait)
         return True
+
+    def _retry_left(self) -> bool:
+        """Whether :func:`.retries.decide_retry` could say "again" at all (its first rule), so
+        an answer without a retry left (no retries configured: most datasources) is returned
+        without reading its Retry-After."""
+        return self.retries < self.policy.max_retries
 
     def _next_wait(self, status: int, retry_after: float | None, started: float) -> float | None:
         """Seconds before the next attempt (counted as a retry), or None: the outcome stands."""

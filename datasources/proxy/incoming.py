@@ -28,17 +28,19 @@ class Headers(Mapping[str, str]):
 
     def __init__(self, raw: list[tuple[bytes, bytes]] | tuple) -> None:
         items: dict[str, str] = {}
+        lower: dict[str, str] = {}
         for name_bytes, value_bytes in raw:
-            name = name_bytes.decode("latin1")
-            if "_" in name:
+            names = _NAMES.get(name_bytes)
+            if names is None:
+                names = _names(name_bytes)
+            if not names:
                 continue
-            # As ASGIRequest then HttpHeaders: upper-cased into META, Title-Cased back.
-            title = name.upper().title()
+            title, lowered = names
             value = value_bytes.decode("latin1")
             found = items.get(title)
-            items[title] = value if found is None else f"{found},{value}"
+            items[title] = lower[lowered] = value if found is None else f"{found},{value}"
         self._items = items
-        self._lower = {name.lower(): value for name, value in items.items()}
+        self._lower = lower
 
     def __getitem__(self, name: str) -> str:
         return self._lower[name.replace("_", "-").lower()]
@@ -57,6 +59,26 @@ class Headers(Mapping[str, str]):
 
     def items(self):  # type: ignore[override]
         return self._items.items()
+
+
+#: Raw header name -> (Title-Case name, lower-case name), or () for a name Django drops: the
+#: names a proxy sees repeat on every call, so each is worked out once (at most _MAX_NAMES).
+_NAMES: dict[bytes, tuple[str, str] | tuple[()]] = {}
+_MAX_NAMES = 1024
+
+
+def _names(name_bytes: bytes) -> tuple[str, str] | tuple[()]:
+    name = name_bytes.decode("latin1")
+    if "_" in name:
+        names: tuple[str, str] | tuple[()] = ()
+    else:
+        # As ASGIRequest then HttpHeaders: upper-cased into META, Title-Cased back.
+        title = name.upper().title()
+        names = (title, title.lower())
+    if len(_NAMES) >= _MAX_NAMES:
+        _NAMES.clear()
+    _NAMES[name_bytes] = names
+    return names
 
 
 class Incoming:

@@ -215,13 +215,26 @@ class _Middleware:
         return list(self.finish(request, blank).items())
 
 
+#: Header name -> (lower-case name, bytes) for :func:`relayed_headers`: answers repeat their
+#: names, so each is worked out once (at most 1024 are kept).
+_ENCODED: dict[str, tuple[str, bytes]] = {}
+
+
 def relayed_headers(
     headers: list[tuple[str, str]], length: int | None, added: list[tuple[str, bytes, bytes]]
 ) -> list[tuple[bytes, bytes]]:
     """An answer's headers with the middleware's additions ``added`` (and, for a buffered
     answer of ``length`` bytes, CommonMiddleware's Content-Length), as ASGI sends them."""
-    present = {name.lower() for name, _ in headers}
-    out = [(name.encode("latin1"), value.encode("latin1")) for name, value in headers]
+    present = set()
+    out = []
+    for name, value in headers:
+        names = _ENCODED.get(name)
+        if names is None:
+            if len(_ENCODED) >= 1024:
+                _ENCODED.clear()
+            names = _ENCODED[name] = (name.lower(), name.encode("latin1"))
+        present.add(names[0])
+        out.append((names[1], value.encode("latin1")))
     if length is not None and "content-length" not in present:
         out.append((b"Content-Length", str(length).encode("ascii")))
     for lowered, name, value in added:

@@ -283,7 +283,8 @@ def request_headers(
     """The headers sent upstream: the caller's, filtered; the datasource's defaults where the
     caller sent none; our Content-Length; the token's headers last (nobody overrides them;
     :func:`datasources.binding.auth_headers`)."""
-    dropped = NOT_FORWARDED | _connection_named(incoming.get("Connection"))
+    named = _connection_named(incoming.get("Connection"))
+    dropped = NOT_FORWARDED | named if named else NOT_FORWARDED
     headers = {name: value for name, value in incoming.items() if name.lower() not in dropped}
     defaults = datasource.default_headers
     if defaults:
@@ -295,7 +296,8 @@ def request_headers(
         headers["Content-Length"] = str(content_length)
     if token_headers:
         names = {name.lower() for name in token_headers}
-        headers = {k: v for k, v in headers.items() if k.lower() not in names}
+        if defaults or not names <= dropped:  # else no header left has one of these names
+            headers = {k: v for k, v in headers.items() if k.lower() not in names}
         headers.update(token_headers)
     return headers
 
@@ -373,9 +375,10 @@ def copy_headers(headers: urllib3.HTTPHeaderDict, response: HttpResponse, *, bro
 def answer_headers(headers: urllib3.HTTPHeaderDict, *, browser: bool) -> list[tuple[str, str]]:
     """The upstream's headers our caller gets, then ours: the one rule for both serving paths
     (:func:`copy_headers` for the view, the fast lane directly)."""
-    dropped = (NOT_RETURNED_TO_BROWSERS if browser else NOT_RETURNED) | _connection_named(
-        headers.get("Connection")
-    )
+    dropped = NOT_RETURNED_TO_BROWSERS if browser else NOT_RETURNED
+    named = _connection_named(headers.get("Connection"))
+    if named:
+        dropped = dropped | named
     kept = [
         (name, value)
         for name, value in headers.itermerged()

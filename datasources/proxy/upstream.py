@@ -206,8 +206,11 @@ class Headers:
     def __init__(self, raw: list[tuple[bytes, bytes]]) -> None:
         index: dict[str, tuple[str, str]] = {}
         for name_bytes, value_bytes in raw:
-            name, value = name_bytes.decode("latin1"), value_bytes.decode("latin1")
-            key = name.lower()
+            names = _NAMES.get(name_bytes)
+            if names is None:
+                names = _names(name_bytes)
+            name, key = names
+            value = value_bytes.decode("latin1")
             found = index.get(key)
             index[key] = (name, value) if found is None else (found[0], f"{found[1]}, {value}")
         self._index = index
@@ -227,6 +230,20 @@ class Headers:
 
     def itermerged(self) -> Iterator[tuple[str, str]]:
         return iter(self._index.values())
+
+
+#: Raw header name -> (name, lower-case name): an upstream's answers repeat the same names, so
+#: each is decoded once (at most _MAX_NAMES).
+_NAMES: dict[bytes, tuple[str, str]] = {}
+_MAX_NAMES = 1024
+
+
+def _names(name_bytes: bytes) -> tuple[str, str]:
+    name = name_bytes.decode("latin1")
+    if len(_NAMES) >= _MAX_NAMES:
+        _NAMES.clear()
+    names = _NAMES[name_bytes] = (name, name.lower())
+    return names
 
 
 class Response:
