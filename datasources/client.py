@@ -174,8 +174,8 @@ class _RequestsWire:
         return response.status_code
 
     @staticmethod
-    def header(response: requests.Response, name: str) -> str | None:
-        return response.headers.get(name)
+    def headers(response: requests.Response) -> requests.structures.CaseInsensitiveDict:
+        return response.headers
 
     @staticmethod
     def discard(response: requests.Response) -> None:

@@ -128,3 +128,34 @@ def test_a_cached_token_is_read_again_after_the_cache_time_however_busy(
     sent = [seen.header("Authorization") for seen in spy.seen]
     assert sent[:3] == [sent[0]] * 3 and sent[0] != "Bearer replaced-elsewhere"
     assert sent[3] == "Bearer replaced-elsewhere"
+
+
+@pytestmark_db
+def test_a_body_the_lane_read_goes_upstream_from_the_view_after_a_hand_over(lane_client, spy):
+    """The lane reads a small body before it knows whether it serves the call; when it hands
+    the call over (here: the circuit is half-open, so this call is the view's probe) the view
+    reads the same body again and sends it."""
+    import time
+    from dataclasses import replace
+
+    from datasources.proxy import health
+
+    from .serving import LANE
+
+    client, datasource = lane_client
+    now = time.time()
+    health._update(
+        datasource.pk,
+        lambda known: replace(known, failures=5, opened_at=now - 60, open_until=now - 1),
+    )
+    handed_over = LANE.handed_over.get(HandOver.GATE, 0)
+    body = b'{"name": "sent once, read twice"}'
+    response = client.post(
+        f"/api/v1/datasources/{datasource.slug}/proxy/items",
+        data=body,
+        content_type="application/json",
+    )
+    assert response.status_code == 200
+    assert LANE.handed_over.get(HandOver.GATE, 0) == handed_over + 1
+    [seen] = spy.seen
+    assert (seen.method, seen.body) == ("POST", body)

@@ -32,6 +32,13 @@ if TYPE_CHECKING:
 R = TypeVar("R")
 
 
+class HeaderReader(Protocol):
+    """What :mod:`.attempts`, :mod:`datasources.binding` and the health record read of an
+    answer's headers (urllib3's, requests' and the fast lane's all have it)."""
+
+    def get(self, name: str, default: str | None = None) -> str | None: ...
+
+
 class Wire(Protocol[R]):
     """How one transport's answers are read."""
 
@@ -40,7 +47,8 @@ class Wire(Protocol[R]):
 
     def status(self, response: R) -> int: ...
 
-    def header(self, response: R, name: str) -> str | None: ...
+    def headers(self, response: R) -> HeaderReader:
+        """The answer's headers: ``get(name)`` in any case, None when absent."""
 
     def discard(self, response: R) -> None:
         """Throw an answer away (it is being replaced by another attempt)."""
@@ -60,8 +68,8 @@ class Urllib3Wire:
         return response.status
 
     @staticmethod
-    def header(response: urllib3.BaseHTTPResponse, name: str) -> str | None:
-        return response.headers.get(name)
+    def headers(response: urllib3.BaseHTTPResponse) -> HeaderReader:
+        return response.headers
 
     @staticmethod
     def discard(response: urllib3.BaseHTTPResponse) -> None:
@@ -70,19 +78,6 @@ class Urllib3Wire:
 
 
 URLLIB3 = Urllib3Wire()
-
-
-class _Headers(Generic[R]):
-    """An answer's headers read through its wire (the shape :mod:`datasources.binding` reads)."""
-
-    __slots__ = ("response", "wire")
-
-    def __init__(self, wire: Wire[R], response: R) -> None:
-        self.wire, self.response = wire, response
-
-    def get(self, name: str, default: str | None = None) -> str | None:
-        value = self.wire.header(self.response, name)
-        return default if value is None else value
 
 
 #: Runs a blocking function off the event loop (the database, the token endpoint).
@@ -145,9 +140,10 @@ class Attempts(Generic[R]):
                     raise
                 continue
             status = self.wire.status(response)
+            headers = self.wire.headers(response)
             if self.observe is not None:
-                self.observe(self.datasource, status, functools.partial(self.wire.header, response))
-            if binding.token_rejected(self.datasource, status, _Headers(self.wire, response)):
+                self.observe(self.datasource, status, headers.get)
+            if binding.token_rejected(self.datasource, status, headers):
                 if rejection_handled or not self.replayable:
                     return response
                 rejection_handled = True
@@ -165,9 +161,7 @@ class Attempts(Generic[R]):
                 continue
             if not self._retry_left():
                 return response
-            retry_after = retries.parse_retry_after(
-                self.wire.header(response, "Retry-After"), time.time()
-            )
+            retry_after = retries.parse_retry_after(headers.get("Retry-After"), time.time())
             if not self._wait(status, retry_after, started, response):
                 return response
 
@@ -176,26 +170,35 @@ class Attempts(Generic[R]):
         send: Callable[[Token], Awaitable[R]],
         *,
         blocking: Blocking,
-        observe: Callable[[Datasource, int, Callable[[str], str | None] | None], Awaitable[None]],
+        observe: Callable[
+            [Datasource, int, Callable[[str], str | None] | None], Awaitable[None] | None
+        ],
     ) -> R:
         """:meth:`run` on an event loop (the fast lane): the same rules, the same order; the
         refresh runs off the loop through ``blocking``, waits are ``asyncio.sleep``, and the
-        wire's ``discard`` is awaited. ``self.observe``/``self.sleep`` are not used."""
+        wire's ``discard`` is awaited. ``observe`` returns what to await when it has I/O to do
+        (else None: most answers change nothing). ``self.observe``/``self.sleep`` are not
+        used."""
         started = self.clock()
         rejection_handled = False
         while True:
             try:
                 response = await send(self.token)
             except self.wire.connection_errors:
-                await observe(self.datasource, retries.CONNECTION_ERROR, None)
+                pending = observe(self.datasource, retries.CONNECTION_ERROR, None)
+                if pending is not None:
+                    await pending
                 wait = self._next_wait(retries.CONNECTION_ERROR, None, started)
                 if wait is None:
                     raise
                 await asyncio.sleep(wait)
                 continue
             status = self.wire.status(response)
-            await observe(self.datasource, status, functools.partial(self.wire.header, response))
-            if binding.token_rejected(self.datasource, status, _Headers(self.wire, response)):
+            headers = self.wire.headers(response)
+            pending = observe(self.datasource, status, headers.get)
+            if pending is not None:
+                await pending
+            if binding.token_rejected(self.datasource, status, headers):
                 if rejection_handled or not self.replayable:
                     return response
                 rejection_handled = True
@@ -216,9 +219,7 @@ class Attempts(Generic[R]):
                 continue
             if not self._retry_left():
                 return response
-            retry_after = retries.parse_retry_after(
-                self.wire.header(response, "Retry-After"), time.time()
-            )
+            retry_after = retries.parse_retry_after(headers.get("Retry-After"), time.time())
             wait = self._next_wait(status, retry_after, started)
             if wait is None:
                 return response

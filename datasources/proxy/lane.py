@@ -34,7 +34,7 @@ import functools
 import re
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from django.conf import settings
@@ -56,6 +56,7 @@ from .asgi import PROXY_PATH, ProxyHandler, Receive, Scope, Send, asgi_headers
 from .attempts import URLLIB3, Attempts
 from .callers import Refused
 from .incoming import Headers, Incoming
+from .upstream import Headers as AnswerHeaders
 from .upstream import Pool, Response, default_context
 
 #: The middleware whose effect on a proxy answer the lane reproduces (by calling it); with any
@@ -277,8 +278,8 @@ class _AsyncWire:
         return response.status
 
     @staticmethod
-    def header(response: Response, name: str) -> str | None:
-        return response.headers.get(name)
+    def headers(response: Response) -> AnswerHeaders:
+        return response.headers
 
     @staticmethod
     async def discard(response: Response) -> None:
@@ -349,12 +350,9 @@ class Lane:
             parts.append(message.get("body", b""))
             if not message.get("more_body", False):
                 break
-        replay = _Replay(messages, receive)
-        outcome = await self.serve(
-            scope, headers, key, b"".join(parts), replay.receive, send, middleware
-        )
-        if outcome is not None:
-            await self._hand_over(outcome, scope, replay.receive, send)
+        outcome = await self.serve(scope, headers, key, b"".join(parts), receive, send, middleware)
+        if outcome is not None:  # nothing went upstream: the view reads the body again
+            await self._hand_over(outcome, scope, _Replay(messages, receive).receive, send)
 
     async def _hand_over(self, reason: HandOver, scope: Scope, receive: Receive, send: Send):
         self.handed_over[reason] = self.handed_over.get(reason, 0) + 1
@@ -532,9 +530,11 @@ class _Call:
             )
         return context or default_context()
 
-    async def _observe(self, datasource: Any, status: int, header: Any) -> None:
-        if not health.observe_without_io(datasource, status, header):
-            await self.lane.blocking(functools.partial(health.observe, datasource, status, header))
+    def _observe(self, datasource: Any, status: int, header: Any) -> Awaitable[Any] | None:
+        """Learn from an answer on the loop when that needs no I/O; else what to await."""
+        if health.observe_without_io(datasource, status, header):
+            return None
+        return self.lane.blocking(functools.partial(health.observe, datasource, status, header))
 
     async def _relay(self, upstream: Response) -> None:
         headers = transport.answer_headers(upstream.headers, browser=False)

@@ -62,6 +62,9 @@ class Gate:
     retry_after: float = 0.0  # seconds, for the refusals
 
 
+_PASS = Gate(Verdict.PASS)  # (frozen: one for every call that passes)
+
+
 def gate(health: Health, now: float) -> Gate:
     """May a call go upstream now?"""
     if health.rate_limited_until is not None and health.rate_limited_until > now:
@@ -72,7 +75,7 @@ def gate(health: Health, now: float) -> Gate:
         if health.probe_until is not None and health.probe_until > now:
             return Gate(Verdict.CIRCUIT_OPEN, 1.0)  # another call is probing
         return Gate(Verdict.PROBE)
-    return Gate(Verdict.PASS)
+    return _PASS
 
 
 def claim_probe(health: Health, now: float, policy: BreakerPolicy) -> Health | None:

@@ -86,8 +86,9 @@ def usable_as_is(datasource: Datasource, token: Token) -> bool:
     """Whether :func:`get_valid_token` would return ``token`` as it is, without any I/O (the
     request path's decision is USE). The fast lane asks this on its event loop, for every call;
     any other decision is :func:`get_valid_token`'s to carry out. :func:`use_until` is asked
-    once per token row and settings (remembered on the row), :func:`decide` past that moment."""
-    now = timezone.now()
+    once per token row and settings (remembered on the row, with that moment as a Unix time
+    less a millisecond, so the per-call comparison is with ``time.time()`` and errs towards
+    asking), :func:`decide` past that moment."""
     facts = (
         _settings_generation,
         datasource.machine_grant,
@@ -100,10 +101,12 @@ def usable_as_is(datasource: Datasource, token: Token) -> bool:
     )
     remembered = token.__dict__.get("_use_until")
     if remembered is None or remembered[0] != facts:
-        until = use_until(TokenState.of(token, now), Policy.of(datasource))
-        token.__dict__["_use_until"] = remembered = (facts, until)
-    if remembered[1] is not None and now < remembered[1]:
+        until = use_until(TokenState.of(token, timezone.now()), Policy.of(datasource))
+        before = None if until is None else until.timestamp() - 0.001
+        token.__dict__["_use_until"] = remembered = (facts, before)
+    if remembered[1] is not None and time.time() < remembered[1]:
         return True
+    now = timezone.now()
     decision = decide(TokenState.of(token, now), Policy.of(datasource), Situation.REQUEST, now)
     return decision.action is Action.USE
 
