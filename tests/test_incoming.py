@@ -63,8 +63,8 @@ SCOPES = {
 def name_cache(request):
     """The header name caches (each raw name is worked out once): empty, or holding every name
     of the tables below from an earlier read."""
-    incoming_module._NAMES.clear()
-    upstream_module._NAMES.clear()
+    incoming_module._names.cache_clear()
+    upstream_module._names.cache_clear()
     if request.param == "names remembered":
         for each in SCOPES.values():
             Headers(each["headers"])

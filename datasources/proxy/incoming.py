@@ -10,6 +10,7 @@ own code needs one (a refusal, a logged 5xx, the first admission of a host):
 
 from __future__ import annotations
 
+import functools
 import io
 from collections.abc import Iterator, Mapping
 
@@ -30,9 +31,7 @@ class Headers(Mapping[str, str]):
         items: dict[str, str] = {}
         lower: dict[str, str] = {}
         for name_bytes, value_bytes in raw:
-            names = _NAMES.get(name_bytes)
-            if names is None:
-                names = _names(name_bytes)
+            names = _names(name_bytes)
             if not names:
                 continue
             title, lowered = names
@@ -61,24 +60,16 @@ class Headers(Mapping[str, str]):
         return self._items.items()
 
 
-#: Raw header name -> (Title-Case name, lower-case name), or () for a name Django drops: the
-#: names a proxy sees repeat on every call, so each is worked out once (at most _MAX_NAMES).
-_NAMES: dict[bytes, tuple[str, str] | tuple[()]] = {}
-_MAX_NAMES = 1024
-
-
+@functools.lru_cache(maxsize=1024)
 def _names(name_bytes: bytes) -> tuple[str, str] | tuple[()]:
+    """(Title-Case name, lower-case name) of a raw header name, or () for a name Django drops:
+    the names a proxy sees repeat on every call, so each is worked out once."""
     name = name_bytes.decode("latin1")
     if "_" in name:
-        names: tuple[str, str] | tuple[()] = ()
-    else:
-        # As ASGIRequest then HttpHeaders: upper-cased into META, Title-Cased back.
-        title = name.upper().title()
-        names = (title, title.lower())
-    if len(_NAMES) >= _MAX_NAMES:
-        _NAMES.clear()
-    _NAMES[name_bytes] = names
-    return names
+        return ()
+    # As ASGIRequest then HttpHeaders: upper-cased into META, Title-Cased back.
+    title = name.upper().title()
+    return (title, title.lower())
 
 
 class Incoming:

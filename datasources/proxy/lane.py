@@ -216,9 +216,11 @@ class _Middleware:
         return list(self.finish(request, blank).items())
 
 
-#: Header name -> (lower-case name, bytes) for :func:`relayed_headers`: answers repeat their
-#: names, so each is worked out once (at most 1024 are kept).
-_ENCODED: dict[str, tuple[str, bytes]] = {}
+@functools.lru_cache(maxsize=1024)
+def _encoded(name: str) -> tuple[str, bytes]:
+    """(lower-case name, bytes) of an answer's header name for :func:`relayed_headers`:
+    answers repeat their names, so each is worked out once."""
+    return (name.lower(), name.encode("latin1"))
 
 
 def relayed_headers(
@@ -229,13 +231,9 @@ def relayed_headers(
     present = set()
     out = []
     for name, value in headers:
-        names = _ENCODED.get(name)
-        if names is None:
-            if len(_ENCODED) >= 1024:
-                _ENCODED.clear()
-            names = _ENCODED[name] = (name.lower(), name.encode("latin1"))
-        present.add(names[0])
-        out.append((names[1], value.encode("latin1")))
+        lowered, encoded = _encoded(name)
+        present.add(lowered)
+        out.append((encoded, value.encode("latin1")))
     if length is not None and "content-length" not in present:
         out.append((b"Content-Length", str(length).encode("ascii")))
     for lowered, name, value in added:

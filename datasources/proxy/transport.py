@@ -158,7 +158,6 @@ def upstream_pool() -> urllib3.PoolManager:
 
 
 @functools.lru_cache(maxsize=1024)
-@functools.lru_cache(maxsize=1024)
 def _origin(url: str) -> tuple[str, str, int | None]:
     """(scheme, host, port) of a base URL, parsed once per process rather than per call."""
     parts = urllib3.util.parse_url(url)

@@ -206,10 +206,7 @@ class Headers:
     def __init__(self, raw: list[tuple[bytes, bytes]]) -> None:
         index: dict[str, tuple[str, str]] = {}
         for name_bytes, value_bytes in raw:
-            names = _NAMES.get(name_bytes)
-            if names is None:
-                names = _names(name_bytes)
-            name, key = names
+            name, key = _names(name_bytes)
             value = value_bytes.decode("latin1")
             found = index.get(key)
             index[key] = (name, value) if found is None else (found[0], f"{found[1]}, {value}")
@@ -232,18 +229,12 @@ class Headers:
         return iter(self._index.values())
 
 
-#: Raw header name -> (name, lower-case name): an upstream's answers repeat the same names, so
-#: each is decoded once (at most _MAX_NAMES).
-_NAMES: dict[bytes, tuple[str, str]] = {}
-_MAX_NAMES = 1024
-
-
+@functools.lru_cache(maxsize=1024)
 def _names(name_bytes: bytes) -> tuple[str, str]:
+    """(name, lower-case name) of a raw header name: an upstream's answers repeat the same
+    names, so each is decoded once."""
     name = name_bytes.decode("latin1")
-    if len(_NAMES) >= _MAX_NAMES:
-        _NAMES.clear()
-    names = _NAMES[name_bytes] = (name, name.lower())
-    return names
+    return (name, name.lower())
 
 
 class Response:
