@@ -1,6 +1,6 @@
 """The call log: one :class:`~datasources.models.ProxyCall` row per proxied call.
 
-Rows are kept in memory and written with one ``INSERT`` (``executemany``) at most every
+Rows are kept in memory and written in multi-row ``INSERT`` statements at most every
 CALL_LOG_FLUSH_INTERVAL seconds (or once CALL_LOG_MAX_BUFFER rows wait) per process, so the
 proxy's hot path appends to a list and does not write to the database. What is recorded is
 chosen so nothing secret can be in it: the method, the path below the base URL without its
@@ -9,6 +9,7 @@ query string, the status, sizes and timings; never headers, bodies or query valu
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import threading
@@ -115,14 +116,20 @@ def flush() -> int:
         return 0
     connection = connections[router.db_for_write(ProxyCall)]
     called_at = _called_at_values(connection)
-    rows = [(called_at(row[0]), *row[1:]) for row in batch]
-    # One statement for the batch, without a model instance per row, in one transaction
-    # (autocommit would commit each row: SQLite then writes its journal per row): under load
-    # the writes run beside the fast lane's event loop, and the per-row cost showed as a
-    # third of a busy worker's CPU. No foreign-key constraints: nothing refuses a row.
+    values = [value for row in batch for value in (called_at(row[0]), *row[1:])]
+    # Many rows per INSERT, without a model instance per row, in one transaction (autocommit
+    # would commit each row: SQLite then writes its journal per row). Not executemany: that
+    # steps the statement once per row, and Python's sqlite3 gives up and takes back the GIL
+    # around every step, a handover with the fast lane's event loop per logged call. No
+    # foreign-key constraints: nothing refuses a row.
+    per_statement = _rows_per_statement(connection, len(batch))
+    width = len(_COLUMNS)
     with transaction.atomic(using=connection.alias), connection.cursor() as cursor:
-        cursor.executemany(_insert_sql(connection), rows)
-    return len(rows)
+        for start in range(0, len(batch), per_statement):
+            count = min(per_statement, len(batch) - start)
+            chunk = values[start * width : (start + count) * width]
+            cursor.execute(_insert_sql(connection, count), chunk)
+    return len(batch)
 
 
 def _called_at_values(connection) -> Callable[[float], Any]:
@@ -177,13 +184,29 @@ _COLUMNS = (
 )
 
 
-def _insert_sql(connection) -> str:
-    quote = connection.ops.quote_name
-    columns = ", ".join(quote(ProxyCall._meta.get_field(name).column) for name in _COLUMNS)
-    values = ", ".join(["%s"] * len(_COLUMNS))
+#: Most rows in one INSERT (under every backend's limit on parameters per statement).
+MAX_ROWS_PER_STATEMENT = 500
+
+
+def _rows_per_statement(connection, rows: int) -> int:
+    """Rows per INSERT: the backend's batch size for our columns (SQLite's is 999 parameters
+    per statement), at most :data:`MAX_ROWS_PER_STATEMENT`."""
+    fields = [ProxyCall._meta.get_field(name) for name in _COLUMNS]
+    batch_size = connection.ops.bulk_batch_size(fields, range(rows))
+    return max(1, min(batch_size, MAX_ROWS_PER_STATEMENT))
+
+
+@functools.lru_cache(maxsize=16)
+def _insert_sql_for(vendor_quote: Callable[[str], str], rows: int) -> str:
+    columns = ", ".join(vendor_quote(ProxyCall._meta.get_field(name).column) for name in _COLUMNS)
+    row = "(" + ", ".join(["%s"] * len(_COLUMNS)) + ")"
     # Names from the model's metadata, quoted; every value is a parameter.
-    table = quote(ProxyCall._meta.db_table)
-    return f"INSERT INTO {table} ({columns}) VALUES ({values})"  # noqa: S608
+    table = vendor_quote(ProxyCall._meta.db_table)
+    return f"INSERT INTO {table} ({columns}) VALUES {', '.join([row] * rows)}"  # noqa: S608
+
+
+def _insert_sql(connection, rows: int = 1) -> str:
+    return _insert_sql_for(connection.ops.quote_name, rows)
 
 
 def discard() -> None:

@@ -242,3 +242,21 @@ def test_called_at_round_trips(settings):
     assert calllog.flush() == len(stamps)
     stored = sorted(ProxyCall.objects.values_list("called_at", flat=True))
     assert stored == [datetime.fromtimestamp(stamp, UTC) for stamp in stamps]
+
+
+def test_a_batch_larger_than_one_statement_is_written_whole(settings):
+    """A flush of more rows than one INSERT takes (the backend's parameter limit, at most
+    MAX_ROWS_PER_STATEMENT rows) writes every row once, in order, the last statement short."""
+    from django.db import connection
+
+    settings.DATASOURCES = {**settings.DATASOURCES, "CALL_LOG_FLUSH_INTERVAL": 3600}
+    per_statement = calllog._rows_per_statement(connection, 10_000)
+    assert 1 < per_statement <= calllog.MAX_ROWS_PER_STATEMENT
+    total = 2 * per_statement + 7
+    for number in range(total):
+        call = calllog.Call.begin("GET", f"item/{number}", request_bytes=number)
+        calllog.record(call, None, 200 + number % 300, float(number), write=False)
+    assert calllog.flush() == total
+    rows = list(ProxyCall.objects.order_by("id").values_list("path", "request_bytes", "status"))
+    assert rows == [(f"item/{n}", n, 200 + n % 300) for n in range(total)]
+    assert calllog.flush() == 0
