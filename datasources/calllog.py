@@ -49,9 +49,12 @@ class Call:
 
     @classmethod
     def begin(cls, method: str, path: str, request_bytes: int = 0) -> Call:
+        path = path.partition("?")[0]
+        if not (path.isascii() and path.isprintable()):  # printable ASCII has no controls
+            path = _CONTROL.sub(_escape, path)
         return cls(
             method,
-            _CONTROL.sub(_escape, path.partition("?")[0])[:MAX_PATH],
+            path[:MAX_PATH],
             time.perf_counter(),
             time.time(),
             request_bytes,

@@ -200,7 +200,14 @@ def test_the_admin_list_is_read_only_and_filters(flaky, staff_client, django_use
 
 @pytest.mark.parametrize(
     ("path", "stored"),
-    [("v1/users", "v1/users"), ("a/\x00/x", "a/%00/x"), ("a\nb\x7f?q=secret", "a%0Ab%7F")],
+    [
+        ("v1/users", "v1/users"),
+        ("a/\x00/x", "a/%00/x"),
+        ("a\nb\x7f?q=secret", "a%0Ab%7F"),
+        ("café/\x01", "café/%01"),
+        ("café/\u2028", "café/\u2028"),
+        ("x?\x00", "x"),
+    ],
 )
 def test_the_logged_path_has_no_control_characters_or_query(path, stored):
     """PostgreSQL refuses NUL in text: a decoded ``%00`` in a (refused) path must not turn the

@@ -101,7 +101,9 @@ def token_for(slug: str, caller: callers.Caller, *, cached_only: bool = False) -
     """The token (with its datasource) ``caller`` calls ``slug`` with, or Refused (404, 403,
     409 user_required). ``cached_only``: None instead of reading the database (the fast lane
     asks this first, on its event loop)."""
-    token = cache.tokens.get((slug, caller.user_id)) or cache.tokens.get((slug, None))
+    token = cache.tokens.get((slug, caller.user_id))
+    if token is None and caller.user_id is not None:
+        token = cache.tokens.get((slug, None))
     if token is None:
         if cached_only:
             return None
