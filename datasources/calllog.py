@@ -9,7 +9,6 @@ query string, the status, sizes and timings; never headers, bodies or query valu
 
 from __future__ import annotations
 
-import functools
 import logging
 import re
 import threading
@@ -199,17 +198,13 @@ def _rows_per_statement(connection, rows: int) -> int:
     return max(1, min(batch_size, MAX_ROWS_PER_STATEMENT))
 
 
-@functools.lru_cache(maxsize=16)
-def _insert_sql_for(vendor_quote: Callable[[str], str], rows: int) -> str:
-    columns = ", ".join(vendor_quote(ProxyCall._meta.get_field(name).column) for name in _COLUMNS)
+def _insert_sql(connection, rows: int) -> str:
+    quote = connection.ops.quote_name
+    columns = ", ".join(quote(ProxyCall._meta.get_field(name).column) for name in _COLUMNS)
     row = "(" + ", ".join(["%s"] * len(_COLUMNS)) + ")"
     # Names from the model's metadata, quoted; every value is a parameter.
-    table = vendor_quote(ProxyCall._meta.db_table)
+    table = quote(ProxyCall._meta.db_table)
     return f"INSERT INTO {table} ({columns}) VALUES {', '.join([row] * rows)}"  # noqa: S608
-
-
-def _insert_sql(connection, rows: int = 1) -> str:
-    return _insert_sql_for(connection.ops.quote_name, rows)
 
 
 def discard() -> None:
