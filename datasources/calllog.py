@@ -118,19 +118,19 @@ def flush() -> int:
         return 0
     connection = connections[router.db_for_write(ProxyCall)]
     called_at = _called_at_values(connection)
-    values = [value for row in batch for value in (called_at(row[0]), *row[1:])]
     # Many rows per INSERT, without a model instance per row, in one transaction (autocommit
     # would commit each row: SQLite then writes its journal per row). Not executemany: that
     # steps the statement once per row, and Python's sqlite3 gives up and takes back the GIL
     # around every step, a handover with the fast lane's event loop per logged call. No
     # foreign-key constraints: nothing refuses a row.
     per_statement = _rows_per_statement(connection, len(batch))
-    width = len(_COLUMNS)
+    full = _insert_sql(connection, per_statement)
     with transaction.atomic(using=connection.alias), connection.cursor() as cursor:
         for start in range(0, len(batch), per_statement):
-            count = min(per_statement, len(batch) - start)
-            chunk = values[start * width : (start + count) * width]
-            cursor.execute(_insert_sql(connection, count), chunk)
+            rows = batch[start : start + per_statement]
+            values = [value for row in rows for value in (called_at(row[0]), *row[1:])]
+            sql = full if len(rows) == per_statement else _insert_sql(connection, len(rows))
+            cursor.execute(sql, values)
     return len(batch)
 
 
