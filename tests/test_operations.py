@@ -117,12 +117,15 @@ def test_healthz_reports_database_and_broker(client):
 
 
 @pytest.mark.django_db
-def test_healthz_fails_when_the_broker_is_down(client, settings):
+def test_healthz_fails_when_the_broker_is_down(client, settings, monkeypatch):
     from config.celery import app
 
+    down = "redis://127.0.0.1:9/0"
+    # Celery reads CELERY_BROKER_URL from the environment before its configuration.
+    monkeypatch.setenv("CELERY_BROKER_URL", down)
     original = app.conf.broker_url, app.conf.broker_transport
     # (the filesystem broker's transport class would override the URL's scheme)
-    app.conf.broker_url, app.conf.broker_transport = "redis://127.0.0.1:9/0", None
+    app.conf.broker_url, app.conf.broker_transport = down, None
     try:
         response = client.get("/healthz")
     finally:
