@@ -117,19 +117,19 @@ def test_healthz_reports_database_and_broker(client):
 
 
 @pytest.mark.django_db
-def test_healthz_fails_when_the_broker_is_down(client, settings, monkeypatch):
+def test_healthz_fails_when_the_broker_is_down(client, monkeypatch):
     from config.celery import app
 
-    down = "redis://127.0.0.1:9/0"
-    # Celery reads CELERY_BROKER_URL from the environment before its configuration.
-    monkeypatch.setenv("CELERY_BROKER_URL", down)
-    original = app.conf.broker_url, app.conf.broker_transport
+    # Celery reads the broker URLs from the environment before its configuration.
+    monkeypatch.setenv("CELERY_BROKER_URL", "redis://127.0.0.1:9/0")
+    monkeypatch.delenv("CELERY_BROKER_WRITE_URL", raising=False)
+    original = app.conf.broker_transport
     # (the filesystem broker's transport class would override the URL's scheme)
-    app.conf.broker_url, app.conf.broker_transport = down, None
+    app.conf.broker_transport = None
     try:
         response = client.get("/healthz")
     finally:
-        app.conf.broker_url, app.conf.broker_transport = original
+        app.conf.broker_transport = original
     assert response.status_code == 503
     assert response.json()["broker"].startswith("error")
 
