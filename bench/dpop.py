@@ -45,8 +45,9 @@ def main() -> None:
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    from datasources import binding, dpop
+    from datasources.calls import binding
     from datasources.models import Datasource, Token
+    from datasources.security import dpop
 
     pem = dpop.generate_private_key_pem()
     datasource = Datasource(
@@ -85,8 +86,8 @@ def main() -> None:
     # check, against the single call made before (target.token_header).
     from requests.structures import CaseInsensitiveDict
 
-    from datasources import tls
-    from datasources.proxy import target
+    from datasources.calls import target
+    from datasources.security import tls
 
     plain = Datasource(slug="plain", base_url="https://api.example/")
     bearer = Token(access_token="a" * 43, token_type="Bearer")

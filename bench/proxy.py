@@ -29,7 +29,7 @@ interleaved slices; prints both and the ratio.
 one with ``DATASOURCES_TRACING=1`` exporting every span over OTLP/HTTP (the SDK's batch
 processor) to a local sink that only counts, one with tracing off (the default); interleaved
 slices, both printed with the ratio; then the cost per call of the off path's calls into
-``datasources.tracing``, timed in this process.
+``datasources.ops.tracing``, timed in this process.
 
 Install what it drives (Debian, as root): ``apt-get install -y wrk nginx-light`` (or ``nginx``);
 ``make bench-proxy`` installs the Python side (``pip install -e '.[test]'``: gunicorn, uvicorn).
@@ -106,8 +106,8 @@ def main() -> None:
     from django.core.management import call_command
     from django.utils import timezone
 
-    from datasources.apikeys import create_api_key
     from datasources.models import Datasource, Token
+    from datasources.proxy.apikeys import create_api_key
 
     call_command("migrate", verbosity=0)
     Datasource.objects.all().delete()
@@ -428,15 +428,15 @@ def tracing_cost(args, env: dict[str, str], key: str) -> None:
         f"throughput on / off: {on_rps / off_rps:.3f}  (cost {100 * (1 - on_rps / off_rps):.1f}%); "
         f"added p50 at one connection: {single['on'][1] - single['off'][1]:.3f} ms"
     )
-    print(f"off: {off_path_ns():.0f} ns per proxy call in datasources.tracing (this process)")
+    print(f"off: {off_path_ns():.0f} ns per proxy call in datasources.ops.tracing (this process)")
 
 
 def off_path_ns(calls: int = 200_000) -> float:
-    """What one proxy call spends in datasources.tracing with tracing off: the proxy span, one
+    """What one proxy call spends in datasources.ops.tracing with tracing off: the proxy span, one
     upstream attempt's span, its status and the (skipped) header injection."""
     import timeit
 
-    from datasources import tracing
+    from datasources.ops import tracing
 
     tracing.reset()
     assert not tracing.enabled()

@@ -8,8 +8,9 @@ class DatasourcesConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        from . import checks, encryption, logfilters, notifications  # noqa: F401
-        from .proxy import cache, health  # noqa: F401  (empty the caches on edits)
+        from . import checks, encryption  # noqa: F401
+        from .ops import logfilters
+        from .proxy import cache  # noqa: F401  (empty the caches on edits)
         from .webhooks import events  # noqa: F401  (the signal receivers)
 
         logfilters.install()

@@ -4,16 +4,16 @@
         api.get("users/me").json()
 
 Relative URLs resolve under ``base_url`` (absolute ones must stay below it) by the proxy's own
-rule (:mod:`datasources.proxy.target`); redirects are never followed, so a request cannot be
+rule (:mod:`datasources.calls.target`); redirects are never followed, so a request cannot be
 sent anywhere else either; every request has a timeout (``timeout=`` per session or per call,
 default ``DATASOURCES['CLIENT_TIMEOUT']``). The datasource's allowed methods, default headers and
 query parameters apply as they do in the proxy. The token is placed as the datasource says,
 refreshed when about to expire, and on an "expired" answer (401 unless the datasource says
 otherwise) refreshed once and the request retried once, unless the token is too young to blame.
-The datasource's opt-in retries apply as in the proxy (:mod:`datasources.proxy.attempts`); pass
+The datasource's opt-in retries apply as in the proxy (:mod:`datasources.calls.attempts`); pass
 ``headers={"X-Datasource-Retries": "0"}`` for fewer (the header is not sent). While the
 upstream's rate limit has not lifted, or its circuit breaker is open (remembered by every
-process, see :mod:`datasources.proxy.health`), a call raises
+process, see :mod:`datasources.calls.health`), a call raises
 :class:`~datasources.exceptions.UpstreamRefused` (``status`` 429 or 503, ``retry_after``) without
 being sent.
 """
@@ -25,12 +25,13 @@ from urllib.parse import urlencode
 
 import requests
 
-from . import binding, tls, tokens
+from . import tokens
+from .calls import binding, health, retries, target
+from .calls.attempts import Attempts
+from .calls.limits import Verdict
 from .conf import app_settings
 from .exceptions import DatasourceError, UpstreamRefused
-from .proxy import health, retries, target
-from .proxy.attempts import Attempts
-from .proxy.limits import Verdict
+from .security import tls
 
 if TYPE_CHECKING:
     from .models import Datasource
@@ -103,7 +104,7 @@ class DatasourceSession(requests.Session):
 
     def _send(self, method, url, query, token, data, headers, kwargs, replayable):
         """One call with ``token``; once more with a fresh DPoP proof when the server refused
-        the proof (see :mod:`datasources.binding`)."""
+        the proof (see :mod:`datasources.calls.binding`)."""
         response = self._send_once(method, url, query, token, data, headers, kwargs)
         status, answer = response.status_code, response.headers
         if binding.proof_refused(self.datasource, token, url, status, answer) and replayable:
@@ -165,7 +166,7 @@ def _encode_params(params: Any) -> str:
 
 
 class _RequestsWire:
-    """How requests' answers are read by :class:`~datasources.proxy.attempts.Attempts`."""
+    """How requests' answers are read by :class:`~datasources.calls.attempts.Attempts`."""
 
     connection_errors = (requests.ConnectionError, requests.Timeout)
 

@@ -21,10 +21,10 @@ from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 from fernet_fields import EncryptedTextField
 
-from . import dpop
-from .oauth import RESERVED_AUTH_PARAMS
+from .authserver.oauth import RESERVED_AUTH_PARAMS
 from .querysets import TokenQuerySet
-from .transport import validate_secure_url
+from .security import dpop
+from .security.policy import validate_secure_url
 
 if TYPE_CHECKING:
     from .client import DatasourceSession
@@ -59,7 +59,7 @@ def parse_status_codes(value: str) -> frozenset[int]:
 
 #: The most retries a datasource may ask for.
 MAX_RETRIES = 10
-#: Statuses a datasource may retry on (mirrors datasources.proxy.retries.RETRYABLE_STATUSES).
+#: Statuses a datasource may retry on (mirrors datasources.calls.retries.RETRYABLE_STATUSES).
 RETRYABLE_STATUSES = frozenset({429, 502, 503, 504})
 
 #: Methods the proxy forwards unless a datasource says otherwise.
@@ -730,7 +730,7 @@ class Datasource(models.Model):
             raise ValidationError(errors)
 
     def _tls_problems(self) -> dict[str, str]:
-        from . import tls
+        from .security import tls
 
         problems: dict[str, str] = {}
         has_pair = bool(self.tls_client_certificate and self.tls_client_key)
@@ -963,7 +963,7 @@ CONFIG_FIELDS = (
 
 
 def validate_issuer(value: str) -> str | None:
-    from .transport import transport_problem
+    from .security.policy import transport_problem
 
     problem = transport_problem(value)
     return f"The issuer {problem}." if problem else None
@@ -1308,7 +1308,7 @@ class UsageSample(models.Model):
 
 class UpstreamHealth(models.Model):
     """The database's copy of an upstream's shared health (rate limit, circuit breaker), used
-    when no Redis is configured; see :mod:`datasources.proxy.limits`. One row per datasource
+    when no Redis is configured; see :mod:`datasources.calls.limits`. One row per datasource
     that has something to remember, changed under a row lock."""
 
     datasource = models.OneToOneField(
@@ -1332,7 +1332,7 @@ class UpstreamHealth(models.Model):
 class ProxyCall(models.Model):
     """One proxied call, for the call log: who called which datasource, what method and path
     (never the query string, headers or bodies), the outcome and its cost. Written in batches
-    (:mod:`datasources.calllog`), pruned after CALL_LOG_RETENTION_DAYS."""
+    (:mod:`datasources.proxy.calllog`), pruned after CALL_LOG_RETENTION_DAYS."""
 
     called_at = models.DateTimeField(_("time"), db_index=True)
     # No database constraints: the log outlives deleted datasources, keys and users (rows age

@@ -161,7 +161,7 @@ def refresh_now(token_id: int) -> str:
 @shared_task(name="datasources.tasks.revoke_deleted", ignore_result=True, soft_time_limit=60)
 def revoke_deleted(payload: str) -> int:
     """Revoke the tokens of a deleted datasource (``payload``: see adminjobs)."""
-    from .adminjobs import revoke_from_payload
+    from .admin.jobs import revoke_from_payload
 
     return len(revoke_from_payload(payload))
 
@@ -169,7 +169,7 @@ def revoke_deleted(payload: str) -> int:
 @shared_task(name="datasources.tasks.sample_usage", ignore_result=True)
 def sample_usage() -> int:
     """Snapshot the proxy counters for the admin's 24-hour charts."""
-    from .dashboard import take_samples
+    from .admin.dashboard import take_samples
 
     return take_samples()
 
@@ -178,7 +178,7 @@ def sample_usage() -> int:
 def prune_call_log() -> int:
     """Delete call-log rows older than CALL_LOG_RETENTION_DAYS (beat, every
     CALL_LOG_PRUNE_INTERVAL seconds)."""
-    from . import calllog
+    from .proxy import calllog
 
     deleted = calllog.prune()
     if deleted:

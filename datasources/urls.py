@@ -1,6 +1,7 @@
 from django.urls import path
 
-from . import ops, views
+from .authorize import views
+from .ops import views as ops
 from .proxy.view import proxy
 
 app_name = "datasources"

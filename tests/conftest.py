@@ -59,7 +59,7 @@ def _fresh_app_settings():
 def _fresh_upstream_health():
     """Nothing remembered about upstreams from an earlier test (ids are reused after a flush);
     with Redis, its records go too (the database's go with the flush)."""
-    from datasources.proxy import health
+    from datasources.calls import health
 
     health.reset()
     store = health.store()
@@ -73,8 +73,7 @@ def _fresh_upstream_health():
 def _no_pending_call_log():
     """Call-log rows and usage counts batched by one test are not written into the next one's
     database (nor, by the exit hooks, into none at the end of the run)."""
-    from datasources import calllog
-    from datasources.proxy import usage
+    from datasources.proxy import calllog, usage
 
     calllog.discard()
     yield
@@ -272,7 +271,7 @@ class FakeTokenEndpoint:
 def fake_token_endpoint(monkeypatch):
     import requests
 
-    from datasources import oauth
+    from datasources.authserver import oauth
 
     fake = FakeTokenEndpoint()
 

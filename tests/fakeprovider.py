@@ -1036,7 +1036,7 @@ def api_key_client(datasource=None):
     """A Django test client that calls the proxy with a fresh API key."""
     from django.test import Client
 
-    from datasources.apikeys import create_api_key
+    from datasources.proxy.apikeys import create_api_key
 
     _, key = create_api_key("quirks-app", datasources=[datasource] if datasource else None)
     return Client(HTTP_AUTHORIZATION=f"Api-Key {key}")

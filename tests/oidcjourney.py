@@ -10,9 +10,9 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from django.test import Client
 
-from datasources import jose
-from datasources.apikeys import create_api_key
 from datasources.models import Datasource, Token
+from datasources.proxy.apikeys import create_api_key
+from datasources.security import jose
 
 from .conftest import CALLBACK_PATH
 from .oidcprovider import OidcProvider, callback_query

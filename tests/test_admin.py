@@ -397,7 +397,7 @@ def test_bulk_refresh_with_the_broker_down_says_so(staff_client, monkeypatch):
 
 
 def test_revocation_payload_is_encrypted(staff_client):
-    from datasources.adminjobs import revocation_payload
+    from datasources.admin.jobs import revocation_payload
 
     datasource = make_datasource(revocation_url="https://api.example.com/revoke")
     Token.objects.filter(datasource=datasource).update(
@@ -413,7 +413,7 @@ def test_usage_buckets_from_snapshots():
 
     from django.utils import timezone
 
-    from datasources.dashboard import hourly
+    from datasources.admin.dashboard import hourly
     from datasources.models import DatasourceUsage, UsageSample
 
     now = timezone.now().replace(minute=30)
@@ -437,7 +437,7 @@ def test_usage_buckets_from_snapshots():
 
 
 def test_plain_explanations():
-    from datasources.explain import explain
+    from datasources.admin.explain import explain
 
     assert "Re-authorize" in explain("invalid_grant: grant request is invalid")
     assert "client ID or client secret" in explain("invalid_client: bad secret")

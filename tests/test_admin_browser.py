@@ -305,7 +305,7 @@ PLACEHOLDER = re.compile(r"\{[A-Za-z_][\w.-]*\}")
 
 
 def test_every_preset_saves_through_the_form(auth_server, page, expect, builder):
-    from datasources import presets
+    from datasources.admin import presets
 
     base = auth_server.base
     log_in(page, base)
@@ -418,7 +418,7 @@ def test_generate_key_pair_button_and_token_with_the_registered_key(
 ):
     import json
 
-    from datasources import jose
+    from datasources.security import jose
 
     from .oidcprovider import start_oidc_provider
 

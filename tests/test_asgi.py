@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from datasources.apikeys import create_api_key
+from datasources.proxy.apikeys import create_api_key
 
 from .helpers import ROOT, subprocess_env
 from .test_deploy import free_port, wait_for
@@ -189,8 +189,7 @@ def test_lifespan_shutdown_writes_what_the_process_holds(monkeypatch, caplog):
     does not keep the other from being written, and is logged by name only."""
     from django.db import OperationalError
 
-    from datasources import calllog
-    from datasources.proxy import usage
+    from datasources.proxy import calllog, usage
     from datasources.proxy.asgi import Router
 
     written: list[str] = []

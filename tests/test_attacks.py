@@ -35,14 +35,15 @@ from django.db import connection
 from django.test import Client
 from django.utils import timezone
 
-from datasources import oauth
-from datasources.apikeys import create_api_key
+from datasources.authserver import oauth
+from datasources.calls import transport
 from datasources.client import OutsideBaseUrl
 from datasources.conf import DEFAULTS
 from datasources.exceptions import TransientUpstreamError
 from datasources.models import ApiKey, Datasource, Token
 from datasources.proxy import cache as proxy_cache
-from datasources.proxy import transport, usage
+from datasources.proxy import usage
+from datasources.proxy.apikeys import create_api_key
 
 from .conftest import CALLBACK_PATH, SECRET, make_datasource
 from .helpers import subprocess_env
@@ -263,7 +264,7 @@ def test_every_accepted_path_stays_under_the_base_url_however_it_is_decoded():
 
     from django.utils.encoding import repercent_broken_unicode
 
-    from datasources.proxy.target import InvalidPath, resolve
+    from datasources.calls.target import InvalidPath, resolve
 
     rng = random.Random(12)
     accepted = 0

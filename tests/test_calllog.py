@@ -10,9 +10,10 @@ import pytest
 from django.test import Client
 from django.utils import timezone
 
-from datasources import calllog, tasks
-from datasources.apikeys import create_api_key
+from datasources import tasks
 from datasources.models import ProxyCall
+from datasources.proxy import calllog
+from datasources.proxy.apikeys import create_api_key
 
 from .flaky import Step, status
 from .test_retries import ACCESS_TOKEN, flaky_datasource

@@ -11,9 +11,9 @@ import re
 import pytest
 import requests
 
-from datasources import calllog
-from datasources.apikeys import create_api_key
 from datasources.models import ProxyCall
+from datasources.proxy import calllog
+from datasources.proxy.apikeys import create_api_key
 
 from .flaky import status
 from .test_admin_browser import log_in, message, shot

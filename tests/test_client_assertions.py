@@ -13,8 +13,10 @@ import jwt
 import pytest
 import requests
 
-from datasources import config_io, jose, tokens
+from datasources import tokens
 from datasources.models import Datasource, Token
+from datasources.ops import config_io
+from datasources.security import jose
 
 from .oidcjourney import (
     REDIRECT_URI,
@@ -371,7 +373,7 @@ def test_uploaded_key_and_key_kept_across_a_form_error(staff_client):
 
 def test_deleted_datasource_tokens_revoked_with_a_client_assertion(op, staff_client):
     """Deleting revokes in a worker from an encrypted payload: it carries the key too."""
-    from datasources import adminjobs
+    from datasources.admin import jobs as adminjobs
 
     post_form(
         staff_client,

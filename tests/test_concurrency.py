@@ -26,9 +26,9 @@ import requests
 from django.utils import timezone
 from oauth2_provider.models import AccessToken, RefreshToken
 
-from datasources.apikeys import create_api_key
 from datasources.conf import app_settings
 from datasources.models import Datasource, Token, TokenStatus
+from datasources.proxy.apikeys import create_api_key
 
 from .conftest import make_datasource
 from .helpers import ROOT, subprocess_env

@@ -39,8 +39,8 @@ import requests
 from django.contrib.auth.models import Permission
 from django.test import Client
 
-from datasources.apikeys import create_api_key
 from datasources.models import DatasourceUsage, ProxyCall
+from datasources.proxy.apikeys import create_api_key
 
 from .helpers import ROOT, subprocess_env
 from .spy import Answer

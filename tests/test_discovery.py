@@ -6,7 +6,8 @@ import pytest
 import requests
 from django.core.exceptions import ValidationError
 
-from datasources import oauth, presets
+from datasources.admin import presets
+from datasources.authserver import oauth
 from datasources.models import Datasource
 
 pytestmark = pytest.mark.django_db(transaction=True)

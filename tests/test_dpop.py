@@ -9,8 +9,9 @@ import jwt
 import pytest
 from requests.structures import CaseInsensitiveDict
 
-from datasources import binding, dpop, jose
+from datasources.calls import binding
 from datasources.models import Datasource, Token
+from datasources.security import dpop, jose
 
 
 def test_rfc7638_thumbprint_example():
@@ -163,7 +164,7 @@ def test_dpop_needs_the_header_placement():
 
 @pytest.mark.django_db
 def test_config_as_code_imports_a_key_from_the_environment_and_never_exports_it():
-    from datasources.config_io import ImportFailed, export_datasources, import_datasources
+    from datasources.ops.config_io import ImportFailed, export_datasources, import_datasources
 
     pem = dpop.generate_private_key_pem()
     entry = {
@@ -201,7 +202,7 @@ def test_an_unusable_stored_key_is_a_clear_refusal_not_a_crash(fake_token_endpoi
     from django.utils import timezone
 
     from datasources import tokens
-    from datasources.apikeys import create_api_key
+    from datasources.proxy.apikeys import create_api_key
 
     ds = Datasource.objects.create(
         name="d",

@@ -11,10 +11,11 @@ import jwt
 import pytest
 from django.core.cache import cache
 
-from datasources import dpop, tokens
-from datasources.config_io import import_datasources
+from datasources import tokens
 from datasources.models import Datasource, Token
+from datasources.ops.config_io import import_datasources
 from datasources.proxy import cache as proxy_cache
+from datasources.security import dpop
 
 from .oidcjourney import jwks, new_key, proxy_client, proxy_url
 from .oidcprovider import JWT_BEARER, start_oidc_provider

@@ -12,11 +12,12 @@ import requests
 from django.core.cache import cache
 from django.test import Client
 
-from datasources import dpop, tokens
-from datasources.apikeys import create_api_key
-from datasources.config_io import import_datasources
+from datasources import tokens
 from datasources.models import Datasource, Token
+from datasources.ops.config_io import import_datasources
 from datasources.proxy import cache as proxy_cache
+from datasources.proxy.apikeys import create_api_key
+from datasources.security import dpop
 
 from .conftest import CALLBACK_PATH
 from .oidcprovider import TEST_USER, start_oidc_provider

@@ -10,8 +10,8 @@ import pytest
 from django.utils import timezone
 
 from datasources import tokens
+from datasources.authserver.oauth import TokenResponse
 from datasources.models import Token, TokenEvent
-from datasources.oauth import TokenResponse
 from datasources.tasks import refresh
 from datasources.tokens.decide import due_for
 

@@ -13,8 +13,9 @@ import jwt
 import pytest
 from django.core.management import CommandError, call_command
 
-from datasources import config_io, tokens
+from datasources import tokens
 from datasources.models import Datasource, Token
+from datasources.ops import config_io
 
 from .oidcjourney import form_data, form_errors, jwks, new_key, post_form, proxy_client, proxy_url
 from .oidcprovider import JWT_BEARER, start_oidc_provider

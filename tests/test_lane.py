@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
+from datasources.calls.limits import Verdict
 from datasources.proxy.lane import HandOver, hand_over_reason
-from datasources.proxy.limits import Verdict
 
 FINE = dict(middleware_known=True, chunked=False, length=10, api_key=True)
 
@@ -48,7 +48,7 @@ def lane_client(monkeypatch, spy):
     """An API-key client whose proxy calls go through the ASGI application (the lane)."""
     from django.test import Client
 
-    from datasources.apikeys import create_api_key
+    from datasources.proxy.apikeys import create_api_key
 
     from .serving import serve_proxy_through_asgi
     from .test_attacks import connected
@@ -138,7 +138,7 @@ def test_a_body_the_lane_read_goes_upstream_from_the_view_after_a_hand_over(lane
     import time
     from dataclasses import replace
 
-    from datasources.proxy import health
+    from datasources.calls import health
 
     from .serving import LANE
 

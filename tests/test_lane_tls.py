@@ -24,11 +24,11 @@ from cryptography.hazmat.primitives import serialization
 from django.http import HttpResponse
 from django.test import Client
 
-from datasources import tls
-from datasources.apikeys import create_api_key
 from datasources.models import Datasource
 from datasources.proxy import cache as proxy_cache
 from datasources.proxy import upstream
+from datasources.proxy.apikeys import create_api_key
+from datasources.security import tls
 
 from . import certs
 from .serving import LANE, serve_proxy_through_asgi

@@ -13,10 +13,8 @@ from datetime import UTC, datetime
 import pytest
 from django.test import Client
 
-from datasources.apikeys import create_api_key
-from datasources.exceptions import UpstreamRefused
-from datasources.proxy import health
-from datasources.proxy.limits import (
+from datasources.calls import health
+from datasources.calls.limits import (
     CLEAN,
     BreakerPolicy,
     Health,
@@ -28,6 +26,8 @@ from datasources.proxy.limits import (
     gate,
     rate_limited_until,
 )
+from datasources.exceptions import UpstreamRefused
+from datasources.proxy.apikeys import create_api_key
 
 from .flaky import status
 from .test_retries import flaky_datasource

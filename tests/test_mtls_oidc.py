@@ -19,10 +19,10 @@ import requests
 from django.test import Client
 
 from datasources import tokens
-from datasources.apikeys import create_api_key
-from datasources.config_io import export_datasources, import_datasources
 from datasources.models import Datasource, Token, TokenStatus
+from datasources.ops.config_io import export_datasources, import_datasources
 from datasources.proxy import cache as proxy_cache
+from datasources.proxy.apikeys import create_api_key
 
 from . import certs
 from .conftest import CALLBACK_PATH
@@ -404,7 +404,7 @@ def test_the_proxy_refuses_an_api_whose_certificate_is_not_trusted(op, pki, serv
 
 
 def test_discovery_trusts_the_datasources_private_ca(op, pki):
-    from datasources import oauth
+    from datasources.authserver import oauth
 
     with pytest.raises(oauth.DiscoveryError, match=r"not trusted.*Trusted CA certificates"):
         oauth.discover(op.issuer)
@@ -469,7 +469,7 @@ def test_admin_form_journey_and_clearing_the_pair(op, pki, staff_client):
 def test_deleted_datasource_tokens_revoked_with_the_certificate(op, pki, staff_client):
     """Deleting revokes in a worker from an encrypted payload: it carries the certificate,
     the key and the CA bundle too."""
-    from datasources import adminjobs
+    from datasources.admin import jobs as adminjobs
 
     import_datasources(
         [entry(op, pki, slug="mtls-revoke", revocation_url=op.revocation_url)],

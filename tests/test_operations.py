@@ -10,9 +10,9 @@ from django.test import Client
 from django.utils import timezone
 
 from datasources import tokens
-from datasources.apikeys import create_api_key
 from datasources.exceptions import NotAuthorized
 from datasources.models import DatasourceUsage, Token, TokenStatus
+from datasources.proxy.apikeys import create_api_key
 
 from .conftest import CALLBACK_PATH, authorize_via_provider, make_datasource
 

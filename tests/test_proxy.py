@@ -14,11 +14,12 @@ from django.test import Client
 from django.utils import timezone
 from oauth2_provider.models import AccessToken, RefreshToken
 
-from datasources.apikeys import create_api_key
+from datasources.calls import transport
 from datasources.conf import DEFAULTS
 from datasources.models import DatasourceUsage, Token
 from datasources.proxy import cache as proxy_cache
-from datasources.proxy import transport, usage
+from datasources.proxy import usage
+from datasources.proxy.apikeys import create_api_key
 
 from .conftest import SECRET, make_datasource
 

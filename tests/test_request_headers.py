@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from datasources.proxy import transport
+from datasources.calls import transport
 from datasources.proxy.incoming import Headers
 
 BEARER = {"Authorization": "Bearer t"}

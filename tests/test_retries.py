@@ -13,18 +13,18 @@ from django.core.exceptions import ValidationError
 from django.test import Client
 from django.utils import timezone
 
-from datasources import probe
-from datasources.apikeys import create_api_key
-from datasources.models import Datasource, Token
-from datasources.proxy import cache as proxy_cache
-from datasources.proxy import usage
-from datasources.proxy.retries import (
+from datasources.admin import probe
+from datasources.calls.retries import (
     CONNECTION_ERROR,
     RetryPolicy,
     caller_retries,
     decide_retry,
     parse_retry_after,
 )
+from datasources.models import Datasource, Token
+from datasources.proxy import cache as proxy_cache
+from datasources.proxy import usage
+from datasources.proxy.apikeys import create_api_key
 
 from .conftest import make_datasource
 from .flaky import HANG, RESET, FlakyUpstream, status

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from datasources import oauth
+from datasources.authserver import oauth
 from datasources.models import Datasource
 
 from . import certs

@@ -16,7 +16,7 @@ import gunicorn
 import pytest
 import requests
 
-from datasources.apikeys import create_api_key
+from datasources.proxy.apikeys import create_api_key
 
 from .flaky import status
 from .helpers import ROOT, subprocess_env

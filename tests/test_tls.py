@@ -9,9 +9,9 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from datasources import tls
-from datasources.config_io import ImportFailed, import_datasources
 from datasources.models import Datasource
+from datasources.ops.config_io import ImportFailed, import_datasources
+from datasources.security import tls
 
 from . import certs
 

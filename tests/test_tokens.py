@@ -14,7 +14,8 @@ from django.db import connection
 from django.utils import timezone
 from oauth2_provider.models import AccessToken, RefreshToken
 
-from datasources import oauth, tokens
+from datasources import tokens
+from datasources.authserver import oauth
 from datasources.exceptions import NotAuthorized, ReauthorizationRequired, TransientUpstreamError
 from datasources.models import Token, TokenEvent, TokenStatus
 from datasources.signals import reauthorization_required, token_refresh_failed
@@ -472,7 +473,7 @@ def test_an_assumed_expiry_never_makes_a_token_unusable(fake_token_endpoint):
 
 
 def test_reauthorization_without_a_refresh_token_keeps_the_stored_one():
-    from datasources.oauth import TokenResponse
+    from datasources.authserver.oauth import TokenResponse
 
     datasource = authorized_fake()
     token = tokens.store_authorization(

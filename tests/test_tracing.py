@@ -19,9 +19,9 @@ from django.db import connection
 from django.test import Client
 from django.utils import timezone
 
-from datasources import tracing
-from datasources.apikeys import create_api_key
 from datasources.models import Token
+from datasources.ops import tracing
+from datasources.proxy.apikeys import create_api_key
 from datasources.tokens import lease
 
 from .conftest import SECRET, make_datasource
@@ -385,7 +385,7 @@ class Collector(LocalHTTPServer):
 SCRIPT = """
 import sys, threading, django
 django.setup()
-from datasources import tracing
+from datasources.ops import tracing
 # A fresh gunicorn gthread worker: its threads' first spans come at once.
 start = threading.Barrier(8)
 def first_span():

@@ -13,7 +13,8 @@ import requests
 from django.utils import timezone
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
-from datasources import outbound, tasks, tokens
+from datasources import tasks, tokens
+from datasources.authserver import outbound
 from datasources.models import (
     DeliveryStatus,
     Token,

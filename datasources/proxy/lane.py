@@ -18,7 +18,7 @@ call while tracing is on (the view records the spans). Once a call went upstream
 here: the refresh-and-retry after an "expired" answer, the opt-in retries, counting and logging.
 
 HTTPS upstreams are served here with the contexts the view's urllib3 pools use: the
-datasource's own (:func:`datasources.tls.context_for`: its CA bundle, its client certificate),
+datasource's own (:func:`datasources.security.tls.context_for`: its CA bundle, its client certificate),
 built in a pool thread the first time, or the client's default (urllib3's).
 
 Tracing: while it is on, the lane hands every call to the view, whose spans are the documented
@@ -48,12 +48,15 @@ from django.middleware.common import CommonMiddleware
 from django.middleware.security import SecurityMiddleware
 from django.views.decorators.debug import sensitive_variables
 
-from .. import binding, calllog, tls, tokens, tracing
+from .. import tokens
+from ..calls import binding, health, limits, retries, transport
+from ..calls.attempts import URLLIB3, Attempts
 from ..conf import app_settings
 from ..models import Token
-from . import cache, callers, health, limits, retries, transport, usage, view
+from ..ops import tracing
+from ..security import tls
+from . import cache, callers, calllog, usage, view
 from .asgi import PROXY_PATH, ProxyHandler, Receive, Scope, Send, asgi_headers
-from .attempts import URLLIB3, Attempts
 from .callers import Refused
 from .incoming import Headers, Incoming
 from .upstream import Headers as AnswerHeaders

@@ -11,7 +11,7 @@ classes, so :mod:`.attempts` and the refusal mapping stay one), the same timeout
 (docs/benchmarks.md).
 
 HTTPS: TCP first, then TLS on it (``loop.start_tls``) with the datasource's context (its CA
-bundle and client certificate, :func:`datasources.tls.context_for`) or :func:`default_context`
+bundle and client certificate, :func:`datasources.security.tls.context_for`) or :func:`default_context`
 (what urllib3 builds when given none). The pools are keyed by the context object, so a
 connection made with one datasource's client certificate or trust store never serves another
 context's calls. TLS failures are urllib3's exceptions as urllib3 raises them for the same

@@ -117,7 +117,7 @@ def write_held(when: str = "exit") -> None:
     gunicorn worker restarting), and at the ASGI lifespan's shutdown (uvicorn ends a worker
     stopped by SIGTERM by raising the signal again once it has shut down, so exit hooks never
     run there: datasources/proxy/asgi.py). Nothing held, nothing touched."""
-    from .. import calllog
+    from . import calllog
 
     for name, write in (("Usage counts", flush), ("Call log rows", calllog.flush)):
         try:

@@ -15,13 +15,16 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.utils.log import log_response
 from django.views.decorators.csrf import csrf_exempt
 
-from .. import binding, calllog, dpop, tls, tokens, tracing
+from .. import tokens
+from ..calls import binding, health, retries, target, transport
+from ..calls.attempts import URLLIB3, Attempts
+from ..calls.limits import Verdict
 from ..exceptions import NotAuthorized, ReauthorizationRequired, TransientUpstreamError
 from ..models import Datasource, Token
-from . import cache, callers, health, retries, target, transport, usage
-from .attempts import URLLIB3, Attempts
+from ..ops import tracing
+from ..security import dpop, tls
+from . import cache, callers, calllog, usage
 from .callers import Refused
-from .limits import Verdict
 
 
 @csrf_exempt  # session callers are CSRF-checked in callers.authenticate (API keys need none)

@@ -15,7 +15,7 @@ from django.db.models import F
 from django.utils import timezone
 from django.views.decorators.debug import sensitive_variables
 
-from .. import oauth
+from ..authserver import oauth
 from ..conf import app_settings
 from ..exceptions import DatasourceError, NotAuthorized
 from ..models import Datasource, Token, TokenEvent, TokenStatus
@@ -280,7 +280,7 @@ def store_due(datasource: Datasource, token: Token, *, lease_id: str | None = No
 
 def prune_history() -> int:
     """Drop token events past the retention period and stale authorization requests."""
-    from ..flow import purge_expired
+    from ..authorize.flow import purge_expired
 
     cutoff = timezone.now() - timedelta(days=app_settings.EVENT_RETENTION_DAYS)
     deleted, _ = TokenEvent.objects.filter(created_at__lt=cutoff).delete()

@@ -17,7 +17,7 @@ from django.dispatch import receiver
 from django.utils import timezone
 from django.views.decorators.debug import sensitive_variables
 
-from .. import oauth, tracing
+from ..authserver import oauth
 from ..conf import app_settings
 from ..exceptions import (
     DatasourceError,
@@ -27,6 +27,7 @@ from ..exceptions import (
     TransientUpstreamError,
 )
 from ..models import Datasource, GrantType, Token, TokenEvent
+from ..ops import tracing
 from . import lease
 from .decide import Action, Decision, Policy, Situation, TokenState, decide, use_until
 from .failures import FailureKind, classify, record_event, record_permanent, record_retryable

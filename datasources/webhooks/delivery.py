@@ -24,10 +24,10 @@ from django.db import transaction
 from django.db.models import QuerySet
 from django.utils import timezone
 
-from .. import outbound
+from ..authserver import outbound
+from ..authserver.oauth import parse_retry_after
 from ..conf import app_settings
 from ..models import DeliveryStatus, WebhookAttempt, WebhookDelivery
-from ..oauth import parse_retry_after
 from . import signing
 
 logger = logging.getLogger(__name__)

@@ -1,7 +1,7 @@
 from django.core.management.base import BaseCommand, CommandError
 
-from datasources.apikeys import create_api_key
 from datasources.models import Datasource
+from datasources.proxy.apikeys import create_api_key
 
 
 class Command(BaseCommand):

@@ -2,7 +2,7 @@ import json
 
 from django.core.management.base import BaseCommand
 
-from datasources.config_io import export_datasources
+from datasources.ops.config_io import export_datasources
 
 
 class Command(BaseCommand):

@@ -3,7 +3,7 @@ from pathlib import Path
 
 from django.core.management.base import BaseCommand, CommandError
 
-from datasources.config_io import ImportFailed, import_datasources, read_file
+from datasources.ops.config_io import ImportFailed, import_datasources, read_file
 
 
 class Command(BaseCommand):

@@ -1,0 +1,1070 @@
+"""Admin: the low-code builder's UI. Actions call services and report with message_user."""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+from functools import partial
+
+from django.contrib import admin, messages
+from django.contrib.admin.views.main import ChangeList
+from django.db import models, transaction
+from django.db.models import OuterRef, Prefetch, Subquery
+from django.http import HttpResponseRedirect
+from django.urls import path, reverse
+from django.utils import timezone
+from django.utils.decorators import method_decorator
+from django.utils.html import format_html, format_html_join
+from django.utils.translation import gettext_lazy as _
+from django.utils.translation import ngettext
+from django.views.decorators.debug import sensitive_post_parameters
+
+from .. import tokens
+from ..authorize import flow, views
+from ..authserver import keys
+from ..models import (
+    API_KEY_PREFIX,
+    MTLS_METHODS,
+    ApiKey,
+    Datasource,
+    DatasourceUsage,
+    GrantType,
+    ProxyCall,
+    Token,
+    TokenEvent,
+    TokenPlacement,
+    TokenStatus,
+    UsageSample,
+    WebhookAttempt,
+    WebhookDelivery,
+    WebhookEndpoint,
+    WebhookEvent,
+)
+from ..proxy import apikeys
+from ..proxy import cache as proxy_cache
+from ..webhooks import delivery as webhook_delivery
+from ..webhooks import endpoints as webhook_endpoints
+from . import apikey_views, dashboard, presets, webhook_views
+from . import buttons as admin_views
+from .forms import ApiKeyForm, DatasourceForm, WebhookEndpointForm
+
+_STATUS_COLOURS = {
+    TokenStatus.ACTIVE: "#1a7f37",
+    TokenStatus.REFRESHING: "#9a6700",
+    TokenStatus.NOT_AUTHORIZED: "#57606a",
+    TokenStatus.NEEDS_REAUTHORIZATION: "#cf222e",
+}
+
+
+#: Read-only status shown on the change page.
+STATUS_FIELDS = (
+    "status",
+    "expires",
+    "last_refreshed",
+    "granted_scope",
+    "last_error",
+    "recent_events",
+    "proxy_usage",
+    "user_tokens",
+)
+
+
+def _par_support(metadata) -> str:
+    if metadata.require_pushed_authorization_requests:
+        return "required"
+    return "supported" if metadata.pushed_authorization_request_endpoint else "not offered"
+
+
+def _sender_constraint_notes(metadata, obj: Datasource) -> list[str]:
+    """What discovery says about DPoP and mutual TLS that the builder may want to act on."""
+    notes = []
+    algs = metadata.dpop_signing_alg_values_supported
+    if algs and not obj.use_dpop:
+        notes.append(
+            f"The server supports DPoP ({', '.join(algs)}): tick “DPoP” under "
+            "“Sender-constrained tokens” to bind tokens to a key of this datasource."
+        )
+    if metadata.mtls_endpoint_aliases and (
+        obj.client_authentication in MTLS_METHODS or obj.certificate_bound_tokens
+    ):
+        notes.append("Its mutual-TLS endpoint aliases are used for calls with the certificate.")
+    if metadata.tls_client_certificate_bound_access_tokens and not obj.certificate_bound_tokens:
+        notes.append("It can bind tokens to a TLS client certificate (RFC 8705).")
+    return notes
+
+
+def status_badge(token: Token | None, datasource: Datasource | None = None):
+    if datasource is not None and datasource.per_user:
+        return format_html(
+            '<strong class="datasource-status datasource-status-per-user">{}</strong>',
+            _("Per user"),
+        )
+    status = token.status if token else TokenStatus.NOT_AUTHORIZED
+    if token and token.lease_expires_at and token.lease_expires_at > timezone.now():
+        status = TokenStatus.REFRESHING  # a refresh holds the lease right now
+    label = TokenStatus(status).label
+    trouble = ""
+    if token and status == TokenStatus.ACTIVE and token.failure_kind:
+        trouble = (
+            " (renewal failing: settings)"
+            if token.failure_kind == "configuration"
+            else " (renewal failing: retrying)"
+        )
+    colour = "#9a6700" if trouble else _STATUS_COLOURS.get(status, "inherit")
+    return format_html(
+        '<strong class="datasource-status datasource-status-{}" style="color:{}">{}{}</strong>',
+        status,
+        colour,
+        label,
+        trouble,
+    )
+
+
+def _token(obj: Datasource) -> Token | None:
+    """The shared token, prefetched for list pages."""
+    prefetched = getattr(obj, "shared_tokens", None)
+    if prefetched is not None:
+        return prefetched[0] if prefetched else None
+    return obj.token if obj.pk else None
+
+
+def _shared(field: str) -> Subquery:
+    """One column of the shared token, for sorting the list without joining every token (a
+    join would list a per-user datasource once per user token)."""
+    return Subquery(Token.objects.filter(datasource=OuterRef("pk"), user=None).values(field)[:1])
+
+
+class SharedStatusFilter(admin.SimpleListFilter):
+    title = _("status")
+    parameter_name = "status"
+
+    def lookups(self, request, model_admin):
+        return [*TokenStatus.choices, ("per_user", _("Per user"))]
+
+    def queryset(self, request, queryset):
+        value = self.value()
+        if value == "per_user":
+            return queryset.filter(token_sharing="per_user")
+        if value:
+            return queryset.exclude(token_sharing="per_user").filter(shared_status=value)
+        return queryset
+
+
+@admin.register(Datasource)
+class DatasourceAdmin(admin.ModelAdmin):
+    form = DatasourceForm
+    formfield_overrides = {models.URLField: {"assume_scheme": "https"}}
+    change_form_template = "admin/datasources/datasource/change_form.html"
+    # Health first (a narrow screen scrolls the table sideways), configuration last.
+    list_display = (
+        "name",
+        "status",
+        "expires",
+        "usage_24h",
+        "upstream",
+        "last_refreshed",
+        "last_error_short",
+        "grant_type",
+        "slug",
+    )
+    list_filter = ("grant_type", "token_sharing", SharedStatusFilter)
+    search_fields = ("name", "slug", "base_url")
+    prepopulated_fields = {"slug": ("name",)}
+    actions = ("authorize_selected", "refresh_selected", "disconnect_selected")
+    readonly_fields = (
+        *STATUS_FIELDS,
+        "public_key",
+        "key_pair",
+        "token_endpoint_auth_methods_supported",
+        "dpop_key",
+    )
+    # Reference-docs order: connection, client, scopes, placement; the rest folded away.
+    fieldsets = (
+        (
+            _("Connection"),
+            {
+                "fields": (
+                    "name",
+                    "slug",
+                    "base_url",
+                    "grant_type",
+                    "token_sharing",
+                    "authorization_url",
+                    "access_token_url",
+                    "issuer",
+                    "discover",
+                )
+            },
+        ),
+        (
+            _("Client"),
+            {
+                "fields": (
+                    "client_id",
+                    "client_secret",
+                    "secret_hold",
+                    "clear_client_secret",
+                    "client_authentication",
+                    "assertion_audience",
+                )
+            },
+        ),
+        (
+            _("Signing key (private_key_jwt, JWT bearer)"),
+            {
+                "classes": ("datasource-keys",),
+                "fields": (
+                    "service_account_key",
+                    "service_account_key_file",
+                    "private_key",
+                    "private_key_file",
+                    "key_hold",
+                    "generate_private_key",
+                    "clear_private_key",
+                    "private_key_id",
+                    "signing_algorithm",
+                    "signing_certificate",
+                    "assertion_subject",
+                    "public_key",
+                    "key_pair",
+                ),
+            },
+        ),
+        (
+            _("Mutual TLS"),
+            {
+                "classes": ("collapse",),
+                "fields": (
+                    "tls_client_certificate",
+                    "tls_client_key",
+                    "clear_tls_client_certificate",
+                    "certificate_bound_tokens",
+                    "tls_ca_bundle",
+                ),
+            },
+        ),
+        (
+            _("Scopes and consent"),
+            {"fields": ("scopes", "scope_separator", "custom_auth_params")},
+        ),
+        (
+            _("Token placement"),
+            {"fields": ("token_placement", "header_prefix", "query_param_name")},
+        ),
+        (
+            _("Sender-constrained tokens"),
+            {"classes": ("collapse",), "fields": ("use_dpop", "dpop_key")},
+        ),
+        (
+            _("Calls to the API"),
+            {
+                "classes": ("collapse",),
+                "fields": ("allowed_methods", "default_headers", "default_query_params"),
+            },
+        ),
+        (
+            _("Retries"),
+            {
+                "classes": ("collapse",),
+                "fields": (
+                    "retry_count",
+                    "retry_statuses",
+                    "retry_on_connection_errors",
+                    "retry_budget",
+                ),
+            },
+        ),
+        (
+            _("Advanced"),
+            {
+                "classes": ("collapse",),
+                "fields": (
+                    "use_pkce",
+                    "audience",
+                    "resource",
+                    "revocation_url",
+                    "pushed_authorization_request_url",
+                    "require_pushed_authorization_requests",
+                    "token_endpoint_auth_methods_supported",
+                    "issuer_returns_iss",
+                    "token_lifetime",
+                    "expiry_status_codes",
+                    "owner",
+                ),
+            },
+        ),
+        (_("Token status"), {"fields": STATUS_FIELDS}),
+    )
+
+    class Media:
+        js = ("datasources/datasource_form.js",)
+        css = {"all": ("datasources/admin.css",)}
+
+    def get_fieldsets(self, request, obj=None):
+        stored = bool(obj and obj.pk and obj.client_secret)
+        key_stored = bool(obj and obj.pk and obj.private_key)
+        hidden = set()
+        if not stored:
+            hidden.add("clear_client_secret")
+        if not key_stored:
+            hidden |= {"clear_private_key", "public_key"}
+        if obj is None or not obj.pk:
+            hidden.add("key_pair")  # the button posts to the saved datasource
+        if not (obj and obj.pk and obj.tls_client_certificate):
+            hidden.add("clear_tls_client_certificate")
+        fieldsets = []
+        for name, options in super().get_fieldsets(request, obj):
+            if obj is None and name == _("Token status"):
+                continue  # nothing to show before the first save
+            fields = tuple(f for f in options["fields"] if f not in hidden)
+            fieldsets.append((name, {**options, "fields": fields}))
+        return fieldsets
+
+    def get_form(self, request, obj=None, change=False, **kwargs):
+        form = super().get_form(request, obj, change, **kwargs)
+        form.request = request  # the session keeps a typed secret across validation errors
+        return form
+
+    # --- read-only status --------------------------------------------------------------------
+
+    @admin.display(description=_("status"), ordering="shared_status")
+    def status(self, obj: Datasource):
+        return status_badge(_token(obj), obj)
+
+    @admin.display(description=_("expires"), ordering="shared_expires_at")
+    def expires(self, obj: Datasource):
+        if obj.per_user:
+            return _("per user")
+        token = _token(obj)
+        if not token or not token.access_token:
+            return "—"
+        if not token.expires_at:
+            return _("no known expiry")
+        when = timezone.localtime(token.expires_at)
+        return format_html(
+            '<span title="{}">{}</span>',
+            f"{when:%Y-%m-%d %H:%M:%S %Z}",
+            dashboard.time_to_expiry(token),
+        )
+
+    @admin.display(description=_("last refreshed"), ordering="shared_last_refreshed_at")
+    def last_refreshed(self, obj: Datasource):
+        token = _token(obj)
+        if obj.per_user or not token or not token.last_refreshed_at:
+            return "—"
+        return format_html(
+            '<span title="{}">{}</span>',
+            f"{timezone.localtime(token.last_refreshed_at):%Y-%m-%d %H:%M:%S %Z}",
+            dashboard.ago(token.last_refreshed_at),
+        )
+
+    @admin.display(description=_("last error"))
+    def last_error_short(self, obj: Datasource):
+        token = _token(obj)
+        if obj.per_user or not token or not token.last_error:
+            return "—"
+        text = token.last_error
+        return format_html(
+            '<span title="{}">{}</span>', text, text if len(text) <= 80 else text[:77] + "…"
+        )
+
+    @admin.display(description=_("proxy calls, 24 h"))
+    def usage_24h(self, obj: Datasource):
+        samples = getattr(obj, "recent_samples", None)
+        if samples is None:
+            usage = dashboard.usage_of(obj)
+        else:
+            usage = dashboard.hourly(samples, getattr(obj, "live_usage", None))
+        return format_html(
+            '{}<br><small class="datasource-usage-summary">{}</small>',
+            dashboard.chart(usage, width=120, height=24),
+            usage.summary(),
+        )
+
+    @admin.display(description=_("public key (register at the provider)"))
+    def public_key(self, obj: Datasource):
+        found = keys.public_key_of(obj) if obj and obj.pk else None
+        if found is None:
+            return "—"
+        parts = [
+            format_html(
+                '<p>{}</p><pre class="datasource-public-jwk">{}</pre>',
+                _("JWK (key ID %(kid)s, %(alg)s):")
+                % {"kid": found.kid or "—", "alg": found.algorithm},
+                found.jwk,
+            ),
+            format_html(
+                '<p>{}</p><pre class="datasource-public-pem">{}</pre>', _("PEM:"), found.pem
+            ),
+        ]
+        if found.certificate:
+            parts.append(
+                format_html(
+                    '<p>{}</p><pre class="datasource-certificate">{}</pre>',
+                    _("Certificate (upload it where the provider asks for one, e.g. Entra ID):"),
+                    found.certificate,
+                )
+            )
+        return format_html_join("", "{}", ((part,) for part in parts))
+
+    @admin.display(description=_("key pair"))
+    def key_pair(self, obj: Datasource):
+        label = _("Replace with a new key pair") if obj.private_key else _("Generate key pair")
+        return format_html(
+            '<button type="submit" class="button datasource-generate-key" '
+            'form="datasource-generate-key-form">{}</button> <span class="help">{}</span>',
+            label,
+            _(
+                "Makes a new private key (kept encrypted here) with a certificate; register "
+                "the public key or certificate shown here at the provider."
+            ),
+        )
+
+    @admin.display(description=_("DPoP key"))
+    def dpop_key(self, obj: Datasource):
+        if not obj.pk or not obj.dpop_private_key:
+            return _("Generated when DPoP is turned on and the datasource is saved.")
+        token = _token(obj)
+        bound = token.token_type if token and token.access_token else "—"
+        return format_html(
+            '<p>{} <code class="datasource-dpop-jkt">{}</code></p>'
+            "<p>{} <strong>{}</strong></p>"
+            '<details><summary>{}</summary><pre class="datasource-dpop-jwk">{}</pre></details>'
+            '<p><button type="submit" class="button datasource-dpop-regenerate" '
+            'form="datasource-dpop-regenerate-form">{}</button></p>',
+            _("Public key thumbprint (RFC 7638, the cnf.jkt of bound tokens):"),
+            obj.dpop_jkt,
+            _("Type of the current token:"),
+            bound,
+            _("Public key (JWK)"),
+            obj.dpop_public_jwk,
+            _("Regenerate DPoP key"),
+        )
+
+    @admin.display(description=_("upstream"))
+    def upstream(self, obj: Datasource):
+        key, words = dashboard.upstream_state(obj)
+        return format_html(
+            '<span class="datasource-upstream datasource-upstream-{}">{}</span>', key, words
+        )
+
+    @admin.display(description=_("granted scope"))
+    def granted_scope(self, obj: Datasource):
+        token = _token(obj)
+        return (token.scope if token else "") or "—"
+
+    @admin.display(description=_("last error"))
+    def last_error(self, obj: Datasource):
+        token = _token(obj)
+        if not token or not token.last_error:
+            return "—"
+        retry = (
+            f" (next attempt {timezone.localtime(token.next_attempt_at):%H:%M:%S})"
+            if token.next_attempt_at
+            else ""
+        )
+        if token.failure_kind == "configuration":
+            return format_html(
+                '<strong class="datasource-configuration-error" style="color:#cf222e">{}</strong>{}',
+                token.last_error,
+                retry,
+            )
+        return f"{token.last_error}{retry}"
+
+    @admin.display(description=_("recent events"))
+    def recent_events(self, obj: Datasource):
+        if not obj.pk:
+            return "—"
+        events = TokenEvent.objects.filter(datasource=obj)[:10]
+        if not events:
+            return "—"
+        rows = format_html_join(
+            "",
+            "<tr><td>{}</td><td>{}</td><td>{}</td></tr>",
+            (
+                (
+                    f"{timezone.localtime(e.created_at):%Y-%m-%d %H:%M:%S}",
+                    e.get_kind_display(),
+                    e.detail,
+                )
+                for e in events
+            ),
+        )
+        return format_html('<table class="datasource-events">{}</table>', rows)
+
+    @admin.display(description=_("per-user tokens"))
+    def user_tokens(self, obj: Datasource):
+        if not obj.pk or not obj.per_user:
+            return "— (shared)"
+        rows = Token.objects.filter(datasource=obj, user__isnull=False).select_related("user")
+        if not rows:
+            return "No user has authorized yet."
+        return format_html(
+            '<table class="datasource-user-tokens">{}</table>',
+            format_html_join(
+                "",
+                "<tr><td>{}</td><td>{}</td><td>{}</td></tr>",
+                (
+                    (
+                        t.user.get_username(),
+                        t.get_status_display(),
+                        f"{timezone.localtime(t.expires_at):%Y-%m-%d %H:%M:%S}"
+                        if t.expires_at
+                        else "—",
+                    )
+                    for t in rows
+                ),
+            ),
+        )
+
+    def get_queryset(self, request):
+        return (
+            super()
+            .get_queryset(request)
+            .annotate(
+                shared_status=_shared("status"),
+                shared_expires_at=_shared("expires_at"),
+                shared_last_refreshed_at=_shared("last_refreshed_at"),
+            )
+            .prefetch_related(
+                Prefetch(
+                    "tokens", queryset=Token.objects.filter(user=None), to_attr="shared_tokens"
+                )
+            )
+        )
+
+    def get_changelist(self, request, **kwargs):
+        return _HealthChangeList
+
+    @admin.display(description=_("proxy usage"))
+    def proxy_usage(self, obj: Datasource):
+        found = DatasourceUsage.objects.filter(datasource=obj).first() if obj.pk else None
+        if not found or not found.calls:
+            return "No proxied calls yet."
+        average = found.total_duration_ms / found.calls
+        last = (
+            f", last {found.last_status} at {timezone.localtime(found.last_called_at):%Y-%m-%d %H:%M:%S}"
+            if found.last_called_at
+            else ""
+        )
+        return f"{found.calls} calls, {found.errors} errors, {average:.1f} ms average in all{last}"
+
+    # --- pages and buttons -------------------------------------------------------------------
+
+    def get_urls(self):
+        info = self.opts.app_label, self.opts.model_name
+        wrap = self.admin_site.admin_view
+        return [
+            path(
+                "<int:pk>/authorize/",
+                wrap(views.start_authorization),
+                name="{}_{}_authorize".format(*info),
+            ),
+            path(
+                "<int:pk>/refresh/",
+                wrap(admin_views.RefreshView.as_view(model_admin=self)),
+                name="{}_{}_refresh".format(*info),
+            ),
+            path(
+                "<int:pk>/disconnect/",
+                wrap(admin_views.DisconnectView.as_view(model_admin=self)),
+                name="{}_{}_disconnect".format(*info),
+            ),
+            path(
+                "<int:pk>/generate-key/",
+                wrap(admin_views.GenerateKeyView.as_view(model_admin=self)),
+                name="{}_{}_generate_key".format(*info),
+            ),
+            path(
+                "<int:pk>/dpop-key/",
+                wrap(admin_views.RegenerateDPoPKeyView.as_view(model_admin=self)),
+                name="{}_{}_dpop_key".format(*info),
+            ),
+            path(
+                "<int:pk>/test/",
+                wrap(admin_views.TestCallView.as_view(model_admin=self)),
+                name="{}_{}_test".format(*info),
+            ),
+            *super().get_urls(),
+        ]
+
+    @method_decorator(
+        sensitive_post_parameters("client_secret", "private_key", "service_account_key")
+    )
+    def changeform_view(self, request, object_id=None, form_url="", extra_context=None):
+        """Error reports never include the typed client secret."""
+        return super().changeform_view(request, object_id, form_url, extra_context)
+
+    def get_changeform_initial_data(self, request):
+        initial = super().get_changeform_initial_data(request)
+        initial.pop("preset", None)
+        preset = request.GET.get("preset")
+        if preset:
+            initial.update(presets.initial_for(preset))
+        return initial
+
+    def render_change_form(self, request, context, add=False, change=False, form_url="", obj=None):
+        chosen = presets.all_presets().get(request.GET.get("preset", "")) if add else None
+        context.update(
+            presets=sorted(presets.all_presets().items(), key=lambda kv: kv[1]["label"])
+            if add
+            else (),
+            preset=chosen,
+            callback_url=flow.callback_url(request),
+            redirect_notes=dashboard.redirect_uri_notes(request, obj),
+            show_save_and_authorize=True,
+        )
+        if obj is not None and obj.pk:
+            token = _token(obj)
+            usage = dashboard.usage_of(obj)
+            context.update(
+                token=token,
+                status_badge=status_badge(token, obj),
+                time_to_expiry=dashboard.time_to_expiry(token),
+                banners=dashboard.banners(obj, token),
+                usage=usage,
+                usage_chart=dashboard.chart(usage, width=288, height=36),
+                query_placement=obj.token_placement == TokenPlacement.QUERY,
+            )
+        return super().render_change_form(request, context, add, change, form_url, obj)
+
+    def save_model(self, request, obj, form, change):
+        if not change and obj.owner_id is None:
+            obj.owner = request.user
+        if form.cleaned_data.get("generate_private_key"):
+            keys.generate_key_pair(obj, form.cleaned_data.get("signing_algorithm") or "")
+            messages.info(
+                request,
+                _(
+                    "A new key pair was generated: register its public key (or certificate), "
+                    "shown under “Signing key”, at the provider."
+                ),
+            )
+        super().save_model(request, obj, form, change)
+        form.forget_held_secret()
+        metadata = getattr(form, "discovered", None)
+        if metadata:
+            messages.info(
+                request,
+                f"Endpoints filled from {metadata.issuer}'s metadata"
+                f" (PKCE S256 {'supported' if metadata.pkce_s256 else 'not advertised'},"
+                f" iss {'returned' if metadata.returns_iss else 'not returned'},"
+                f" pushed authorization requests {_par_support(metadata)})."
+                + "".join(f" {note}" for note in _sender_constraint_notes(metadata, obj)),
+            )
+        credentials_changed = change and form.credentials_changed
+        if credentials_changed:
+            tokens.reset_after_reconfiguration(obj)
+        if change and (
+            "use_dpop" in form.changed_data
+            or (obj.certificate_bound_tokens and getattr(form, "tls_pair_changed", False))
+        ):
+            tokens.replace_now(obj)  # bound to a key (or not) the calls no longer match
+        if obj.token_placement == TokenPlacement.QUERY:
+            messages.warning(
+                request,
+                _(
+                    "The access token will be sent as a query parameter. RFC 9700 §4.3.2 advises "
+                    "against this: URLs end up in server and proxy logs. Use the header unless "
+                    "the API requires it."
+                ),
+            )
+        if admin_views.wants_token_after_save(obj, credentials_changed):
+            # After the commit: the token service works on the saved row, with its own lease.
+            transaction.on_commit(
+                lambda: admin_views.report_refresh(request, [obj], after_save=True)
+            )
+
+    def response_add(self, request, obj, post_url_continue=None):
+        if "_authorize" in request.POST:
+            return self._after_save_and_authorize(request, obj)
+        return super().response_add(request, obj, post_url_continue)
+
+    def response_change(self, request, obj):
+        if "_authorize" in request.POST:
+            return self._after_save_and_authorize(request, obj)
+        return super().response_change(request, obj)
+
+    def _after_save_and_authorize(self, request, obj: Datasource):
+        self.message_user(request, f"“{obj}” was saved.", messages.SUCCESS)
+        if obj.grant_type == GrantType.AUTHORIZATION_CODE and not obj.per_user:
+            return HttpResponseRedirect(obj.get_authorize_url())
+        if obj.per_user:
+            return HttpResponseRedirect(obj.get_connect_url())
+        return HttpResponseRedirect(obj.get_admin_url())  # the token is fetched after saving
+
+    # --- actions -----------------------------------------------------------------------------
+
+    @admin.action(description=_("Authorize the selected datasource"), permissions=["change"])
+    def authorize_selected(self, request, queryset):
+        if queryset.count() != 1:
+            self.message_user(
+                request, _("Select exactly one datasource to authorize."), messages.WARNING
+            )
+            return None
+        return HttpResponseRedirect(queryset.get().get_authorize_url())
+
+    @admin.action(description=_("Refresh tokens now (in the background)"), permissions=["change"])
+    def refresh_selected(self, request, queryset):
+        admin_views.enqueue_refreshes(request, list(queryset))
+
+    @admin.action(description=_("Disconnect (revoke and delete tokens)…"), permissions=["change"])
+    def disconnect_selected(self, request, queryset):
+        return admin_views.confirm_bulk_disconnect(self, request, queryset)
+
+    def delete_model(self, request, obj):
+        admin_views.revoke_after_delete(request, [obj])
+        super().delete_model(request, obj)
+
+    def delete_queryset(self, request, queryset):
+        admin_views.revoke_after_delete(request, list(queryset))
+        super().delete_queryset(request, queryset)
+
+
+class _HealthChangeList(ChangeList):
+    """The list page loads each row's 24-hour usage snapshots with one query for the page."""
+
+    def get_results(self, request):
+        super().get_results(request)
+        since = timezone.now() - timedelta(hours=dashboard.HOURS + 1)
+        rows = list(self.result_list)
+        ids = [row.pk for row in rows]
+        samples: dict[int, list[UsageSample]] = {pk: [] for pk in ids}
+        for sample in UsageSample.objects.filter(
+            datasource_id__in=ids, taken_at__gte=since
+        ).order_by("taken_at", "pk"):
+            samples[sample.datasource_id].append(sample)
+        live = {u.datasource_id: u for u in DatasourceUsage.objects.filter(datasource_id__in=ids)}
+        for row in rows:
+            row.recent_samples = samples[row.pk]
+            row.live_usage = live.get(row.pk)
+
+
+class ReadOnlyAdmin(admin.ModelAdmin):
+    """Bookkeeping written by the services only."""
+
+    def has_add_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+
+@admin.register(Token)
+class TokenAdmin(ReadOnlyAdmin):
+    """Read-only bookkeeping; secret columns are not even listed."""
+
+    list_display = (
+        "datasource",
+        "user",
+        "status",
+        "expires_at",
+        "last_refreshed_at",
+        "failure_count",
+        "failure_kind",
+        "refresh_count",
+    )
+    list_filter = ("status", "failure_kind")
+    list_select_related = ("datasource", "user")
+    search_fields = ("datasource__name", "datasource__slug")
+    fields = (
+        "datasource",
+        "user",
+        "status",
+        "has_access_token",
+        "has_refresh_token",
+        "token_type",
+        "scope",
+        "expires_at",
+        "expiry_known",
+        "obtained_at",
+        "last_refreshed_at",
+        "last_attempt_at",
+        "refresh_count",
+        "failure_count",
+        "failure_kind",
+        "next_attempt_at",
+        "retry_not_before",
+        "outcome_unknown_at",
+        "last_error",
+    )
+    readonly_fields = fields
+
+    @admin.display(boolean=True, description=_("access token stored"))
+    def has_access_token(self, obj: Token) -> bool:
+        return obj.has_access_token
+
+    @admin.display(boolean=True, description=_("refresh token stored"))
+    def has_refresh_token(self, obj: Token) -> bool:
+        return obj.has_refresh_token
+
+
+@admin.register(TokenEvent)
+class TokenEventAdmin(ReadOnlyAdmin):
+    list_display = ("created_at", "datasource", "kind", "detail")
+    list_filter = ("kind",)
+    list_select_related = ("datasource",)
+    search_fields = ("datasource__slug", "detail")
+    date_hierarchy = "created_at"
+
+
+@admin.register(ApiKey)
+class ApiKeyAdmin(admin.ModelAdmin):
+    """Keys are shown once, on the page right after creation; only a hash is stored. A new key
+    may call nothing until datasources are chosen or "all datasources" is ticked."""
+
+    form = ApiKeyForm
+    list_display = ("name", "key_prefix", "scope", "user", "created_at", "last_used_at", "active")
+    list_filter = ("revoked_at", "all_datasources")
+    search_fields = ("name", "prefix")
+    filter_horizontal = ("datasources",)
+    readonly_fields = ("key_prefix", "created_at", "last_used_at", "revoked_at")
+    actions = ("revoke_selected",)
+
+    def get_fields(self, request, obj=None):
+        fields = ["name", "all_datasources", "datasources", "user"]
+        return fields if obj is None else ["key_prefix", *fields, *self.readonly_fields[1:]]
+
+    @admin.display(description=_("key"))
+    def key_prefix(self, obj: ApiKey) -> str:
+        return f"{API_KEY_PREFIX}{obj.prefix}_…" if obj.prefix else "—"
+
+    @admin.display(description=_("datasources"))
+    def scope(self, obj: ApiKey) -> str:
+        if obj.all_datasources:
+            return _("all")
+        slugs = ", ".join(ds.slug for ds in obj.datasources.all())
+        return slugs or _("none")
+
+    @admin.display(boolean=True, description=_("active"))
+    def active(self, obj: ApiKey) -> bool:
+        return obj.is_active
+
+    def get_queryset(self, request):
+        return super().get_queryset(request).select_related("user").prefetch_related("datasources")
+
+    def save_model(self, request, obj, form, change):
+        if not change:
+            request._datasources_new_api_key = apikeys.assign_new_key(obj)
+        super().save_model(request, obj, form, change)
+
+    def response_add(self, request, obj, post_url_continue=None):
+        key = getattr(request, "_datasources_new_api_key", None)
+        if key is None:
+            return super().response_add(request, obj, post_url_continue)
+        # Post/redirect/get: the key waits (encrypted) in the session for the page that shows
+        # it once; reloading that page creates nothing and shows nothing new.
+        apikey_views.hold(request, obj, key)
+        return HttpResponseRedirect(reverse("admin:datasources_apikey_created", args=[obj.pk]))
+
+    def get_urls(self):
+        return [
+            path(
+                "<int:pk>/created/",
+                self.admin_site.admin_view(partial(apikey_views.created_view, self)),
+                name="datasources_apikey_created",
+            ),
+            *super().get_urls(),
+        ]
+
+    @admin.action(description=_("Revoke the selected keys"), permissions=["change"])
+    def revoke_selected(self, request, queryset):
+        count = queryset.filter(revoked_at__isnull=True).update(revoked_at=timezone.now())
+        proxy_cache.forget()  # this process stops accepting them at once
+        self.message_user(
+            request,
+            ngettext("Revoked %(count)d key.", "Revoked %(count)d keys.", count) % {"count": count},
+            messages.SUCCESS,
+        )
+
+
+class StatusClassFilter(admin.SimpleListFilter):
+    title = _("status class")
+    parameter_name = "status_class"
+
+    def lookups(self, request, model_admin):
+        return [("2", "2xx"), ("3", "3xx"), ("4", "4xx"), ("5", "5xx")]
+
+    def queryset(self, request, queryset):
+        value = self.value()
+        if value in ("2", "3", "4", "5"):
+            low = int(value) * 100
+            return queryset.filter(status__gte=low, status__lt=low + 100)
+        return queryset
+
+
+@admin.register(ProxyCall)
+class ProxyCallAdmin(admin.ModelAdmin):
+    """The call log: read-only (rows are written by the proxy and pruned after
+    CALL_LOG_RETENTION_DAYS)."""
+
+    list_display = (
+        "called_at",
+        "datasource",
+        "caller",
+        "method",
+        "path",
+        "status",
+        "error",
+        "latency_ms",
+        "response_bytes",
+        "retries",
+        "refreshed",
+    )
+    list_filter = ("datasource", StatusClassFilter, "api_key", "user", "method", "refreshed")
+    list_select_related = ("datasource", "api_key", "user")
+    search_fields = ("path",)
+    date_hierarchy = "called_at"
+    show_full_result_count = False  # a count(*) over a large log on every page is slow
+
+    @admin.display(description=_("caller"))
+    def caller(self, obj: ProxyCall):
+        if obj.api_key_id:
+            return str(obj.api_key) if obj.api_key else _("deleted API key")
+        if obj.user_id:
+            return obj.user.get_username() if obj.user else _("deleted user")
+        return "—"
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        return False
+
+
+# --- webhooks ----------------------------------------------------------------------------------
+
+
+@admin.register(WebhookEndpoint)
+class WebhookEndpointAdmin(admin.ModelAdmin):
+    """The secret is shown once, on the page right after creation or rotation."""
+
+    form = WebhookEndpointForm
+    list_display = ("name", "url", "scope", "events", "active", "secret_created_at")
+    list_filter = ("active", "datasource")
+    list_select_related = ("datasource",)
+    search_fields = ("name", "url")
+    readonly_fields = ("secret_created_at", "previous_secret_expires_at", "created_at")
+
+    def get_fields(self, request, obj=None):
+        fields = ["name", "url", "datasource", "event_types", "active"]
+        return fields if obj is None else [*fields, *self.readonly_fields]
+
+    @admin.display(description=_("datasources"))
+    def scope(self, obj: WebhookEndpoint) -> str:
+        return obj.datasource.slug if obj.datasource_id else _("all (project-wide)")
+
+    @admin.display(description=_("events"))
+    def events(self, obj: WebhookEndpoint) -> str:
+        chosen = set(obj.event_types or [])
+        if chosen >= set(WebhookEvent.values):
+            return _("all")
+        return ", ".join(sorted(chosen))
+
+    def save_model(self, request, obj, form, change):
+        if not change:
+            request._datasources_new_webhook_secret = webhook_endpoints.assign_secret(obj)
+        super().save_model(request, obj, form, change)
+
+    def response_add(self, request, obj, post_url_continue=None):
+        secret = getattr(request, "_datasources_new_webhook_secret", None)
+        if secret is None:
+            return super().response_add(request, obj, post_url_continue)
+        return webhook_views.hold(request, obj, secret)
+
+    def get_urls(self):
+        def view(function):
+            return self.admin_site.admin_view(partial(function, self))
+
+        return [
+            path(
+                "<int:pk>/secret/",
+                view(webhook_views.secret_view),
+                name="datasources_webhookendpoint_secret",
+            ),
+            path(
+                "<int:pk>/rotate/",
+                view(webhook_views.rotate_view),
+                name="datasources_webhookendpoint_rotate",
+            ),
+            path(
+                "<int:pk>/test/",
+                view(webhook_views.test_view),
+                name="datasources_webhookendpoint_test",
+            ),
+            *super().get_urls(),
+        ]
+
+
+class WebhookAttemptInline(admin.TabularInline):
+    model = WebhookAttempt
+    fields = ("number", "started_at", "duration_ms", "status_code", "error", "delivered")
+    readonly_fields = fields
+    extra = 0
+    can_delete = False
+
+    def has_add_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+
+@admin.register(WebhookDelivery)
+class WebhookDeliveryAdmin(ReadOnlyAdmin):
+    """Every event sent to every endpoint, with each attempt; failed ones can be retried."""
+
+    list_display = (
+        "created_at",
+        "event_type",
+        "endpoint",
+        "datasource",
+        "status",
+        "attempts",
+        "last_status_code",
+        "last_error",
+        "next_attempt_at",
+    )
+    list_filter = ("status", "event_type", "endpoint")
+    list_select_related = ("endpoint", "datasource")
+    search_fields = ("event_id", "datasource__slug")
+    date_hierarchy = "created_at"
+    fields = (
+        "event_id",
+        "event_type",
+        "endpoint",
+        "datasource",
+        "status",
+        "attempts",
+        "next_attempt_at",
+        "last_status_code",
+        "last_error",
+        "created_at",
+        "delivered_at",
+        "payload_json",
+    )
+    readonly_fields = fields
+    inlines = (WebhookAttemptInline,)
+    actions = ("retry_now",)
+
+    @admin.display(description=_("payload"))
+    def payload_json(self, obj: WebhookDelivery):
+        return format_html("<pre>{}</pre>", json.dumps(obj.payload, indent=2, sort_keys=True))
+
+    def has_retry_permission(self, request) -> bool:
+        return request.user.has_perm("datasources.change_webhookendpoint")
+
+    @admin.action(description=_("Retry now"), permissions=["retry"])
+    def retry_now(self, request, queryset):
+        count = webhook_delivery.retry_now(queryset)
+        self.message_user(
+            request,
+            ngettext(
+                "Retrying %(count)d delivery now.", "Retrying %(count)d deliveries now.", count
+            )
+            % {"count": count},
+            messages.SUCCESS if count else messages.WARNING,
+        )

@@ -1,0 +1,34 @@
+"""Provider presets: a data file (presets/providers.json), not code. Choosing one pre-fills the
+admin's add form; every value stays editable. ``{tenant}``-style placeholders must be replaced:
+the form refuses any field that still has one, naming it."""
+
+from __future__ import annotations
+
+import json
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from ..models import CONFIG_FIELDS
+
+PRESETS_FILE = Path(__file__).resolve().parent / "presets" / "providers.json"
+#: Keys that describe the provider rather than fill a form field.
+DESCRIPTIVE = frozenset({"label", "notes", "sends_expires_in"})
+
+
+@cache
+def all_presets() -> dict[str, dict[str, Any]]:
+    with PRESETS_FILE.open(encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def initial_for(key: str) -> dict[str, Any]:
+    """Form initial data for a preset (unknown keys: empty)."""
+    preset = all_presets().get(key)
+    if preset is None:
+        return {}
+    # JSON fields get the object itself: the form field renders it as JSON once (a string here
+    # would be shown as a JSON string, and saved as one).
+    initial = {k: v for k, v in preset.items() if k in CONFIG_FIELDS}
+    initial.setdefault("grant_type", "authorization_code")
+    return initial

@@ -1,0 +1,156 @@
+"""The admin's **Test** button: one call to the upstream API, sent the way the proxy sends it
+(the proxy's target resolution and transport: same URL rule, headers, token placement, pool,
+timeouts, refresh-once on an "expired" answer), reported with its status, latency and the first
+bytes of the answer, with every secret of the datasource redacted."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import urllib3
+from django.views.decorators.debug import sensitive_variables
+
+from .. import tokens
+from ..calls import binding, health, retries, target, transport
+from ..calls.attempts import URLLIB3, Attempts
+from ..exceptions import NotAuthorized, ReauthorizationRequired, TransientUpstreamError
+from ..models import Datasource
+from ..security import dpop, tls
+from .explain import explain
+
+#: How much of the answer is shown.
+PREVIEW_BYTES = 2048
+#: Methods offered (no request body is sent); those the datasource allows.
+METHODS = ("GET", "HEAD", "OPTIONS", "POST", "PUT", "PATCH", "DELETE")
+REDACTED = "[redacted]"
+
+
+@dataclass
+class ProbeResult:
+    method: str
+    path: str
+    status: int | None = None
+    reason: str = ""
+    latency_ms: float | None = None
+    content_type: str = ""
+    preview: str = ""
+    truncated: bool = False
+    error: str = ""
+    explanation: str = ""
+    refreshed: bool = False
+    retries: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.status is not None and self.status < 400
+
+
+def methods_for(datasource: Datasource) -> list[str]:
+    allowed = datasource.allowed_method_set
+    return [method for method in METHODS if method in allowed]
+
+
+@sensitive_variables()
+def run(datasource: Datasource, method: str, path: str, *, user=None) -> ProbeResult:
+    """Send ``method path`` (path relative to base_url, may carry a query) upstream."""
+    method = method.upper()
+    path, _, query = path.strip().lstrip("/").partition("?")
+    result = ProbeResult(method, path + (f"?{query}" if query else ""))
+    if method not in methods_for(datasource):
+        result.error = f"{method} is not among this datasource's allowed methods."
+        return result
+    try:
+        url = target.resolve(datasource.base_url, path)
+    except target.InvalidPath as err:
+        result.error = f"The proxy would refuse this path: {err.reason}."
+        return result
+    secrets_seen = [datasource.client_secret]
+    try:
+        token = tokens.get_valid_token(datasource, user=user)
+    except (NotAuthorized, ReauthorizationRequired, TransientUpstreamError) as err:
+        result.error = f"No access token to call with: {err}"
+        result.explanation = explain(str(err)) or (
+            "Authorize the datasource first." if isinstance(err, NotAuthorized) else ""
+        )
+        return result
+    secrets_seen += [token.access_token, token.refresh_token]
+    started = time.perf_counter()
+    try:
+        attempts = Attempts(
+            datasource,
+            token,
+            URLLIB3,
+            method=method,
+            policy=retries.RetryPolicy.of(datasource),
+            on_token=lambda fresh: secrets_seen.extend([fresh.access_token, fresh.refresh_token]),
+            observe=health.observe,  # not gated: the Test may be the call that shows recovery
+        )
+        upstream = attempts.run(lambda token: _send(datasource, method, url, query, token))
+        result.refreshed, result.retries = attempts.refreshed, attempts.retries
+        try:
+            body = upstream.read(PREVIEW_BYTES + 1, decode_content=True) or b""
+        finally:
+            upstream.close()
+    except urllib3.exceptions.NewConnectionError:
+        result.error = "The upstream API refused the connection (the proxy would answer 502)."
+        return result
+    except urllib3.exceptions.TimeoutError:
+        result.error = "The upstream API did not answer in time (the proxy would answer 504)."
+        return result
+    except dpop.DPoPKeyError as err:
+        result.error = f"No call was made: {err}"
+        return result
+    except (urllib3.exceptions.SSLError, tls.TLSConfigError) as err:
+        result.error = (
+            f"No call was made: {tls.failure_reason(err) or err} (the proxy would answer 502)."
+        )
+        return result
+    except urllib3.exceptions.HTTPError as err:
+        result.error = (
+            f"The upstream API is unreachable ({type(err).__name__}; the proxy would answer 502)."
+        )
+        return result
+    result.latency_ms = (time.perf_counter() - started) * 1000
+    result.status = upstream.status
+    result.reason = upstream.reason or ""
+    result.content_type = upstream.headers.get("Content-Type", "")
+    result.truncated = len(body) > PREVIEW_BYTES
+    result.preview = redact(body[:PREVIEW_BYTES].decode("utf-8", "replace"), secrets_seen)
+    if upstream.status in (401, 403):
+        result.notes.append(
+            "The API refused the token: check the scopes (and that the token is meant for this "
+            "API: audience/resource), then Re-authorize."
+        )
+        challenge = upstream.headers.get("WWW-Authenticate", "")
+        if datasource.use_dpop and challenge.lower().startswith("dpop"):
+            result.notes.append(
+                "The API answered with a DPoP challenge ("
+                + redact(challenge[:300], secrets_seen)
+                + "), after a fresh proof too: a token bound to an earlier DPoP key is refused "
+                "(Regenerate DPoP key replaces the tokens; Refresh now gets a new one), and "
+                "the server must accept ES256 proofs."
+            )
+    return result
+
+
+@sensitive_variables()
+def _send(datasource: Datasource, method: str, url: str, query: str, token):
+    def headers_for(token) -> dict[str, str]:
+        return transport.request_headers(
+            datasource,
+            {"Accept": "application/json, */*;q=0.5", "User-Agent": "datasources-admin-test"},
+            binding.auth_headers(datasource, token, method, url),
+            0,
+        )
+
+    return transport.send_for_token(method, datasource, url, query, token, headers_for, None, True)
+
+
+@sensitive_variables()
+def redact(text: str, secrets: list[str | None]) -> str:
+    for secret in secrets:
+        if secret and len(secret) >= 4:
+            text = text.replace(secret, REDACTED)
+    return text

@@ -1,0 +1,222 @@
+"""The call log: one :class:`~datasources.models.ProxyCall` row per proxied call.
+
+Rows are kept in memory and written in multi-row ``INSERT`` statements at most every
+CALL_LOG_FLUSH_INTERVAL seconds (or once CALL_LOG_MAX_BUFFER rows wait) per process, so the
+proxy's hot path appends to a list and does not write to the database. What is recorded is
+chosen so nothing secret can be in it: the method, the path below the base URL without its
+query string, the status, sizes and timings; never headers, bodies or query values.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from django.db import connections, router, transaction
+from django.utils import timezone
+
+from ..conf import app_settings
+from ..models import ProxyCall
+
+logger = logging.getLogger(__name__)
+
+#: Longest path kept (the column's size).
+MAX_PATH = 1000
+
+
+@dataclass(slots=True)
+class Call:
+    """What one call did, filled in as it goes (the proxy view and :class:`.proxy.attempts`)."""
+
+    method: str
+    path: str
+    started: float  # time.perf_counter()
+    called_at: float  # time.time()
+    request_bytes: int = 0
+    response_bytes: int = 0
+    api_key_id: int | None = None
+    user_id: int | None = None
+    retries: int = 0
+    refreshed: bool = False
+    error: str = ""
+
+    @classmethod
+    def begin(cls, method: str, path: str, request_bytes: int = 0) -> Call:
+        path = path.partition("?")[0]
+        if not (path.isascii() and path.isprintable()):  # printable ASCII has no controls
+            path = _CONTROL.sub(_escape, path)
+        return cls(
+            method,
+            path[:MAX_PATH],
+            time.perf_counter(),
+            time.time(),
+            request_bytes,
+        )
+
+
+#: Control characters (NUL among them) are stored percent-encoded: PostgreSQL refuses NUL in text,
+#: and a log line should not carry raw control characters either.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _escape(match: re.Match[str]) -> str:
+    return f"%{ord(match.group()):02X}"
+
+
+_lock = threading.Lock()
+_pending: list[tuple] = []
+_last_flush = time.monotonic()
+
+
+def record(
+    call: Call, datasource_id: int, status: int, latency_ms: float, *, write: bool = True
+) -> bool:
+    """Queue one row; write the queue when it is due. ``write=False``: only say whether it is
+    due (the fast lane then writes it with :func:`flush` off its event loop)."""
+    if not app_settings.CALL_LOG:
+        return False
+    row = (
+        call.called_at,
+        datasource_id,
+        call.api_key_id,
+        call.user_id,
+        call.method,
+        call.path,
+        status,
+        call.error,
+        int(latency_ms),
+        call.request_bytes,
+        call.response_bytes,
+        call.retries,
+        call.refreshed,
+    )
+    with _lock:
+        _pending.append(row)
+        due = (
+            len(_pending) >= app_settings.CALL_LOG_MAX_BUFFER
+            or time.monotonic() - _last_flush >= app_settings.CALL_LOG_FLUSH_INTERVAL
+        )
+    if due and write:
+        flush()
+    return due
+
+
+def flush() -> int:
+    """Write every queued row now; how many were written."""
+    global _last_flush
+    with _lock:
+        batch = list(_pending)
+        _pending.clear()
+        _last_flush = time.monotonic()
+    if not batch:
+        return 0
+    connection = connections[router.db_for_write(ProxyCall)]
+    called_at = _called_at_values(connection)
+    # Many rows per INSERT, without a model instance per row, in one transaction (autocommit
+    # would commit each row: SQLite then writes its journal per row). Not executemany: that
+    # steps the statement once per row, and Python's sqlite3 gives up and takes back the GIL
+    # around every step, a handover with the fast lane's event loop per logged call. No
+    # foreign-key constraints: nothing refuses a row.
+    per_statement = _rows_per_statement(connection, len(batch))
+    full = _insert_sql(connection, per_statement)
+    with transaction.atomic(using=connection.alias), connection.cursor() as cursor:
+        for start in range(0, len(batch), per_statement):
+            rows = batch[start : start + per_statement]
+            values = [value for row in rows for value in (called_at(row[0]), *row[1:])]
+            sql = full if len(rows) == per_statement else _insert_sql(connection, len(rows))
+            cursor.execute(sql, values)
+    return len(batch)
+
+
+def _called_at_values(connection) -> Callable[[float], Any]:
+    """``called_at`` (a ``time.time()``) as ``connection`` takes it: Django's adapter, given
+    the datetime. On SQLite that adapter makes the text of the naive UTC time, and it cost as
+    much as the row's insert; there the text is built here instead, the date and time once per
+    second, and used only where it is the adapter's text for a set of probe times."""
+    adapt = connection.ops.adapt_datetimefield_value
+
+    def adapted(stamp: float) -> Any:
+        return adapt(datetime.fromtimestamp(stamp, UTC))
+
+    seconds: dict[int, str] = {}
+
+    def text(stamp: float) -> str:
+        # Rounded to the microsecond half to even, carried into the second, as
+        # datetime.fromtimestamp rounds.
+        second = int(stamp)
+        micro = round((stamp - second) * 1e6)
+        if micro >= 1_000_000:
+            second, micro = second + 1, micro - 1_000_000
+        prefix = seconds.get(second)
+        if prefix is None:
+            prefix = seconds[second] = f"{datetime.fromtimestamp(second, UTC):%Y-%m-%d %H:%M:%S}"
+        return f"{prefix}.{micro:06d}" if micro else prefix
+
+    if all(text(stamp) == adapted(stamp) for stamp in _PROBES):
+        return text
+    return adapted
+
+
+#: Times :func:`_called_at_values` compares its text with the adapter's on: whole seconds,
+#: microseconds, a fraction that rounds up into the next second, a leap year's last second.
+_PROBES = (0.0, 1767323045.0, 1767323045.000006, 1767323045.9999996, 1798761599.25, 951868799.5)
+
+
+#: The columns of a queued row, in its order (:func:`record`).
+_COLUMNS = (
+    "called_at",
+    "datasource_id",
+    "api_key_id",
+    "user_id",
+    "method",
+    "path",
+    "status",
+    "error",
+    "latency_ms",
+    "request_bytes",
+    "response_bytes",
+    "retries",
+    "refreshed",
+)
+
+
+#: Most rows in one INSERT (under every backend's limit on parameters per statement).
+MAX_ROWS_PER_STATEMENT = 500
+
+
+def _rows_per_statement(connection, rows: int) -> int:
+    """Rows per INSERT: the backend's batch size for our columns (SQLite's is 999 parameters
+    per statement), at most :data:`MAX_ROWS_PER_STATEMENT`."""
+    fields = [ProxyCall._meta.get_field(name) for name in _COLUMNS]
+    batch_size = connection.ops.bulk_batch_size(fields, range(rows))
+    return max(1, min(batch_size, MAX_ROWS_PER_STATEMENT))
+
+
+def _insert_sql(connection, rows: int) -> str:
+    quote = connection.ops.quote_name
+    columns = ", ".join(quote(ProxyCall._meta.get_field(name).column) for name in _COLUMNS)
+    row = "(" + ", ".join(["%s"] * len(_COLUMNS)) + ")"
+    # Names from the model's metadata, quoted; every value is a parameter.
+    table = quote(ProxyCall._meta.db_table)
+    return f"INSERT INTO {table} ({columns}) VALUES {', '.join([row] * rows)}"  # noqa: S608
+
+
+def discard() -> None:
+    """Forget the rows not written yet (tests start from nothing)."""
+    global _last_flush
+    with _lock:
+        _pending.clear()
+        _last_flush = time.monotonic()
+
+
+def prune(now: datetime | None = None) -> int:
+    """Delete rows older than CALL_LOG_RETENTION_DAYS; how many went."""
+    cutoff = (now or timezone.now()) - timedelta(days=app_settings.CALL_LOG_RETENTION_DAYS)
+    deleted, _ = ProxyCall.objects.filter(called_at__lt=cutoff).delete()
+    return deleted
