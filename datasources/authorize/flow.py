@@ -10,7 +10,6 @@ from __future__ import annotations
 import secrets
 from datetime import timedelta
 
-from django.db import transaction
 from django.http import HttpRequest
 from django.urls import reverse
 from django.utils import timezone
@@ -21,6 +20,7 @@ from ..authserver import oauth
 from ..conf import app_settings
 from ..exceptions import InvalidState
 from ..models import AuthorizationRequest, Datasource, Token, sha256_hex
+from ..tokens.lifecycle import purge_expired
 
 SESSION_BINDING_KEY = "datasources_authorization_binding"
 
@@ -122,13 +122,3 @@ def complete(auth_request: AuthorizationRequest, code: str, *, user=None) -> Tok
         code_verifier=auth_request.code_verifier,
     )
     return tokens.store_authorization(auth_request.datasource, response, user=user)
-
-
-def purge_expired(now=None) -> int:
-    """Delete requests that expired or were used more than a day ago."""
-    now = now or timezone.now()
-    with transaction.atomic():
-        deleted, _ = AuthorizationRequest.objects.filter(
-            expires_at__lt=now - timedelta(days=1)
-        ).delete()
-    return deleted

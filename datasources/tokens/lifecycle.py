@@ -18,7 +18,7 @@ from django.views.decorators.debug import sensitive_variables
 from ..authserver import oauth
 from ..conf import app_settings
 from ..exceptions import DatasourceError, NotAuthorized
-from ..models import Datasource, Token, TokenEvent, TokenStatus
+from ..models import AuthorizationRequest, Datasource, Token, TokenEvent, TokenStatus
 from ..signals import datasource_authorized, token_refreshed
 from .decide import due_for
 from .expiry import expiry_of, parse_expires_in
@@ -280,8 +280,17 @@ def store_due(datasource: Datasource, token: Token, *, lease_id: str | None = No
 
 def prune_history() -> int:
     """Drop token events past the retention period and stale authorization requests."""
-    from ..authorize.flow import purge_expired
-
     cutoff = timezone.now() - timedelta(days=app_settings.EVENT_RETENTION_DAYS)
     deleted, _ = TokenEvent.objects.filter(created_at__lt=cutoff).delete()
     return deleted + purge_expired()
+
+
+def purge_expired(now: datetime | None = None) -> int:
+    """Delete authorization requests (state, PKCE verifier) that expired or were used more than
+    a day ago: the flow purges them as it starts one, the sweep with the token history."""
+    now = now or timezone.now()
+    with transaction.atomic():
+        deleted, _ = AuthorizationRequest.objects.filter(
+            expires_at__lt=now - timedelta(days=1)
+        ).delete()
+    return deleted
