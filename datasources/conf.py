@@ -39,7 +39,7 @@ DEFAULTS: dict[str, Any] = {
     # Largest answer read from an authorization server (token, revocation, discovery); a larger
     # one is abandoned unread, as a transient failure.
     "HTTP_MAX_RESPONSE_BYTES": 1024 * 1024,
-    "USER_AGENT": "django-oauth2-datasources/0.1",
+    "USER_AGENT": "django-oauth2-datasources/0.2",
     # http:// is refused except for loopback hosts (127.0.0.0/8, ::1, localhost) when this is on.
     "ALLOW_LOOPBACK_HTTP": True,
     # Authorization requests (state + PKCE verifier) expire after this many seconds.
