@@ -14,6 +14,7 @@ import environ
 from django.core.exceptions import ImproperlyConfigured
 
 from config.paths import filesystem_transport_options
+from datasources.conf import settings_from_environ
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -171,29 +172,9 @@ CELERY_ACCEPT_CONTENT = ["json"]
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_BEAT_SCHEDULE_FILENAME = str(DATA_DIR / "celerybeat-schedule")
 
-DATASOURCES = {
-    "PUBLIC_BASE_URL": env.str("DATASOURCES_PUBLIC_BASE_URL", default=""),
-    "REFRESH_MARGIN": env.int("DATASOURCES_REFRESH_MARGIN", default=300),
-    "SWEEP_INTERVAL": env.int("DATASOURCES_SWEEP_INTERVAL", default=60),
-    "SWEEP_BATCH_SIZE": env.int("DATASOURCES_SWEEP_BATCH_SIZE", default=1000),
-    "HTTP_TIMEOUT": env.float("DATASOURCES_HTTP_TIMEOUT", default=10.0),
-    "METRICS_TOKEN": env.str("DATASOURCES_METRICS_TOKEN", default=""),
-    "IMPORT_ENV_PREFIX": env.str("DATASOURCES_IMPORT_ENV_PREFIX", default="DATASOURCE_SECRET_"),
-    "PROXY_ASGI_THREADS": env.int("DATASOURCES_PROXY_ASGI_THREADS", default=16),
-    # OpenTelemetry (docs/tracing.md; pip install '.[otel]'); the exporter reads OTEL_* variables.
-    "TRACING": env.bool("DATASOURCES_TRACING", default=False),
-    "TRACING_PROPAGATE": env.bool("DATASOURCES_TRACING_PROPAGATE", default=False),
-    "TRACING_TRUST_INCOMING": env.bool("DATASOURCES_TRACING_TRUST_INCOMING", default=False),
-    "WEBHOOK_TIMEOUT": env.float("DATASOURCES_WEBHOOK_TIMEOUT", default=10.0),
-    "WEBHOOK_MAX_ATTEMPTS": env.int("DATASOURCES_WEBHOOK_MAX_ATTEMPTS", default=12),
-    "WEBHOOK_BACKOFF_BASE": env.float("DATASOURCES_WEBHOOK_BACKOFF_BASE", default=15.0),
-    "WEBHOOK_BACKOFF_MAX": env.float("DATASOURCES_WEBHOOK_BACKOFF_MAX", default=3600.0),
-    "WEBHOOK_CLAIM_SECONDS": env.float("DATASOURCES_WEBHOOK_CLAIM_SECONDS", default=60.0),
-    "WEBHOOK_SWEEP_INTERVAL": env.float("DATASOURCES_WEBHOOK_SWEEP_INTERVAL", default=60.0),
-    "PROXY_FAST_LANE": env.bool("DATASOURCES_PROXY_FAST_LANE", default=True),
-    "USAGE_FLUSH_INTERVAL": env.float("DATASOURCES_USAGE_FLUSH_INTERVAL", default=1.0),
-    "CALL_LOG_FLUSH_INTERVAL": env.float("DATASOURCES_CALL_LOG_FLUSH_INTERVAL", default=1.0),
-}
+# Every DATASOURCES setting can be set by its DATASOURCES_<NAME> environment variable
+# (docs/operations.md lists them, with their defaults).
+DATASOURCES = settings_from_environ()
 
 # Email (re-authorization notices to datasource owners). Default: printed to the console.
 EMAIL_CONFIG = env.email_url("EMAIL_URL", default="consolemail://")

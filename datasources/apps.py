@@ -9,7 +9,8 @@ class DatasourcesConfig(AppConfig):
 
     def ready(self) -> None:
         from . import checks, encryption  # noqa: F401
-        from .ops import logfilters
+        from .calls import health  # noqa: F401  (forget an upstream's health on edits)
+        from .ops import logfilters, notifications  # noqa: F401  (the owner's e-mail receiver)
         from .proxy import cache  # noqa: F401  (empty the caches on edits)
         from .webhooks import events  # noqa: F401  (the signal receivers)
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from typing import Any
 
 from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
 from django.core.signals import setting_changed
 from django.dispatch import receiver
 
@@ -150,6 +153,60 @@ DEFAULTS: dict[str, Any] = {
     "TRACING_PROPAGATE": False,
     "TRACING_TRUST_INCOMING": False,
 }
+
+
+#: The environment variable of a setting is its name behind this prefix: DATASOURCES_LEASE_WAIT.
+ENV_PREFIX = "DATASOURCES_"
+_TRUE = frozenset({"1", "true", "yes", "on", "y", "ok"})
+_FALSE = frozenset({"0", "false", "no", "off", "n", ""})
+#: Settings with a whole-number default that count things (the others are seconds and may be
+#: fractional).
+_COUNTS = ("_SIZE", "_ATTEMPTS", "_BYTES", "_QUEUED", "_BUFFER", "_DAYS", "_THRESHOLD", "_THREADS")
+
+
+def settings_from_environ(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The ``DATASOURCES`` settings that the environment sets: every setting ``NAME`` may be set
+    by ``DATASOURCES_NAME``, parsed as its default's type (a flag, a whole number, a number of
+    seconds or text). For a project's settings module::
+
+        DATASOURCES = settings_from_environ()
+
+    Why one generic reader instead of a line per setting: an operator can then change any of
+    them (a lease, a timeout, the cooldown) without a code change, and the table in
+    docs/operations.md cannot miss one. A value that does not parse is refused at start with the
+    variable's name, never its value (some are secrets, e.g. METRICS_TOKEN)."""
+    environ = os.environ if environ is None else environ
+    found: dict[str, Any] = {}
+    for name, default in DEFAULTS.items():
+        raw = environ.get(ENV_PREFIX + name)
+        if raw is not None:
+            found[name] = _parse(ENV_PREFIX + name, raw.strip(), default)
+    return found
+
+
+def _parse(variable: str, raw: str, default: Any) -> Any:
+    """``raw`` as the type of ``default``; ImproperlyConfigured naming ``variable`` otherwise."""
+    if isinstance(default, bool):
+        if raw.lower() in _TRUE:
+            return True
+        if raw.lower() in _FALSE:
+            return False
+        raise ImproperlyConfigured(
+            f"{variable} must be a flag: 1 or 0 (true/false, yes/no, on/off)."
+        )
+    if isinstance(default, int | float):
+        try:
+            number = float(raw)
+        except ValueError:
+            number = float("nan")
+        if number != number or number in (float("inf"), float("-inf")):
+            raise ImproperlyConfigured(f"{variable} must be a number.")
+        if isinstance(default, int) and number.is_integer():
+            return int(number)
+        if isinstance(default, int) and variable.endswith(_COUNTS):
+            raise ImproperlyConfigured(f"{variable} must be a whole number.")
+        return number
+    return raw
 
 
 class AppSettings:
