@@ -443,6 +443,14 @@ def test_plain_explanations():
     assert "client ID or client secret" in explain("invalid_client: bad secret")
     assert "Scope(s)" in explain("Configuration error: invalid_scope: nope")
     assert "having trouble" in explain("The authorization server answered HTTP 503.")
+    # OpenID Connect's "a person is needed" answers, and Entra's words for them
+    mfa = "invalid_grant: AADSTS50076: you must use multi-factor authentication to access"
+    assert "multi-factor" in explain(mfa)
+    assert "multi-factor" in explain("interaction_required: AADSTS50079: enroll in MFA")
+    assert "consent" in explain("invalid_grant: AADSTS65001: The user has not consented")
+    assert "consent" in explain("consent_required")
+    for code in ("interaction_required", "login_required", "account_selection_required"):
+        assert "sign in again" in explain(f"{code}: the provider needs the user"), code
     assert explain("something new") == ""
 
 

@@ -525,6 +525,12 @@ CLASSES = [
     ("bad_refresh_token", 200, P),  # GitHub Apps
     ("invalid_refresh_token", 200, P),  # Slack
     ("invalid_code", 200, P),  # Zoho
+    # OIDC Core §3.1.2.6 on a refresh: only a person can help (Entra: MFA, consent revoked)
+    ("interaction_required", 400, P),
+    ("login_required", 400, P),
+    ("consent_required", 400, P),
+    ("account_selection_required", 400, P),
+    ("interaction_required", 503, T),  # a 5xx is still no verdict
     ("invalid_scope", 400, C),
     ("invalid_request", 400, C),
     ("unsupported_grant_type", 400, C),

@@ -278,7 +278,19 @@ def test_transient_failures_keep_the_token_and_back_off(fake_token_endpoint, cap
     assert_no_secrets(caplog, token.last_error)
 
 
-@pytest.mark.parametrize("error", ["invalid_grant", "invalid_client", "unauthorized_client"])
+@pytest.mark.parametrize(
+    "error",
+    [
+        "invalid_grant",
+        "invalid_client",
+        "unauthorized_client",
+        # OpenID Connect: only a person can help (Entra asking for MFA or consent again)
+        "interaction_required",
+        "login_required",
+        "consent_required",
+        "account_selection_required",
+    ],
+)
 def test_permanent_failures_need_reauthorization(fake_token_endpoint, caplog, error):
     caplog.set_level(logging.DEBUG)
     datasource = authorized_fake()

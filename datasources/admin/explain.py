@@ -43,6 +43,24 @@ _EXPLANATIONS: tuple[tuple[str, str], ...] = (
         "settings at the provider, or choose the other grant type here.",
     ),
     (
+        r"\bAADSTS5007[69]\b",
+        "Microsoft Entra ID asks the person who authorized this datasource for multi-factor "
+        "authentication again, which only they can do. Click Re-authorize and sign in with "
+        "that account.",
+    ),
+    (
+        r"\bconsent_required\b|\bAADSTS65001\b",
+        "The provider needs consent again: the person who authorized this datasource (or an "
+        "administrator of their organisation) withdrew it, or the scopes changed. Click "
+        "Re-authorize and grant access again.",
+    ),
+    (
+        r"\binteraction_required\b|\blogin_required\b|\baccount_selection_required\b",
+        "The provider needs the person who authorized this datasource to sign in again (a new "
+        "sign-in, a security check, or choosing an account), which cannot happen in the "
+        "background. Click Re-authorize.",
+    ),
+    (
         r"\binvalid_grant\b|\bbad_refresh_token\b|\binvalid_refresh_token\b|\binvalid_code\b",
         "The provider no longer accepts the stored authorization: it was revoked, expired, "
         "or replaced by a newer one. Click Re-authorize and grant access again.",

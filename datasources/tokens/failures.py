@@ -42,6 +42,13 @@ PERMANENT_ERRORS = frozenset(
         "invalid_refresh_token",  # Slack, HTTP 200
         "token_revoked",  # Slack
         "invalid_code",  # Zoho (refresh and code), Slack (code), HTTP 200
+        # OpenID Connect Core §3.1.2.6: the provider needs the person (sign-in, MFA, consent,
+        # which account): Microsoft Entra answers a refresh with these when MFA or consent is
+        # required again. Retrying cannot help; asking for re-authorization can.
+        "interaction_required",
+        "login_required",
+        "consent_required",
+        "account_selection_required",
     }
 )
 #: Codes that say the request as configured is wrong; retrying the same will fail the same way
