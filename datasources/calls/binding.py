@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 from django.views.decorators.debug import sensitive_variables
 
 from ..security import dpop
-from . import target
+from . import challenge, target
 
 if TYPE_CHECKING:
     from ..models import Datasource, Token
@@ -72,9 +72,13 @@ def proof_refused(
 
 
 def token_rejected(datasource: Datasource, status: int, headers: dpop.Headers) -> bool:
-    """Whether the answer says the token expired (refresh once and retry): one of the
-    datasource's "expired" statuses, and not a refusal of the DPoP proof alone (a nonce
-    wanted, a proof refused)."""
-    if status not in datasource.expiry_statuses:
+    """Whether the answer says the token expired (refresh once and retry): what
+    :func:`.challenge.read_answer` reads from its ``WWW-Authenticate`` challenge, else one of
+    the datasource's "expired" statuses; never a refusal of the DPoP proof alone (a nonce
+    wanted, a proof refused) nor a lack of scope."""
+    reading = challenge.read_answer(
+        status, headers.get("WWW-Authenticate"), datasource.expiry_statuses
+    )
+    if reading.verdict is not challenge.Verdict.EXPIRED:
         return False
     return not datasource.use_dpop or not dpop.resource_refusal(status, headers).proof_only
