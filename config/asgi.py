@@ -11,7 +11,8 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
 django.setup(set_prefix=False)
 ensure_data_dirs()
 
-from datasources.proxy.asgi import Router  # noqa: E402  (after django.setup())
+from datasources.asgi import with_proxy_lane  # noqa: E402
 
-# The proxy's URLs take the fast path (datasources/proxy/asgi.py); everything else is Django's.
-application = Router(ASGIHandler())
+# The proxy's URLs take the fast path (datasources/asgi.py, as docs/install.md tells a host
+# project to do); everything else is Django's.
+application = with_proxy_lane(ASGIHandler())
