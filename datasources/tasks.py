@@ -90,6 +90,7 @@ _OWN_TASKS = frozenset(
         "datasources.tasks.sample_usage",
         "datasources.tasks.deliver_webhook",
         "datasources.tasks.sweep_webhooks",
+        "datasources.tasks.prune_call_log",
     }
 )
 

@@ -367,3 +367,16 @@ def test_worker_survives_its_database_connections_being_cut(
     assert echo.status_code == 200
     # It works on a new session, not on a resurrected one.
     assert set(worker_sessions()).isdisjoint(cut)
+
+
+def test_every_task_of_the_app_gets_the_database_failover_hooks():
+    """The connection hooks run only around the app's own tasks (named in _OWN_TASKS): a task
+    added without its name there would run on a connection that a failover left broken."""
+    from celery import current_app
+
+    from datasources import tasks
+
+    current_app.loader.import_default_modules()
+    ours = {name for name in current_app.tasks if name.startswith("datasources.tasks.")}
+    assert ours, "no datasources task registered"
+    assert ours == set(tasks._OWN_TASKS)
