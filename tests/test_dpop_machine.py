@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import jwt
 import pytest
-from django.core.cache import cache
 
 from datasources import tokens
 from datasources.models import Datasource, Token
@@ -18,9 +17,12 @@ from datasources.proxy import cache as proxy_cache
 from datasources.security import dpop
 
 from .oidcjourney import jwks, new_key, proxy_client, proxy_url
-from .oidcprovider import JWT_BEARER, start_oidc_provider
+from .oidcprovider import JWT_BEARER
 
-pytestmark = pytest.mark.django_db
+pytestmark = [
+    pytest.mark.django_db,
+    pytest.mark.usefixtures("fresh_dpop_nonces", "fresh_proxy_cache"),
+]
 
 CLIENT_KEY, CLIENT_PEM = new_key("ec")
 SA_EMAIL = "dpop-sa@project.iam.example"
@@ -28,8 +30,8 @@ SA_KEY, SA_PEM = new_key("rsa")
 
 
 @pytest.fixture(scope="module")
-def op():
-    config = {
+def op_config():
+    return {
         "clients": [
             {
                 "client_id": "dpop-svc",
@@ -54,18 +56,6 @@ def op():
         "jwtBearer": {"maxLifetime": 300},
         "features": {"dpop": {"enabled": True, "requireNonce": True, "resourceNonce": True}},
     }
-    with start_oidc_provider(config) as provider:
-        yield provider
-
-
-@pytest.fixture(autouse=True)
-def _fresh(op):
-    op.reset()
-    dpop.forget_nonces()
-    cache.clear()
-    proxy_cache.forget()
-    yield
-    proxy_cache.forget()
 
 
 def statuses(entries):

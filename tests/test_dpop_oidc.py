@@ -8,7 +8,6 @@ introspection endpoint (``cnf.jkt`` = the datasource's key thumbprint)."""
 from __future__ import annotations
 
 import pytest
-import requests
 from django.core.cache import cache
 from django.test import Client
 
@@ -25,12 +24,15 @@ from .oidcprovider import TEST_USER, start_oidc_provider
 CALLBACK = f"http://testserver{CALLBACK_PATH}"
 SECRET = "dpop-client-secret-0123456789-abcdef"
 
-pytestmark = pytest.mark.django_db
+pytestmark = [
+    pytest.mark.django_db,
+    pytest.mark.usefixtures("fresh_dpop_nonces", "fresh_proxy_cache"),
+]
 
 
 @pytest.fixture(scope="module")
-def op():
-    config = {
+def op_config():
+    return {
         "clients": [
             {
                 "client_id": "dpop-web",
@@ -52,18 +54,6 @@ def op():
         ],
         "features": {"dpop": {"enabled": True, "requireNonce": True}},
     }
-    with start_oidc_provider(config) as provider:
-        yield provider
-
-
-@pytest.fixture(autouse=True)
-def _fresh(op):
-    op.reset()
-    dpop.forget_nonces()
-    cache.clear()
-    proxy_cache.forget()
-    yield
-    proxy_cache.forget()
 
 
 def import_entry(op, **fields):
@@ -98,17 +88,6 @@ def authorize(op, staff_client, datasource: Datasource) -> Token:
     return token
 
 
-def introspect(op, client_id: str, access_token: str) -> dict:
-    response = requests.post(
-        f"{op.issuer}/token/introspection",
-        data={"token": access_token},
-        auth=(client_id, SECRET),
-        timeout=10,
-    )
-    response.raise_for_status()
-    return response.json()
-
-
 def token_requests(op, grant_type: str) -> list[dict]:
     return [e for e in op.requests("token") if e["grant_type"] == grant_type]
 
@@ -128,7 +107,7 @@ def test_code_flow_refresh_and_proxy_with_nonces_at_both_servers(op, staff_clien
     ]
     assert all(e["dpop"] for e in exchanges)
     assert token.token_type == "DPoP"
-    bound = introspect(op, "dpop-web", token.access_token)
+    bound = op.introspect(token.access_token, client_id="dpop-web", secret=SECRET)
     assert bound["active"] and bound["cnf"] == {"jkt": datasource.dpop_jkt}
 
     # The proxy: the token as "DPoP", a proof with ath. The resource server's nonce is not
@@ -164,7 +143,10 @@ def test_code_flow_refresh_and_proxy_with_nonces_at_both_servers(op, staff_clien
     assert refreshed.token_type == "DPoP"
     refreshes = token_requests(op, "refresh_token")
     assert [e["status"] for e in refreshes] == [200] and refreshes[0]["dpop"]
-    assert introspect(op, "dpop-web", refreshed.access_token)["cnf"]["jkt"] == datasource.dpop_jkt
+    assert (
+        op.introspect(refreshed.access_token, client_id="dpop-web", secret=SECRET)["cnf"]["jkt"]
+        == datasource.dpop_jkt
+    )
     proxy_cache.forget()
     response = api.get(f"/api/v1/datasources/{datasource.slug}/proxy/me")
     assert response.status_code == 200 and response.json()["sub"] == TEST_USER
@@ -252,7 +234,10 @@ def test_a_token_bound_to_another_key_is_refused_and_replaced(op, staff_client):
     assert [e["status"] for e in op.requests("userinfo")] == [200]
     now = Token.objects.get(pk=old.pk)
     assert now.access_token != old.access_token
-    assert introspect(op, "dpop-web", now.access_token)["cnf"]["jkt"] == datasource.dpop_jkt
+    assert (
+        op.introspect(now.access_token, client_id="dpop-web", secret=SECRET)["cnf"]["jkt"]
+        == datasource.dpop_jkt
+    )
 
 
 def test_a_server_without_dpop_returns_bearer_tokens_which_stay_bearer(staff_client):
@@ -276,7 +261,9 @@ def test_a_server_without_dpop_returns_bearer_tokens_which_stay_bearer(staff_cli
         token = authorize(plain, staff_client, datasource)
         assert token.token_type == "Bearer"
         assert all(e["dpop"] for e in plain.requests("token"))  # proofs were offered
-        assert "cnf" not in introspect(plain, "dpop-web", token.access_token)
+        assert "cnf" not in plain.introspect(
+            token.access_token, client_id="dpop-web", secret=SECRET
+        )
         plain.reset()
         with datasource.session() as session:
             assert session.get("me").json()["sub"] == TEST_USER
@@ -302,7 +289,9 @@ def test_the_code_is_bound_to_the_key_with_and_without_par(op, staff_client):
         (201, None),
     ]
     assert all(e["dpop"] for e in pushed)
-    assert introspect(op, "dpop-web", token.access_token)["cnf"] == {"jkt": par.dpop_jkt}
+    assert op.introspect(token.access_token, client_id="dpop-web", secret=SECRET)["cnf"] == {
+        "jkt": par.dpop_jkt
+    }
 
 
 def test_a_code_bound_to_a_replaced_key_is_refused_with_the_reason(op, staff_client):

@@ -10,8 +10,6 @@ client certificate)."""
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -26,12 +24,12 @@ from datasources.proxy.apikeys import create_api_key
 
 from . import certs
 from .conftest import CALLBACK_PATH
-from .oidcprovider import TEST_USER, start_oidc_provider
+from .oidcprovider import TEST_USER
 from .serving import LANE
 
 CALLBACK = f"http://testserver{CALLBACK_PATH}"
 
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("fresh_proxy_cache")]
 
 
 @pytest.fixture(scope="module")
@@ -39,10 +37,9 @@ def pki():
     return make_pki()
 
 
-def provider_config(pki, directory: Path) -> tuple[dict, str]:
+def provider_config(pki, directory: Path) -> dict:
     """oidc-provider over https (server certificate from the test CA, client certificates
-    requested) with a tls_client_auth and a self_signed_tls_client_auth client; and the path
-    of the CA file."""
+    requested) with a tls_client_auth and a self_signed_tls_client_auth client."""
     cert, key = pki["server"].write(directory, "server")
     ca_path = directory / "ca.crt"
     ca_path.write_text(pki["ca"].cert_pem)
@@ -85,7 +82,7 @@ def provider_config(pki, directory: Path) -> tuple[dict, str]:
             }
         },
     }
-    return config, str(ca_path)
+    return config
 
 
 def make_pki() -> dict[str, certs.Issued]:
@@ -101,10 +98,8 @@ def make_pki() -> dict[str, certs.Issued]:
 
 
 @pytest.fixture(scope="module")
-def op(pki, tmp_path_factory):
-    config, ca_path = provider_config(pki, tmp_path_factory.mktemp("mtls"))
-    with start_oidc_provider(config, verify=ca_path) as provider:
-        yield provider
+def op_config(pki, tmp_path_factory):
+    return provider_config(pki, tmp_path_factory.mktemp("mtls"))
 
 
 def _ec_xy(issued: certs.Issued) -> dict[str, str]:
@@ -112,14 +107,6 @@ def _ec_xy(issued: certs.Issued) -> dict[str, str]:
 
     jwk = jwt.algorithms.ECAlgorithm.to_jwk(issued.key.public_key(), as_dict=True)
     return {"x": jwk["x"], "y": jwk["y"]}
-
-
-@pytest.fixture(autouse=True)
-def _fresh(op):
-    op.reset()
-    proxy_cache.forget()
-    yield
-    proxy_cache.forget()
 
 
 def entry(op, pki, **fields):
@@ -172,24 +159,6 @@ class LaneCalls:
             } == handed_over
 
 
-def introspect(op, pki, access_token: str) -> dict:
-    """RFC 7662 at the provider, authenticated as mtls-web by its certificate."""
-    directory = Path(tempfile.mkdtemp())
-    try:
-        cert, key = pki["web"].write(directory, "web")
-        response = requests.post(
-            f"{op.issuer}/token/introspection",
-            data={"token": access_token, "client_id": "mtls-web"},
-            cert=(cert, key),
-            verify=op.verify,
-            timeout=10,
-        )
-    finally:
-        shutil.rmtree(directory)
-    response.raise_for_status()
-    return response.json()
-
-
 def resource_without_certificate(op, access_token: str) -> requests.Response:
     return requests.get(
         op.resource_url,
@@ -217,7 +186,11 @@ def test_tls_client_auth_code_flow_refresh_and_bound_token_through_the_proxy(
     assert exchange["client_auth"] == "tls_client_auth"
 
     # Bound to the certificate (cnf.x5t#S256, introspected with the client's certificate) …
-    assert introspect(op, pki, token.access_token)["cnf"] == {"x5t#S256": pki["web"].thumbprint}
+    assert op.introspect(
+        token.access_token,
+        client_id="mtls-web",
+        client_certificate=(pki["web"].cert_pem, pki["web"].key_pem),
+    )["cnf"] == {"x5t#S256": pki["web"].thumbprint}
     # … so the resource server refuses the token without the certificate …
     refused = resource_without_certificate(op, token.access_token)
     assert refused.status_code == 401 and "x5t#S256" in refused.text
