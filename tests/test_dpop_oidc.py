@@ -19,6 +19,7 @@ from datasources.proxy.apikeys import create_api_key
 from datasources.security import dpop
 
 from .conftest import CALLBACK_PATH
+from .oidcjourney import authorized_token
 from .oidcprovider import TEST_USER, start_oidc_provider
 
 CALLBACK = f"http://testserver{CALLBACK_PATH}"
@@ -77,17 +78,6 @@ def import_entry(op, **fields):
     return Datasource.objects.get(slug=entry["slug"])
 
 
-def authorize(op, staff_client, datasource: Datasource) -> Token:
-    start = staff_client.get(f"/admin/datasources/datasource/{datasource.pk}/authorize/")
-    assert start.status_code == 302, start.content[:300]
-    callback = op.consent(start["Location"], CALLBACK)
-    response = staff_client.get(callback.removeprefix("http://testserver"))
-    assert response.status_code == 302, response.content[:300]
-    token = Token.objects.get(datasource=datasource, user=None)
-    assert token.status == "active", token.last_error
-    return token
-
-
 def token_requests(op, grant_type: str) -> list[dict]:
     return [e for e in op.requests("token") if e["grant_type"] == grant_type]
 
@@ -96,7 +86,7 @@ def test_code_flow_refresh_and_proxy_with_nonces_at_both_servers(op, staff_clien
     datasource = import_entry(op)
     assert datasource.dpop_jkt and datasource.dpop_private_key
 
-    token = authorize(op, staff_client, datasource)
+    token = authorized_token(staff_client, op, datasource)
 
     # At the token endpoint: the first exchange was refused for want of a nonce, the second
     # (same code, a proof with the nonce) accepted; both carried a proof.
@@ -166,7 +156,7 @@ def test_a_replayed_proof_refused_by_the_server_is_retried_with_a_fresh_one(
     op, staff_client, monkeypatch
 ):
     datasource = import_entry(op)
-    authorize(op, staff_client, datasource)
+    authorized_token(staff_client, op, datasource)
     _, key = create_api_key("app")
     api = Client(HTTP_AUTHORIZATION=f"Api-Key {key}")
     assert api.get(f"/api/v1/datasources/{datasource.slug}/proxy/me").status_code == 200
@@ -200,7 +190,7 @@ def test_a_replayed_proof_refused_by_the_server_is_retried_with_a_fresh_one(
 
 def test_a_token_bound_to_another_key_is_refused_and_replaced(op, staff_client):
     datasource = import_entry(op)
-    old = authorize(op, staff_client, datasource)
+    old = authorized_token(staff_client, op, datasource)
     old_jkt = datasource.dpop_jkt
 
     # The key is replaced but the token bound to the old one is kept: the resource server
@@ -258,7 +248,7 @@ def test_a_server_without_dpop_returns_bearer_tokens_which_stay_bearer(staff_cli
     }
     with start_oidc_provider(config) as plain:
         datasource = import_entry(plain, slug="plain")
-        token = authorize(plain, staff_client, datasource)
+        token = authorized_token(staff_client, plain, datasource)
         assert token.token_type == "Bearer"
         assert all(e["dpop"] for e in plain.requests("token"))  # proofs were offered
         assert "cnf" not in plain.introspect(
@@ -281,7 +271,7 @@ def test_the_code_is_bound_to_the_key_with_and_without_par(op, staff_client):
 
     par = import_entry(op, slug="dpop-par", pushed_authorization_request_url=op.par_url)
     op.reset()
-    token = authorize(op, staff_client, par)
+    token = authorized_token(staff_client, op, par)
     assert token.token_type == "DPoP"
     pushed = op.requests("par")
     assert [(e["status"], e.get("error")) for e in pushed] == [

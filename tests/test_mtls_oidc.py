@@ -24,6 +24,7 @@ from datasources.proxy.apikeys import create_api_key
 
 from . import certs
 from .conftest import CALLBACK_PATH
+from .oidcjourney import authorized_token
 from .oidcprovider import TEST_USER
 from .serving import LANE
 
@@ -132,15 +133,6 @@ def environ(client: certs.Issued) -> dict[str, str]:
     return {"DATASOURCE_SECRET_CERT": client.cert_pem, "DATASOURCE_SECRET_KEY": client.key_pem}
 
 
-def authorize(op, staff_client, datasource: Datasource) -> Token:
-    start = staff_client.get(f"/admin/datasources/datasource/{datasource.pk}/authorize/")
-    assert start.status_code == 302, start.content[:300]
-    callback = op.consent(start["Location"], CALLBACK)
-    response = staff_client.get(callback.removeprefix("http://testserver"))
-    assert response.status_code == 302
-    return Token.objects.get(datasource=datasource, user=None)
-
-
 class LaneCalls:
     """On the ASGI path, proof that the fast lane served the test's proxy calls itself."""
 
@@ -179,7 +171,7 @@ def test_tls_client_auth_code_flow_refresh_and_bound_token_through_the_proxy(
     assert "PRIVATE KEY" not in json.dumps(exported)
     assert pki["web"].cert_pem not in json.dumps(exported)
 
-    token = authorize(op, staff_client, datasource)
+    token = authorized_token(staff_client, op, datasource)
     assert token.status == TokenStatus.ACTIVE, token.last_error
     (exchange,) = [e for e in op.requests("token") if e["status"] == 200]
     assert exchange["grant_type"] == "authorization_code"
@@ -449,7 +441,7 @@ def test_deleted_datasource_tokens_revoked_with_the_certificate(op, pki, staff_c
         environ=environ(pki["web"]),
     )
     datasource = Datasource.objects.get(slug="mtls-revoke")
-    authorize(op, staff_client, datasource)
+    authorized_token(staff_client, op, datasource)
     payload = adminjobs.revocation_payload(datasource)
     assert pki["web"].key_pem.splitlines()[1] not in payload
     datasource.delete()
