@@ -105,6 +105,34 @@ def fresh_dpop_nonces():
     cache.clear()
 
 
+class DPoPProofs:
+    """The DPoP proofs the app makes, recorded; :meth:`replay_last` makes the next one a copy
+    of the last one (an attacker's replay, or a proof reused by mistake)."""
+
+    def __init__(self, monkeypatch) -> None:
+        from datasources.security import dpop
+
+        self.made: list[str] = []
+        self._replay: list[str] = []
+        original = dpop.proof
+
+        def proof(*args, **kwargs) -> str:
+            if self._replay:
+                return self._replay.pop()
+            self.made.append(original(*args, **kwargs))
+            return self.made[-1]
+
+        monkeypatch.setattr(dpop, "proof", proof)
+
+    def replay_last(self) -> None:
+        self._replay.append(self.made[-1])
+
+
+@pytest.fixture
+def dpop_proofs(monkeypatch) -> DPoPProofs:
+    return DPoPProofs(monkeypatch)
+
+
 # --- authorization server (django-oauth-toolkit) -------------------------------------------
 
 

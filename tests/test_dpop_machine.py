@@ -14,7 +14,6 @@ from datasources import tokens
 from datasources.models import Datasource, Token
 from datasources.ops.config_io import import_datasources
 from datasources.proxy import cache as proxy_cache
-from datasources.security import dpop
 
 from .oidcjourney import jwks, new_key, proxy_client, proxy_url
 from .oidcprovider import JWT_BEARER
@@ -62,7 +61,7 @@ def statuses(entries):
     return [(e["status"], e.get("error")) for e in entries]
 
 
-def test_client_credentials_with_private_key_jwt_and_nonces_at_both_servers(op, monkeypatch):
+def test_client_credentials_with_private_key_jwt_and_nonces_at_both_servers(op, dpop_proofs):
     import_datasources(
         [
             {
@@ -108,19 +107,8 @@ def test_client_credentials_with_private_key_jwt_and_nonces_at_both_servers(op, 
     # and its own nonce was the latest one seen, so the token endpoint asks once more.
     assert statuses(op.requests("token")) == [(400, "use_dpop_nonce"), (200, None)]
     proxy_cache.forget()
-    original = dpop.proof
-    made: list[str] = []
-
-    def capture(*args, **kwargs):
-        made.append(original(*args, **kwargs))
-        return made[-1]
-
-    monkeypatch.setattr(dpop, "proof", capture)
     assert api.get(proxy_url(datasource, "resource")).status_code == 200
-    replay = [made[-1]]
-    monkeypatch.setattr(
-        dpop, "proof", lambda *a, **k: replay.pop() if replay else original(*a, **k)
-    )
+    dpop_proofs.replay_last()
     op.reset()
     response = api.get(proxy_url(datasource, "resource"))
     assert response.status_code == 200, response.content

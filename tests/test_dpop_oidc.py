@@ -153,7 +153,7 @@ def test_code_flow_refresh_and_proxy_with_nonces_at_both_servers(op, staff_clien
 
 
 def test_a_replayed_proof_refused_by_the_server_is_retried_with_a_fresh_one(
-    op, staff_client, monkeypatch
+    op, staff_client, dpop_proofs
 ):
     datasource = import_entry(op)
     authorized_token(staff_client, op, datasource)
@@ -163,19 +163,8 @@ def test_a_replayed_proof_refused_by_the_server_is_retried_with_a_fresh_one(
 
     # The next proof is a copy of one the server has already accepted (an attacker's replay,
     # or a proof reused by mistake): the server refuses it; the proxy sends a fresh one.
-    original = dpop.proof
-    made: list[str] = []
-
-    def capture(*args, **kwargs):
-        made.append(original(*args, **kwargs))
-        return made[-1]
-
-    monkeypatch.setattr(dpop, "proof", capture)
     assert api.get(f"/api/v1/datasources/{datasource.slug}/proxy/me").status_code == 200
-    replay = [made[-1]]
-    monkeypatch.setattr(
-        dpop, "proof", lambda *a, **k: replay.pop() if replay else original(*a, **k)
-    )
+    dpop_proofs.replay_last()
     op.reset()
     response = api.get(f"/api/v1/datasources/{datasource.slug}/proxy/me")
     assert response.status_code == 200, response.content
