@@ -16,8 +16,9 @@ from datasources.models import Datasource
 
 CALLBACK_PATH = "/api/v1/datasources/authorize"
 
-# The browser tests' shared fixtures (page, expect, builder, playwright_api).
-pytest_plugins = ["tests.browser"]
+# Shared fixtures: the browser tests' (page, expect, builder, playwright_api) and the
+# oidc-provider's (op, op_server, op_config).
+pytest_plugins = ["tests.browser", "tests.oidcprovider"]
 
 
 # --- CI: a skip is a failure ---------------------------------------------------------------
@@ -79,6 +80,57 @@ def _no_pending_call_log():
     yield
     calllog.discard()
     usage.discard()
+
+
+@pytest.fixture
+def fresh_proxy_cache():
+    """No datasource or token the proxy cached in an earlier test, none left for the next
+    (PROXY_CACHE_SECONDS)."""
+    from datasources.proxy import cache as proxy_cache
+
+    proxy_cache.forget()
+    yield
+    proxy_cache.forget()
+
+
+@pytest.fixture
+def fresh_dpop_nonces():
+    """No DPoP nonce remembered from an earlier test: this process's memory cleared, and
+    Django's cache, where other processes find them."""
+    from django.core.cache import cache
+
+    from datasources.security import dpop
+
+    dpop.forget_nonces()
+    cache.clear()
+
+
+class DPoPProofs:
+    """The DPoP proofs the app makes, recorded; :meth:`replay_last` makes the next one a copy
+    of the last one (an attacker's replay, or a proof reused by mistake)."""
+
+    def __init__(self, monkeypatch) -> None:
+        from datasources.security import dpop
+
+        self.made: list[str] = []
+        self._replay: list[str] = []
+        original = dpop.proof
+
+        def proof(*args, **kwargs) -> str:
+            if self._replay:
+                return self._replay.pop()
+            self.made.append(original(*args, **kwargs))
+            return self.made[-1]
+
+        monkeypatch.setattr(dpop, "proof", proof)
+
+    def replay_last(self) -> None:
+        self._replay.append(self.made[-1])
+
+
+@pytest.fixture
+def dpop_proofs(monkeypatch) -> DPoPProofs:
+    return DPoPProofs(monkeypatch)
 
 
 # --- authorization server (django-oauth-toolkit) -------------------------------------------

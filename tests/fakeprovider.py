@@ -44,6 +44,7 @@ import pytest
 import requests
 
 from .conftest import CALLBACK_PATH, SECRET, make_datasource
+from .helpers import body_of
 
 T = TypeVar("T")
 
@@ -1047,11 +1048,20 @@ def proxy_url(datasource, path: str = "me") -> str:
 
 
 def body_json(response) -> Any:
-    raw = b"".join(response.streaming_content) if response.streaming else response.content
+    raw = body_of(response)
     try:
         return json.loads(raw)
     except ValueError:
         return raw.decode("utf-8", "replace")
+
+
+def assert_token_unavailable(response) -> None:
+    """The proxy's answer while no token can be had from a provider that is down: 503
+    ``token_unavailable`` with a ``Retry-After`` of at least a second."""
+    assert response.status_code == 503, body_json(response)
+    assert body_json(response)["error"] == "token_unavailable"
+    retry_after = response.get("Retry-After")
+    assert retry_after is not None and retry_after.isdigit() and int(retry_after) >= 1
 
 
 def wait_until(

@@ -105,6 +105,12 @@ def authorize_in_admin(client: Client, op: OidcProvider, datasource: Datasource)
     return provider_url
 
 
+def authorized_token(client: Client, op: OidcProvider, datasource: Datasource) -> Token:
+    """:func:`authorize_in_admin`, then the datasource's shared token (active)."""
+    authorize_in_admin(client, op, datasource)
+    return Token.objects.get(datasource=datasource, user=None)
+
+
 def proxy_client(datasource: Datasource) -> Client:
     _, key = create_api_key("app", datasources=[datasource])
     return Client(HTTP_AUTHORIZATION=f"Api-Key {key}")

@@ -6,12 +6,15 @@ features, TTLs, a JWT bearer grant, TLS for mTLS) and prints ``ISSUER <url>`` wh
 :class:`OidcProvider` that reads the server's request log (``/_test/log``) so tests assert at
 the server which grant and client-authentication method reached it.
 
-Use it through a module- or session-scoped fixture, one provider per configuration::
+A test module gets one through the ``op`` fixture (registered in tests/conftest.py) by
+defining its configuration::
 
     @pytest.fixture(scope="module")
-    def op():
-        with start_oidc_provider({"clients": [...], "jwtBearer": {}}) as provider:
-            yield provider
+    def op_config():
+        return {"clients": [...], "jwtBearer": {}}
+
+The provider starts once for the module; ``op`` hands it to each test with its request log
+cleared. A test that needs a provider of its own starts one with :func:`start_oidc_provider`.
 
 Installed by ``make test`` (``npm ci --prefix tests/oidc``); a missing node or package is a skip
 locally and a failure under CI.
@@ -90,6 +93,34 @@ class OidcProvider:
     def reset(self) -> None:
         requests.post(f"{self.issuer}/_test/reset", timeout=10, verify=self.verify)
 
+    def introspect(
+        self,
+        access_token: str,
+        *,
+        client_id: str,
+        secret: str | None = None,
+        client_certificate: tuple[str, str] | None = None,
+    ) -> dict[str, Any]:
+        """The provider's RFC 7662 answer about ``access_token``, asked as ``client_id``
+        authenticated by ``secret`` (client_secret_basic) or by ``client_certificate`` (the
+        certificate and key PEMs: mutual TLS)."""
+        with tempfile.TemporaryDirectory(prefix="oidc-client-") as tmp:
+            cert = None
+            if client_certificate:
+                cert = (str(Path(tmp) / "client.crt"), str(Path(tmp) / "client.key"))
+                for path, pem in zip(cert, client_certificate, strict=True):
+                    Path(path).write_text(pem)
+            response = requests.post(
+                f"{self.issuer}/token/introspection",
+                data={"token": access_token, **({} if secret else {"client_id": client_id})},
+                auth=(client_id, secret) if secret else None,
+                cert=cert,
+                verify=self.verify,
+                timeout=10,
+            )
+        response.raise_for_status()
+        return response.json()
+
     def consent(self, authorize_url: str, callback_prefix: str) -> str:
         """Play the browser: follow the provider's redirects (the test user logs in and consents
         automatically) until they reach ``callback_prefix``; return that callback URL."""
@@ -125,9 +156,15 @@ def _node() -> str:
 
 @contextmanager
 def start_oidc_provider(
-    config: dict[str, Any], *, verify: str | bool = True
+    config: dict[str, Any], *, verify: str | bool | None = None
 ) -> Iterator[OidcProvider]:
-    """Run ``server.mjs`` with ``config`` until the block ends."""
+    """Run ``server.mjs`` with ``config`` until the block ends.
+
+    An https provider (``config["tls"]``) is verified against the CA file its configuration
+    names (``tls.ca``): the suite's test CA issues its server certificate as well as the client
+    certificates it accepts. ``verify`` says otherwise."""
+    if verify is None:
+        verify = config.get("tls", {}).get("ca") or True
     node = _node()
     with (
         tempfile.TemporaryDirectory(prefix="oidc-") as tmp,
@@ -182,3 +219,27 @@ def _wait_for_issuer(
             return line.split(" ", 1)[1].strip()
     process.kill()
     raise RuntimeError(f"oidc-provider did not print its issuer within {START_DEADLINE}s")
+
+
+# --- fixtures (a plugin registered in tests/conftest.py) -----------------------------------
+
+
+@pytest.fixture(scope="module")
+def op_config() -> dict[str, Any]:
+    """The test module's provider configuration (server.mjs's JSON: clients, features, TTLs,
+    ...). A module that uses ``op`` defines its own."""
+    pytest.fail("a module that uses the op fixture defines op_config", pytrace=False)
+
+
+@pytest.fixture(scope="module")
+def op_server(op_config: dict[str, Any]) -> Iterator[OidcProvider]:
+    """The module's provider, started for its first test that uses ``op``."""
+    with start_oidc_provider(op_config) as provider:
+        yield provider
+
+
+@pytest.fixture
+def op(op_server: OidcProvider) -> OidcProvider:
+    """The module's provider with its request log cleared: a test asserts only its own calls."""
+    op_server.reset()
+    return op_server

@@ -46,13 +46,10 @@ from datasources.proxy import usage
 from datasources.proxy.apikeys import create_api_key
 
 from .conftest import CALLBACK_PATH, SECRET, make_datasource
-from .helpers import subprocess_env
-from .spy import Answer, HostileServer, SpyUpstream
+from .helpers import ACCESS_TOKEN, REFRESH_TOKEN, body_of, connected, subprocess_env
+from .spy import Answer, HostileServer
 
 pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("serving")]
-
-ACCESS_TOKEN = "access-token-" + "a" * 32
-REFRESH_TOKEN = "refresh-token-" + "r" * 32
 
 
 @pytest.fixture(autouse=True)
@@ -83,35 +80,6 @@ def hostile():
         server.stop()
 
 
-def connected(spy: SpyUpstream, **fields) -> Datasource:
-    """A client-credentials datasource whose base URL is the spy's /api/, with a valid token."""
-    return connected_at(spy.base, **fields)
-
-
-def connected_at(base: str, **fields) -> Datasource:
-    """:func:`connected` for any origin ``base`` (``https://…`` upstreams, unreachable ones)."""
-    fields.setdefault("slug", "spied")
-    fields.setdefault("name", "Spied API")
-    datasource = make_datasource(
-        base_url=f"{base}/api/",
-        grant_type="client_credentials",
-        authorization_url="",
-        access_token_url="http://127.0.0.1:9/token",
-        **fields,
-    )
-    now = timezone.now()
-    Token.objects.filter(datasource=datasource, user=None).update(
-        access_token=ACCESS_TOKEN,
-        refresh_token=REFRESH_TOKEN,
-        token_type="Bearer",
-        status="active",
-        expires_at=now + timedelta(hours=1),
-        obtained_at=now,
-        last_refreshed_at=now,
-    )
-    return datasource
-
-
 def key_client(datasources=None) -> tuple[Client, str]:
     _, key = create_api_key("attacker", datasources=datasources)
     return Client(HTTP_AUTHORIZATION=f"Api-Key {key}"), key
@@ -128,10 +96,6 @@ def session_client(django_user_model):
 
 def proxied(datasource: Datasource, path: str = "") -> str:
     return f"/api/v1/datasources/{datasource.slug}/proxy/{path}"
-
-
-def body_of(response) -> bytes:
-    return b"".join(response.streaming_content) if response.streaming else response.content
 
 
 # --- path escapes -----------------------------------------------------------------------------

@@ -41,8 +41,8 @@ SECRET = "client-secret-for-hs256-at-least-32-bytes-long"
 
 
 @pytest.fixture(scope="module")
-def op():
-    config = {
+def op_config():
+    return {
         "clients": [
             {
                 "client_id": "pkjwt-web",
@@ -75,13 +75,6 @@ def op():
         ],
         "ttl": {"AccessToken": 300, "ClientCredentials": 300},
     }
-    with start_oidc_provider(config) as provider:
-        yield provider
-
-
-@pytest.fixture(autouse=True)
-def _fresh_log(op):
-    op.reset()
 
 
 def test_private_key_jwt_code_flow_refresh_proxy_and_revocation(op, staff_client):

@@ -42,9 +42,9 @@ from django.test import Client
 from datasources.models import DatasourceUsage, ProxyCall
 from datasources.proxy.apikeys import create_api_key
 
-from .helpers import ROOT, subprocess_env
+from .helpers import ACCESS_TOKEN, ROOT, connected, subprocess_env
 from .spy import Answer
-from .test_attacks import ACCESS_TOKEN, HOSTILE_HEADERS, HOSTILE_HTML, connected
+from .test_attacks import HOSTILE_HEADERS, HOSTILE_HTML
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

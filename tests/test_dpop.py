@@ -240,8 +240,9 @@ def test_a_callers_dpop_header_never_reaches_the_upstream(settings):
 
     from datasources.proxy import cache as proxy_cache
 
+    from .helpers import ACCESS_TOKEN, connected
     from .spy import SpyUpstream
-    from .test_attacks import ACCESS_TOKEN, connected, key_client, proxied
+    from .test_attacks import key_client, proxied
 
     spy = SpyUpstream().start()
     try:

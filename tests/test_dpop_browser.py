@@ -8,7 +8,6 @@ import json
 import re
 
 import pytest
-import requests
 
 from datasources.models import Datasource, Token
 
@@ -21,9 +20,9 @@ SECRET = "dpop-browser-secret-0123456789-abcdef"
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
 
 
-@pytest.fixture
-def op(live_server):
-    config = {
+@pytest.fixture(scope="module")
+def op_config(live_server):
+    return {
         "clients": [
             {
                 "client_id": "dpop-admin",
@@ -37,17 +36,10 @@ def op(live_server):
         ],
         "features": {"dpop": {"enabled": True, "requireNonce": True}},
     }
-    with start_oidc_provider(config) as provider:
-        yield provider
 
 
 def bound_to(op, access_token: str) -> str | None:
-    answer = requests.post(
-        f"{op.issuer}/token/introspection",
-        data={"token": access_token},
-        auth=("dpop-admin", SECRET),
-        timeout=10,
-    ).json()
+    answer = op.introspect(access_token, client_id="dpop-admin", secret=SECRET)
     return (answer.get("cnf") or {}).get("jkt")
 
 
@@ -113,8 +105,7 @@ def mtls(tmp_path):
     from .test_mtls_oidc import make_pki, provider_config
 
     pki = make_pki()
-    config, ca_path = provider_config(pki, tmp_path)
-    with start_oidc_provider(config, verify=ca_path) as provider:
+    with start_oidc_provider(provider_config(pki, tmp_path)) as provider:
         yield provider, pki
 
 

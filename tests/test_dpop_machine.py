@@ -9,18 +9,19 @@ from __future__ import annotations
 
 import jwt
 import pytest
-from django.core.cache import cache
 
 from datasources import tokens
 from datasources.models import Datasource, Token
 from datasources.ops.config_io import import_datasources
 from datasources.proxy import cache as proxy_cache
-from datasources.security import dpop
 
 from .oidcjourney import jwks, new_key, proxy_client, proxy_url
-from .oidcprovider import JWT_BEARER, start_oidc_provider
+from .oidcprovider import JWT_BEARER
 
-pytestmark = pytest.mark.django_db
+pytestmark = [
+    pytest.mark.django_db,
+    pytest.mark.usefixtures("fresh_dpop_nonces", "fresh_proxy_cache"),
+]
 
 CLIENT_KEY, CLIENT_PEM = new_key("ec")
 SA_EMAIL = "dpop-sa@project.iam.example"
@@ -28,8 +29,8 @@ SA_KEY, SA_PEM = new_key("rsa")
 
 
 @pytest.fixture(scope="module")
-def op():
-    config = {
+def op_config():
+    return {
         "clients": [
             {
                 "client_id": "dpop-svc",
@@ -54,25 +55,13 @@ def op():
         "jwtBearer": {"maxLifetime": 300},
         "features": {"dpop": {"enabled": True, "requireNonce": True, "resourceNonce": True}},
     }
-    with start_oidc_provider(config) as provider:
-        yield provider
-
-
-@pytest.fixture(autouse=True)
-def _fresh(op):
-    op.reset()
-    dpop.forget_nonces()
-    cache.clear()
-    proxy_cache.forget()
-    yield
-    proxy_cache.forget()
 
 
 def statuses(entries):
     return [(e["status"], e.get("error")) for e in entries]
 
 
-def test_client_credentials_with_private_key_jwt_and_nonces_at_both_servers(op, monkeypatch):
+def test_client_credentials_with_private_key_jwt_and_nonces_at_both_servers(op, dpop_proofs):
     import_datasources(
         [
             {
@@ -118,19 +107,8 @@ def test_client_credentials_with_private_key_jwt_and_nonces_at_both_servers(op, 
     # and its own nonce was the latest one seen, so the token endpoint asks once more.
     assert statuses(op.requests("token")) == [(400, "use_dpop_nonce"), (200, None)]
     proxy_cache.forget()
-    original = dpop.proof
-    made: list[str] = []
-
-    def capture(*args, **kwargs):
-        made.append(original(*args, **kwargs))
-        return made[-1]
-
-    monkeypatch.setattr(dpop, "proof", capture)
     assert api.get(proxy_url(datasource, "resource")).status_code == 200
-    replay = [made[-1]]
-    monkeypatch.setattr(
-        dpop, "proof", lambda *a, **k: replay.pop() if replay else original(*a, **k)
-    )
+    dpop_proofs.replay_last()
     op.reset()
     response = api.get(proxy_url(datasource, "resource"))
     assert response.status_code == 200, response.content

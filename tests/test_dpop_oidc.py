@@ -8,7 +8,6 @@ introspection endpoint (``cnf.jkt`` = the datasource's key thumbprint)."""
 from __future__ import annotations
 
 import pytest
-import requests
 from django.core.cache import cache
 from django.test import Client
 
@@ -20,17 +19,21 @@ from datasources.proxy.apikeys import create_api_key
 from datasources.security import dpop
 
 from .conftest import CALLBACK_PATH
+from .oidcjourney import authorized_token
 from .oidcprovider import TEST_USER, start_oidc_provider
 
 CALLBACK = f"http://testserver{CALLBACK_PATH}"
 SECRET = "dpop-client-secret-0123456789-abcdef"
 
-pytestmark = pytest.mark.django_db
+pytestmark = [
+    pytest.mark.django_db,
+    pytest.mark.usefixtures("fresh_dpop_nonces", "fresh_proxy_cache"),
+]
 
 
 @pytest.fixture(scope="module")
-def op():
-    config = {
+def op_config():
+    return {
         "clients": [
             {
                 "client_id": "dpop-web",
@@ -52,18 +55,6 @@ def op():
         ],
         "features": {"dpop": {"enabled": True, "requireNonce": True}},
     }
-    with start_oidc_provider(config) as provider:
-        yield provider
-
-
-@pytest.fixture(autouse=True)
-def _fresh(op):
-    op.reset()
-    dpop.forget_nonces()
-    cache.clear()
-    proxy_cache.forget()
-    yield
-    proxy_cache.forget()
 
 
 def import_entry(op, **fields):
@@ -87,28 +78,6 @@ def import_entry(op, **fields):
     return Datasource.objects.get(slug=entry["slug"])
 
 
-def authorize(op, staff_client, datasource: Datasource) -> Token:
-    start = staff_client.get(f"/admin/datasources/datasource/{datasource.pk}/authorize/")
-    assert start.status_code == 302, start.content[:300]
-    callback = op.consent(start["Location"], CALLBACK)
-    response = staff_client.get(callback.removeprefix("http://testserver"))
-    assert response.status_code == 302, response.content[:300]
-    token = Token.objects.get(datasource=datasource, user=None)
-    assert token.status == "active", token.last_error
-    return token
-
-
-def introspect(op, client_id: str, access_token: str) -> dict:
-    response = requests.post(
-        f"{op.issuer}/token/introspection",
-        data={"token": access_token},
-        auth=(client_id, SECRET),
-        timeout=10,
-    )
-    response.raise_for_status()
-    return response.json()
-
-
 def token_requests(op, grant_type: str) -> list[dict]:
     return [e for e in op.requests("token") if e["grant_type"] == grant_type]
 
@@ -117,7 +86,7 @@ def test_code_flow_refresh_and_proxy_with_nonces_at_both_servers(op, staff_clien
     datasource = import_entry(op)
     assert datasource.dpop_jkt and datasource.dpop_private_key
 
-    token = authorize(op, staff_client, datasource)
+    token = authorized_token(staff_client, op, datasource)
 
     # At the token endpoint: the first exchange was refused for want of a nonce, the second
     # (same code, a proof with the nonce) accepted; both carried a proof.
@@ -128,7 +97,7 @@ def test_code_flow_refresh_and_proxy_with_nonces_at_both_servers(op, staff_clien
     ]
     assert all(e["dpop"] for e in exchanges)
     assert token.token_type == "DPoP"
-    bound = introspect(op, "dpop-web", token.access_token)
+    bound = op.introspect(token.access_token, client_id="dpop-web", secret=SECRET)
     assert bound["active"] and bound["cnf"] == {"jkt": datasource.dpop_jkt}
 
     # The proxy: the token as "DPoP", a proof with ath. The resource server's nonce is not
@@ -164,7 +133,10 @@ def test_code_flow_refresh_and_proxy_with_nonces_at_both_servers(op, staff_clien
     assert refreshed.token_type == "DPoP"
     refreshes = token_requests(op, "refresh_token")
     assert [e["status"] for e in refreshes] == [200] and refreshes[0]["dpop"]
-    assert introspect(op, "dpop-web", refreshed.access_token)["cnf"]["jkt"] == datasource.dpop_jkt
+    assert (
+        op.introspect(refreshed.access_token, client_id="dpop-web", secret=SECRET)["cnf"]["jkt"]
+        == datasource.dpop_jkt
+    )
     proxy_cache.forget()
     response = api.get(f"/api/v1/datasources/{datasource.slug}/proxy/me")
     assert response.status_code == 200 and response.json()["sub"] == TEST_USER
@@ -181,29 +153,18 @@ def test_code_flow_refresh_and_proxy_with_nonces_at_both_servers(op, staff_clien
 
 
 def test_a_replayed_proof_refused_by_the_server_is_retried_with_a_fresh_one(
-    op, staff_client, monkeypatch
+    op, staff_client, dpop_proofs
 ):
     datasource = import_entry(op)
-    authorize(op, staff_client, datasource)
+    authorized_token(staff_client, op, datasource)
     _, key = create_api_key("app")
     api = Client(HTTP_AUTHORIZATION=f"Api-Key {key}")
     assert api.get(f"/api/v1/datasources/{datasource.slug}/proxy/me").status_code == 200
 
     # The next proof is a copy of one the server has already accepted (an attacker's replay,
     # or a proof reused by mistake): the server refuses it; the proxy sends a fresh one.
-    original = dpop.proof
-    made: list[str] = []
-
-    def capture(*args, **kwargs):
-        made.append(original(*args, **kwargs))
-        return made[-1]
-
-    monkeypatch.setattr(dpop, "proof", capture)
     assert api.get(f"/api/v1/datasources/{datasource.slug}/proxy/me").status_code == 200
-    replay = [made[-1]]
-    monkeypatch.setattr(
-        dpop, "proof", lambda *a, **k: replay.pop() if replay else original(*a, **k)
-    )
+    dpop_proofs.replay_last()
     op.reset()
     response = api.get(f"/api/v1/datasources/{datasource.slug}/proxy/me")
     assert response.status_code == 200, response.content
@@ -218,7 +179,7 @@ def test_a_replayed_proof_refused_by_the_server_is_retried_with_a_fresh_one(
 
 def test_a_token_bound_to_another_key_is_refused_and_replaced(op, staff_client):
     datasource = import_entry(op)
-    old = authorize(op, staff_client, datasource)
+    old = authorized_token(staff_client, op, datasource)
     old_jkt = datasource.dpop_jkt
 
     # The key is replaced but the token bound to the old one is kept: the resource server
@@ -252,7 +213,10 @@ def test_a_token_bound_to_another_key_is_refused_and_replaced(op, staff_client):
     assert [e["status"] for e in op.requests("userinfo")] == [200]
     now = Token.objects.get(pk=old.pk)
     assert now.access_token != old.access_token
-    assert introspect(op, "dpop-web", now.access_token)["cnf"]["jkt"] == datasource.dpop_jkt
+    assert (
+        op.introspect(now.access_token, client_id="dpop-web", secret=SECRET)["cnf"]["jkt"]
+        == datasource.dpop_jkt
+    )
 
 
 def test_a_server_without_dpop_returns_bearer_tokens_which_stay_bearer(staff_client):
@@ -273,10 +237,12 @@ def test_a_server_without_dpop_returns_bearer_tokens_which_stay_bearer(staff_cli
     }
     with start_oidc_provider(config) as plain:
         datasource = import_entry(plain, slug="plain")
-        token = authorize(plain, staff_client, datasource)
+        token = authorized_token(staff_client, plain, datasource)
         assert token.token_type == "Bearer"
         assert all(e["dpop"] for e in plain.requests("token"))  # proofs were offered
-        assert "cnf" not in introspect(plain, "dpop-web", token.access_token)
+        assert "cnf" not in plain.introspect(
+            token.access_token, client_id="dpop-web", secret=SECRET
+        )
         plain.reset()
         with datasource.session() as session:
             assert session.get("me").json()["sub"] == TEST_USER
@@ -294,7 +260,7 @@ def test_the_code_is_bound_to_the_key_with_and_without_par(op, staff_client):
 
     par = import_entry(op, slug="dpop-par", pushed_authorization_request_url=op.par_url)
     op.reset()
-    token = authorize(op, staff_client, par)
+    token = authorized_token(staff_client, op, par)
     assert token.token_type == "DPoP"
     pushed = op.requests("par")
     assert [(e["status"], e.get("error")) for e in pushed] == [
@@ -302,7 +268,9 @@ def test_the_code_is_bound_to_the_key_with_and_without_par(op, staff_client):
         (201, None),
     ]
     assert all(e["dpop"] for e in pushed)
-    assert introspect(op, "dpop-web", token.access_token)["cnf"] == {"jkt": par.dpop_jkt}
+    assert op.introspect(token.access_token, client_id="dpop-web", secret=SECRET)["cnf"] == {
+        "jkt": par.dpop_jkt
+    }
 
 
 def test_a_code_bound_to_a_replaced_key_is_refused_with_the_reason(op, staff_client):

@@ -18,7 +18,7 @@ from datasources.models import Datasource, Token
 from datasources.ops import config_io
 
 from .oidcjourney import form_data, form_errors, jwks, new_key, post_form, proxy_client, proxy_url
-from .oidcprovider import JWT_BEARER, start_oidc_provider
+from .oidcprovider import JWT_BEARER
 
 pytestmark = pytest.mark.django_db
 
@@ -28,8 +28,8 @@ STRANGER_KEY, STRANGER_PEM = new_key("rsa")
 
 
 @pytest.fixture(scope="module")
-def op():
-    config = {
+def op_config():
+    return {
         "clients": [
             {
                 "client_id": SA_EMAIL,
@@ -44,13 +44,6 @@ def op():
         "jwtBearer": {"maxLifetime": 300},
         "ttl": {"AccessToken": 300},
     }
-    with start_oidc_provider(config) as provider:
-        yield provider
-
-
-@pytest.fixture(autouse=True)
-def _fresh_log(op):
-    op.reset()
 
 
 def key_file(op, **overrides) -> str:

@@ -50,8 +50,8 @@ def lane_client(monkeypatch, spy):
 
     from datasources.proxy.apikeys import create_api_key
 
+    from .helpers import connected
     from .serving import serve_proxy_through_asgi
-    from .test_attacks import connected
 
     serve_proxy_through_asgi(monkeypatch)
     datasource = connected(spy)

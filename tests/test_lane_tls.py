@@ -25,15 +25,14 @@ from django.http import HttpResponse
 from django.test import Client
 
 from datasources.models import Datasource
-from datasources.proxy import cache as proxy_cache
 from datasources.proxy import upstream
 from datasources.proxy.apikeys import create_api_key
 from datasources.security import tls
 
 from . import certs
+from .helpers import ACCESS_TOKEN, connected_at
 from .serving import LANE, serve_proxy_through_asgi
 from .spy import SpyUpstream
-from .test_attacks import ACCESS_TOKEN, connected_at
 
 pytestmark = pytest.mark.django_db
 
@@ -44,11 +43,10 @@ def ca() -> certs.Issued:
 
 
 @pytest.fixture(autouse=True)
-def _fresh() -> Iterator[None]:
-    proxy_cache.forget()
+def _fresh_default_context(fresh_proxy_cache) -> Iterator[None]:
+    """The default TLS context built anew (and the proxy's cache forgotten) for each test."""
     upstream.default_context.cache_clear()
     yield
-    proxy_cache.forget()
     upstream.default_context.cache_clear()
 
 
@@ -91,8 +89,9 @@ def trusted_by_default(ca, tmp_path, monkeypatch) -> None:
     upstream.default_context.cache_clear()
 
 
-def connected(base: str, slug: str = "secure", **fields) -> Datasource:
-    """A client-credentials datasource on ``base``/api/ with a token usable as it is."""
+def connected_secure(base: str, slug: str = "secure", **fields) -> Datasource:
+    """A client-credentials datasource (``secure`` unless named) on ``base``/api/ with a token
+    usable as it is: :func:`~tests.helpers.connected_at` named by its slug."""
     return connected_at(base, slug=slug, name=slug, **fields)
 
 
@@ -130,7 +129,7 @@ def test_the_default_context_trusts_the_system_store_and_offers_only_http_1_1(
     ca, https_spy, api, monkeypatch
 ):
     spy = https_spy(certs.server_cert(ca))
-    connected(spy.base)
+    connected_secure(spy.base)
     view, lane = both_paths(monkeypatch, lambda: api.get("/api/v1/datasources/secure/proxy/x?a=1"))
     assert (view.status_code, view.json()) == (lane.status_code, lane.json()) == (200, {"ok": True})
     assert [seen.target for seen in spy.seen] == ["/api/x?a=1", "/api/x?a=1"]
@@ -144,7 +143,7 @@ def test_the_default_context_trusts_the_system_store_and_offers_only_http_1_1(
 def test_a_datasource_ca_bundle_by_host_name_built_off_the_loop_once(https_spy, api, monkeypatch):
     own_ca = certs.make_ca("Datasource's own CA")
     spy = https_spy(certs.server_cert(own_ca, ip=None, names=("localhost",)))
-    datasource = connected(f"https://localhost:{spy.port}", tls_ca_bundle=own_ca.cert_pem)
+    datasource = connected_secure(f"https://localhost:{spy.port}", tls_ca_bundle=own_ca.cert_pem)
     assert tls.built_context(datasource, api=True) is None
     built_in: list[bool] = []
     real = tls.context_for
@@ -172,7 +171,7 @@ def test_mutual_tls_presents_the_datasources_client_certificate(ca, https_spy, a
     client_ca = certs.make_ca("Client CA")
     client = certs.client_cert(client_ca, "lane-client")
     spy = https_spy(certs.server_cert(ca), client_ca=client_ca)
-    connected(
+    connected_secure(
         spy.base,
         tls_ca_bundle=ca.cert_pem,
         tls_client_certificate=client.cert_pem,
@@ -190,8 +189,8 @@ def test_connections_are_reused_per_context_never_across_contexts(ca, https_spy)
     """Two datasources with different CA bundles on the same host and port: each has its
     keep-alive connection, neither uses the other's."""
     spy = https_spy(certs.server_cert(ca))
-    one = connected(spy.base, slug="one", tls_ca_bundle=ca.cert_pem)
-    two = connected(
+    one = connected_secure(spy.base, slug="one", tls_ca_bundle=ca.cert_pem)
+    two = connected_secure(
         spy.base, slug="two", tls_ca_bundle=ca.cert_pem + certs.make_ca("Other").cert_pem
     )
     contexts = [tls.context_for(one, api=True), tls.context_for(two, api=True)]
@@ -235,13 +234,13 @@ def test_an_ipv6_loopback_upstream(ca, https_spy, api, monkeypatch):
     certificate, ``Host: [::1]:port`` as urllib3 sends it. Without IPv6 on this machine, both
     paths refuse the same way."""
     if not ipv6_loopback():
-        connected("https://[::1]:9", tls_ca_bundle=ca.cert_pem)
+        connected_secure("https://[::1]:9", tls_ca_bundle=ca.cert_pem)
         view, lane = both_paths(monkeypatch, lambda: api.get("/api/v1/datasources/secure/proxy/"))
         assert refusal(view) == refusal(lane)
         assert refusal(lane)[1]["error"] == "upstream_unreachable"
         return
     spy = https_spy(certs.server_cert(ca, ip="::1"), host="::1")
-    connected(spy.base, tls_ca_bundle=ca.cert_pem)
+    connected_secure(spy.base, tls_ca_bundle=ca.cert_pem)
     view, lane = both_paths(monkeypatch, lambda: api.get("/api/v1/datasources/secure/proxy/v6"))
     assert view.status_code == lane.status_code == 200
     assert [seen.header("Host") for seen in spy.seen] == [f"[::1]:{spy.port}"] * 2
@@ -253,7 +252,7 @@ def test_an_ipv6_loopback_upstream(ca, https_spy, api, monkeypatch):
 
 def test_a_certificate_for_another_host_name(ca, https_spy, api, monkeypatch):
     spy = https_spy(certs.server_cert(ca, ip=None, names=("api.example.test",)))
-    connected(f"https://localhost:{spy.port}", tls_ca_bundle=ca.cert_pem)
+    connected_secure(f"https://localhost:{spy.port}", tls_ca_bundle=ca.cert_pem)
     view, lane = both_paths(monkeypatch, lambda: api.get("/api/v1/datasources/secure/proxy/x"))
     assert refusal(view) == refusal(lane)
     status, body = refusal(lane)
@@ -267,7 +266,7 @@ def test_a_certificate_for_another_address_with_the_default_context(
     ca, https_spy, api, monkeypatch
 ):
     spy = https_spy(certs.server_cert(ca, ip="127.0.0.2"))
-    connected(spy.base)
+    connected_secure(spy.base)
     view, lane = both_paths(monkeypatch, lambda: api.get("/api/v1/datasources/secure/proxy/x"))
     assert refusal(view) == refusal(lane)
     assert refusal(lane)[0] == 502 and "IP address mismatch" in refusal(lane)[1]["detail"]
@@ -278,7 +277,7 @@ def test_a_certificate_for_another_address_with_the_default_context(
 def test_an_untrusted_certificate(ca, https_spy, api, monkeypatch, bundle):
     spy = https_spy(certs.server_cert(ca))
     other = certs.make_ca("Not the server's CA")
-    connected(spy.base, tls_ca_bundle=other.cert_pem if bundle else "")
+    connected_secure(spy.base, tls_ca_bundle=other.cert_pem if bundle else "")
     view, lane = both_paths(monkeypatch, lambda: api.get("/api/v1/datasources/secure/proxy/x"))
     assert refusal(view) == refusal(lane)
     status, body = refusal(lane)
@@ -335,7 +334,7 @@ def test_a_server_that_fails_the_handshake(
     settings.DATASOURCES = {**settings.DATASOURCES, "PROXY_CONNECT_TIMEOUT": 0.5}
     server = HandshakeServer(behaviour)
     try:
-        connected(f"https://127.0.0.1:{server.port}", tls_ca_bundle=ca.cert_pem)
+        connected_secure(f"https://127.0.0.1:{server.port}", tls_ca_bundle=ca.cert_pem)
         view, lane = both_paths(monkeypatch, lambda: api.get("/api/v1/datasources/secure/proxy/"))
     finally:
         server.stop()
@@ -349,7 +348,7 @@ def test_a_server_that_fails_the_handshake(
 
 def test_a_configuration_that_cannot_be_built_is_refused_alike(ca, api, monkeypatch):
     client = certs.client_cert(ca, "broken")
-    datasource = connected(
+    datasource = connected_secure(
         "https://127.0.0.1:9",
         tls_client_certificate=client.cert_pem,
         tls_client_key=client.key_pem,

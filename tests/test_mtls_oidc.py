@@ -10,8 +10,6 @@ client certificate)."""
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -26,12 +24,13 @@ from datasources.proxy.apikeys import create_api_key
 
 from . import certs
 from .conftest import CALLBACK_PATH
-from .oidcprovider import TEST_USER, start_oidc_provider
+from .oidcjourney import authorized_token
+from .oidcprovider import TEST_USER
 from .serving import LANE
 
 CALLBACK = f"http://testserver{CALLBACK_PATH}"
 
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("fresh_proxy_cache")]
 
 
 @pytest.fixture(scope="module")
@@ -39,10 +38,9 @@ def pki():
     return make_pki()
 
 
-def provider_config(pki, directory: Path) -> tuple[dict, str]:
+def provider_config(pki, directory: Path) -> dict:
     """oidc-provider over https (server certificate from the test CA, client certificates
-    requested) with a tls_client_auth and a self_signed_tls_client_auth client; and the path
-    of the CA file."""
+    requested) with a tls_client_auth and a self_signed_tls_client_auth client."""
     cert, key = pki["server"].write(directory, "server")
     ca_path = directory / "ca.crt"
     ca_path.write_text(pki["ca"].cert_pem)
@@ -85,7 +83,7 @@ def provider_config(pki, directory: Path) -> tuple[dict, str]:
             }
         },
     }
-    return config, str(ca_path)
+    return config
 
 
 def make_pki() -> dict[str, certs.Issued]:
@@ -101,10 +99,8 @@ def make_pki() -> dict[str, certs.Issued]:
 
 
 @pytest.fixture(scope="module")
-def op(pki, tmp_path_factory):
-    config, ca_path = provider_config(pki, tmp_path_factory.mktemp("mtls"))
-    with start_oidc_provider(config, verify=ca_path) as provider:
-        yield provider
+def op_config(pki, tmp_path_factory):
+    return provider_config(pki, tmp_path_factory.mktemp("mtls"))
 
 
 def _ec_xy(issued: certs.Issued) -> dict[str, str]:
@@ -112,14 +108,6 @@ def _ec_xy(issued: certs.Issued) -> dict[str, str]:
 
     jwk = jwt.algorithms.ECAlgorithm.to_jwk(issued.key.public_key(), as_dict=True)
     return {"x": jwk["x"], "y": jwk["y"]}
-
-
-@pytest.fixture(autouse=True)
-def _fresh(op):
-    op.reset()
-    proxy_cache.forget()
-    yield
-    proxy_cache.forget()
 
 
 def entry(op, pki, **fields):
@@ -145,15 +133,6 @@ def environ(client: certs.Issued) -> dict[str, str]:
     return {"DATASOURCE_SECRET_CERT": client.cert_pem, "DATASOURCE_SECRET_KEY": client.key_pem}
 
 
-def authorize(op, staff_client, datasource: Datasource) -> Token:
-    start = staff_client.get(f"/admin/datasources/datasource/{datasource.pk}/authorize/")
-    assert start.status_code == 302, start.content[:300]
-    callback = op.consent(start["Location"], CALLBACK)
-    response = staff_client.get(callback.removeprefix("http://testserver"))
-    assert response.status_code == 302
-    return Token.objects.get(datasource=datasource, user=None)
-
-
 class LaneCalls:
     """On the ASGI path, proof that the fast lane served the test's proxy calls itself."""
 
@@ -170,24 +149,6 @@ class LaneCalls:
                 for reason, count in LANE.handed_over.items()
                 if count != self.handed_over.get(reason, 0)
             } == handed_over
-
-
-def introspect(op, pki, access_token: str) -> dict:
-    """RFC 7662 at the provider, authenticated as mtls-web by its certificate."""
-    directory = Path(tempfile.mkdtemp())
-    try:
-        cert, key = pki["web"].write(directory, "web")
-        response = requests.post(
-            f"{op.issuer}/token/introspection",
-            data={"token": access_token, "client_id": "mtls-web"},
-            cert=(cert, key),
-            verify=op.verify,
-            timeout=10,
-        )
-    finally:
-        shutil.rmtree(directory)
-    response.raise_for_status()
-    return response.json()
 
 
 def resource_without_certificate(op, access_token: str) -> requests.Response:
@@ -210,14 +171,18 @@ def test_tls_client_auth_code_flow_refresh_and_bound_token_through_the_proxy(
     assert "PRIVATE KEY" not in json.dumps(exported)
     assert pki["web"].cert_pem not in json.dumps(exported)
 
-    token = authorize(op, staff_client, datasource)
+    token = authorized_token(staff_client, op, datasource)
     assert token.status == TokenStatus.ACTIVE, token.last_error
     (exchange,) = [e for e in op.requests("token") if e["status"] == 200]
     assert exchange["grant_type"] == "authorization_code"
     assert exchange["client_auth"] == "tls_client_auth"
 
     # Bound to the certificate (cnf.x5t#S256, introspected with the client's certificate) …
-    assert introspect(op, pki, token.access_token)["cnf"] == {"x5t#S256": pki["web"].thumbprint}
+    assert op.introspect(
+        token.access_token,
+        client_id="mtls-web",
+        client_certificate=(pki["web"].cert_pem, pki["web"].key_pem),
+    )["cnf"] == {"x5t#S256": pki["web"].thumbprint}
     # … so the resource server refuses the token without the certificate …
     refused = resource_without_certificate(op, token.access_token)
     assert refused.status_code == 401 and "x5t#S256" in refused.text
@@ -476,7 +441,7 @@ def test_deleted_datasource_tokens_revoked_with_the_certificate(op, pki, staff_c
         environ=environ(pki["web"]),
     )
     datasource = Datasource.objects.get(slug="mtls-revoke")
-    authorize(op, staff_client, datasource)
+    authorized_token(staff_client, op, datasource)
     payload = adminjobs.revocation_payload(datasource)
     assert pki["web"].key_pem.splitlines()[1] not in payload
     datasource.delete()

@@ -22,8 +22,8 @@ PUBLIC_JWK = {**jwt.algorithms.ECAlgorithm.to_jwk(KEY.public_key(), as_dict=True
 
 
 @pytest.fixture(scope="module")
-def op():
-    config = {
+def op_config():
+    return {
         "clients": [
             {
                 "client_id": "web",
@@ -55,12 +55,9 @@ def op():
         "features": {"par": {"enabled": True, "require": False}},
         "ttl": {"AccessToken": 120},
     }
-    with start_oidc_provider(config) as provider:
-        yield provider
 
 
 def test_code_flow_refresh_rotation_and_userinfo(op):
-    op.reset()
     callback = op.consent(
         f"{op.authorization_url}?"
         + urlencode(
@@ -110,7 +107,6 @@ def test_code_flow_refresh_rotation_and_userinfo(op):
 
 
 def test_client_secret_jwt_client_credentials_and_resource_server(op):
-    op.reset()
     now = int(time.time())
     assertion = jwt.encode(
         {
@@ -157,7 +153,6 @@ def _assertion(**claims):
 
 
 def test_jwt_bearer_grant_checks_signature_audience_and_replay(op):
-    op.reset()
     assertion = _assertion(aud=op.token_url, sub="delegated-user")
     ok = requests.post(
         op.token_url, data={"grant_type": JWT_BEARER, "assertion": assertion}, timeout=10
@@ -195,7 +190,6 @@ def test_jwt_bearer_grant_checks_signature_audience_and_replay(op):
 
 
 def test_pushed_authorization_request(op):
-    op.reset()
     pushed = requests.post(
         op.par_url,
         data={

@@ -23,7 +23,7 @@ from .oidcjourney import (
     proxy_client,
     proxy_url,
 )
-from .oidcprovider import callback_query, start_oidc_provider
+from .oidcprovider import callback_query
 
 pytestmark = pytest.mark.django_db
 
@@ -32,8 +32,8 @@ _, WRONG_PEM = new_key("ec")
 
 
 @pytest.fixture(scope="module")
-def op():
-    config = {
+def op_config():
+    return {
         "clients": [
             {
                 "client_id": "par-web",
@@ -48,13 +48,6 @@ def op():
         "clientAuthMethods": ["none", "private_key_jwt"],
         "features": {"par": {"enabled": True, "require": True}},
     }
-    with start_oidc_provider(config) as provider:
-        yield provider
-
-
-@pytest.fixture(autouse=True)
-def _fresh_log(op):
-    op.reset()
 
 
 def discovered_form(op, **fields):

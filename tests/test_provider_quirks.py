@@ -33,6 +33,7 @@ from .fakeprovider import (
     Failure,
     FakeProvider,
     api_key_client,
+    assert_token_unavailable,
     authorize_through_admin,
     body_json,
     connect,
@@ -81,13 +82,6 @@ def assert_api_got(provider: FakeProvider, access_token: str | None) -> None:
     last = provider.api()[-1]
     assert last.token == access_token
     assert last.status == 200
-
-
-def assert_token_unavailable(response) -> None:
-    assert response.status_code == 503, body_json(response)
-    assert body_json(response)["error"] == "token_unavailable"
-    retry_after = response.get("Retry-After")
-    assert retry_after is not None and retry_after.isdigit() and int(retry_after) >= 1
 
 
 def messages_of(response) -> list:

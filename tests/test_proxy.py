@@ -22,6 +22,7 @@ from datasources.proxy import usage
 from datasources.proxy.apikeys import create_api_key
 
 from .conftest import SECRET, make_datasource
+from .helpers import body_of
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("serving")]
 
@@ -67,10 +68,6 @@ def ready(auth_server, authorize):
 
 def url(datasource, path: str = "") -> str:
     return f"/api/v1/datasources/{datasource.slug}/proxy/{path}"
-
-
-def body_of(response) -> bytes:
-    return b"".join(response.streaming_content) if response.streaming else response.content
 
 
 def echo(response) -> dict:

@@ -33,7 +33,14 @@ from datasources import tokens
 from datasources.models import Token, TokenEvent, TokenStatus
 
 from . import fakeprovider
-from .fakeprovider import api_key_client, body_json, connect, proxy_url, wait_until
+from .fakeprovider import (
+    api_key_client,
+    assert_token_unavailable,
+    body_json,
+    connect,
+    proxy_url,
+    wait_until,
+)
 from .helpers import ROOT, subprocess_env
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -58,12 +65,6 @@ def expire_everywhere(provider, datasource) -> None:
     Token.objects.filter(datasource=datasource).update(
         expires_at=timezone.now() - timedelta(seconds=5)
     )
-
-
-def assert_token_unavailable(response) -> None:
-    assert response.status_code == 503, body_json(response)
-    assert body_json(response)["error"] == "token_unavailable"
-    assert response.get("Retry-After", "").isdigit()
 
 
 def first_success_after(client, datasource, *, timeout: float) -> float:
