@@ -44,6 +44,7 @@ from oauthlib.oauth2 import (
 
 from ..conf import app_settings
 from ..exceptions import DatasourceError, OAuthError, TransientUpstreamError
+from ..models.values import RESERVED_AUTH_PARAMS
 from ..security import dpop, jose, tls
 from ..security.policy import check_transport
 from . import outbound
@@ -53,17 +54,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-#: Authorization parameters that custom parameters may not override.
-RESERVED_AUTH_PARAMS = frozenset(
-    {
-        "response_type",
-        "client_id",
-        "redirect_uri",
-        "state",
-        "code_challenge",
-        "code_challenge_method",
-    }
-)
 _ERROR_CODE = re.compile(r"^[\x20\x21\x23-\x5b\x5d-\x7e]{1,100}$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
