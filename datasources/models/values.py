@@ -49,8 +49,8 @@ DEFAULT_ALLOWED_METHODS = "GET,HEAD,POST,PUT,PATCH,DELETE,OPTIONS"
 FORBIDDEN_METHODS = frozenset({"TRACE", "TRACK", "CONNECT"})
 _METHOD = re.compile(r"^[A-Z][A-Z0-9_-]{0,31}$")
 #: RFC 9110 field names (tokens) and values without control characters.
-_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,100}$")
-_HEADER_VALUE = re.compile(r"^[\t\x20-\x7e\x80-\xff]{0,4000}$")
+HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,100}$")
+HEADER_VALUE = re.compile(r"^[\t\x20-\x7e\x80-\xff]{0,4000}$")
 #: Headers a datasource's default headers may not set: the caller's identity, what the
 #: transport sets itself, and the proxy and override headers the proxy strips from callers.
 RESERVED_DEFAULT_HEADERS = frozenset(
