@@ -314,6 +314,8 @@ class DatasourceForm(forms.ModelForm):
     class Meta:
         model = Datasource
         formfield_callback = _formfield
+        # The settings and the write-only secrets the form turns into model fields itself (the
+        # TLS pair is declared above: it goes to the instance through _apply_tls_pair).
         fields = (*CONFIG_FIELDS, "client_secret", "private_key")
         help_texts = HELP_TEXTS
         widgets = {

@@ -46,6 +46,7 @@ from ..webhooks import delivery as webhook_delivery
 from ..webhooks import endpoints as webhook_endpoints
 from . import apikey_views, dashboard, presets, webhook_views
 from . import buttons as admin_views
+from . import fieldsets as layout
 from .forms import ApiKeyForm, DatasourceForm, WebhookEndpointForm
 
 _STATUS_COLOURS = {
@@ -54,19 +55,6 @@ _STATUS_COLOURS = {
     TokenStatus.NOT_AUTHORIZED: "#57606a",
     TokenStatus.NEEDS_REAUTHORIZATION: "#cf222e",
 }
-
-
-#: Read-only status shown on the change page.
-STATUS_FIELDS = (
-    "status",
-    "expires",
-    "last_refreshed",
-    "granted_scope",
-    "last_error",
-    "recent_events",
-    "proxy_usage",
-    "user_tokens",
-)
 
 
 def _par_support(metadata) -> str:
@@ -171,130 +159,9 @@ class DatasourceAdmin(admin.ModelAdmin):
     search_fields = ("name", "slug", "base_url")
     prepopulated_fields = {"slug": ("name",)}
     actions = ("authorize_selected", "refresh_selected", "disconnect_selected")
-    readonly_fields = (
-        *STATUS_FIELDS,
-        "public_key",
-        "key_pair",
-        "token_endpoint_auth_methods_supported",
-        "dpop_key",
-    )
-    # Reference-docs order: connection, client, scopes, placement; the rest folded away.
-    fieldsets = (
-        (
-            _("Connection"),
-            {
-                "fields": (
-                    "name",
-                    "slug",
-                    "base_url",
-                    "grant_type",
-                    "token_sharing",
-                    "authorization_url",
-                    "access_token_url",
-                    "issuer",
-                    "discover",
-                )
-            },
-        ),
-        (
-            _("Client"),
-            {
-                "fields": (
-                    "client_id",
-                    "client_secret",
-                    "secret_hold",
-                    "clear_client_secret",
-                    "client_authentication",
-                    "assertion_audience",
-                )
-            },
-        ),
-        (
-            _("Signing key (private_key_jwt, JWT bearer)"),
-            {
-                "classes": ("datasource-keys",),
-                "fields": (
-                    "service_account_key",
-                    "service_account_key_file",
-                    "private_key",
-                    "private_key_file",
-                    "key_hold",
-                    "generate_private_key",
-                    "clear_private_key",
-                    "private_key_id",
-                    "signing_algorithm",
-                    "signing_certificate",
-                    "assertion_subject",
-                    "public_key",
-                    "key_pair",
-                ),
-            },
-        ),
-        (
-            _("Mutual TLS"),
-            {
-                "classes": ("collapse",),
-                "fields": (
-                    "tls_client_certificate",
-                    "tls_client_key",
-                    "clear_tls_client_certificate",
-                    "certificate_bound_tokens",
-                    "tls_ca_bundle",
-                ),
-            },
-        ),
-        (
-            _("Scopes and consent"),
-            {"fields": ("scopes", "scope_separator", "custom_auth_params")},
-        ),
-        (
-            _("Token placement"),
-            {"fields": ("token_placement", "header_prefix", "query_param_name")},
-        ),
-        (
-            _("Sender-constrained tokens"),
-            {"classes": ("collapse",), "fields": ("use_dpop", "dpop_key")},
-        ),
-        (
-            _("Calls to the API"),
-            {
-                "classes": ("collapse",),
-                "fields": ("allowed_methods", "default_headers", "default_query_params"),
-            },
-        ),
-        (
-            _("Retries"),
-            {
-                "classes": ("collapse",),
-                "fields": (
-                    "retry_count",
-                    "retry_statuses",
-                    "retry_on_connection_errors",
-                    "retry_budget",
-                ),
-            },
-        ),
-        (
-            _("Advanced"),
-            {
-                "classes": ("collapse",),
-                "fields": (
-                    "use_pkce",
-                    "audience",
-                    "resource",
-                    "revocation_url",
-                    "pushed_authorization_request_url",
-                    "require_pushed_authorization_requests",
-                    "token_endpoint_auth_methods_supported",
-                    "issuer_returns_iss",
-                    "token_lifetime",
-                    "expiry_status_codes",
-                    "owner",
-                ),
-            },
-        ),
-        (_("Token status"), {"fields": STATUS_FIELDS}),
-    )
+    readonly_fields = layout.readonly_fields()
+    # One fieldset per group of settings (datasources.models.groups), with the admin's rows.
+    fieldsets = layout.datasource_fieldsets()
 
     class Media:
         js = ("datasources/datasource_form.js",)
@@ -613,6 +480,7 @@ class DatasourceAdmin(admin.ModelAdmin):
             callback_url=flow.callback_url(request),
             redirect_notes=dashboard.redirect_uri_notes(request, obj),
             show_save_and_authorize=True,
+            field_rules=layout.field_rules(),
         )
         if obj is not None and obj.pk:
             token = _token(obj)

@@ -30,7 +30,8 @@ from .choices import (
     TokenSharing,
     TokenStatus,
 )
-from .datasource import CONFIG_FIELDS, Datasource
+from .datasource import Datasource
+from .groups import DATASOURCE_GROUPS, config_fields, write_only_fields
 from .token import Token, TokenEvent
 from .usage import LATENCY_BUCKETS_MS, DatasourceUsage, ProxyCall, UpstreamHealth, UsageSample
 from .values import (
@@ -56,10 +57,17 @@ from .webhooks import (
     default_webhook_events,
 )
 
+#: The settings builders type, that import accepts and export writes, in the admin's order
+#: (derived from the groups: the write-only secrets and discovered values are not among them).
+CONFIG_FIELDS = config_fields()
+#: The secret settings: typed or imported, never shown or exported.
+WRITE_ONLY_FIELDS = write_only_fields()
+
 __all__ = [
     "API_KEY_PREFIX",
     "ASSERTION_AUTH_METHODS",
     "CONFIG_FIELDS",
+    "DATASOURCE_GROUPS",
     "DEFAULT_ALLOWED_METHODS",
     "FORBIDDEN_METHODS",
     "LATENCY_BUCKETS_MS",
@@ -70,6 +78,7 @@ __all__ = [
     "RESERVED_DEFAULT_HEADERS",
     "RETRYABLE_STATUSES",
     "WEBHOOK_TEST_EVENT",
+    "WRITE_ONLY_FIELDS",
     "ApiKey",
     "AssertionAudience",
     "AuthorizationRequest",
