@@ -9,7 +9,7 @@ class DatasourcesConfig(AppConfig):
 
     def ready(self) -> None:
         from . import checks, encryption  # noqa: F401
-        from .ops import logfilters
+        from .ops import logfilters, notifications  # noqa: F401  (emails the owner)
         from .proxy import cache  # noqa: F401  (empty the caches on edits)
         from .webhooks import events  # noqa: F401  (the signal receivers)
 
