@@ -211,17 +211,15 @@ def import_datasources(
     return result
 
 
-def _plan(
-    entry: dict[str, Any], environ, base_dir: Path | None
-) -> tuple[Datasource, bool, bool, bool]:
-    """(datasource to save, new?, credentials changed?, a key tokens are bound to changed?)"""
-    existing = (
-        Datasource.objects.filter(slug=entry.get("slug")).first() if entry.get("slug") else None
-    )
-    datasource = existing or Datasource()
-    before = {name: getattr(datasource, name) for name in _CREDENTIAL_FIELDS}
-    before_dpop = (datasource.use_dpop, datasource.dpop_jkt, datasource.tls_client_certificate)
-    field_errors: dict[str, list[str]] = {}
+def _assign(
+    datasource: Datasource,
+    entry: dict[str, Any],
+    environ,
+    base_dir: Path | None,
+    field_errors: dict[str, list[str]],
+) -> str | None:
+    """Set an entry's values on the datasource, resolving secrets (``{"env"}``, ``{"file"}``);
+    problems go to ``field_errors``. Returns the provider key file's text, applied after."""
     account_key = None
     for name, value in entry.items():
         if name in SECRET_FIELDS:
@@ -245,6 +243,21 @@ def _plan(
         elif name == "scopes" and isinstance(value, list):
             value = " ".join(str(v) for v in value)
         setattr(datasource, name, value)
+    return account_key
+
+
+def _plan(
+    entry: dict[str, Any], environ, base_dir: Path | None
+) -> tuple[Datasource, bool, bool, bool]:
+    """(datasource to save, new?, credentials changed?, a key tokens are bound to changed?)"""
+    existing = (
+        Datasource.objects.filter(slug=entry.get("slug")).first() if entry.get("slug") else None
+    )
+    datasource = existing or Datasource()
+    before = {name: getattr(datasource, name) for name in _CREDENTIAL_FIELDS}
+    before_dpop = (datasource.use_dpop, datasource.dpop_jkt, datasource.tls_client_certificate)
+    field_errors: dict[str, list[str]] = {}
+    account_key = _assign(datasource, entry, environ, base_dir, field_errors)
     if account_key:
         try:
             account = jose.read_service_account_key(account_key)
