@@ -147,6 +147,29 @@ def usage_of(datasource: Datasource, now: datetime | None = None) -> Usage24h:
     return hourly(samples, live, now)
 
 
+def _bar(bucket, x: float, bar: float, height: int, most: int) -> tuple:
+    """One hour's bar of :func:`chart`: its geometry (calls, errors on top) and tooltip."""
+    calls_h = height * bucket.calls / most
+    errors_h = height * bucket.errors / most
+    start = timezone.localtime(bucket.start)
+    label = (
+        f"{start:%H:%M}-{start + timedelta(hours=1):%H:%M}: {bucket.calls} calls, "
+        f"{bucket.errors} errors"
+        + (f", {bucket.average_ms:.0f} ms average" if bucket.average_ms is not None else "")
+    )
+    return (
+        f"{x:.1f}",
+        f"{height - calls_h:.1f}",
+        f"{bar:.1f}",
+        f"{calls_h:.1f}",
+        f"{height - errors_h:.1f}",
+        f"{errors_h:.1f}",
+        label,
+        bucket.calls,
+        bucket.errors,
+    )
+
+
 def chart(usage: Usage24h, *, width: int = 240, height: int = 40) -> SafeString:
     """Calls per hour as bars (errors in red on top), the average latency as a line; every bar
     has a tooltip with its numbers. Inline SVG, no script."""
@@ -157,27 +180,7 @@ def chart(usage: Usage24h, *, width: int = 240, height: int = 40) -> SafeString:
     bars, line = [], []
     for i, bucket in enumerate(usage.buckets):
         x = i * (bar + gap)
-        calls_h = height * bucket.calls / most
-        errors_h = height * bucket.errors / most
-        start = timezone.localtime(bucket.start)
-        label = (
-            f"{start:%H:%M}-{start + timedelta(hours=1):%H:%M}: {bucket.calls} calls, "
-            f"{bucket.errors} errors"
-            + (f", {bucket.average_ms:.0f} ms average" if bucket.average_ms is not None else "")
-        )
-        bars.append(
-            (
-                f"{x:.1f}",
-                f"{height - calls_h:.1f}",
-                f"{bar:.1f}",
-                f"{calls_h:.1f}",
-                f"{height - errors_h:.1f}",
-                f"{errors_h:.1f}",
-                label,
-                bucket.calls,
-                bucket.errors,
-            )
-        )
+        bars.append(_bar(bucket, x, bar, height, most))
         if bucket.average_ms is not None:
             y = height - height * 0.9 * bucket.average_ms / slowest
             line.append(f"{x + bar / 2:.1f},{y:.1f}")
@@ -306,103 +309,16 @@ def banners(datasource: Datasource, token: Token | None) -> list[Banner]:
     action that fixes it."""
     from ..authorize.views import no_refresh_token_warning
 
-    actions = _actions(datasource)
-    code_grant = datasource.grant_type == GrantType.AUTHORIZATION_CODE
     if datasource.per_user:
         return [per_user_summary(datasource)]
-    found: list[Banner] = []
+    actions = _actions(datasource)
     status = token.status if token else TokenStatus.NOT_AUTHORIZED
-    error = token.last_error if token else ""
-    if status == TokenStatus.NEEDS_REAUTHORIZATION:
-        if code_grant:
-            found.append(
-                Banner(
-                    "error",
-                    "reauthorization",
-                    "This datasource needs re-authorization: API calls through it fail until "
-                    "someone grants access again.",
-                    explain(error) or error,
-                    actions["reauthorize"],
-                )
-            )
-        else:
-            found.append(
-                Banner(
-                    "error",
-                    "reauthorization",
-                    "The provider refuses to issue tokens for these credentials.",
-                    explain(error) or error,
-                    actions["fetch"],
-                )
-            )
-    elif status == TokenStatus.NOT_AUTHORIZED:
-        if code_grant:
-            found.append(
-                Banner(
-                    "info",
-                    "not-authorized",
-                    "Not connected yet. Register the redirect URI below at the provider, then "
-                    "authorize: you sign in at the provider and grant access once.",
-                    action=actions["authorize"],
-                )
-            )
-        else:
-            found.append(
-                Banner(
-                    "info",
-                    "not-authorized",
-                    "No token yet. One is fetched with the credentials (no sign-in) when you save, "
-                    "on the first call, or now.",
-                    explain(error),
-                    actions["fetch"],
-                )
-            )
-    if token is not None and token.failure_kind == "configuration":
-        found.append(
-            Banner(
-                "error",
-                "configuration",
-                f"Renewing the token fails because of the settings: {error}. The current token "
-                "is kept and used while it lasts; the refresh is retried.",
-                explain(error) or "Fix the datasource's settings below, save, then Refresh now.",
-                actions["refresh"],
-            )
-        )
-    elif token is not None and token.failure_kind == "transient":
-        when = (
-            f" Next automatic attempt at {timezone.localtime(token.next_attempt_at):%H:%M:%S}."
-            if token.next_attempt_at
-            else ""
-        )
-        found.append(
-            Banner(
-                "warning",
-                "transient",
-                f"Renewing the token is failing for now ({error}). The token is kept and used "
-                f"while it lasts; the refresh is retried automatically.{when}",
-                explain(error),
-                actions["refresh"],
-            )
-        )
+    found = [*_status_banners(datasource, token, actions), *_renewal_banners(token, actions)]
     found += upstream_banners(datasource, actions["test"])
     missing = no_refresh_token_warning(datasource, token) if token else ""
     if missing:
         found.append(Banner("warning", "no-refresh-token", missing, action=actions["reauthorize"]))
-    owner = datasource.owner
-    if owner is None or not owner.email:
-        found.append(
-            Banner(
-                "info",
-                "no-owner-email",
-                "Nobody is emailed when this datasource needs re-authorization: "
-                + (
-                    f"its owner {owner.get_username()} has no email address."
-                    if owner is not None
-                    else "it has no owner (Advanced)."
-                ),
-                action=_user_action(owner),
-            )
-        )
+    found += _owner_banners(datasource)
     if not [b for b in found if b.key != "no-owner-email"] and status == TokenStatus.ACTIVE:
         found.append(
             Banner(
@@ -414,6 +330,103 @@ def banners(datasource: Datasource, token: Token | None) -> list[Banner]:
             )
         )
     return found
+
+
+def _status_banners(
+    datasource: Datasource, token: Token | None, actions: dict[str, Action]
+) -> list[Banner]:
+    """Needs re-authorization, or not connected yet: said differently when a person signs in
+    (authorization code) and when the credentials alone get tokens."""
+    code_grant = datasource.grant_type == GrantType.AUTHORIZATION_CODE
+    status = token.status if token else TokenStatus.NOT_AUTHORIZED
+    error = token.last_error if token else ""
+    if status == TokenStatus.NEEDS_REAUTHORIZATION:
+        if code_grant:
+            words = (
+                "This datasource needs re-authorization: API calls through it fail until "
+                "someone grants access again."
+            )
+        else:
+            words = "The provider refuses to issue tokens for these credentials."
+        action = actions["reauthorize" if code_grant else "fetch"]
+        return [Banner("error", "reauthorization", words, explain(error) or error, action)]
+    if status != TokenStatus.NOT_AUTHORIZED:
+        return []
+    if code_grant:
+        return [
+            Banner(
+                "info",
+                "not-authorized",
+                "Not connected yet. Register the redirect URI below at the provider, then "
+                "authorize: you sign in at the provider and grant access once.",
+                action=actions["authorize"],
+            )
+        ]
+    return [
+        Banner(
+            "info",
+            "not-authorized",
+            "No token yet. One is fetched with the credentials (no sign-in) when you save, "
+            "on the first call, or now.",
+            explain(error),
+            actions["fetch"],
+        )
+    ]
+
+
+def _renewal_banners(token: Token | None, actions: dict[str, Action]) -> list[Banner]:
+    """Renewal failing while the token is kept: because of the settings, or for now."""
+    if token is None:
+        return []
+    error = token.last_error
+    if token.failure_kind == "configuration":
+        return [
+            Banner(
+                "error",
+                "configuration",
+                f"Renewing the token fails because of the settings: {error}. The current token "
+                "is kept and used while it lasts; the refresh is retried.",
+                explain(error) or "Fix the datasource's settings below, save, then Refresh now.",
+                actions["refresh"],
+            )
+        ]
+    if token.failure_kind == "transient":
+        when = (
+            f" Next automatic attempt at {timezone.localtime(token.next_attempt_at):%H:%M:%S}."
+            if token.next_attempt_at
+            else ""
+        )
+        return [
+            Banner(
+                "warning",
+                "transient",
+                f"Renewing the token is failing for now ({error}). The token is kept and used "
+                f"while it lasts; the refresh is retried automatically.{when}",
+                explain(error),
+                actions["refresh"],
+            )
+        ]
+    return []
+
+
+def _owner_banners(datasource: Datasource) -> list[Banner]:
+    """Nobody would be emailed when the datasource needs re-authorization."""
+    owner = datasource.owner
+    if owner is not None and owner.email:
+        return []
+    return [
+        Banner(
+            "info",
+            "no-owner-email",
+            "Nobody is emailed when this datasource needs re-authorization: "
+            + (
+                f"its owner {owner.get_username()} has no email address."
+                if owner is not None
+                else "it has no owner (Advanced)."
+            ),
+            action=_user_action(owner),
+        )
+    ]
 
 
 def upstream_state(datasource: Datasource) -> tuple[str, str]:

@@ -8,8 +8,6 @@ from django import forms
 from django.db import models
 from django.utils.translation import gettext_lazy as _
 
-from ..authserver import oauth
-from ..exceptions import DatasourceError
 from ..models import (
     CONFIG_FIELDS,
     MTLS_METHODS,
@@ -22,57 +20,15 @@ from ..models import (
     WebhookEvent,
     normalize_scopes,
 )
-from ..security import dpop, jose, tls
-from . import secretkeep
 from .explain import JSON_HINT
-
-
-class WriteOnlySecretInput(forms.PasswordInput):
-    """Never renders a value, not even a masked one."""
-
-    def __init__(self, attrs=None) -> None:
-        super().__init__(
-            attrs={"autocomplete": "new-password", **(attrs or {})}, render_value=False
-        )
-
-    def get_context(self, name, value, attrs):
-        return super().get_context(name, None, attrs)
-
-
-class WriteOnlyTextarea(forms.Textarea):
-    """A textarea for a pasted private key or key file: never renders a value."""
-
-    def __init__(self, attrs=None) -> None:
-        super().__init__(
-            attrs={
-                "rows": 4,
-                "cols": 60,
-                "autocomplete": "off",
-                "spellcheck": "false",
-                **(attrs or {}),
-            }
-        )
-
-    def get_context(self, name, value, attrs):
-        return super().get_context(name, None, attrs)
-
-
-#: The largest key or key file accepted (a 4096-bit RSA PEM is about 3.3 kB).
-MAX_KEY_BYTES = 16 * 1024
-
-#: Our client authentication choices as the server's metadata names them.
-METADATA_AUTH_METHODS = {
-    "basic": "client_secret_basic",
-    "body": "client_secret_post",
-    "private_key_jwt": "private_key_jwt",
-    "client_secret_jwt": "client_secret_jwt",
-    "tls_client_auth": "tls_client_auth",
-    "self_signed_tls_client_auth": "self_signed_tls_client_auth",
-}
-
-
-def _pem_text(value: str | None) -> str:
-    return (value or "").replace("\r\n", "\n").replace("\r", "\n").strip()
+from .form_discovery import Discovery
+from .form_keys import MAX_KEY_BYTES, KeysAndCertificates
+from .form_secrets import (
+    SECRET_FORM_FIELDS,
+    HeldSecrets,
+    WriteOnlySecretInput,
+    WriteOnlyTextarea,
+)
 
 
 def _formfield(db_field, **kwargs):
@@ -196,32 +152,11 @@ HELP_TEXTS = {
 }
 
 
-KEPT_HELP = _(
-    "The secret you typed is kept for this form (it is not shown). Leave the box blank to use "
-    "it, or type another."
-)
-KEPT_KEY_HELP = _(
-    "The private key you gave is kept for this form (it is not shown). Leave the box blank to "
-    "use it, or paste another."
-)
-#: Form fields that carry secrets: never echoed, never searched for placeholders.
-SECRET_FORM_FIELDS = frozenset(
-    {"client_secret", "secret_hold", "private_key", "service_account_key", "key_hold"}
-)
+class DatasourceForm(HeldSecrets, KeysAndCertificates, Discovery, forms.ModelForm):
+    """The settings of one datasource, in plain words. The secrets (:mod:`.form_secrets`), keys
+    and certificates (:mod:`.form_keys`) and discovery (:mod:`.form_discovery`) each have a
+    module; the settings' rules are the model's (``Datasource.clean``)."""
 
-
-def _read_upload(form: forms.Form, name: str, upload) -> str:
-    if upload.size > MAX_KEY_BYTES:
-        form.add_error(name, _("The file is larger than a key file can be."))
-        return ""
-    try:
-        return upload.read().decode("utf-8")
-    except UnicodeDecodeError:
-        form.add_error(name, _("The file is not text (PEM or JSON): a DER or PKCS#12 file?"))
-        return ""
-
-
-class DatasourceForm(forms.ModelForm):
     client_secret = forms.CharField(
         label=_("Client secret"),
         required=False,
@@ -314,6 +249,8 @@ class DatasourceForm(forms.ModelForm):
     class Meta:
         model = Datasource
         formfield_callback = _formfield
+        # The settings and the write-only secrets the form turns into model fields itself (the
+        # TLS pair is declared above: it goes to the instance through _apply_tls_pair).
         fields = (*CONFIG_FIELDS, "client_secret", "private_key")
         help_texts = HELP_TEXTS
         widgets = {
@@ -336,66 +273,9 @@ class DatasourceForm(forms.ModelForm):
         for name in ("retry_count", "retry_budget"):
             if name in self.fields:  # left empty (or not sent by an older form): the default
                 self.fields[name].required = False
-        stored = bool(self.instance.pk and self.instance.client_secret)
-        self.held_secret = None
-        if self.is_bound and not self.data.get("client_secret") and self._session is not None:
-            self.held_secret = secretkeep.take(self._session, self.data.get("secret_hold", ""))
-        field = self.fields["client_secret"]
-        if self.held_secret:
-            field.help_text = KEPT_HELP
-        elif stored:
-            field.help_text = _(
-                "A secret is stored (encrypted). Leave blank to keep it, or type a new one."
-            )
-        else:
-            field.help_text = _(
-                "From the app you registered at the provider. It is encrypted at rest and never "
-                "shown again."
-            )
-        if "clear_client_secret" in self.fields and not stored:
-            self.fields["clear_client_secret"].disabled = True
-        if self.instance.pk and self.instance.tls_client_certificate:
-            try:
-                info = tls.certificate_info(self.instance.tls_client_certificate)
-            except tls.TLSConfigError as err:
-                described = str(err)
-            else:
-                described = _(
-                    "Stored (encrypted): %(subject)s, issued by %(issuer)s, valid until "
-                    "%(until)s, x5t#S256 %(thumbprint)s. Leave blank to keep it."
-                ) % {
-                    "subject": info.subject,
-                    "issuer": "itself" if info.self_signed else info.issuer,
-                    "until": f"{info.not_after:%Y-%m-%d}",
-                    "thumbprint": info.thumbprint,
-                }
-            self.fields["tls_client_certificate"].help_text = described
-        elif "clear_tls_client_certificate" in self.fields:
-            self.fields["clear_tls_client_certificate"].disabled = True
-        self.held_key = None
-        if self.is_bound and self._session is not None and self.data.get("key_hold"):
-            self.held_key = secretkeep.take(self._session, self.data.get("key_hold", ""))
-        key_stored = bool(self.instance.pk and self.instance.private_key)
-        if "private_key" in self.fields:
-            self.fields["private_key"].help_text = (
-                KEPT_KEY_HELP
-                if self.held_key
-                else _(
-                    "A private key is stored (encrypted). Leave blank to keep it, or paste another."
-                )
-                if key_stored
-                else _(
-                    "PEM private key (RSA 2048+ or EC P-256) for private_key_jwt and the JWT "
-                    "bearer grant. Encrypted at rest and never shown again; its public key is "
-                    "shown on this page."
-                )
-            )
-        if "clear_private_key" in self.fields and not key_stored:
-            self.fields["clear_private_key"].disabled = True
-
-    @property
-    def _session(self):
-        return getattr(self.request, "session", None)
+        self._take_held_secret()
+        self._describe_stored_certificate()
+        self._take_held_key()
 
     def _clean_fields(self) -> None:
         super()._clean_fields()
@@ -420,33 +300,7 @@ class DatasourceForm(forms.ModelForm):
         for name, problem in getattr(self, "_placeholders", {}).items():
             # The only thing to say about such a field (not also "needs an authorization URL").
             self._errors[name] = self.error_class([problem])
-        typed = self.data.get("client_secret", "").strip() if self.is_bound else ""
-        secret = typed or self.held_secret
-        if self._errors and secret and self._session is not None:
-            # Keep what was typed for this form, server-side; the page shows only a reference.
-            reference = secretkeep.keep(self._session, secret, self.data.get("secret_hold", ""))
-            self.data = self.data.copy()
-            self.data["secret_hold"] = reference
-            self.data["client_secret"] = ""
-            self.held_secret = secret
-            # The bound field copied the help text when validation created it.
-            self.fields["client_secret"].help_text = self["client_secret"].help_text = KEPT_HELP
-        key = getattr(self, "_key_text", None) or self.held_key
-        if self._errors and key and self._session is not None and "private_key" in self.fields:
-            reference = secretkeep.keep(self._session, key, self.data.get("key_hold", ""))
-            self.data = self.data.copy()
-            self.data["key_hold"] = reference
-            self.data["private_key"] = ""
-            self.data["service_account_key"] = ""
-            self.held_key = key
-            self.fields["private_key"].help_text = self["private_key"].help_text = KEPT_KEY_HELP
-
-    def forget_held_secret(self) -> None:
-        """After a successful save: the held secret, if any, is no longer needed."""
-        if self._session is not None and self.data.get("secret_hold"):
-            secretkeep.drop(self._session, self.data["secret_hold"])
-        if self._session is not None and self.data.get("key_hold"):
-            secretkeep.drop(self._session, self.data["key_hold"])
+        self._hold_typed_secrets()
 
     def clean_assertion_audience(self) -> str:
         return self.cleaned_data.get("assertion_audience") or AssertionAudience.TOKEN_ENDPOINT
@@ -524,165 +378,6 @@ class DatasourceForm(forms.ModelForm):
             )
         self._clean_key(cleaned)
         return cleaned
-
-    def _apply_tls_pair(self, cleaned: dict) -> None:
-        """The write-only certificate and key go to the instance (checked by its clean()):
-        typed values replace the stored pair, blanks keep it, the box removes it."""
-        # Browsers send textareas with CRLF line ends; PEM is stored with LF.
-        certificate = _pem_text(cleaned.pop("tls_client_certificate", ""))
-        key = _pem_text(cleaned.pop("tls_client_key", ""))
-        self.tls_pair_changed = False
-        if cleaned.pop("clear_tls_client_certificate", False):
-            self.instance.tls_client_certificate = None
-            self.instance.tls_client_key = None
-            self.tls_pair_changed = True
-        elif certificate or key:
-            self.instance.tls_client_certificate = certificate or None
-            self.instance.tls_client_key = key or None
-            self.tls_pair_changed = True
-
-    def _clean_key(self, cleaned: dict) -> None:
-        """The private key: pasted, uploaded, from a key file, generated, kept, or cleared;
-        checked against the algorithm and certificate. Fills the fields a key file names."""
-        key_text = cleaned.get("private_key") or ""
-        upload = cleaned.get("private_key_file")
-        if upload and not key_text:
-            key_text = _read_upload(self, "private_key_file", upload)
-        account_text = cleaned.get("service_account_key") or ""
-        account_upload = cleaned.get("service_account_key_file")
-        if account_upload and not account_text:
-            account_text = _read_upload(self, "service_account_key_file", account_upload)
-        if account_text:
-            try:
-                account = jose.read_service_account_key(account_text)
-            except jose.KeyProblem as err:
-                self.add_error("service_account_key", str(err))
-                return
-            key_text = account.private_key
-            cleaned["client_id"] = account.client_email
-            self._errors.pop("client_id", None)
-            if account.private_key_id:
-                cleaned["private_key_id"] = account.private_key_id
-            if account.token_uri:
-                cleaned["access_token_url"] = account.token_uri
-                self._errors.pop("access_token_url", None)
-            self.imported_key_file = True
-        key_text = key_text or self.held_key or ""
-        self._key_text = key_text
-        for name in ("private_key_file", "service_account_key", "service_account_key_file"):
-            cleaned.pop(name, None)
-        generate = cleaned.get("generate_private_key")
-        if cleaned.get("clear_private_key") and not key_text and not generate:
-            cleaned["private_key"] = None
-            stored = ""
-        elif key_text:
-            cleaned["private_key"] = key_text.strip() + "\n"
-            stored = key_text
-        else:
-            cleaned.pop("private_key", None)  # blank keeps the stored key
-            stored = self.instance.private_key if self.instance.pk else ""
-        needs_key = (
-            cleaned.get("grant_type") == GrantType.JWT_BEARER
-            or cleaned.get("client_authentication") == ClientAuthentication.PRIVATE_KEY_JWT
-        )
-        if generate:
-            return  # made on save (admin), for the chosen algorithm
-        if needs_key and not stored:
-            self.add_error(
-                "private_key",
-                _(
-                    "%(what)s needs a private key: paste or upload one, import a key file, or "
-                    "tick “Generate a new key pair when saving”."
-                )
-                % {
-                    "what": _("The JWT bearer grant")
-                    if cleaned.get("grant_type") == GrantType.JWT_BEARER
-                    else "private_key_jwt"
-                },
-            )
-            return
-        if not stored:
-            return
-        try:
-            key = jose.load_private_key(stored)
-        except jose.KeyProblem as err:
-            self.add_error("service_account_key" if account_text else "private_key", str(err))
-            return
-        try:
-            jose.algorithm_for(key, cleaned.get("signing_algorithm") or "")
-        except jose.KeyProblem as err:
-            self.add_error("signing_algorithm", str(err))
-        certificate = cleaned.get("signing_certificate") or ""
-        if certificate:
-            try:
-                jose.certificate_headers(certificate, key)
-            except jose.KeyProblem as err:
-                self.add_error("signing_certificate", str(err))
-
-    def _discover(self, cleaned: dict) -> None:
-        issuer = cleaned.get("issuer")
-        if not issuer:
-            self.add_error("issuer", _("Enter the issuer URL to discover its endpoints."))
-            return
-        try:
-            metadata = oauth.discover(issuer, ca_bundle=cleaned.get("tls_ca_bundle") or "")
-        except (DatasourceError, tls.TLSConfigError) as err:
-            self.add_error("issuer", str(err))
-            return
-        cleaned["access_token_url"] = metadata.token_endpoint
-        if metadata.authorization_endpoint:
-            cleaned["authorization_url"] = metadata.authorization_endpoint
-        if metadata.revocation_endpoint:
-            cleaned["revocation_url"] = metadata.revocation_endpoint
-        cleaned["use_pkce"] = metadata.pkce_s256
-        cleaned["issuer_returns_iss"] = metadata.returns_iss
-        cleaned["pushed_authorization_request_url"] = metadata.pushed_authorization_request_endpoint
-        self._use_mtls_aliases(cleaned, metadata)
-        algs = metadata.dpop_signing_alg_values_supported
-        if cleaned.get("use_dpop") and algs and dpop.DEFAULT_ALG not in algs:
-            self.add_error(
-                "use_dpop",
-                _(
-                    "The server's DPoP algorithms (%(algs)s) do not include %(ours)s, which "
-                    "the generated DPoP key uses."
-                )
-                % {"algs": ", ".join(algs), "ours": dpop.DEFAULT_ALG},
-            )
-        cleaned["require_pushed_authorization_requests"] = (
-            metadata.require_pushed_authorization_requests
-        )
-        self.instance.token_endpoint_auth_methods_supported = " ".join(
-            metadata.token_endpoint_auth_methods_supported
-        )[:500]
-        supported = metadata.token_endpoint_auth_methods_supported
-        chosen = METADATA_AUTH_METHODS.get(cleaned.get("client_authentication") or "")
-        if supported and chosen and chosen not in supported:
-            self.add_error(
-                "client_authentication",
-                _(
-                    "The server's metadata does not list %(chosen)s among its client "
-                    "authentication methods (%(supported)s): choose one of those."
-                )
-                % {"chosen": chosen, "supported": ", ".join(supported)},
-            )
-        self.discovered = metadata
-
-    def _use_mtls_aliases(self, cleaned: dict, metadata: oauth.ServerMetadata) -> None:
-        """Calls made with the TLS client certificate go to the server's mTLS aliases of its
-        endpoints, when it publishes them (RFC 8705 §5)."""
-        mtls = cleaned.get("client_authentication") in MTLS_METHODS or cleaned.get(
-            "certificate_bound_tokens"
-        )
-        aliases = metadata.mtls_endpoint_aliases
-        if not mtls or not aliases:
-            return
-        for key, field in (
-            ("token_endpoint", "access_token_url"),
-            ("revocation_endpoint", "revocation_url"),
-            ("pushed_authorization_request_endpoint", "pushed_authorization_request_url"),
-        ):
-            if aliases.get(key):
-                cleaned[field] = aliases[key]
 
     @property
     def credentials_changed(self) -> bool:

@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import json
-from datetime import timedelta
 from functools import partial
 
 from django.contrib import admin, messages
-from django.contrib.admin.views.main import ChangeList
 from django.db import models, transaction
-from django.db.models import OuterRef, Prefetch, Subquery
 from django.http import HttpResponseRedirect
 from django.urls import path, reverse
 from django.utils import timezone
 from django.utils.decorators import method_decorator
-from django.utils.html import format_html, format_html_join
+from django.utils.html import format_html
 from django.utils.translation import gettext_lazy as _
 from django.utils.translation import ngettext
 from django.views.decorators.debug import sensitive_post_parameters
@@ -27,14 +24,11 @@ from ..models import (
     MTLS_METHODS,
     ApiKey,
     Datasource,
-    DatasourceUsage,
     GrantType,
     ProxyCall,
     Token,
     TokenEvent,
     TokenPlacement,
-    TokenStatus,
-    UsageSample,
     WebhookAttempt,
     WebhookDelivery,
     WebhookEndpoint,
@@ -46,27 +40,9 @@ from ..webhooks import delivery as webhook_delivery
 from ..webhooks import endpoints as webhook_endpoints
 from . import apikey_views, dashboard, presets, webhook_views
 from . import buttons as admin_views
+from . import fieldsets as layout
+from .columns import DatasourceColumns, SharedStatusFilter, shared_token, status_badge
 from .forms import ApiKeyForm, DatasourceForm, WebhookEndpointForm
-
-_STATUS_COLOURS = {
-    TokenStatus.ACTIVE: "#1a7f37",
-    TokenStatus.REFRESHING: "#9a6700",
-    TokenStatus.NOT_AUTHORIZED: "#57606a",
-    TokenStatus.NEEDS_REAUTHORIZATION: "#cf222e",
-}
-
-
-#: Read-only status shown on the change page.
-STATUS_FIELDS = (
-    "status",
-    "expires",
-    "last_refreshed",
-    "granted_scope",
-    "last_error",
-    "recent_events",
-    "proxy_usage",
-    "user_tokens",
-)
 
 
 def _par_support(metadata) -> str:
@@ -93,65 +69,8 @@ def _sender_constraint_notes(metadata, obj: Datasource) -> list[str]:
     return notes
 
 
-def status_badge(token: Token | None, datasource: Datasource | None = None):
-    if datasource is not None and datasource.per_user:
-        return format_html(
-            '<strong class="datasource-status datasource-status-per-user">{}</strong>',
-            _("Per user"),
-        )
-    status = token.status if token else TokenStatus.NOT_AUTHORIZED
-    if token and token.lease_expires_at and token.lease_expires_at > timezone.now():
-        status = TokenStatus.REFRESHING  # a refresh holds the lease right now
-    label = TokenStatus(status).label
-    trouble = ""
-    if token and status == TokenStatus.ACTIVE and token.failure_kind:
-        trouble = (
-            " (renewal failing: settings)"
-            if token.failure_kind == "configuration"
-            else " (renewal failing: retrying)"
-        )
-    colour = "#9a6700" if trouble else _STATUS_COLOURS.get(status, "inherit")
-    return format_html(
-        '<strong class="datasource-status datasource-status-{}" style="color:{}">{}{}</strong>',
-        status,
-        colour,
-        label,
-        trouble,
-    )
-
-
-def _token(obj: Datasource) -> Token | None:
-    """The shared token, prefetched for list pages."""
-    prefetched = getattr(obj, "shared_tokens", None)
-    if prefetched is not None:
-        return prefetched[0] if prefetched else None
-    return obj.token if obj.pk else None
-
-
-def _shared(field: str) -> Subquery:
-    """One column of the shared token, for sorting the list without joining every token (a
-    join would list a per-user datasource once per user token)."""
-    return Subquery(Token.objects.filter(datasource=OuterRef("pk"), user=None).values(field)[:1])
-
-
-class SharedStatusFilter(admin.SimpleListFilter):
-    title = _("status")
-    parameter_name = "status"
-
-    def lookups(self, request, model_admin):
-        return [*TokenStatus.choices, ("per_user", _("Per user"))]
-
-    def queryset(self, request, queryset):
-        value = self.value()
-        if value == "per_user":
-            return queryset.filter(token_sharing="per_user")
-        if value:
-            return queryset.exclude(token_sharing="per_user").filter(shared_status=value)
-        return queryset
-
-
 @admin.register(Datasource)
-class DatasourceAdmin(admin.ModelAdmin):
+class DatasourceAdmin(DatasourceColumns, admin.ModelAdmin):
     form = DatasourceForm
     formfield_overrides = {models.URLField: {"assume_scheme": "https"}}
     change_form_template = "admin/datasources/datasource/change_form.html"
@@ -171,130 +90,9 @@ class DatasourceAdmin(admin.ModelAdmin):
     search_fields = ("name", "slug", "base_url")
     prepopulated_fields = {"slug": ("name",)}
     actions = ("authorize_selected", "refresh_selected", "disconnect_selected")
-    readonly_fields = (
-        *STATUS_FIELDS,
-        "public_key",
-        "key_pair",
-        "token_endpoint_auth_methods_supported",
-        "dpop_key",
-    )
-    # Reference-docs order: connection, client, scopes, placement; the rest folded away.
-    fieldsets = (
-        (
-            _("Connection"),
-            {
-                "fields": (
-                    "name",
-                    "slug",
-                    "base_url",
-                    "grant_type",
-                    "token_sharing",
-                    "authorization_url",
-                    "access_token_url",
-                    "issuer",
-                    "discover",
-                )
-            },
-        ),
-        (
-            _("Client"),
-            {
-                "fields": (
-                    "client_id",
-                    "client_secret",
-                    "secret_hold",
-                    "clear_client_secret",
-                    "client_authentication",
-                    "assertion_audience",
-                )
-            },
-        ),
-        (
-            _("Signing key (private_key_jwt, JWT bearer)"),
-            {
-                "classes": ("datasource-keys",),
-                "fields": (
-                    "service_account_key",
-                    "service_account_key_file",
-                    "private_key",
-                    "private_key_file",
-                    "key_hold",
-                    "generate_private_key",
-                    "clear_private_key",
-                    "private_key_id",
-                    "signing_algorithm",
-                    "signing_certificate",
-                    "assertion_subject",
-                    "public_key",
-                    "key_pair",
-                ),
-            },
-        ),
-        (
-            _("Mutual TLS"),
-            {
-                "classes": ("collapse",),
-                "fields": (
-                    "tls_client_certificate",
-                    "tls_client_key",
-                    "clear_tls_client_certificate",
-                    "certificate_bound_tokens",
-                    "tls_ca_bundle",
-                ),
-            },
-        ),
-        (
-            _("Scopes and consent"),
-            {"fields": ("scopes", "scope_separator", "custom_auth_params")},
-        ),
-        (
-            _("Token placement"),
-            {"fields": ("token_placement", "header_prefix", "query_param_name")},
-        ),
-        (
-            _("Sender-constrained tokens"),
-            {"classes": ("collapse",), "fields": ("use_dpop", "dpop_key")},
-        ),
-        (
-            _("Calls to the API"),
-            {
-                "classes": ("collapse",),
-                "fields": ("allowed_methods", "default_headers", "default_query_params"),
-            },
-        ),
-        (
-            _("Retries"),
-            {
-                "classes": ("collapse",),
-                "fields": (
-                    "retry_count",
-                    "retry_statuses",
-                    "retry_on_connection_errors",
-                    "retry_budget",
-                ),
-            },
-        ),
-        (
-            _("Advanced"),
-            {
-                "classes": ("collapse",),
-                "fields": (
-                    "use_pkce",
-                    "audience",
-                    "resource",
-                    "revocation_url",
-                    "pushed_authorization_request_url",
-                    "require_pushed_authorization_requests",
-                    "token_endpoint_auth_methods_supported",
-                    "issuer_returns_iss",
-                    "token_lifetime",
-                    "expiry_status_codes",
-                    "owner",
-                ),
-            },
-        ),
-        (_("Token status"), {"fields": STATUS_FIELDS}),
-    )
+    readonly_fields = layout.readonly_fields()
+    # One fieldset per group of settings (datasources.models.groups), with the admin's rows.
+    fieldsets = layout.datasource_fieldsets()
 
     class Media:
         js = ("datasources/datasource_form.js",)
@@ -324,230 +122,6 @@ class DatasourceAdmin(admin.ModelAdmin):
         form = super().get_form(request, obj, change, **kwargs)
         form.request = request  # the session keeps a typed secret across validation errors
         return form
-
-    # --- read-only status --------------------------------------------------------------------
-
-    @admin.display(description=_("status"), ordering="shared_status")
-    def status(self, obj: Datasource):
-        return status_badge(_token(obj), obj)
-
-    @admin.display(description=_("expires"), ordering="shared_expires_at")
-    def expires(self, obj: Datasource):
-        if obj.per_user:
-            return _("per user")
-        token = _token(obj)
-        if not token or not token.access_token:
-            return "—"
-        if not token.expires_at:
-            return _("no known expiry")
-        when = timezone.localtime(token.expires_at)
-        return format_html(
-            '<span title="{}">{}</span>',
-            f"{when:%Y-%m-%d %H:%M:%S %Z}",
-            dashboard.time_to_expiry(token),
-        )
-
-    @admin.display(description=_("last refreshed"), ordering="shared_last_refreshed_at")
-    def last_refreshed(self, obj: Datasource):
-        token = _token(obj)
-        if obj.per_user or not token or not token.last_refreshed_at:
-            return "—"
-        return format_html(
-            '<span title="{}">{}</span>',
-            f"{timezone.localtime(token.last_refreshed_at):%Y-%m-%d %H:%M:%S %Z}",
-            dashboard.ago(token.last_refreshed_at),
-        )
-
-    @admin.display(description=_("last error"))
-    def last_error_short(self, obj: Datasource):
-        token = _token(obj)
-        if obj.per_user or not token or not token.last_error:
-            return "—"
-        text = token.last_error
-        return format_html(
-            '<span title="{}">{}</span>', text, text if len(text) <= 80 else text[:77] + "…"
-        )
-
-    @admin.display(description=_("proxy calls, 24 h"))
-    def usage_24h(self, obj: Datasource):
-        samples = getattr(obj, "recent_samples", None)
-        if samples is None:
-            usage = dashboard.usage_of(obj)
-        else:
-            usage = dashboard.hourly(samples, getattr(obj, "live_usage", None))
-        return format_html(
-            '{}<br><small class="datasource-usage-summary">{}</small>',
-            dashboard.chart(usage, width=120, height=24),
-            usage.summary(),
-        )
-
-    @admin.display(description=_("public key (register at the provider)"))
-    def public_key(self, obj: Datasource):
-        found = keys.public_key_of(obj) if obj and obj.pk else None
-        if found is None:
-            return "—"
-        parts = [
-            format_html(
-                '<p>{}</p><pre class="datasource-public-jwk">{}</pre>',
-                _("JWK (key ID %(kid)s, %(alg)s):")
-                % {"kid": found.kid or "—", "alg": found.algorithm},
-                found.jwk,
-            ),
-            format_html(
-                '<p>{}</p><pre class="datasource-public-pem">{}</pre>', _("PEM:"), found.pem
-            ),
-        ]
-        if found.certificate:
-            parts.append(
-                format_html(
-                    '<p>{}</p><pre class="datasource-certificate">{}</pre>',
-                    _("Certificate (upload it where the provider asks for one, e.g. Entra ID):"),
-                    found.certificate,
-                )
-            )
-        return format_html_join("", "{}", ((part,) for part in parts))
-
-    @admin.display(description=_("key pair"))
-    def key_pair(self, obj: Datasource):
-        label = _("Replace with a new key pair") if obj.private_key else _("Generate key pair")
-        return format_html(
-            '<button type="submit" class="button datasource-generate-key" '
-            'form="datasource-generate-key-form">{}</button> <span class="help">{}</span>',
-            label,
-            _(
-                "Makes a new private key (kept encrypted here) with a certificate; register "
-                "the public key or certificate shown here at the provider."
-            ),
-        )
-
-    @admin.display(description=_("DPoP key"))
-    def dpop_key(self, obj: Datasource):
-        if not obj.pk or not obj.dpop_private_key:
-            return _("Generated when DPoP is turned on and the datasource is saved.")
-        token = _token(obj)
-        bound = token.token_type if token and token.access_token else "—"
-        return format_html(
-            '<p>{} <code class="datasource-dpop-jkt">{}</code></p>'
-            "<p>{} <strong>{}</strong></p>"
-            '<details><summary>{}</summary><pre class="datasource-dpop-jwk">{}</pre></details>'
-            '<p><button type="submit" class="button datasource-dpop-regenerate" '
-            'form="datasource-dpop-regenerate-form">{}</button></p>',
-            _("Public key thumbprint (RFC 7638, the cnf.jkt of bound tokens):"),
-            obj.dpop_jkt,
-            _("Type of the current token:"),
-            bound,
-            _("Public key (JWK)"),
-            obj.dpop_public_jwk,
-            _("Regenerate DPoP key"),
-        )
-
-    @admin.display(description=_("upstream"))
-    def upstream(self, obj: Datasource):
-        key, words = dashboard.upstream_state(obj)
-        return format_html(
-            '<span class="datasource-upstream datasource-upstream-{}">{}</span>', key, words
-        )
-
-    @admin.display(description=_("granted scope"))
-    def granted_scope(self, obj: Datasource):
-        token = _token(obj)
-        return (token.scope if token else "") or "—"
-
-    @admin.display(description=_("last error"))
-    def last_error(self, obj: Datasource):
-        token = _token(obj)
-        if not token or not token.last_error:
-            return "—"
-        retry = (
-            f" (next attempt {timezone.localtime(token.next_attempt_at):%H:%M:%S})"
-            if token.next_attempt_at
-            else ""
-        )
-        if token.failure_kind == "configuration":
-            return format_html(
-                '<strong class="datasource-configuration-error" style="color:#cf222e">{}</strong>{}',
-                token.last_error,
-                retry,
-            )
-        return f"{token.last_error}{retry}"
-
-    @admin.display(description=_("recent events"))
-    def recent_events(self, obj: Datasource):
-        if not obj.pk:
-            return "—"
-        events = TokenEvent.objects.filter(datasource=obj)[:10]
-        if not events:
-            return "—"
-        rows = format_html_join(
-            "",
-            "<tr><td>{}</td><td>{}</td><td>{}</td></tr>",
-            (
-                (
-                    f"{timezone.localtime(e.created_at):%Y-%m-%d %H:%M:%S}",
-                    e.get_kind_display(),
-                    e.detail,
-                )
-                for e in events
-            ),
-        )
-        return format_html('<table class="datasource-events">{}</table>', rows)
-
-    @admin.display(description=_("per-user tokens"))
-    def user_tokens(self, obj: Datasource):
-        if not obj.pk or not obj.per_user:
-            return "— (shared)"
-        rows = Token.objects.filter(datasource=obj, user__isnull=False).select_related("user")
-        if not rows:
-            return "No user has authorized yet."
-        return format_html(
-            '<table class="datasource-user-tokens">{}</table>',
-            format_html_join(
-                "",
-                "<tr><td>{}</td><td>{}</td><td>{}</td></tr>",
-                (
-                    (
-                        t.user.get_username(),
-                        t.get_status_display(),
-                        f"{timezone.localtime(t.expires_at):%Y-%m-%d %H:%M:%S}"
-                        if t.expires_at
-                        else "—",
-                    )
-                    for t in rows
-                ),
-            ),
-        )
-
-    def get_queryset(self, request):
-        return (
-            super()
-            .get_queryset(request)
-            .annotate(
-                shared_status=_shared("status"),
-                shared_expires_at=_shared("expires_at"),
-                shared_last_refreshed_at=_shared("last_refreshed_at"),
-            )
-            .prefetch_related(
-                Prefetch(
-                    "tokens", queryset=Token.objects.filter(user=None), to_attr="shared_tokens"
-                )
-            )
-        )
-
-    def get_changelist(self, request, **kwargs):
-        return _HealthChangeList
-
-    @admin.display(description=_("proxy usage"))
-    def proxy_usage(self, obj: Datasource):
-        found = DatasourceUsage.objects.filter(datasource=obj).first() if obj.pk else None
-        if not found or not found.calls:
-            return "No proxied calls yet."
-        average = found.total_duration_ms / found.calls
-        last = (
-            f", last {found.last_status} at {timezone.localtime(found.last_called_at):%Y-%m-%d %H:%M:%S}"
-            if found.last_called_at
-            else ""
-        )
-        return f"{found.calls} calls, {found.errors} errors, {average:.1f} ms average in all{last}"
 
     # --- pages and buttons -------------------------------------------------------------------
 
@@ -613,9 +187,10 @@ class DatasourceAdmin(admin.ModelAdmin):
             callback_url=flow.callback_url(request),
             redirect_notes=dashboard.redirect_uri_notes(request, obj),
             show_save_and_authorize=True,
+            field_rules=layout.field_rules(),
         )
         if obj is not None and obj.pk:
-            token = _token(obj)
+            token = shared_token(obj)
             usage = dashboard.usage_of(obj)
             context.update(
                 token=token,
@@ -719,25 +294,6 @@ class DatasourceAdmin(admin.ModelAdmin):
     def delete_queryset(self, request, queryset):
         admin_views.revoke_after_delete(request, list(queryset))
         super().delete_queryset(request, queryset)
-
-
-class _HealthChangeList(ChangeList):
-    """The list page loads each row's 24-hour usage snapshots with one query for the page."""
-
-    def get_results(self, request):
-        super().get_results(request)
-        since = timezone.now() - timedelta(hours=dashboard.HOURS + 1)
-        rows = list(self.result_list)
-        ids = [row.pk for row in rows]
-        samples: dict[int, list[UsageSample]] = {pk: [] for pk in ids}
-        for sample in UsageSample.objects.filter(
-            datasource_id__in=ids, taken_at__gte=since
-        ).order_by("taken_at", "pk"):
-            samples[sample.datasource_id].append(sample)
-        live = {u.datasource_id: u for u in DatasourceUsage.objects.filter(datasource_id__in=ids)}
-        for row in rows:
-            row.recent_samples = samples[row.pk]
-            row.live_usage = live.get(row.pk)
 
 
 class ReadOnlyAdmin(admin.ModelAdmin):

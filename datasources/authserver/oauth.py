@@ -44,6 +44,7 @@ from oauthlib.oauth2 import (
 
 from ..conf import app_settings
 from ..exceptions import DatasourceError, OAuthError, TransientUpstreamError
+from ..models.values import RESERVED_AUTH_PARAMS
 from ..security import dpop, jose, tls
 from ..security.policy import check_transport
 from . import outbound
@@ -53,17 +54,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-#: Authorization parameters that custom parameters may not override.
-RESERVED_AUTH_PARAMS = frozenset(
-    {
-        "response_type",
-        "client_id",
-        "redirect_uri",
-        "state",
-        "code_challenge",
-        "code_challenge_method",
-    }
-)
 _ERROR_CODE = re.compile(r"^[\x20\x21\x23-\x5b\x5d-\x7e]{1,100}$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -428,33 +418,7 @@ def discover(issuer: str, *, ca_bundle: str = "") -> ServerMetadata:
     tried = []
     for url in candidates:
         tried.append(url)
-        try:
-            response = _bounded_request(
-                "GET",
-                url,
-                app_settings.HTTP_TIMEOUT,
-                context=context,
-                headers={"Accept": "application/json"},
-            )
-        except outbound.DeadlineExceeded:
-            raise DiscoveryError(
-                f"The issuer's metadata at {url} did not arrive within "
-                f"{app_settings.HTTP_TIMEOUT:g} s."
-            ) from None
-        except outbound.TooLarge as err:
-            raise DiscoveryError(
-                f"The issuer's metadata at {url} is larger than {err.limit} bytes."
-            ) from None
-        except requests.exceptions.SSLError as err:
-            raise DiscoveryError(
-                f"The issuer's metadata at {url} was not fetched: "
-                f"{tls.failure_reason(err) or 'TLS failed'}; if its certificate is issued by a "
-                "private CA, add that CA under “Trusted CA certificates”."
-            ) from None
-        except requests.RequestException as err:
-            raise DiscoveryError(
-                f"The issuer's metadata at {url} is unreachable ({type(err).__name__})."
-            ) from None
+        response = _fetch_metadata(url, context)
         if response.status_code == 404:
             continue
         if response.status_code != 200:
@@ -468,43 +432,77 @@ def discover(issuer: str, *, ca_bundle: str = "") -> ServerMetadata:
                 f"The metadata at {url} names the issuer {found[:200]!r}, not {issuer!r}; "
                 "refusing it (RFC 8414 §3.3)."
             )
-        endpoints = {}
-        for key in (
-            "authorization_endpoint",
-            "token_endpoint",
-            "revocation_endpoint",
-            "pushed_authorization_request_endpoint",
-        ):
-            value = document.get(key) or ""
-            if value and not isinstance(value, str):
-                raise DiscoveryError(f"{url}: {key} is not a string.")
-            endpoints[key] = value
-        if not endpoints["token_endpoint"]:
-            raise DiscoveryError(f"{url} has no token_endpoint.")
-        methods = document.get("code_challenge_methods_supported") or []
-        auth_methods = document.get("token_endpoint_auth_methods_supported") or []
-        return ServerMetadata(
-            issuer=found,
-            pkce_s256=isinstance(methods, list) and "S256" in methods,
-            returns_iss=document.get("authorization_response_iss_parameter_supported") is True,
-            require_pushed_authorization_requests=(
-                document.get("require_pushed_authorization_requests") is True
-            ),
-            token_endpoint_auth_methods_supported=tuple(
-                m for m in auth_methods if isinstance(m, str) and _ERROR_CODE.match(m)
-            )
-            if isinstance(auth_methods, list)
-            else (),
-            dpop_signing_alg_values_supported=_names(
-                document.get("dpop_signing_alg_values_supported")
-            ),
-            mtls_endpoint_aliases=_mtls_aliases(document.get("mtls_endpoint_aliases"), url),
-            tls_client_certificate_bound_access_tokens=(
-                document.get("tls_client_certificate_bound_access_tokens") is True
-            ),
-            **endpoints,
-        )
+        return _server_metadata(document, url)
     raise DiscoveryError("No metadata found at " + " or ".join(tried) + ".")
+
+
+def _fetch_metadata(url: str, context) -> requests.Response:
+    """One metadata document's answer; a DiscoveryError that says why when none came."""
+    try:
+        response = _bounded_request(
+            "GET",
+            url,
+            app_settings.HTTP_TIMEOUT,
+            context=context,
+            headers={"Accept": "application/json"},
+        )
+    except outbound.DeadlineExceeded:
+        raise DiscoveryError(
+            f"The issuer's metadata at {url} did not arrive within {app_settings.HTTP_TIMEOUT:g} s."
+        ) from None
+    except outbound.TooLarge as err:
+        raise DiscoveryError(
+            f"The issuer's metadata at {url} is larger than {err.limit} bytes."
+        ) from None
+    except requests.exceptions.SSLError as err:
+        raise DiscoveryError(
+            f"The issuer's metadata at {url} was not fetched: "
+            f"{tls.failure_reason(err) or 'TLS failed'}; if its certificate is issued by a "
+            "private CA, add that CA under “Trusted CA certificates”."
+        ) from None
+    except requests.RequestException as err:
+        raise DiscoveryError(
+            f"The issuer's metadata at {url} is unreachable ({type(err).__name__})."
+        ) from None
+    return response
+
+
+def _server_metadata(document: dict[str, Any], url: str) -> ServerMetadata:
+    """The parts of a metadata document we use, each checked for its type."""
+    endpoints = {}
+    for key in (
+        "authorization_endpoint",
+        "token_endpoint",
+        "revocation_endpoint",
+        "pushed_authorization_request_endpoint",
+    ):
+        value = document.get(key) or ""
+        if value and not isinstance(value, str):
+            raise DiscoveryError(f"{url}: {key} is not a string.")
+        endpoints[key] = value
+    if not endpoints["token_endpoint"]:
+        raise DiscoveryError(f"{url} has no token_endpoint.")
+    methods = document.get("code_challenge_methods_supported") or []
+    auth_methods = document.get("token_endpoint_auth_methods_supported") or []
+    return ServerMetadata(
+        issuer=str(document.get("issuer") or ""),
+        pkce_s256=isinstance(methods, list) and "S256" in methods,
+        returns_iss=document.get("authorization_response_iss_parameter_supported") is True,
+        require_pushed_authorization_requests=(
+            document.get("require_pushed_authorization_requests") is True
+        ),
+        token_endpoint_auth_methods_supported=tuple(
+            m for m in auth_methods if isinstance(m, str) and _ERROR_CODE.match(m)
+        )
+        if isinstance(auth_methods, list)
+        else (),
+        dpop_signing_alg_values_supported=_names(document.get("dpop_signing_alg_values_supported")),
+        mtls_endpoint_aliases=_mtls_aliases(document.get("mtls_endpoint_aliases"), url),
+        tls_client_certificate_bound_access_tokens=(
+            document.get("tls_client_certificate_bound_access_tokens") is True
+        ),
+        **endpoints,
+    )
 
 
 def _names(value: Any) -> tuple[str, ...]:
@@ -631,6 +629,62 @@ def _with_client_auth(
     return body, headers
 
 
+def _send_failure(
+    err: Exception, what: str, slug: str, host: str | None, timeout: float
+) -> TransientUpstreamError:
+    """What a request to the authorization server that got no usable answer becomes: logged
+    (host and reason, never the body), and an error that says whether the server may have
+    acted on it (``outcome_unknown``: a refresh token may have rotated)."""
+    if isinstance(err, tls.TLSConfigError):
+        return TransientUpstreamError(f"The {what} was not sent: {err}")
+    if isinstance(err, outbound.DeadlineExceeded):
+        logger.warning(
+            "%s for datasource %s: %s did not finish its answer within %g s",
+            what,
+            slug,
+            host,
+            timeout,
+        )
+        return TransientUpstreamError(
+            f"The {what} request to {host} did not finish within {timeout:g} s; the server "
+            "may have acted on it.",
+            outcome_unknown=True,
+        )
+    if isinstance(err, outbound.TooLarge):
+        logger.warning(
+            "%s for datasource %s: %s answered more than %d bytes", what, slug, host, err.limit
+        )
+        return TransientUpstreamError(
+            f"The answer of {host} to the {what} is larger than {err.limit} bytes.",
+            outcome_unknown=True,
+        )
+    if isinstance(err, requests.exceptions.SSLError):
+        reason = tls.failure_reason(err) or "TLS failed"
+        logger.warning("%s for datasource %s: %s: %s", what, slug, host, reason)
+        hint = (
+            "; if it is issued by a private CA, add that CA under “Trusted CA certificates”"
+            if "not trusted" in reason
+            else ""
+        )
+        return TransientUpstreamError(f"The {what} request to {host} was not sent: {reason}{hint}.")
+    unknown = _answer_lost(err)
+    timed_out = isinstance(err, requests.Timeout)
+    logger.warning(
+        "%s for datasource %s: %s %s (%s)",
+        what,
+        slug,
+        host,
+        "did not answer in time" if timed_out else "unreachable",
+        type(err).__name__,
+    )
+    text = "timed out" if timed_out else f"failed: {type(err).__name__}"
+    return TransientUpstreamError(
+        f"The {what} request to {host} {text}"
+        + (" after it was sent; the server may have acted on it." if unknown else "."),
+        outcome_unknown=unknown,
+    )
+
+
 def _post(
     url: str,
     body: str,
@@ -647,60 +701,13 @@ def _post(
         response = _bounded_request(
             "POST", url, timeout, context=context, data=body, headers=headers
         )
-    except tls.TLSConfigError as err:
-        raise TransientUpstreamError(f"The {what} was not sent: {err}") from None
-    except outbound.DeadlineExceeded:
-        logger.warning(
-            "%s for datasource %s: %s did not finish its answer within %g s",
-            what,
-            datasource.slug,
-            host,
-            timeout,
-        )
-        raise TransientUpstreamError(
-            f"The {what} request to {host} did not finish within {timeout:g} s; the server "
-            "may have acted on it.",
-            outcome_unknown=True,
-        ) from None
-    except outbound.TooLarge as err:
-        logger.warning(
-            "%s for datasource %s: %s answered more than %d bytes",
-            what,
-            datasource.slug,
-            host,
-            err.limit,
-        )
-        raise TransientUpstreamError(
-            f"The answer of {host} to the {what} is larger than {err.limit} bytes.",
-            outcome_unknown=True,
-        ) from None
-    except requests.exceptions.SSLError as err:
-        reason = tls.failure_reason(err) or "TLS failed"
-        logger.warning("%s for datasource %s: %s: %s", what, datasource.slug, host, reason)
-        hint = (
-            "; if it is issued by a private CA, add that CA under “Trusted CA certificates”"
-            if "not trusted" in reason
-            else ""
-        )
-        raise TransientUpstreamError(
-            f"The {what} request to {host} was not sent: {reason}{hint}."
-        ) from None
-    except requests.RequestException as err:
-        unknown = _answer_lost(err)
-        logger.warning(
-            "%s for datasource %s: %s %s (%s)",
-            what,
-            datasource.slug,
-            host,
-            "did not answer in time" if isinstance(err, requests.Timeout) else "unreachable",
-            type(err).__name__,
-        )
-        text = "timed out" if isinstance(err, requests.Timeout) else f"failed: {type(err).__name__}"
-        raise TransientUpstreamError(
-            f"The {what} request to {host} {text}"
-            + (" after it was sent; the server may have acted on it." if unknown else "."),
-            outcome_unknown=unknown,
-        ) from None
+    except (
+        tls.TLSConfigError,
+        outbound.DeadlineExceeded,
+        outbound.TooLarge,
+        requests.RequestException,
+    ) as err:
+        raise _send_failure(err, what, datasource.slug, host, timeout) from None
     logger.info(
         "%s for datasource %s: %s answered HTTP %s in %.0f ms",
         what,

@@ -25,24 +25,24 @@ from pathlib import Path
 from typing import IO, Any
 
 from django.core.exceptions import ValidationError
-from django.db import models, transaction
+from django.db import transaction
+from fernet_fields import EncryptedField
 
 from .. import tokens
 from ..conf import app_settings
 from ..models import CONFIG_FIELDS, MTLS_METHODS, ClientAuthentication, Datasource, GrantType
+from ..models.groups import json_types
 from ..security import dpop, jose
 
-#: Fields import accepts and export writes (secrets are import-only).
+#: Fields import accepts and export writes (secrets are import-only), in the admin's order: both
+#: derive from the settings' groups (datasources.models.groups).
 EXPORTED_FIELDS = CONFIG_FIELDS
-#: Write-only secrets: a string or {"env": NAME} (keys also {"file": PATH}); never exported.
+#: Write-only secrets: a string or {"env": NAME} (keys also {"file": PATH}); never exported. The
+#: model's encrypted columns, and a provider's key file, which fills the private key.
 SECRET_FIELDS = frozenset(
     {
-        "client_secret",
-        "private_key",
+        *(f.name for f in Datasource._meta.concrete_fields if isinstance(f, EncryptedField)),
         "service_account_key",
-        "dpop_private_key",
-        "tls_client_certificate",
-        "tls_client_key",
     }
 )
 IMPORTED_FIELDS = frozenset(EXPORTED_FIELDS) | SECRET_FIELDS
@@ -211,17 +211,15 @@ def import_datasources(
     return result
 
 
-def _plan(
-    entry: dict[str, Any], environ, base_dir: Path | None
-) -> tuple[Datasource, bool, bool, bool]:
-    """(datasource to save, new?, credentials changed?, a key tokens are bound to changed?)"""
-    existing = (
-        Datasource.objects.filter(slug=entry.get("slug")).first() if entry.get("slug") else None
-    )
-    datasource = existing or Datasource()
-    before = {name: getattr(datasource, name) for name in _CREDENTIAL_FIELDS}
-    before_dpop = (datasource.use_dpop, datasource.dpop_jkt, datasource.tls_client_certificate)
-    field_errors: dict[str, list[str]] = {}
+def _assign(
+    datasource: Datasource,
+    entry: dict[str, Any],
+    environ,
+    base_dir: Path | None,
+    field_errors: dict[str, list[str]],
+) -> str | None:
+    """Set an entry's values on the datasource, resolving secrets (``{"env"}``, ``{"file"}``);
+    problems go to ``field_errors``. Returns the provider key file's text, applied after."""
     account_key = None
     for name, value in entry.items():
         if name in SECRET_FIELDS:
@@ -245,6 +243,21 @@ def _plan(
         elif name == "scopes" and isinstance(value, list):
             value = " ".join(str(v) for v in value)
         setattr(datasource, name, value)
+    return account_key
+
+
+def _plan(
+    entry: dict[str, Any], environ, base_dir: Path | None
+) -> tuple[Datasource, bool, bool, bool]:
+    """(datasource to save, new?, credentials changed?, a key tokens are bound to changed?)"""
+    existing = (
+        Datasource.objects.filter(slug=entry.get("slug")).first() if entry.get("slug") else None
+    )
+    datasource = existing or Datasource()
+    before = {name: getattr(datasource, name) for name in _CREDENTIAL_FIELDS}
+    before_dpop = (datasource.use_dpop, datasource.dpop_jkt, datasource.tls_client_certificate)
+    field_errors: dict[str, list[str]] = {}
+    account_key = _assign(datasource, entry, environ, base_dir, field_errors)
     if account_key:
         try:
             account = jose.read_service_account_key(account_key)
@@ -333,15 +346,7 @@ def _expected_types(name: str) -> tuple[type, ...]:
         return (str, dict, type(None))
     if name == "scopes":
         return (str, list)
-    field = Datasource._meta.get_field(name)
-    nullable = (type(None),) if field.null else ()
-    if isinstance(field, models.BooleanField):
-        return (bool,)
-    if isinstance(field, models.IntegerField):
-        return (int, *nullable)
-    if isinstance(field, models.JSONField):
-        return (dict, *nullable)
-    return (str, *nullable)
+    return json_types(name)
 
 
 def _type_problems(entry: dict[str, Any]):

@@ -104,19 +104,8 @@ def _upstream_health(lines: list[str], family) -> None:
         )
 
 
-@never_cache
-@require_GET
-def metrics(request: HttpRequest) -> HttpResponse:
-    if not _allowed(request):
-        response = HttpResponse("forbidden\n", status=403, content_type="text/plain")
-        response["WWW-Authenticate"] = "Bearer"
-        return response
-    lines: list[str] = []
-
-    def family(name: str, kind: str, help_text: str) -> None:
-        lines.append(f"# HELP {name} {help_text}")
-        lines.append(f"# TYPE {name} {kind}")
-
+def _token_metrics(lines: list[str], family) -> None:
+    """Tokens by status, the sweep's backlog, refreshes and recent token events."""
     family("datasources_tokens", "gauge", "Tokens by status.")
     by_status = dict(Token.objects.values_list("status").annotate(n=Count("pk")))
     for status in TokenStatus.values:
@@ -145,6 +134,9 @@ def metrics(request: HttpRequest) -> HttpResponse:
     for kind in TokenEvent.Kind.values:
         lines.append(f'datasources_token_events{{kind="{kind}"}} {events.get(kind, 0)}')
 
+
+def _proxy_metrics(lines: list[str], family) -> None:
+    """Proxied calls, errors and the latency histogram, from the stored counters."""
     histograms = list(
         DatasourceUsage.objects.select_related("datasource").values_list(
             "datasource__slug",
@@ -186,6 +178,23 @@ def metrics(request: HttpRequest) -> HttpResponse:
             f'datasources_proxy_duration_seconds_sum{{datasource="{label}"}} {duration_ms / 1000:.3f}'
         )
         lines.append(f'datasources_proxy_duration_seconds_count{{datasource="{label}"}} {calls}')
+
+
+@never_cache
+@require_GET
+def metrics(request: HttpRequest) -> HttpResponse:
+    if not _allowed(request):
+        response = HttpResponse("forbidden\n", status=403, content_type="text/plain")
+        response["WWW-Authenticate"] = "Bearer"
+        return response
+    lines: list[str] = []
+
+    def family(name: str, kind: str, help_text: str) -> None:
+        lines.append(f"# HELP {name} {help_text}")
+        lines.append(f"# TYPE {name} {kind}")
+
+    _token_metrics(lines, family)
+    _proxy_metrics(lines, family)
     _upstream_health(lines, family)
     return HttpResponse(
         "\n".join(lines) + "\n", content_type="text/plain; version=0.0.4; charset=utf-8"

@@ -158,6 +158,34 @@ def window(configured: float, state: TokenState, fraction: float) -> float:
     return min(configured, lifetime * fraction)
 
 
+def _request(
+    state: TokenState, policy: Policy, now: datetime, usable: bool, refreshed_meanwhile: bool
+) -> Decision:
+    """The request path (REQUEST), for a renewable token: use it while fresh, never wait for a
+    lease while it is usable, back off after failures, probe an expired one sparingly."""
+    if refreshed_meanwhile and usable:
+        return Decision(Action.USE, "refreshed_by_other")
+    due = _expires_within(
+        state, window(policy.request_leeway, state, policy.lifetime_fraction), now
+    )
+    if usable and not due:
+        return Decision(Action.USE, "fresh")
+    if state.leased_elsewhere:
+        return (
+            Decision(Action.USE, "refresh_in_progress") if usable else Decision(Action.WAIT, "wait")
+        )
+    if state.failure_kind:
+        if usable:
+            if _in_backoff(state, now):
+                return Decision(Action.USE, "backoff")
+            return Decision(Action.REFRESH, "retry")
+        wait = _probe_wait(state, policy, now)
+        if wait > 0:
+            return Decision(Action.UNAVAILABLE, "probe_later", retry_after=wait)
+        return Decision(Action.REFRESH, "probe")
+    return Decision(Action.REFRESH, "expiring" if usable else "expired")
+
+
 def decide(
     state: TokenState,
     policy: Policy,
@@ -199,28 +227,7 @@ def decide(
     if situation is Situation.BACKGROUND:
         return _background(state, policy, now)
 
-    # The request path.
-    if refreshed_meanwhile and usable:
-        return Decision(Action.USE, "refreshed_by_other")
-    due = _expires_within(
-        state, window(policy.request_leeway, state, policy.lifetime_fraction), now
-    )
-    if usable and not due:
-        return Decision(Action.USE, "fresh")
-    if state.leased_elsewhere:
-        return (
-            Decision(Action.USE, "refresh_in_progress") if usable else Decision(Action.WAIT, "wait")
-        )
-    if state.failure_kind:
-        if usable:
-            if _in_backoff(state, now):
-                return Decision(Action.USE, "backoff")
-            return Decision(Action.REFRESH, "retry")
-        wait = _probe_wait(state, policy, now)
-        if wait > 0:
-            return Decision(Action.UNAVAILABLE, "probe_later", retry_after=wait)
-        return Decision(Action.REFRESH, "probe")
-    return Decision(Action.REFRESH, "expiring" if usable else "expired")
+    return _request(state, policy, now, usable, refreshed_meanwhile)
 
 
 def use_until(state: TokenState, policy: Policy) -> datetime | None:

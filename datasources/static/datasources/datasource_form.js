@@ -4,19 +4,38 @@
 (function () {
   "use strict";
 
-  // Fields that only mean something for the authorization code grant (a person signs in).
-  // The issuer and discovery apply to every grant: they fill the token endpoint, and a signed
-  // client assertion may be addressed to the issuer.
-  var CODE_GRANT_ONLY = [
-    "authorization_url", "use_pkce", "token_sharing", "issuer_returns_iss", "custom_auth_params",
-    "pushed_authorization_request_url", "require_pushed_authorization_requests"
-  ];
-  // The signing key: for private_key_jwt client authentication and the JWT bearer grant.
-  var KEY_FIELDS = [
-    "private_key", "private_key_file", "generate_private_key", "clear_private_key",
-    "private_key_id", "signing_algorithm", "signing_certificate", "public_key", "key_pair"
-  ];
-  var JWT_BEARER_ONLY = ["service_account_key", "service_account_key_file", "assertion_subject"];
+  // When each row is shown, and when a folded group opens by itself: rendered by the page from
+  // the settings' groups (datasources/models/groups.py), so no field name is repeated here. A
+  // rule is a list of conditions, any of which shows the row; a condition maps a select
+  // (grant_type, client_authentication, token_placement) to the values for which it holds.
+  function readRules() {
+    var element = document.getElementById("datasource-field-rules");
+    if (!element) { return { shown: {}, opened: {} }; }
+    try { return JSON.parse(element.textContent); } catch (e) { return { shown: {}, opened: {} }; }
+  }
+  var RULES = { shown: {}, opened: {} };  // read when the page is loaded
+
+  function controls() {
+    var names = {};
+    [RULES.shown, RULES.opened].forEach(function (rules) {
+      Object.keys(rules).forEach(function (field) {
+        rules[field].forEach(function (condition) {
+          Object.keys(condition).forEach(function (control) { names[control] = true; });
+        });
+      });
+    });
+    return Object.keys(names);
+  }
+
+  // A select missing from the page (not in this form) never hides anything.
+  function holds(rule) {
+    return rule.some(function (condition) {
+      return Object.keys(condition).every(function (control) {
+        var value = valueOf("id_" + control);
+        return value === null || condition[control].indexOf(value) !== -1;
+      });
+    });
+  }
 
   function rows(name) {
     return document.querySelectorAll(".form-row.field-" + name + ", .fieldBox.field-" + name);
@@ -34,32 +53,19 @@
   }
 
   function update() {
+    Object.keys(RULES.shown).forEach(function (name) { show([name], holds(RULES.shown[name])); });
+    Object.keys(RULES.opened).forEach(function (name) {
+      if (!holds(RULES.opened[name])) { return; }
+      rows(name).forEach(function (row) {
+        var section = row.closest("details");
+        if (section) { section.open = true; }
+      });
+    });
     var grant = valueOf("id_grant_type");
     if (grant !== null) {
-      var codeGrant = grant === "authorization_code";
-      show(CODE_GRANT_ONLY, codeGrant);
+      // The redirect URI and "Save and authorize" concern a person signing in.
       document.querySelectorAll(".datasource-redirect-uri, .datasource-save-authorize")
-        .forEach(function (element) { element.hidden = !codeGrant; });
-      var method = valueOf("id_client_authentication");
-      var jwtBearer = grant === "jwt_bearer";
-      show(KEY_FIELDS, jwtBearer || method === "private_key_jwt");
-      show(JWT_BEARER_ONLY, jwtBearer);
-      show(["assertion_audience"], method === "private_key_jwt" || method === "client_secret_jwt");
-      var mtls = method === "tls_client_auth" || method === "self_signed_tls_client_auth";
-      // Mutual TLS authenticates with the certificate: its folded section opens, and the
-      // client secret, which it does not use, is hidden.
-      show(["client_secret", "clear_client_secret"], !mtls);
-      if (mtls) {
-        rows("tls_client_certificate").forEach(function (row) {
-          var section = row.closest("details");
-          if (section) { section.open = true; }
-        });
-      }
-    }
-    var placement = valueOf("id_token_placement");
-    if (placement !== null) {
-      show(["header_prefix"], placement === "header");
-      show(["query_param_name"], placement === "query");
+        .forEach(function (element) { element.hidden = grant !== "authorization_code"; });
     }
   }
 
@@ -95,8 +101,9 @@
   }
 
   document.addEventListener("DOMContentLoaded", function () {
-    ["id_grant_type", "id_token_placement", "id_client_authentication"].forEach(function (id) {
-      var element = document.getElementById(id);
+    RULES = readRules();
+    controls().forEach(function (control) {
+      var element = document.getElementById("id_" + control);
       if (element) { element.addEventListener("change", update); }
     });
     update();
