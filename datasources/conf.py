@@ -25,8 +25,9 @@ DEFAULTS: dict[str, Any] = {
     # While a token is expired and refreshing fails, the request path tries again (one caller,
     # single-flight) at most this often, never before the server's Retry-After.
     "PROBE_INTERVAL": 5.0,
-    # An upstream "expired" answer (401) triggers a refresh only when the rejected token is at
-    # least this old, so an API that always answers 401 cannot cause a refresh per call.
+    # An upstream "expired" answer (401) triggers a refresh unless a refresh that a rejection
+    # caused happened for the token within this many seconds, so an API that always answers
+    # 401 causes at most one refresh per cooldown.
     "REJECTION_COOLDOWN": 30.0,
     # Refresh at least this often even when tokens live longer (idle refresh tokens get revoked).
     "MAX_TOKEN_AGE": 86400,

@@ -65,7 +65,9 @@ def expire_here(datasource) -> None:
 def age(datasource, seconds: float) -> None:
     """Time travel: the token was obtained and last refreshed ``seconds`` ago."""
     then = timezone.now() - timedelta(seconds=seconds)
-    Token.objects.filter(datasource=datasource).update(last_refreshed_at=then, obtained_at=then)
+    Token.objects.filter(datasource=datasource).update(
+        last_refreshed_at=then, obtained_at=then, rejection_refreshed_at=then
+    )
 
 
 def tune(settings, **values: Any) -> None:
@@ -562,25 +564,30 @@ def test_upstream_always_401_refreshes_at_most_once_per_cooldown(fake_provider, 
     github_like = {"message": "Bad credentials"}
     provider.api_always(401, github_like)
 
-    # A token obtained just now is younger than REJECTION_COOLDOWN (30 s): no refresh at all.
+    # The first rejection refreshes once (the token may have been revoked just after it was
+    # issued) and retries once; the retry's 401 is passed on. The next rejections within
+    # REJECTION_COOLDOWN (30 s) of that rejection-caused refresh are passed on at once.
+    api_before = len(provider.api())
     first = client.get(proxy_url(datasource, "wrong/path"))
     assert first.status_code == 401
     assert body_json(first) == github_like  # the upstream's answer, passed on
     assert _statuses(client, datasource, 19) == [401] * 19
-    assert provider.refresh_calls() == []
+    assert len(provider.refresh_calls()) == 1
+    assert len(provider.api()) - api_before == 21  # each call once, plus one retry
+    assert row(datasource).status == TokenStatus.ACTIVE
 
-    # Older than the cooldown: one refresh (and one retry), then the new token is young again.
+    # After the cooldown: one refresh (and one retry) again, then passed on.
     age(datasource, 120)
     api_before = len(provider.api())
     assert _statuses(client, datasource, 30) == [401] * 30
-    assert len(provider.refresh_calls()) == 1
-    assert len(provider.api()) - api_before == 31  # each call once, plus one retry
+    assert len(provider.refresh_calls()) == 2
+    assert len(provider.api()) - api_before == 31
     assert row(datasource).status == TokenStatus.ACTIVE
 
     # The same under concurrency.
     age(datasource, 120)
     assert _statuses(client, datasource, 32, threads=8) == [401] * 32
-    assert len(provider.refresh_calls()) == 2
+    assert len(provider.refresh_calls()) == 3
     assert row(datasource).status == TokenStatus.ACTIVE
 
 

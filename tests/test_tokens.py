@@ -612,19 +612,25 @@ def test_session_refreshes_once_on_401_and_retries(auth_server, authorize):
     auth_server.app("client-basic")
     datasource = make_datasource(auth_server)
     authorize(datasource)
-    # Expired at the provider early (e.g. revoked); we still think it is valid.
+    # Expired at the provider early (e.g. revoked right after it was issued); we still think
+    # it is valid: refreshed once, retried once.
     AccessToken.objects.update(expires=timezone.now() - timedelta(seconds=1))
-    # A token the upstream rejects right after it was issued is not refreshed (an API that
-    # always answers 401 must not cause a refresh per call): the 401 is handed back.
-    assert datasource.session().get("me").status_code == 401
-    assert Token.objects.get(datasource=datasource).refresh_count == 0
-    # Older than the rejection cooldown: refreshed once, retried once.
-    Token.objects.filter(datasource=datasource).update(
-        last_refreshed_at=timezone.now() - timedelta(minutes=5)
-    )
     response = datasource.session().get("me")
     assert response.status_code == 200
     assert Token.objects.get(datasource=datasource).refresh_count == 1
+    # Revoked again at once: a rejection already caused a refresh within REJECTION_COOLDOWN,
+    # so the 401 is handed back (an API that always answers 401 must not cause a refresh per
+    # call).
+    AccessToken.objects.update(expires=timezone.now() - timedelta(seconds=1))
+    assert datasource.session().get("me").status_code == 401
+    assert Token.objects.get(datasource=datasource).refresh_count == 1
+    # Once the cooldown has passed: refreshed once more, retried once.
+    Token.objects.filter(datasource=datasource).update(
+        rejection_refreshed_at=timezone.now() - timedelta(minutes=5)
+    )
+    response = datasource.session().get("me")
+    assert response.status_code == 200
+    assert Token.objects.get(datasource=datasource).refresh_count == 2
 
 
 def test_session_refuses_urls_outside_base(auth_server, authorize):

@@ -122,6 +122,16 @@ class Token(models.Model):
         ),
     )
     refresh_count = models.PositiveIntegerField(_("refreshes"), default=0)
+    rejection_refreshed_at = models.DateTimeField(
+        _("last refreshed after a rejection"),
+        null=True,
+        blank=True,
+        help_text=_(
+            "When the upstream API last rejected this token and that rejection caused a "
+            "refresh. Another rejection within REJECTION_COOLDOWN is passed on to the caller "
+            "instead, so an API that always answers 401 costs one refresh per cooldown."
+        ),
+    )
     lease_id = models.CharField(_("refresh lease"), max_length=64, blank=True, editable=False)
     lease_expires_at = models.DateTimeField(
         _("refresh lease expires at"), null=True, blank=True, editable=False

@@ -19,8 +19,10 @@ Rules (DESIGN.md, "Token lifecycle rules"):
 * After a failed refresh the request path makes at most one probe per ``probe_interval`` (never
   before the server's Retry-After) while the token is expired, and otherwise uses the token it
   has; the background follows the backoff.
-* An upstream rejection refreshes only the current token, and only when it is older than the
-  rejection cooldown.
+* An upstream rejection refreshes only the current token, and not when a refresh that a rejection
+  caused happened within the rejection cooldown (a refresh for expiry, by the sweep or a person
+  does not count): a provider that revokes a fresh token gets one refresh and one retry, an API
+  that always answers 401 at most one refresh per cooldown.
 """
 
 from __future__ import annotations
@@ -113,6 +115,8 @@ class TokenState:
     next_attempt_at: datetime | None = None  # background backoff
     retry_not_before: datetime | None = None  # the server's Retry-After
     last_attempt_at: datetime | None = None
+    #: When a refresh caused by an upstream rejection last happened (REJECTION_COOLDOWN).
+    rejection_refreshed_at: datetime | None = None
     leased_elsewhere: bool = False  # another holder has a live lease
     spread: float = 0.0  # in [0, 1): this token's place in the jitter spread
 
@@ -134,6 +138,7 @@ class TokenState:
             next_attempt_at=token.next_attempt_at,
             retry_not_before=token.retry_not_before,
             last_attempt_at=token.last_attempt_at,
+            rejection_refreshed_at=token.rejection_refreshed_at,
             leased_elsewhere=leased,
             spread=spread_of(token.pk),
         )
@@ -279,7 +284,10 @@ def _rejected(state: TokenState, policy: Policy, now: datetime, is_current: bool
         # A refresh in flight explains the rejection (many providers revoke the old access
         # token the moment they issue the new one): wait for it and retry with its result.
         return Decision(Action.WAIT, "wait")
-    if _younger_than(state, policy.rejection_cooldown, now):
+    if _within(state.rejection_refreshed_at, policy.rejection_cooldown, now):
+        # Only a refresh that a rejection caused counts: a token refreshed for expiry (or by
+        # the sweep, or a person) and rejected at once is refreshed again (the provider
+        # revoked it: Salesforce's session policy, a password change).
         return Decision(Action.PASS, "cooldown")
     if state.failure_kind and _probe_wait(state, policy, now) > 0:
         return Decision(Action.PASS, "probe_later")
@@ -357,6 +365,10 @@ def _expires_within(state: TokenState, seconds: float, now: datetime) -> bool:
 
 def _younger_than(state: TokenState, seconds: float, now: datetime) -> bool:
     return state.issued_at is not None and (now - state.issued_at).total_seconds() < seconds
+
+
+def _within(moment: datetime | None, seconds: float, now: datetime) -> bool:
+    return moment is not None and (now - moment).total_seconds() < seconds
 
 
 def _in_backoff(state: TokenState, now: datetime) -> bool:

@@ -129,12 +129,20 @@ def store_authorization(
 
 @sensitive_variables()
 def store_refresh(
-    datasource: Datasource, token: Token, response: oauth.TokenResponse, lease_id: str
+    datasource: Datasource,
+    token: Token,
+    response: oauth.TokenResponse,
+    lease_id: str,
+    *,
+    after_rejection: bool = False,
 ) -> Token:
-    """Persist access and (rotated) refresh token in one UPDATE, before anyone can use either."""
+    """Persist access and (rotated) refresh token in one UPDATE, before anyone can use either.
+    ``after_rejection``: an upstream rejection caused this refresh (starts REJECTION_COOLDOWN)."""
     now = timezone.now()
     recovered = token.is_failing
     fields = token_fields(datasource, token, response, now)
+    if after_rejection:
+        fields["rejection_refreshed_at"] = now
     if token.status == TokenStatus.NOT_AUTHORIZED:
         fields["obtained_at"] = now
     # No transaction around the two writes: the UPDATE commits on its own, so a failure to

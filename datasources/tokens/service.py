@@ -128,8 +128,9 @@ def refresh_after_rejection(
     """The upstream API answered an "expired" status to ``rejected_access_token``.
 
     Returns the token to retry with (refreshed now, or replaced by someone else meanwhile), or
-    None when the answer should be passed on: the token is too young to blame (an upstream that
-    always answers 401 must not cause a refresh per call) or refreshing failed moments ago.
+    None when the answer should be passed on: a rejection already caused a refresh of this token
+    within REJECTION_COOLDOWN (an upstream that always answers 401 must not cause a refresh per
+    call) or refreshing failed moments ago.
     """
     token = load_token(datasource, token_owner(datasource, user))
     return _obtain(datasource, token, Situation.REJECTED, rejected=rejected_access_token)
@@ -378,7 +379,11 @@ def _refresh_leased(
                 raise _dead_grant(datasource, token, err) from None
             span.set("datasources.outcome", "refreshed")
             stored = True  # the UPDATE that stores the token releases the lease
-            return store_refresh(datasource, token, response, lease_id), True
+            after_rejection = situation is Situation.REJECTED
+            stored_token = store_refresh(
+                datasource, token, response, lease_id, after_rejection=after_rejection
+            )
+            return stored_token, True
     finally:
         if not stored:
             lease.release(token.pk, lease_id)
