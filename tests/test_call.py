@@ -148,3 +148,38 @@ def test_without_a_request_the_authorize_url_stays_as_it_is():
     refused = refusal_for(NotAuthorized("x"), datasource())
     assert refused is not None
     assert refused.body()["authorize_url"] == "/admin/datasources/datasource/1/authorize/"
+
+
+@pytest.mark.parametrize(
+    ("err", "sentence"),
+    [
+        (
+            urllib3.exceptions.NewConnectionError(POOL, "refused"),
+            "The upstream API refused the connection (the proxy would answer 502).",
+        ),
+        (
+            urllib3.exceptions.ConnectTimeoutError(POOL, "timed out"),
+            "The upstream API did not answer in time (the proxy would answer 504).",
+        ),
+        (
+            DPoPKeyError("the DPoP key cannot be read"),
+            "No call was made: the DPoP key cannot be read",
+        ),
+        (
+            TLSConfigError("the CA bundle is not PEM"),
+            "No call was made: the CA bundle is not PEM (the proxy would answer 502).",
+        ),
+        (
+            urllib3.exceptions.ProtocolError("Connection aborted."),
+            "The upstream API is unreachable (ProtocolError; the proxy would answer 502).",
+        ),
+    ],
+    ids=lambda value: type(value).__name__ if isinstance(value, Exception) else None,
+)
+def test_the_admins_test_words_the_proxys_own_answer(err, sentence):
+    """The Test button does not map transport errors itself: it words the proxy's answer."""
+    from datasources.admin.probe import _reported
+
+    refused = upstream_refusal(err)
+    assert refused is not None
+    assert _reported(refused) == sentence
