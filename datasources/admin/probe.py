@@ -7,6 +7,7 @@ bytes of the answer, with every secret of the datasource redacted."""
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from django.views.decorators.debug import sensitive_variables
@@ -106,20 +107,28 @@ def run(datasource: Datasource, method: str, path: str, *, user=None) -> ProbeRe
     result.truncated = len(body) > PREVIEW_BYTES
     result.preview = redact(body[:PREVIEW_BYTES].decode("utf-8", "replace"), secrets_seen)
     if upstream.status in (401, 403):
-        result.notes.append(
-            "The API refused the token: check the scopes (and that the token is meant for this "
-            "API: audience/resource), then Re-authorize."
-        )
-        challenge = upstream.headers.get("WWW-Authenticate", "")
-        if datasource.use_dpop and challenge.lower().startswith("dpop"):
-            result.notes.append(
-                "The API answered with a DPoP challenge ("
-                + redact(challenge[:300], secrets_seen)
-                + "), after a fresh proof too: a token bound to an earlier DPoP key is refused "
-                "(Regenerate DPoP key replaces the tokens; Refresh now gets a new one), and "
-                "the server must accept ES256 proofs."
-            )
+        result.notes.extend(_refusal_notes(datasource, upstream.headers, secrets_seen))
     return result
+
+
+def _refusal_notes(
+    datasource: Datasource, headers: Mapping[str, str], secrets_seen: list[str | None]
+) -> list[str]:
+    """What to check when the API refused the token (401, 403): scopes, audience, DPoP."""
+    notes = [
+        "The API refused the token: check the scopes (and that the token is meant for this "
+        "API: audience/resource), then Re-authorize."
+    ]
+    challenge = headers.get("WWW-Authenticate", "")
+    if datasource.use_dpop and challenge.lower().startswith("dpop"):
+        notes.append(
+            "The API answered with a DPoP challenge ("
+            + redact(challenge[:300], secrets_seen)
+            + "), after a fresh proof too: a token bound to an earlier DPoP key is refused "
+            "(Regenerate DPoP key replaces the tokens; Refresh now gets a new one), and "
+            "the server must accept ES256 proofs."
+        )
+    return notes
 
 
 def _reported(refused: Refused) -> str:

@@ -97,17 +97,17 @@ class HandOver(enum.StrEnum):
 
 def hand_over_reason(
     *,
-    middleware_known: bool,
-    chunked: bool,
-    length: int,
-    api_key: bool,
+    middleware_known: bool = True,
+    chunked: bool = False,
+    length: int = 0,
+    api_key: bool = True,
     traced: bool = False,
     dpop: bool = False,
     token_usable: bool = True,
     gate: limits.Verdict = limits.Verdict.PASS,
 ) -> HandOver | None:
     """The one rule for "may the fast lane serve this call?": None (yes) or why not. Asked in
-    steps as the facts become known (the later ones default to "fine")."""
+    steps as the facts become known (each fact not given defaults to "fine")."""
     if not middleware_known:
         return HandOver.MIDDLEWARE
     if traced:
@@ -399,10 +399,7 @@ class Lane:
         except Refused:
             return HandOver.REFUSED
         reason = hand_over_reason(
-            middleware_known=True,
-            chunked=False,
             length=len(body),
-            api_key=True,
             dpop=datasource.use_dpop or binding.dpop_bound(datasource, token),
             token_usable=tokens.usable_as_is(datasource, token),
         )
@@ -412,13 +409,7 @@ class Lane:
             known = health.cached(datasource.pk)
             if known is None:
                 known = await self.blocking(functools.partial(health.current, datasource.pk))
-            reason = hand_over_reason(
-                middleware_known=True,
-                chunked=False,
-                length=0,
-                api_key=True,
-                gate=limits.gate(known, time.time()).verdict,
-            )
+            reason = hand_over_reason(gate=limits.gate(known, time.time()).verdict)
             if reason is not None:
                 return reason
         cache.tokens.keep((datasource.slug, token.user_id), token)

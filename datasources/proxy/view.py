@@ -109,7 +109,7 @@ def _forward(
 ) -> HttpResponse:
     datasource = token.datasource
     query = request.META.get("QUERY_STRING", "")
-    body, length, replayable = transport.request_body(request)
+    body, length, replayable = answers.request_body(request)
 
     def headers_for(token: Token) -> dict[str, str]:
         placed = binding.auth_headers(datasource, token, request.method, url)
@@ -148,6 +148,6 @@ def _forward(
         if refused is None:
             raise
         raise refused from None
-    response = transport.relay(upstream, browser=caller.is_browser, done=done)
+    response = answers.relay(upstream, browser=caller.is_browser, done=done)
     answers.log_upstream_error(request, response, datasource.slug)
     return response
