@@ -10,7 +10,8 @@ default ``DATASOURCES['CLIENT_TIMEOUT']``). The datasource's allowed methods, de
 query parameters apply as they do in the proxy. The token is placed as the datasource says,
 refreshed when about to expire, and on an "expired" answer (401 unless the datasource says
 otherwise) refreshed once and the request retried once, unless the token is too young to blame.
-The datasource's opt-in retries apply as in the proxy (:mod:`datasources.calls.attempts`); pass
+The datasource's opt-in retries apply as in the proxy (the same steps,
+:mod:`datasources.calls.call`: method allowed, health gate, attempts); pass
 ``headers={"X-Datasource-Retries": "0"}`` for fewer (the header is not sent). While the
 upstream's rate limit has not lifted, or its circuit breaker is open (remembered by every
 process, see :mod:`datasources.calls.health`), a call raises
@@ -27,8 +28,7 @@ import requests
 
 from . import tokens
 from .calls import binding, health, retries, target
-from .calls.attempts import Attempts
-from .calls.limits import Verdict
+from .calls import call as steps
 from .conf import app_settings
 from .exceptions import DatasourceError, UpstreamRefused
 from .security import tls
@@ -66,10 +66,9 @@ class DatasourceSession(requests.Session):
         **kwargs: Any,
     ) -> requests.Response:
         method = method.upper()
-        if method not in self.datasource.allowed_method_set:
-            raise MethodNotAllowed(
-                f"Datasource {self.datasource.slug!r} does not allow {method} calls."
-            )
+        refused = steps.method_refusal(self.datasource, method)
+        if refused is not None:
+            raise MethodNotAllowed(refused.detail)
         if kwargs.get("verify") is False:
             raise ValueError(
                 "Server certificates are always verified; for a private CA, set the "
@@ -80,16 +79,17 @@ class DatasourceSession(requests.Session):
         kwargs["allow_redirects"] = False
         headers = dict(headers or {})
         requested = _pop_header(headers, retries.RETRIES_HEADER)
-        gate = health.admit(self.datasource.pk)
-        if gate.verdict in (Verdict.RATE_LIMITED, Verdict.CIRCUIT_OPEN):
-            status, _, message = health.refusal(gate)
-            raise UpstreamRefused(message, status=status, retry_after=gate.retry_after)
-        attempts = Attempts(
+        refused = steps.gate(self.datasource)
+        if refused is not None:
+            raise UpstreamRefused(
+                refused.detail, status=refused.status, retry_after=refused.retry_after or 0.0
+            )
+        attempts = steps.attempts_for(
             self.datasource,
             tokens.get_valid_token(self.datasource, user=self.user),
             REQUESTS,
             method=method,
-            policy=retries.RetryPolicy.of(self.datasource, requested=requested),
+            requested_retries=requested,
             replayable=_replayable(data),
             idempotency_key=any(
                 name.lower() == retries.IDEMPOTENCY_HEADER.lower() for name in headers

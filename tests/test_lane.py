@@ -159,3 +159,48 @@ def test_a_body_the_lane_read_goes_upstream_from_the_view_after_a_hand_over(lane
     assert LANE.handed_over.get(HandOver.GATE, 0) == handed_over + 1
     [seen] = spy.seen
     assert (seen.method, seen.body) == ("POST", body)
+
+
+# --- the same path on both serving paths ------------------------------------------------------
+
+
+@pytestmark_db
+@pytest.mark.parametrize("sent", ["raw", "percent-encoded"])
+@pytest.mark.parametrize("lane", ["wsgi", "asgi"])
+def test_raw_non_ascii_path_characters_reach_the_upstream_percent_encoded_on_both_paths(
+    spy, monkeypatch, lane, sent
+):
+    """A path with characters outside ASCII (here U+3031, which NFKC does not turn into a
+    slash or dot) is one path however the caller's request line carries it (raw UTF-8 bytes, as
+    some clients send them, or percent-encoded): both serving paths decode it to the same
+    string and forward it percent-encoded by the same rule (calls/target.py), as the README
+    says, instead of the ASGI path reading the raw bytes as Latin-1 and refusing a 400."""
+    from django.test import Client
+
+    from datasources.proxy.apikeys import create_api_key
+
+    from . import serving
+    from .test_attacks import connected
+
+    datasource = connected(spy)
+    _, key = create_api_key("app")
+    if lane == "asgi":
+        serving.serve_proxy_through_asgi(monkeypatch)
+        if sent == "raw":
+            # What a server puts in the scope for a request line with raw UTF-8 bytes.
+            plain = serving.scope_from_environ
+
+            def raw_bytes(environ: dict) -> dict:
+                return {**plain(environ), "raw_path": environ["PATH_INFO"].encode("latin1")}
+
+            monkeypatch.setattr(serving, "scope_from_environ", raw_bytes)
+    served = serving.LANE.served
+    path = "〱google.com/x" if sent == "raw" else "%E3%80%B1google.com/x"
+    response = Client().get(
+        f"/api/v1/datasources/{datasource.slug}/proxy/{path}",
+        HTTP_AUTHORIZATION=f"Api-Key {key}",
+    )
+    assert response.status_code == 200, response.content
+    assert [seen.target for seen in spy.seen] == ["/api/%E3%80%B1google.com/x"]
+    if lane == "asgi":
+        assert serving.LANE.served == served + 1  # the lane itself, not a hand-over

@@ -344,3 +344,31 @@ def test_the_python_client_retries_and_honours_the_header(flaky):
         response = api.post("orders", json={"a": 1}, headers={"Idempotency-Key": "k1"})
         assert response.status_code == 200 and flaky.count("/api/orders") == 3
         assert json.loads(flaky.last("/api/orders").body) == {"a": 1}
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "1.5",
+        "   ",
+        "Wed, 21 Oct 2015 07:28:00 +9999",  # an offset datetime refuses
+        "Wed, 21 Oct 10000 07:28:00 GMT",  # a year datetime refuses
+        "Wed, 21 Oct 2015 25:28:00 GMT",
+        "Mon",
+    ],
+)
+def test_parse_retry_after_never_raises_on_what_a_server_sends(value):
+    assert parse_retry_after(value, NOW) is None
+
+
+def test_one_retry_after_parser_for_upstreams_authorization_servers_and_webhooks():
+    """The token endpoint's, the upstream API's and a webhook receiver's Retry-After are read by
+    the same guarded function (authserver/outbound.py: the lowest layer all of them may import)."""
+    from datasources.authserver import oauth, outbound
+    from datasources.calls import retries
+    from datasources.webhooks import delivery
+
+    assert oauth.parse_retry_after is outbound.parse_retry_after
+    assert retries.parse_retry_after is outbound.parse_retry_after
+    assert delivery.parse_retry_after is outbound.parse_retry_after
+    assert outbound.parse_retry_after("120") == 120.0  # "now" defaults to the current time

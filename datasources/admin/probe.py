@@ -1,22 +1,24 @@
 """The admin's **Test** button: one call to the upstream API, sent the way the proxy sends it
-(the proxy's target resolution and transport: same URL rule, headers, token placement, pool,
-timeouts, refresh-once on an "expired" answer), reported with its status, latency and the first
+(the proxy's target resolution, transport and steps: same URL rule, headers, token placement,
+pool, timeouts, refresh-once on an "expired" answer, a failure worded from the proxy's own
+answer, :mod:`datasources.calls.call`), reported with its status, latency and the first
 bytes of the answer, with every secret of the datasource redacted."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-import urllib3
 from django.views.decorators.debug import sensitive_variables
 
 from .. import tokens
-from ..calls import binding, health, retries, target, transport
-from ..calls.attempts import URLLIB3, Attempts
+from ..calls import binding, health, target, transport
+from ..calls import call as steps
+from ..calls.attempts import URLLIB3
+from ..calls.call import Refused
 from ..exceptions import NotAuthorized, ReauthorizationRequired, TransientUpstreamError
 from ..models import Datasource
-from ..security import dpop, tls
 from .explain import explain
 
 #: How much of the answer is shown.
@@ -78,12 +80,11 @@ def run(datasource: Datasource, method: str, path: str, *, user=None) -> ProbeRe
     secrets_seen += [token.access_token, token.refresh_token]
     started = time.perf_counter()
     try:
-        attempts = Attempts(
+        attempts = steps.attempts_for(
             datasource,
             token,
             URLLIB3,
             method=method,
-            policy=retries.RetryPolicy.of(datasource),
             on_token=lambda fresh: secrets_seen.extend([fresh.access_token, fresh.refresh_token]),
             observe=health.observe,  # not gated: the Test may be the call that shows recovery
         )
@@ -93,24 +94,11 @@ def run(datasource: Datasource, method: str, path: str, *, user=None) -> ProbeRe
             body = upstream.read(PREVIEW_BYTES + 1, decode_content=True) or b""
         finally:
             upstream.close()
-    except urllib3.exceptions.NewConnectionError:
-        result.error = "The upstream API refused the connection (the proxy would answer 502)."
-        return result
-    except urllib3.exceptions.TimeoutError:
-        result.error = "The upstream API did not answer in time (the proxy would answer 504)."
-        return result
-    except dpop.DPoPKeyError as err:
-        result.error = f"No call was made: {err}"
-        return result
-    except (urllib3.exceptions.SSLError, tls.TLSConfigError) as err:
-        result.error = (
-            f"No call was made: {tls.failure_reason(err) or err} (the proxy would answer 502)."
-        )
-        return result
-    except urllib3.exceptions.HTTPError as err:
-        result.error = (
-            f"The upstream API is unreachable ({type(err).__name__}; the proxy would answer 502)."
-        )
+    except Exception as err:
+        refused = steps.upstream_refusal(err)  # what the proxy would answer, as a sentence
+        if refused is None:
+            raise
+        result.error = _reported(refused)
         return result
     result.latency_ms = (time.perf_counter() - started) * 1000
     result.status = upstream.status
@@ -119,20 +107,39 @@ def run(datasource: Datasource, method: str, path: str, *, user=None) -> ProbeRe
     result.truncated = len(body) > PREVIEW_BYTES
     result.preview = redact(body[:PREVIEW_BYTES].decode("utf-8", "replace"), secrets_seen)
     if upstream.status in (401, 403):
-        result.notes.append(
-            "The API refused the token: check the scopes (and that the token is meant for this "
-            "API: audience/resource), then Re-authorize."
-        )
-        challenge = upstream.headers.get("WWW-Authenticate", "")
-        if datasource.use_dpop and challenge.lower().startswith("dpop"):
-            result.notes.append(
-                "The API answered with a DPoP challenge ("
-                + redact(challenge[:300], secrets_seen)
-                + "), after a fresh proof too: a token bound to an earlier DPoP key is refused "
-                "(Regenerate DPoP key replaces the tokens; Refresh now gets a new one), and "
-                "the server must accept ES256 proofs."
-            )
+        result.notes.extend(_refusal_notes(datasource, upstream.headers, secrets_seen))
     return result
+
+
+def _refusal_notes(
+    datasource: Datasource, headers: Mapping[str, str], secrets_seen: list[str | None]
+) -> list[str]:
+    """What to check when the API refused the token (401, 403): scopes, audience, DPoP."""
+    notes = [
+        "The API refused the token: check the scopes (and that the token is meant for this "
+        "API: audience/resource), then Re-authorize."
+    ]
+    challenge = headers.get("WWW-Authenticate", "")
+    if datasource.use_dpop and challenge.lower().startswith("dpop"):
+        notes.append(
+            "The API answered with a DPoP challenge ("
+            + redact(challenge[:300], secrets_seen)
+            + "), after a fresh proof too: a token bound to an earlier DPoP key is refused "
+            "(Regenerate DPoP key replaces the tokens; Refresh now gets a new one), and "
+            "the server must accept ES256 proofs."
+        )
+    return notes
+
+
+def _reported(refused: Refused) -> str:
+    """The proxy's answer to a failed call, told to the builder with the status it would get
+    (the detail is the proxy's own, so the Test and the proxy say the same thing)."""
+    if refused.error == "dpop_key_unusable":
+        return refused.detail  # nothing was sent, whatever the status
+    text = refused.detail.removesuffix(".")
+    if refused.error == "upstream_unreachable" and text.endswith(")"):
+        return f"{text[:-1]}; the proxy would answer {refused.status})."
+    return f"{text} (the proxy would answer {refused.status})."
 
 
 @sensitive_variables()

@@ -18,7 +18,6 @@ environment variables for loopback http:// and changed scopes. Here:
 from __future__ import annotations
 
 import base64
-import email.utils
 import json
 import logging
 import re
@@ -48,6 +47,7 @@ from ..models.values import RESERVED_AUTH_PARAMS
 from ..security import dpop, jose, tls
 from ..security.policy import check_transport
 from . import outbound
+from .outbound import parse_retry_after
 
 if TYPE_CHECKING:
     from ..models import Datasource
@@ -936,17 +936,3 @@ def _json_or_none(text: str) -> Any:
         return json.loads(text)
     except ValueError:
         return None
-
-
-def parse_retry_after(value: str | None) -> float | None:
-    """Retry-After as seconds: delta-seconds or an HTTP date (RFC 9110 §10.2.3)."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())

@@ -10,9 +10,11 @@ body), and its answer is read in chunks up to a size cap, never buffering the ex
 from __future__ import annotations
 
 import contextlib
+import email.utils
 import socket
 import threading
 import time
+from datetime import datetime
 from typing import Any
 
 import requests
@@ -171,3 +173,28 @@ def read_body(response: requests.Response, max_bytes: int) -> None:
     response._content = b"".join(chunks)
     response._content_consumed = True
     response.close()  # fully read: the connection goes back to the pool
+
+
+def parse_retry_after(value: str | None, now: datetime | float | None = None) -> float | None:
+    """``Retry-After`` in seconds from ``now`` (default: the current time): delta-seconds or an
+    HTTP date (RFC 9110 §10.2.3). A date in the past is 0; anything unreadable is None.
+
+    The one parser for every answer we read it from: authorization servers (here) and upstream
+    APIs (:mod:`datasources.calls.retries`, which may import this layer; this layer may not
+    import that one). It never raises on what a server sends: a malformed date is None.
+    """
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when is None:
+        return None
+    if now is None:
+        now = time.time()
+    reference = now.timestamp() if isinstance(now, datetime) else now
+    return max(0.0, when.timestamp() - reference)

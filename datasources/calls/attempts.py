@@ -16,10 +16,9 @@ Each of them sends differently (urllib3 or requests, streamed or buffered), so t
 from __future__ import annotations
 
 import asyncio
-import functools
 import time
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
+from collections.abc import Awaitable, Callable, Generator
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 import urllib3
 
@@ -81,6 +80,12 @@ class Urllib3Wire:
 URLLIB3 = Urllib3Wire()
 
 
+#: The kinds of step :meth:`Attempts.steps` yields (the drivers dispatch on them by identity).
+SEND, OBSERVE, REFRESH, DISCARD, SLEEP = "send", "observe", "refresh", "discard", "sleep"
+_SEND = (SEND,)
+#: A step: its kind first, then what the driver needs to carry it out.
+Step = tuple[Any, ...]
+
 #: Runs a blocking function off the event loop (the database, the token endpoint).
 Blocking = Callable[[Callable[[], "Token | None"]], Awaitable["Token | None"]]
 
@@ -121,99 +126,45 @@ class Attempts(Generic[R]):
         self.retries = 0
         self.refreshed = False
 
-    def run(self, send: Callable[[Token], R]) -> R:
+    def steps(self) -> Generator[Step, Any, R]:
+        """The decision sequence of one call, written once and knowing no transport (sans-IO):
+        it yields what to do next and is sent the outcome; :meth:`run` and :meth:`run_async`
+        only carry the steps out with their own I/O.
+
+        * ``(SEND,)`` — send the call with ``self.token``: sent the answer, or thrown the
+          transport's connection error;
+        * ``(OBSERVE, status, header getter or None)`` — show an outcome to the health record;
+        * ``(REFRESH, fn)`` — run ``fn`` (the token rules' refresh, blocking): sent its result;
+        * ``(DISCARD, answer)`` — throw an answer away (another attempt replaces it);
+        * ``(SLEEP, seconds)`` — wait before the next attempt.
+
+        It returns the answer that stands, or raises the connection error that does."""
         started = self.clock()
         rejection_handled = False
-        attempt = 0
+        wire, datasource = self.wire, self.datasource
         while True:
-            attempt += 1
             try:
-                # tracing: one HTTP client span per attempt (datasources/tracing.py)
-                with tracing.upstream_attempt(
-                    self.method, self.datasource.base_url, attempt
-                ) as span:
-                    response = send(self.token)
-                    tracing.answered(span, self.wire.status(response))
-            except self.wire.connection_errors:
-                if self.observe is not None:
-                    self.observe(self.datasource, retries.CONNECTION_ERROR, None)
-                if not self._wait(retries.CONNECTION_ERROR, None, started):
+                response = yield _SEND
+            except wire.connection_errors:
+                yield (OBSERVE, retries.CONNECTION_ERROR, None)
+                wait = self._next_wait(retries.CONNECTION_ERROR, None, started)
+                if wait is None:
                     raise
+                yield (SLEEP, wait)
                 continue
-            status = self.wire.status(response)
-            headers = self.wire.headers(response)
-            if self.observe is not None:
-                self.observe(self.datasource, status, headers.get)
-            if binding.token_rejected(self.datasource, status, headers):
+            status = wire.status(response)
+            headers = wire.headers(response)
+            yield (OBSERVE, status, headers.get)
+            if binding.token_rejected(datasource, status, headers):
                 if rejection_handled or not self.replayable:
                     return response
                 rejection_handled = True
                 # Refresh once and retry once, unless the rules say the answer stands (the token
                 # is too young to blame, or a refresh failed moments ago).
-                fresh = tokens.refresh_after_rejection(
-                    self.datasource, self.token.access_token, user=self.token.user_id
-                )
+                fresh = yield (REFRESH, self._refresh)
                 if fresh is None:
                     return response
-                self.wire.discard(response)
-                self.token, self.refreshed = fresh, True
-                if self.on_token is not None:
-                    self.on_token(fresh)
-                continue
-            if not self._retry_left():
-                return response
-            retry_after = retries.parse_retry_after(headers.get("Retry-After"), time.time())
-            if not self._wait(status, retry_after, started, response):
-                return response
-
-    async def run_async(
-        self,
-        send: Callable[[Token], Awaitable[R]],
-        *,
-        blocking: Blocking,
-        observe: Callable[
-            [Datasource, int, Callable[[str], str | None] | None], Awaitable[None] | None
-        ],
-    ) -> R:
-        """:meth:`run` on an event loop (the fast lane): the same rules, the same order; the
-        refresh runs off the loop through ``blocking``, waits are ``asyncio.sleep``, and the
-        wire's ``discard`` is awaited. ``observe`` returns what to await when it has I/O to do
-        (else None: most answers change nothing). ``self.observe``/``self.sleep`` are not
-        used."""
-        started = self.clock()
-        rejection_handled = False
-        while True:
-            try:
-                response = await send(self.token)
-            except self.wire.connection_errors:
-                pending = observe(self.datasource, retries.CONNECTION_ERROR, None)
-                if pending is not None:
-                    await pending
-                wait = self._next_wait(retries.CONNECTION_ERROR, None, started)
-                if wait is None:
-                    raise
-                await asyncio.sleep(wait)
-                continue
-            status = self.wire.status(response)
-            headers = self.wire.headers(response)
-            pending = observe(self.datasource, status, headers.get)
-            if pending is not None:
-                await pending
-            if binding.token_rejected(self.datasource, status, headers):
-                if rejection_handled or not self.replayable:
-                    return response
-                rejection_handled = True
-                fresh = await blocking(
-                    functools.partial(
-                        tokens.refresh_after_rejection,
-                        self.datasource,
-                        self.token.access_token,
-                        user=self.token.user_id,
-                    )
-                )
-                if fresh is None:
-                    return response
-                await self.wire.discard(response)  # type: ignore[func-returns-value]
+                yield (DISCARD, response)
                 self.token, self.refreshed = fresh, True
                 if self.on_token is not None:
                     self.on_token(fresh)
@@ -224,21 +175,84 @@ class Attempts(Generic[R]):
             wait = self._next_wait(status, retry_after, started)
             if wait is None:
                 return response
-            await self.wire.discard(response)  # type: ignore[func-returns-value]
-            await asyncio.sleep(wait)
+            yield (DISCARD, response)
+            yield (SLEEP, wait)
 
-    def _wait(
-        self, status: int, retry_after: float | None, started: float, response: R | None = None
-    ) -> bool:
-        """Sleep before the next attempt and say True, or say False (the outcome stands)."""
-        wait = self._next_wait(status, retry_after, started)
-        if wait is None:
-            return False
-        if response is not None:
-            self.wire.discard(response)
-        if wait > 0:
-            self.sleep(wait)
-        return True
+    def _refresh(self) -> Token | None:
+        """The token rules' refresh after a rejection (None: the answer stands)."""
+        return tokens.refresh_after_rejection(
+            self.datasource, self.token.access_token, user=self.token.user_id
+        )
+
+    def run(self, send: Callable[[Token], R]) -> R:
+        """:meth:`steps` with blocking I/O: ``send``, ``self.observe``, ``self.sleep``; one
+        tracing span per attempt."""
+        steps = self.steps()
+        step = next(steps)
+        attempt = 0
+        while True:
+            kind, reply, error = step[0], None, None
+            if kind is SEND:
+                attempt += 1
+                try:
+                    # tracing: one HTTP client span per attempt (datasources/tracing.py)
+                    with tracing.upstream_attempt(
+                        self.method, self.datasource.base_url, attempt
+                    ) as span:
+                        reply = send(self.token)
+                        tracing.answered(span, self.wire.status(reply))
+                except self.wire.connection_errors as err:
+                    error = err
+            elif kind is OBSERVE:
+                if self.observe is not None:
+                    self.observe(self.datasource, step[1], step[2])
+            elif kind is REFRESH:
+                reply = step[1]()
+            elif kind is DISCARD:
+                self.wire.discard(step[1])
+            elif step[1] > 0:  # SLEEP
+                self.sleep(step[1])
+            try:
+                step = steps.send(reply) if error is None else steps.throw(error)
+            except StopIteration as done:
+                return done.value
+
+    async def run_async(
+        self,
+        send: Callable[[Token], Awaitable[R]],
+        *,
+        blocking: Blocking,
+        observe: Callable[
+            [Datasource, int, Callable[[str], str | None] | None], Awaitable[None] | None
+        ],
+    ) -> R:
+        """:meth:`steps` on an event loop (the fast lane): the refresh runs off the loop
+        through ``blocking``, waits are ``asyncio.sleep``, the wire's ``discard`` is awaited.
+        ``observe`` returns what to await when it has I/O to do (else None: most answers
+        change nothing). ``self.observe``/``self.sleep`` are not used."""
+        steps = self.steps()
+        step = next(steps)
+        while True:
+            kind, reply, error = step[0], None, None
+            if kind is SEND:
+                try:
+                    reply = await send(self.token)
+                except self.wire.connection_errors as err:
+                    error = err
+            elif kind is OBSERVE:
+                pending = observe(self.datasource, step[1], step[2])
+                if pending is not None:
+                    await pending
+            elif kind is REFRESH:
+                reply = await blocking(step[1])
+            elif kind is DISCARD:
+                await self.wire.discard(step[1])  # type: ignore[func-returns-value]
+            else:  # SLEEP
+                await asyncio.sleep(step[1])
+            try:
+                step = steps.send(reply) if error is None else steps.throw(error)
+            except StopIteration as done:
+                return done.value
 
     def _retry_left(self) -> bool:
         """Whether :func:`.retries.decide_retry` could say "again" at all (its first rule), so

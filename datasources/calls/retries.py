@@ -16,11 +16,10 @@ client, and any later serving path), so they all follow the same rules:
 
 from __future__ import annotations
 
-import email.utils
 import random
 from dataclasses import dataclass
-from datetime import datetime
 
+from ..authserver.outbound import parse_retry_after  # one parser for every Retry-After
 from ..models import RETRYABLE_STATUSES  # statuses a datasource may retry: never a 401
 
 #: RFC 9110 §9.2.2: sending these twice has the effect of sending them once.
@@ -115,19 +114,14 @@ def decide_retry(
     return wait
 
 
-def parse_retry_after(value: str | None, now: datetime | float) -> float | None:
-    """``Retry-After`` in seconds from ``now``: delta-seconds or an HTTP date (RFC 9110 §10.2.3).
-    A date in the past is 0; anything unreadable is None."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if when is None:
-        return None
-    reference = now.timestamp() if isinstance(now, datetime) else now
-    return max(0.0, when.timestamp() - reference)
+__all__ = [
+    "CONNECTION_ERROR",
+    "IDEMPOTENCY_HEADER",
+    "IDEMPOTENT_METHODS",
+    "NO_RETRIES",
+    "RETRIES_HEADER",
+    "RetryPolicy",
+    "caller_retries",
+    "decide_retry",
+    "parse_retry_after",
+]

@@ -21,6 +21,8 @@ import unicodedata
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl, quote, unquote_to_bytes, urlencode, urlsplit
 
+from django.utils.encoding import repercent_broken_unicode
+
 if TYPE_CHECKING:
     from ..models import Datasource
 
@@ -40,6 +42,18 @@ class InvalidPath(ValueError):
     def __init__(self, reason: str) -> None:
         self.reason = reason
         super().__init__(reason)
+
+
+def caller_path(raw: bytes) -> str:
+    """The path a caller sent (the raw bytes of its request line) decoded once, as Django's WSGI
+    handler receives it from a WSGI server: percent escapes decoded, the bytes read as UTF-8,
+    and bytes that are not UTF-8 percent-encoded again (so the checks below see them, rather
+    than the U+FFFD an ASGI server decodes them to). Raw non-ASCII bytes are UTF-8 like any
+    other (``〱`` sent as it is or as ``%E3%80%B1`` is the same path), so every serving path
+    hands :func:`resolve` the same string for the same request."""
+    if b"%" not in raw and raw.isascii():
+        return raw.decode("ascii")  # nothing to decode (the common case)
+    return repercent_broken_unicode(unquote_to_bytes(raw)).decode()
 
 
 def path_problem(path: str) -> str | None:

@@ -1,5 +1,7 @@
 """Talking to the upstream API: one keep-alive pool per process, headers filtered both ways,
-request bodies buffered for one replay (or streamed), responses streamed back.
+request bodies sent as the serving path hands them in, the answer's headers filtered. Building
+a Django response from the answer is the serving path's job (:mod:`datasources.proxy.answers`):
+this package knows no serving types.
 
 urllib3 directly: no cookie jar, no redirects followed, no environment proxies, no retries.
 
@@ -19,10 +21,10 @@ from __future__ import annotations
 
 import functools
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
+from typing import Protocol
 
 import urllib3
-from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
 from django.views.decorators.debug import sensitive_variables
 
 from ..conf import app_settings
@@ -136,6 +138,13 @@ BROWSER_HEADERS = {
 }
 
 
+class Readable(Protocol):
+    """A request body sent as it is read (larger than the replay buffer): anything with
+    ``read(size)`` (the view's :class:`datasources.proxy.answers.BodyStream`)."""
+
+    def read(self, size: int = -1) -> bytes: ...
+
+
 # --- the pool --------------------------------------------------------------------------------
 
 _pool_lock = threading.Lock()
@@ -175,7 +184,7 @@ def send(
     datasource: Datasource,
     url: str,
     headers: dict[str, str],
-    body: bytes | BodyStream | None,
+    body: bytes | Readable | None,
 ) -> urllib3.BaseHTTPResponse:
     """Send one request (token already placed) to the datasource's origin; no redirects."""
     scheme, host, port = _origin(datasource.base_url)
@@ -212,7 +221,7 @@ def send_with_token(
     query: str,
     access_token: str,
     headers: dict[str, str],
-    body: bytes | BodyStream | None,
+    body: bytes | Readable | None,
 ) -> urllib3.BaseHTTPResponse:
     """:func:`send` to ``url`` with the caller's ``query``, the datasource's default parameters
     and, when it goes in the query, the token (``headers`` carry it otherwise)."""
@@ -228,7 +237,7 @@ def send_for_token(
     query: str,
     token: Token,
     headers_for: Callable[[Token], dict[str, str]],
-    body: bytes | BodyStream | None,
+    body: bytes | Readable | None,
     replayable: bool,
 ) -> urllib3.BaseHTTPResponse:
     """:func:`send_with_token` with ``token`` (``headers_for`` builds the headers, a fresh
@@ -301,58 +310,7 @@ def request_headers(
     return headers
 
 
-class BodyStream:
-    """A request body of known length, read from the WSGI input as it is sent upstream."""
-
-    def __init__(self, request: HttpRequest) -> None:
-        self._request = request
-
-    def read(self, size: int = -1) -> bytes:
-        return self._request.read(size)
-
-
-def request_body(request: HttpRequest) -> tuple[bytes | BodyStream | None, int, bool]:
-    """(body, length, replayable). Bodies up to PROXY_REPLAY_MAX_BYTES are read so that a
-    refresh-and-retry can send them again; larger ones stream through once."""
-    try:
-        length = int(request.META.get("CONTENT_LENGTH") or 0)
-    except ValueError:
-        length = 0
-    if length <= 0:
-        return None, 0, True
-    if length <= app_settings.PROXY_REPLAY_MAX_BYTES:
-        return request.read(), length, True
-    return BodyStream(request), length, False
-
-
 # --- response --------------------------------------------------------------------------------
-
-
-def relay(
-    upstream: urllib3.BaseHTTPResponse, *, browser: bool, done: Callable[[int], None]
-) -> HttpResponse:
-    """The upstream's answer for our caller: small bodies in one piece, others streamed (raw
-    bytes: a compressed body stays compressed, matching Content-Encoding)."""
-    chunk_size = app_settings.PROXY_CHUNK_SIZE
-    if answered_in_one_piece(upstream.headers):
-        try:
-            body = upstream.read(decode_content=False)
-        finally:
-            upstream.release_conn()
-        response: HttpResponse = HttpResponse(body, status=upstream.status)
-        copy_headers(upstream.headers, response, browser=browser)
-        return response
-
-    def content() -> Iterator[bytes]:
-        try:
-            yield from upstream.stream(chunk_size, decode_content=False)
-        finally:
-            upstream.release_conn()
-            done(upstream.status)
-
-    streaming = StreamingHttpResponse(content(), status=upstream.status)
-    copy_headers(upstream.headers, streaming, browser=browser)
-    return streaming
 
 
 def answered_in_one_piece(headers: Mapping[str, str]) -> bool:
@@ -362,18 +320,9 @@ def answered_in_one_piece(headers: Mapping[str, str]) -> bool:
     return length.isdigit() and int(length) <= app_settings.PROXY_CHUNK_SIZE
 
 
-def copy_headers(headers: urllib3.HTTPHeaderDict, response: HttpResponse, *, browser: bool) -> None:
-    """The headers of :func:`answer_headers` set on ``response`` (Django's default
-    Content-Type removed when the upstream sent none)."""
-    if "Content-Type" not in headers:
-        del response["Content-Type"]
-    for name, value in answer_headers(headers, browser=browser):
-        response[name] = value
-
-
 def answer_headers(headers: urllib3.HTTPHeaderDict, *, browser: bool) -> list[tuple[str, str]]:
     """The upstream's headers our caller gets, then ours: the one rule for both serving paths
-    (:func:`copy_headers` for the view, the fast lane directly)."""
+    (:func:`datasources.proxy.answers.copy_headers` for the view, the fast lane directly)."""
     dropped = NOT_RETURNED_TO_BROWSERS if browser else NOT_RETURNED
     named = _connection_named(headers.get("Connection"))
     if named:

@@ -23,12 +23,10 @@ import asyncio
 import functools
 import io
 import logging
-import re
 import threading
 from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
-from urllib.parse import unquote_to_bytes
 
 from django.core import signals
 from django.core.exceptions import RequestDataTooBig
@@ -36,18 +34,16 @@ from django.core.handlers.asgi import ASGIHandler, ASGIRequest, get_script_prefi
 from django.core.handlers.base import BaseHandler
 from django.http import HttpResponse, HttpResponseBadRequest
 from django.urls import set_script_prefix
-from django.utils.encoding import repercent_broken_unicode
 
+from ..calls import target
 from ..conf import app_settings
+from .route import PROXY_PATH  # the proxy's URLs; anything else is Django's
 
 logger = logging.getLogger("django.request")
 
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[dict]]
 Send = Callable[[dict], Awaitable[None]]
-
-#: The proxy's URLs (datasources/urls.py); anything else is Django's.
-PROXY_PATH = re.compile(r"^/api/v1/datasources/[-a-zA-Z0-9_]+/proxy/")
 
 
 class _ReceivedBody(io.RawIOBase):
@@ -168,7 +164,7 @@ class ProxyHandler(ASGIHandler):
             return
         # A streamed answer, a chunk at a time from a pool thread; a client that goes away
         # stops it (the upstream connection is then released by the response's close()).
-        disconnected = asyncio.ensure_future(_disconnect(receive)) if listen else None
+        disconnected = asyncio.ensure_future(wait_for_disconnect(receive)) if listen else None
         chunks: Iterator[bytes] = iter(response.streaming_content)
         try:
             while disconnected is None or not disconnected.done():
@@ -193,7 +189,9 @@ def asgi_headers(response: HttpResponse) -> list[tuple[bytes, bytes]]:
     return headers
 
 
-async def _disconnect(receive: Receive) -> None:
+async def wait_for_disconnect(receive: Receive) -> None:
+    """Return when the client has gone away (both serving paths stop a streamed answer then);
+    the messages before it (body the view did not read) are dropped."""
     while (await receive())["type"] != "http.disconnect":
         pass
 
@@ -211,10 +209,7 @@ def wsgi_path(scope: Scope) -> str:
     raw = scope.get("raw_path")
     if not raw:
         return scope["path"]
-    if b"%" not in raw and raw.isascii():
-        path = raw.decode("ascii")  # nothing to decode (the common case)
-    else:
-        path = repercent_broken_unicode(unquote_to_bytes(raw.decode("latin1"))).decode()
+    path = target.caller_path(raw)
     root = scope.get("root_path", "")
     return path if not root or path.startswith(root) else root + path
 

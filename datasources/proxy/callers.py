@@ -11,21 +11,10 @@ from django.http import HttpRequest
 from django.middleware.csrf import CsrfViewMiddleware
 from django.views.decorators.debug import sensitive_variables
 
+from ..calls.call import Refused
 from . import apikeys, cache
 
 _CSRF_SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
-
-
-class Refused(Exception):
-    """The proxy refuses the call before anything is sent upstream."""
-
-    def __init__(self, status: int, error: str, detail: str, **extra) -> None:
-        self.status = status
-        self.error = error
-        self.detail = detail
-        self.extra = extra
-        self.headers: dict[str, str] = {}
-        super().__init__(detail)
 
 
 @dataclass(frozen=True)
@@ -95,3 +84,6 @@ def _unauthorized(detail: str) -> Refused:
     refused = Refused(401, "unauthorized", detail)
     refused.headers["WWW-Authenticate"] = 'Api-Key realm="datasources"'
     return refused
+
+
+__all__ = ["Caller", "Refused", "api_key_of", "authenticate", "caller_for_key"]

@@ -6,8 +6,9 @@ come from the process caches (:mod:`.cache`, or from the database in a pool thre
 are not cached), the token is used as it is when the token rules say so
 (:func:`datasources.tokens.usable_as_is`), the health gate admits from its cached record, and
 the call goes upstream through an asyncio client (:mod:`.upstream`). Every decision is made by
-the same functions the view uses (:mod:`.view`, :mod:`.callers`, :mod:`.target`,
-:mod:`.transport`, :mod:`.attempts`, :mod:`.health`), and the parts of Django's middleware that
+the same functions the view uses (the call's steps in :mod:`datasources.calls.call`,
+:mod:`.callers`, :mod:`datasources.calls.transport`, :mod:`.health`; refusals rendered by
+:mod:`.answers`); the lane imports nothing from the view. The parts of Django's middleware that
 touch a proxy answer are Django's own classes, called directly.
 
 Everything else is handed to the thread-pool path (:class:`.asgi.ProxyHandler`, the Django view)
@@ -31,7 +32,6 @@ from __future__ import annotations
 import asyncio
 import enum
 import functools
-import re
 import ssl
 import time
 from collections.abc import Awaitable, Callable
@@ -50,15 +50,17 @@ from django.views.decorators.debug import sensitive_variables
 
 from .. import tokens
 from ..calls import binding, health, limits, retries, transport
-from ..calls.attempts import URLLIB3, Attempts
+from ..calls import call as steps
+from ..calls.attempts import URLLIB3
 from ..conf import app_settings
 from ..models import Token
 from ..ops import tracing
 from ..security import tls
-from . import cache, callers, calllog, usage, view
-from .asgi import PROXY_PATH, ProxyHandler, Receive, Scope, Send, asgi_headers
+from . import answers, cache, callers, calllog, usage
+from .asgi import ProxyHandler, Receive, Scope, Send, asgi_headers, wait_for_disconnect
 from .callers import Refused
 from .incoming import Headers, Incoming
+from .route import PROXY_PATH, ROUTE
 from .upstream import Headers as AnswerHeaders
 from .upstream import Pool, Response, default_context
 
@@ -76,9 +78,6 @@ KNOWN_MIDDLEWARE = frozenset(
         "django.middleware.clickjacking.XFrameOptionsMiddleware",
     }
 )
-
-#: The proxy's URL patterns (datasources/urls.py: ``<slug:slug>`` and ``<path:path>``).
-_ROUTE = re.compile(r"^/api/v1/datasources/(?P<slug>[-a-zA-Z0-9_]+)/proxy/(?:(?P<path>.+))?\Z")
 
 
 class HandOver(enum.StrEnum):
@@ -98,17 +97,17 @@ class HandOver(enum.StrEnum):
 
 def hand_over_reason(
     *,
-    middleware_known: bool,
-    chunked: bool,
-    length: int,
-    api_key: bool,
+    middleware_known: bool = True,
+    chunked: bool = False,
+    length: int = 0,
+    api_key: bool = True,
     traced: bool = False,
     dpop: bool = False,
     token_usable: bool = True,
     gate: limits.Verdict = limits.Verdict.PASS,
 ) -> HandOver | None:
     """The one rule for "may the fast lane serve this call?": None (yes) or why not. Asked in
-    steps as the facts become known (the later ones default to "fine")."""
+    steps as the facts become known (each fact not given defaults to "fine")."""
     if not middleware_known:
         return HandOver.MIDDLEWARE
     if traced:
@@ -375,7 +374,7 @@ class Lane:
             incoming = Incoming(scope, headers, body)
         except UnicodeDecodeError:
             return HandOver.REQUEST
-        route = _ROUTE.match(incoming.path_info)
+        route = ROUTE.match(incoming.path_info)
         if route is None:
             return HandOver.REQUEST
         added = middleware.admit(incoming)
@@ -390,18 +389,17 @@ class Lane:
             if caller is None:
                 return HandOver.REFUSED
         try:
-            token = view.token_for(slug, caller, cached_only=True)
+            token = steps.token_for(slug, caller, cache.tokens, cached_only=True)
             if token is None:
-                token = await self.blocking(functools.partial(view.token_for, slug, caller))
+                token = await self.blocking(
+                    functools.partial(steps.token_for, slug, caller, cache.tokens)
+                )
             datasource = token.datasource
-            url = view.check_request(incoming.method, datasource, path, chunked=False)
+            url = steps.check_request(incoming.method, datasource, path, chunked=False)
         except Refused:
             return HandOver.REFUSED
         reason = hand_over_reason(
-            middleware_known=True,
-            chunked=False,
             length=len(body),
-            api_key=True,
             dpop=datasource.use_dpop or binding.dpop_bound(datasource, token),
             token_usable=tokens.usable_as_is(datasource, token),
         )
@@ -411,13 +409,7 @@ class Lane:
             known = health.cached(datasource.pk)
             if known is None:
                 known = await self.blocking(functools.partial(health.current, datasource.pk))
-            reason = hand_over_reason(
-                middleware_known=True,
-                chunked=False,
-                length=0,
-                api_key=True,
-                gate=limits.gate(known, time.time()).verdict,
-            )
+            reason = hand_over_reason(gate=limits.gate(known, time.time()).verdict)
             if reason is not None:
                 return reason
         cache.tokens.keep((datasource.slug, token.user_id), token)
@@ -466,14 +458,12 @@ class _Call:
 
     async def run(self) -> None:
         incoming, datasource = self.incoming, self.datasource
-        attempts = Attempts(
+        attempts = steps.attempts_for(
             datasource,
             self.token,
             _WIRE,
             method=incoming.method,
-            policy=retries.RetryPolicy.of(
-                datasource, requested=incoming.headers.get(retries.RETRIES_HEADER)
-            ),
+            requested_retries=incoming.headers.get(retries.RETRIES_HEADER),
             replayable=True,
             idempotency_key=bool(incoming.headers.get(retries.IDEMPOTENCY_HEADER)),
             on_token=lambda fresh: cache.tokens.put((datasource.slug, fresh.user_id), fresh),
@@ -484,12 +474,12 @@ class _Call:
             )
         except Exception as err:
             request = incoming.request()
-            refused = view.refusal_for(err, request, datasource)
+            refused = steps.refusal_for(err, datasource, request.build_absolute_uri)
             if refused is None:
                 raise
             self.log.error = refused.error
             self.log.retries, self.log.refreshed = attempts.retries, attempts.refreshed
-            response = view.refusal_response(request, refused)
+            response = answers.refusal_response(request, refused)
             await self._answer(response, response.content)
             return
         self.log.retries, self.log.refreshed = attempts.retries, attempts.refreshed
@@ -559,7 +549,7 @@ class _Call:
                 self._done(upstream.status)  # counted once the answer is on its way
             return
         self._log_upstream_error(upstream.status)
-        disconnected = asyncio.ensure_future(_disconnect(self.receive))
+        disconnected = asyncio.ensure_future(wait_for_disconnect(self.receive))
         try:
             await self.send(
                 {
@@ -582,7 +572,7 @@ class _Call:
 
     def _log_upstream_error(self, status: int) -> None:
         if status >= 500:
-            view.log_upstream_error(
+            answers.log_upstream_error(
                 self.incoming.request(), HttpResponse(status=status), self.datasource.slug
             )
 
@@ -615,11 +605,6 @@ def _flush(counts: bool, log: bool) -> None:
         usage.flush()
     if log:
         calllog.flush()
-
-
-async def _disconnect(receive: Receive) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
 
 
 __all__ = ["PROXY_PATH", "HandOver", "Lane", "hand_over_reason"]

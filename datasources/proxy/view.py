@@ -1,8 +1,10 @@
 """``/api/v1/datasources/<slug>/proxy/<path>``: forward a call upstream with a valid token.
 
-Thin: who is calling (:mod:`.callers`), which datasource and token (:mod:`.cache`), where the call
-goes (:mod:`.target`), sending it and relaying the answer (:mod:`.transport`), counting it
-(:mod:`.usage`). Everything refused is refused before anything is sent upstream.
+Thin: who is calling (:mod:`.callers`); the call's steps (which token, where the call goes, the
+health gate, the attempts, a failure as an answer) are :mod:`datasources.calls.call`'s, shared
+with the fast lane, the Python client and the admin's Test; sending it and relaying the answer
+(:mod:`datasources.calls.transport`), counting it (:mod:`.usage`). Everything refused is refused
+before anything is sent upstream.
 """
 
 from __future__ import annotations
@@ -11,19 +13,16 @@ import time
 from collections.abc import Iterable, Iterator
 
 import urllib3
-from django.http import HttpRequest, HttpResponse, JsonResponse
-from django.utils.log import log_response
+from django.http import HttpRequest, HttpResponse
 from django.views.decorators.csrf import csrf_exempt
 
 from .. import tokens
-from ..calls import binding, health, retries, target, transport
-from ..calls.attempts import URLLIB3, Attempts
-from ..calls.limits import Verdict
-from ..exceptions import NotAuthorized, ReauthorizationRequired, TransientUpstreamError
+from ..calls import binding, health, retries, transport
+from ..calls import call as steps
+from ..calls.attempts import URLLIB3
 from ..models import Datasource, Token
 from ..ops import tracing
-from ..security import dpop, tls
-from . import cache, callers, calllog, usage
+from . import answers, cache, callers, calllog, usage
 from .callers import Refused
 
 
@@ -68,10 +67,10 @@ def _proxy(request: HttpRequest, slug: str, path: str) -> tuple[HttpResponse, ca
     try:
         caller = callers.authenticate(request)
         call.api_key_id, call.user_id = caller.api_key_id, caller.user_id
-        token = token_for(slug, caller)
+        token = steps.token_for(slug, caller, cache.tokens)
         assert token is not None
         datasource = token.datasource
-        url = check_request(
+        url = steps.check_request(
             request.method,
             datasource,
             path,
@@ -80,7 +79,7 @@ def _proxy(request: HttpRequest, slug: str, path: str) -> tuple[HttpResponse, ca
         response = _forward(request, caller, token, url, done, call)
     except Refused as refused:
         call.error = refused.error
-        response = refusal_response(request, refused)
+        response = answers.refusal_response(request, refused)
     if response.streaming:  # counted (and logged, by relay's done) when its body has been sent
         response.streaming_content = _counted(response.streaming_content, call)
     else:
@@ -100,64 +99,6 @@ def _content_length(request: HttpRequest) -> int:
     return int(value) if value.isdigit() else 0
 
 
-def token_for(slug: str, caller: callers.Caller, *, cached_only: bool = False) -> Token | None:
-    """The token (with its datasource) ``caller`` calls ``slug`` with, or Refused (404, 403,
-    409 user_required). ``cached_only``: None instead of reading the database (the fast lane
-    asks this first, on its event loop)."""
-    token = cache.tokens.get((slug, caller.user_id))
-    if token is None and caller.user_id is not None:
-        token = cache.tokens.get((slug, None))
-    if token is None:
-        if cached_only:
-            return None
-        try:
-            token = Token.objects.select_related("datasource").get(datasource__slug=slug, user=None)
-        except Token.DoesNotExist:
-            raise Refused(404, "not_found", f"No datasource with slug {slug!r}.") from None
-    datasource = token.datasource
-    if not caller.may_use(datasource.pk):
-        raise Refused(403, "forbidden", "This API key may not use this datasource.")
-    if datasource.per_user and token.user_id is None:
-        if caller.user_id is None:
-            raise Refused(
-                409,
-                "user_required",
-                f"Datasource {slug!r} has per-user tokens: call it as a user, or with an API key "
-                "that acts for one.",
-                datasource=slug,
-            )
-        if cached_only:
-            return None
-        token = tokens.load_token(datasource, caller.user_id)
-    return token
-
-
-def check_request(method: str, datasource: Datasource, path: str, *, chunked: bool) -> str:
-    """The upstream URL (without query), or Refused: 405 method, 400 path, 411 chunked body
-    (a Transfer-Encoding header)."""
-    if method not in datasource.allowed_method_set:
-        refused = Refused(
-            405,
-            "method_not_allowed",
-            f"Datasource {datasource.slug!r} does not allow {method} calls.",
-        )
-        refused.headers["Allow"] = ", ".join(sorted(datasource.allowed_method_set))
-        raise refused
-    try:
-        url = target.resolve(datasource.base_url, path)
-    except target.InvalidPath as err:
-        raise Refused(
-            400,
-            "invalid_path",
-            f"The path would leave the datasource's base URL or be read ambiguously "
-            f"({err.reason}).",
-        ) from None
-    if chunked:
-        # WSGI gives no portable access to a chunked body; refuse rather than send it empty.
-        raise Refused(411, "length_required", "Send the request body with a Content-Length.")
-    return url
-
-
 def _forward(
     request: HttpRequest,
     caller: callers.Caller,
@@ -168,7 +109,7 @@ def _forward(
 ) -> HttpResponse:
     datasource = token.datasource
     query = request.META.get("QUERY_STRING", "")
-    body, length, replayable = transport.request_body(request)
+    body, length, replayable = answers.request_body(request)
 
     def headers_for(token: Token) -> dict[str, str]:
         placed = binding.auth_headers(datasource, token, request.method, url)
@@ -181,23 +122,18 @@ def _forward(
             request.method, datasource, url, query, token, headers_for, body, replayable
         )
 
-    gate = health.admit(datasource.pk)
-    if gate.verdict in (Verdict.RATE_LIMITED, Verdict.CIRCUIT_OPEN):
-        # Remembered from an earlier answer, in any process: the upstream is not called.
-        refused = Refused(*health.refusal(gate))
-        refused.headers["Retry-After"] = health.retry_after_header(gate)
+    refused = steps.gate(datasource)
+    if refused is not None:  # remembered from an earlier answer, in any process
         raise refused
     try:
         token = tokens.get_valid_token(datasource, token=token)
         cache.tokens.keep((datasource.slug, token.user_id), token)
-        attempts = Attempts(
+        attempts = steps.attempts_for(
             datasource,
             token,
             URLLIB3,
             method=request.method,
-            policy=retries.RetryPolicy.of(
-                datasource, requested=request.headers.get(retries.RETRIES_HEADER)
-            ),
+            requested_retries=request.headers.get(retries.RETRIES_HEADER),
             replayable=replayable,
             idempotency_key=bool(request.headers.get(retries.IDEMPOTENCY_HEADER)),
             on_token=lambda fresh: cache.tokens.put((datasource.slug, fresh.user_id), fresh),
@@ -208,86 +144,10 @@ def _forward(
         finally:
             call.retries, call.refreshed = attempts.retries, attempts.refreshed
     except Exception as err:
-        refused = refusal_for(err, request, datasource)
+        refused = steps.refusal_for(err, datasource, request.build_absolute_uri)
         if refused is None:
             raise
         raise refused from None
-    response = transport.relay(upstream, browser=caller.is_browser, done=done)
-    log_upstream_error(request, response, datasource.slug)
-    return response
-
-
-def log_upstream_error(request: HttpRequest, response: HttpResponse, slug: str) -> None:
-    """An upstream's own 5xx, passed on, is logged as a warning: not an error of this server."""
-    if response.status_code >= 500:
-        log_response(
-            "Upstream of datasource %s answered %s: %s",
-            slug,
-            response.status_code,
-            request.path,
-            response=response,
-            request=request,
-            level="warning",
-        )
-
-
-def refusal_for(err: Exception, request: HttpRequest, datasource: Datasource) -> Refused | None:
-    """The answer for a failure while getting a token or calling upstream (None: not ours to
-    answer, an error of this server). Shared by the view and the fast lane (.lane)."""
-    if isinstance(err, NotAuthorized | ReauthorizationRequired):
-        error = "not_authorized" if isinstance(err, NotAuthorized) else "reauthorization_required"
-        if datasource.per_user:
-            where, authorize_url = "by the calling user", datasource.get_connect_url()
-        else:
-            where, authorize_url = "in the admin", datasource.get_authorize_url()
-        return Refused(
-            409,
-            error,
-            f"Datasource {datasource.slug!r} needs to be authorized {where}.",
-            datasource=datasource.slug,
-            authorize_url=request.build_absolute_uri(authorize_url),
-        )
-    if isinstance(err, TransientUpstreamError):
-        refused = Refused(
-            503,
-            "token_unavailable",
-            f"Could not get an access token for {datasource.slug!r}: {err}",
-        )
-        if err.retry_after:
-            refused.headers["Retry-After"] = str(max(1, int(err.retry_after)))
-        return refused
-    if isinstance(err, urllib3.exceptions.NewConnectionError):  # a ConnectTimeoutError subclass
-        return Refused(502, "upstream_unreachable", "The upstream API refused the connection.")
-    if isinstance(err, urllib3.exceptions.TimeoutError):
-        return Refused(504, "upstream_timeout", "The upstream API did not answer in time.")
-    if isinstance(err, dpop.DPoPKeyError):
-        return Refused(503, "dpop_key_unusable", f"No call was made: {err}")
-    if isinstance(err, urllib3.exceptions.SSLError | tls.TLSConfigError):
-        # Nothing was sent: the server's certificate is not trusted, or ours was refused.
-        return Refused(
-            502, "upstream_tls_failed", f"No call was made: {tls.failure_reason(err) or err}."
-        )
-    if isinstance(err, urllib3.exceptions.HTTPError):
-        return Refused(
-            502, "upstream_unreachable", f"The upstream API is unreachable ({type(err).__name__})."
-        )
-
-
-def refusal_response(request: HttpRequest, refused: Refused) -> JsonResponse:
-    response = JsonResponse(
-        {"error": refused.error, "detail": refused.detail, **refused.extra}, status=refused.status
-    )
-    for name, value in refused.headers.items():
-        response[name] = value
-    # Expected outcomes (bad credentials, a datasource needing authorization, the token endpoint
-    # down) are warnings: Django would log every 5xx at ERROR, one line per call in an outage.
-    log_response(
-        "Proxy call refused (%s %s): %s",
-        refused.status,
-        refused.error,
-        request.path,
-        response=response,
-        request=request,
-        level="warning",
-    )
+    response = answers.relay(upstream, browser=caller.is_browser, done=done)
+    answers.log_upstream_error(request, response, datasource.slug)
     return response

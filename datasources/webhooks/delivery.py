@@ -25,7 +25,7 @@ from django.db.models import QuerySet
 from django.utils import timezone
 
 from ..authserver import outbound
-from ..authserver.oauth import parse_retry_after
+from ..authserver.outbound import parse_retry_after
 from ..conf import app_settings
 from ..models import DeliveryStatus, WebhookAttempt, WebhookDelivery
 from . import signing
