@@ -76,7 +76,7 @@ test: $(VENV)/.installed-test browser nginx oidc
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/lint-imports
+	$(BIN)/lint-imports --no-cache
 	ENV_FILE=/dev/null SECRET_KEY=lint FERNET_KEYS=lint DATA_DIR=var/lint \
 	  $(BIN)/python manage.py makemigrations --check --dry-run
 

@@ -379,11 +379,10 @@ def _refresh_leased(
                 raise _dead_grant(datasource, token, err) from None
             span.set("datasources.outcome", "refreshed")
             stored = True  # the UPDATE that stores the token releases the lease
-            after_rejection = situation is Situation.REJECTED
-            stored_token = store_refresh(
-                datasource, token, response, lease_id, after_rejection=after_rejection
-            )
-            return stored_token, True
+            rejection = situation is Situation.REJECTED
+            return store_refresh(
+                datasource, token, response, lease_id, after_rejection=rejection
+            ), True
     finally:
         if not stored:
             lease.release(token.pk, lease_id)
