@@ -30,6 +30,7 @@ from ..models import (
     DatasourceUsage,
     GrantType,
     Token,
+    TokenEvent,
     TokenStatus,
     UsageSample,
 )
@@ -315,6 +316,7 @@ def banners(datasource: Datasource, token: Token | None) -> list[Banner]:
     status = token.status if token else TokenStatus.NOT_AUTHORIZED
     found = [*_status_banners(datasource, token, actions), *_renewal_banners(token, actions)]
     found += upstream_banners(datasource, actions["test"])
+    found += scope_banners(datasource, token, actions)
     missing = no_refresh_token_warning(datasource, token) if token else ""
     if missing:
         found.append(Banner("warning", "no-refresh-token", missing, action=actions["reauthorize"]))
@@ -407,6 +409,37 @@ def _renewal_banners(token: Token | None, actions: dict[str, Action]) -> list[Ba
             )
         ]
     return []
+
+
+def scope_banners(
+    datasource: Datasource, token: Token | None, actions: dict[str, Action]
+) -> list[Banner]:
+    """The API refused a call for lack of scope since the token was last granted
+    (``WWW-Authenticate: Bearer error="insufficient_scope"``, see
+    :mod:`datasources.calls.scopes`): which scope, and how to get it granted."""
+    if token is None or token.status != TokenStatus.ACTIVE:
+        return []
+    code_grant = datasource.grant_type == GrantType.AUTHORIZATION_CODE
+    # Scopes are granted by an authorization (a person), or by each new machine-grant token.
+    granted = token.obtained_at if code_grant else token.last_refreshed_at
+    refusals = datasource.events.filter(kind=TokenEvent.Kind.SCOPE_REFUSED)
+    if granted is not None:
+        refusals = refusals.filter(created_at__gt=granted)
+    refusal = refusals.first()
+    if refusal is None:
+        return []
+    needed = refusal.detail.partition("scope needed: ")[2].rstrip(").")
+    what = f"the scope {needed}" if needed else "a scope it did not name"
+    then = "Re-authorize so that it is granted" if code_grant else "get a new token"
+    return [
+        Banner(
+            "warning",
+            "scope-refused",
+            f"The API refused a call {ago(refusal.created_at)} because the token lacks {what}. "
+            f"A refresh cannot add a scope: add it under “Scope(s)”, save, then {then}.",
+            action=actions["reauthorize"] if code_grant else actions["fetch"],
+        )
+    ]
 
 
 def _owner_banners(datasource: Datasource) -> list[Banner]:

@@ -26,7 +26,7 @@ from django.dispatch import receiver
 
 from ..conf import app_settings
 from ..models import Datasource, UpstreamHealth
-from . import limits
+from . import limits, scopes
 from .limits import CLEAN, Gate, Health, Verdict
 
 logger = logging.getLogger(__name__)
@@ -306,7 +306,9 @@ def admit(datasource_id: int) -> Gate:
 
 def observe(datasource, status: int, header: Callable[[str], str | None] | None) -> None:
     """Learn from one upstream answer (or connection error): rate limits, failures, recovery.
-    Writes only when something changes."""
+    Writes only when something changes. A refusal for lack of scope is remembered too
+    (:mod:`.scopes`), whether or not the shared health is on."""
+    scopes.learn(datasource, status, header)
     if not app_settings.UPSTREAM_HEALTH:
         return
     _learn(datasource, status, header, current(datasource.pk))
@@ -315,6 +317,8 @@ def observe(datasource, status: int, header: Callable[[str], str | None] | None)
 def observe_without_io(datasource, status: int, header: Callable[[str], str | None] | None) -> bool:
     """:func:`observe` when that needs no I/O (the record is cached and nothing changes):
     True. False: nothing was done, call :func:`observe` off the event loop (the fast lane)."""
+    if status in (401, 403) and scopes.pending(datasource, status, header):
+        return False
     if not app_settings.UPSTREAM_HEALTH:
         return True
     known = cached(datasource.pk)

@@ -199,6 +199,7 @@ class TokenEvent(models.Model):
         REAUTHORIZATION_REQUIRED = "reauthorization_required", _("Re-authorization required")
         REVOKED = "revoked", _("Revoked")
         LOST_RESPONSE = "lost_response", _("Refresh answer lost")
+        SCOPE_REFUSED = "scope_refused", _("Scope refused by the API")
 
     datasource = models.ForeignKey(
         Datasource, on_delete=models.CASCADE, related_name="events", verbose_name=_("datasource")
