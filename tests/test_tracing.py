@@ -1,4 +1,4 @@
-"""OpenTelemetry spans (datasources/tracing.py) recorded by the SDK's in-memory exporter during
+"""OpenTelemetry spans (datasources/ops/tracing.py) recorded by the SDK's in-memory exporter during
 real flows: a proxy call to the spy upstream, an "expired" answer refreshed at the flaky
 upstream's token endpoint, a refresh and a dead grant at django-oauth-toolkit, a lease wait
 between two threads. Asserted: span names, parents, attributes, and that no secret (client

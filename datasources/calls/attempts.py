@@ -195,7 +195,7 @@ class Attempts(Generic[R]):
             if kind is SEND:
                 attempt += 1
                 try:
-                    # tracing: one HTTP client span per attempt (datasources/tracing.py)
+                    # tracing: one HTTP client span per attempt (datasources/ops/tracing.py)
                     with tracing.upstream_attempt(
                         self.method, self.datasource.base_url, attempt
                     ) as span:

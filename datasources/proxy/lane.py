@@ -92,7 +92,7 @@ class HandOver(enum.StrEnum):
     DPOP = "dpop"  # proofs are made by the view
     TOKEN = "token"  # the token needs a refresh, a wait, or is unusable
     GATE = "gate"  # rate limited, circuit open, or this call would be the probe
-    TRACED = "traced"  # tracing is on: the view records the spans (datasources/tracing.py)
+    TRACED = "traced"  # tracing is on: the view records the spans (datasources/ops/tracing.py)
 
 
 def hand_over_reason(

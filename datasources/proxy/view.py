@@ -28,7 +28,7 @@ from .callers import Refused
 
 @csrf_exempt  # session callers are CSRF-checked in callers.authenticate (API keys need none)
 def proxy(request: HttpRequest, slug: str, path: str = "") -> HttpResponse:
-    # --- tracing (datasources/tracing.py): one span around the call --------------------------
+    # --- tracing (datasources/ops/tracing.py): one span around the call --------------------------
     with tracing.span(
         tracing.PROXY, {"http.request.method": request.method}, parent_headers=request.headers
     ) as span:
