@@ -34,7 +34,6 @@ import socket
 import sqlite3
 import subprocess
 import sys
-import time
 import uuid
 import zipfile
 from collections.abc import Callable, Iterator
@@ -47,6 +46,7 @@ import pytest
 import requests
 from cryptography.fernet import Fernet
 
+from . import fakeprovider
 from .conftest import SECRET
 from .fakeprovider import CLIENT_ID, PROFILES, FakeProvider
 from .helpers import ROOT
@@ -140,14 +140,8 @@ def tail(text: str | bytes, size: int = 3000) -> str:
 
 
 def wait_until(predicate: Callable[[], T], timeout: float, what: str) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.1)
+    """Poll every 0.1 s (the project's subprocesses are slow to change)."""
+    return fakeprovider.wait_until(predicate, timeout, interval=0.1, what=what)
 
 
 class Project:

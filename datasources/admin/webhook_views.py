@@ -9,28 +9,21 @@ from django.contrib.admin import ModelAdmin
 from django.core.exceptions import PermissionDenied
 from django.http import HttpRequest, HttpResponse, HttpResponseNotAllowed, HttpResponseRedirect
 from django.shortcuts import get_object_or_404
-from django.template.response import TemplateResponse
 from django.urls import reverse
 from django.utils.html import format_html
 from django.views.decorators.debug import sensitive_variables
 
-from ..models import Datasource, WebhookEndpoint
+from ..models import WebhookEndpoint
 from ..webhooks import endpoints
+from . import shown_once
 
 SESSION_KEY = "datasources_new_webhook_secret"
-
-
-def _fernet():
-    return Datasource._meta.get_field("client_secret").fernet
 
 
 @sensitive_variables()
 def hold(request: HttpRequest, endpoint: WebhookEndpoint, secret: str) -> HttpResponse:
     """Keep the new secret for the one page that shows it, and go there."""
-    request.session[SESSION_KEY] = {
-        "pk": endpoint.pk,
-        "secret": _fernet().encrypt(secret.encode()).decode(),
-    }
+    shown_once.hold(request, SESSION_KEY, endpoint.pk, secret)
     return HttpResponseRedirect(
         reverse("admin:datasources_webhookendpoint_secret", args=[endpoint.pk])
     )
@@ -38,24 +31,16 @@ def hold(request: HttpRequest, endpoint: WebhookEndpoint, secret: str) -> HttpRe
 
 @sensitive_variables()
 def secret_view(model_admin: ModelAdmin, request: HttpRequest, pk: int) -> HttpResponse:
-    endpoint = get_object_or_404(WebhookEndpoint, pk=pk)
-    if not model_admin.has_view_permission(request, endpoint):
-        raise PermissionDenied
-    held = request.session.get(SESSION_KEY) or {}
-    secret = None
-    if held.get("pk") == endpoint.pk:
-        del request.session[SESSION_KEY]  # shown once: a reload finds nothing
-        secret = _fernet().decrypt(held["secret"].encode()).decode()
+    endpoint = shown_once.viewable(model_admin, request, WebhookEndpoint, pk)
     context = {
-        **model_admin.admin_site.each_context(request),
         "title": "Webhook signing secret",
         "endpoint": endpoint,
-        "secret": secret,
+        "secret": shown_once.take(request, SESSION_KEY, endpoint.pk),
         "opts": WebhookEndpoint._meta,
     }
-    response = TemplateResponse(request, "admin/datasources/webhookendpoint/secret.html", context)
-    response["Cache-Control"] = "no-store"
-    return response
+    return shown_once.page(
+        model_admin, request, "admin/datasources/webhookendpoint/secret.html", context
+    )
 
 
 def _changeable(model_admin: ModelAdmin, request: HttpRequest, pk: int) -> WebhookEndpoint:
