@@ -18,6 +18,12 @@ reports the growth of its workers' resident memory.
                           [--stream-bytes 1000000000]
     python bench/proxy.py --features [--duration 30] [--rounds 10]
     python bench/proxy.py --tracing [--duration 30] [--rounds 10]
+    python bench/proxy.py --server asgi --baseline /tmp/before   # before/after, one run
+
+``--baseline DIR`` adds, for each ``--server`` kind, the same server run from another checkout
+(``DIR``, e.g. ``git worktree add /tmp/before <rev>``) to the same interleaved slices, against the
+same upstream, nginx and database: ``base-<kind>`` beside ``ours-<kind>``, both as a share of
+nginx, so a change's cost is measured in one run on one machine.
 
 ``--features`` measures instead what the call log, the retries machinery and the shared upstream
 health (rate-limit memory, circuit breaker) cost when no retry happens: two gunicorn servers,
@@ -73,6 +79,7 @@ def main() -> None:
     parser.add_argument("--asgi-workers", type=int, default=None, help="default: --workers")
     parser.add_argument("--features", action="store_true", help="features on vs off (see above)")
     parser.add_argument("--tracing", action="store_true", help="tracing on vs off (see above)")
+    parser.add_argument("--baseline", type=Path, default=None, help="another checkout to compare")
     args = parser.parse_args()
     args.asgi_workers = args.asgi_workers or args.workers
     kinds = [kind.strip() for kind in args.server.split(",") if kind.strip()]
@@ -155,6 +162,7 @@ def main() -> None:
             servers[kind] = (port, server)
             wait_until_up(f"http://127.0.0.1:{port}/admin/login/")
         naive_port = servers.get("wsgi", next(iter(servers.values())))[0]
+        baselines = start_baselines(kinds, args, env, processes) if args.baseline else {}
 
         def proxy_url(port: int) -> str:
             return f"http://127.0.0.1:{port}/api/v1/datasources/bench/proxy/items"
@@ -163,6 +171,7 @@ def main() -> None:
             "direct": (f"http://127.0.0.1:{upstream_port}/items", None),
             "nginx": (f"http://127.0.0.1:{nginx_port}/items", None),
             **{f"ours-{kind}": (proxy_url(port), auth) for kind, (port, _) in servers.items()},
+            **{f"base-{kind}": (proxy_url(port), auth) for kind, port in baselines.items()},
             "naive": (f"http://127.0.0.1:{naive_port}/naive/bench/items", None),
         }
         runs = interleaved(targets, args)
@@ -202,6 +211,15 @@ def main() -> None:
             f"ours ({kind}): {ours[0] / nginx[0]:.1%} of nginx (goal >= 25%), "
             f"{ours[0] / naive[0]:.1f}x naive, added p50 at 1 connection {added:.3f} ms "
             f"(goal <= 0.3 ms)"
+        )
+    for kind in baselines:
+        ours, base = runs[f"ours-{kind}"], runs[f"base-{kind}"]
+        print(
+            f"before/after ({kind}): base {base[0] / nginx[0]:.1%} of nginx, ours "
+            f"{ours[0] / nginx[0]:.1%} (ours/base {ours[0] / base[0]:.3f}); p99 {base[2]:.2f} -> "
+            f"{ours[2]:.2f} ms; added p50 at 1 connection "
+            f"{single[f'base-{kind}'][1] - single['direct'][1]:.3f} -> "
+            f"{single[f'ours-{kind}'][1] - single['direct'][1]:.3f} ms"
         )
     for kind, (
         growth,
@@ -257,6 +275,36 @@ def server_command(kind: str, port: int, args) -> list[str]:
         # With a shared socket one worker often accepts every keep-alive connection.
         "--reuse-port",
     ]
+
+
+def start_baselines(
+    kinds: list[str], args, env: dict[str, str], processes: list[subprocess.Popen]
+) -> dict[str, int]:
+    """The same servers run from the checkout ``args.baseline``, on the same database. The
+    working directory comes first on ``sys.path``, so its ``datasources`` and ``config`` are
+    the ones imported (checked below: a baseline that silently ran this tree would compare
+    nothing)."""
+    base = args.baseline.resolve()
+    found = subprocess.run(
+        [sys.executable, "-c", "import datasources, config; print(datasources.__file__)"],
+        cwd=base,
+        env={**env, "PYTHONPATH": str(base)},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    if not found.startswith(str(base)):
+        raise SystemExit(f"the baseline imports datasources from {found}, not from {base}")
+    ports = {}
+    for kind in kinds:
+        port = free_port()
+        server_env = {**env, **SERVER_KINDS[kind], "PYTHONPATH": str(base)}
+        processes.append(
+            subprocess.Popen(server_command(kind, port, args), cwd=base, env=server_env)
+        )
+        wait_until_up(f"http://127.0.0.1:{port}/admin/login/")
+        ports[kind] = port
+    return ports
 
 
 def server_description(kind: str, args) -> str:
