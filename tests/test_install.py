@@ -34,6 +34,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import time
 import uuid
 import zipfile
 from collections.abc import Callable, Iterator
@@ -160,6 +161,7 @@ class Project:
     def run(
         self, args: list[str], *, env: dict[str, str] | None = None, timeout: float = 180
     ) -> subprocess.CompletedProcess:
+        started = time.monotonic()
         result = subprocess.run(
             self.argv(args),
             cwd=self.directory,
@@ -170,6 +172,8 @@ class Project:
         )
         # stderr only: some commands print a secret on stdout (create_api_key, the Fernet key).
         assert result.returncode == 0, f"{shlex.join(args)} failed:\n{tail(result.stderr)}"
+        # A transcript for `pytest -s` (the command and its exit, never its output).
+        print(f"$ {shlex.join(args)[:100]}  -> exit 0 ({time.monotonic() - started:.1f}s)")
         return result
 
     def start(self, args: list[str], name: str) -> subprocess.Popen:
@@ -184,6 +188,7 @@ class Project:
             start_new_session=True,
         )
         self.processes.append((process, log, log_path))
+        print(f"$ {shlex.join(args)[:100]} &  (pid {process.pid}, log {log_path.name})")
         return process
 
     def alive(self, process: subprocess.Popen) -> bool:
