@@ -35,6 +35,6 @@ def with_proxy_lane(application: ASGIApp) -> ASGIApp:
     and the serving code is imported here, not at the top of this module, so that importing
     this module before Django is set up is safe.
     """
-    from .proxy.asgi import Router
+    from .proxy.router import Router
 
     return Router(application)

@@ -27,7 +27,8 @@ from django.http import HttpResponse, StreamingHttpResponse
 from django.test.client import ClientHandler
 
 from datasources.proxy import lane as fast_lane
-from datasources.proxy.asgi import PROXY_PATH, ProxyHandler
+from datasources.proxy.asgi import ProxyHandler
+from datasources.proxy.route import PROXY_PATH
 
 CHUNK = 64 * 1024
 

@@ -190,7 +190,7 @@ def test_lifespan_shutdown_writes_what_the_process_holds(monkeypatch, caplog):
     from django.db import OperationalError
 
     from datasources.proxy import calllog, usage
-    from datasources.proxy.asgi import Router
+    from datasources.proxy.router import Router
 
     written: list[str] = []
 

@@ -1,9 +1,10 @@
-"""The proxy's fast serving path under an ASGI server (uvicorn with uvloop and httptools).
+"""The proxy's thread-pool serving path under an ASGI server, and the ASGI pieces both paths
+share (header lists, the wait for a disconnect, the WSGI-like path).
 
-:func:`application` wraps the project's Django ASGI application: calls to the proxy's URLs
-(``/api/v1/datasources/<slug>/proxy/...``) are served by :class:`ProxyHandler`, everything else
-(admin, authorization flow, API-key pages) by Django's own ASGI handler, so one command serves
-both.
+:class:`ProxyHandler` serves what the fast lane (:mod:`.lane`) hands over, or every proxy call
+with PROXY_FAST_LANE off; :class:`.router.Router` sends the proxy's URLs here or to the lane and
+everything else (admin, authorization flow, API-key pages) to Django's own ASGI handler, so one
+command serves both.
 
 Why not Django's ASGI handler for the proxy too: it runs a sync view and every sync middleware
 through ``sync_to_async(thread_sensitive=True)``, i.e. one thread per process and several hops
@@ -20,10 +21,8 @@ this module only does I/O.
 from __future__ import annotations
 
 import asyncio
-import functools
 import io
 import logging
-import threading
 from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -37,7 +36,6 @@ from django.urls import set_script_prefix
 
 from ..calls import target
 from ..conf import app_settings
-from .route import PROXY_PATH  # the proxy's URLs; anything else is Django's
 
 logger = logging.getLogger("django.request")
 
@@ -226,57 +224,3 @@ def _small_body(scope: Scope) -> bool:
             except ValueError:
                 return True
     return length is None or length <= app_settings.PROXY_REPLAY_MAX_BYTES
-
-
-class Router:
-    """The project's ASGI application: the proxy's URLs to its fast lane (:mod:`.lane`, which
-    hands what it does not serve to :class:`ProxyHandler`; only the latter with
-    PROXY_FAST_LANE off), Django for everything else."""
-
-    def __init__(self, django_app: Callable, proxy: Callable | None = None) -> None:
-        self.django = django_app
-        self._proxy = proxy
-        self._lock = threading.Lock()
-
-    @property
-    def proxy(self) -> Callable:
-        if self._proxy is None:
-            with self._lock:
-                if self._proxy is None:
-                    if app_settings.PROXY_FAST_LANE:
-                        from .lane import Lane
-
-                        self._proxy = Lane()
-                    else:
-                        self._proxy = ProxyHandler()
-        return self._proxy
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        kind = scope["type"]
-        if kind == "http":
-            path = scope["path"]
-            root = scope.get("root_path", "")
-            if root and path.startswith(root):
-                path = path[len(root) :]
-            if PROXY_PATH.match(path):
-                await self.proxy(scope, receive, send)
-            else:
-                await self.django(scope, receive, send)
-        elif kind == "lifespan":
-            await self._lifespan(receive, send)
-        else:
-            raise ValueError(f"Django can only handle ASGI/HTTP connections, not {kind}.")
-
-    async def _lifespan(self, receive: Receive, send: Send) -> None:
-        from . import usage
-
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await asyncio.get_running_loop().run_in_executor(
-                    None, functools.partial(usage.write_held, "shutdown")
-                )
-                await send({"type": "lifespan.shutdown.complete"})
-                return
