@@ -7,6 +7,9 @@ code.
 * :mod:`.failures` — what an error means (dead grant, configuration, transient), backoff, record;
 * :mod:`.expiry` — when a new token expires, from whatever the provider sent;
 * :mod:`.lifecycle` — storing, disconnecting and resetting tokens; which rows are due.
+
+May import the authorization-server client (:mod:`datasources.authserver`), models and the
+bottom modules (conf, exceptions, signals, tracing); never calls, proxy, admin or views.
 """
 
 from .failures import backoff_seconds, classify, record_event
