@@ -183,17 +183,30 @@ def test_a_token_bound_to_another_key_is_refused_and_replaced(op, staff_client):
     old_jkt = datasource.dpop_jkt
 
     # The key is replaced but the token bound to the old one is kept: the resource server
-    # refuses it, with a fresh proof too; the token is too young to blame (the token rules),
-    # so no refresh: the answer is passed on.
+    # refuses it, with a fresh proof too. The rejection causes one refresh (a confidential
+    # client's refresh token is not bound to the key), and the retry, with a token bound to
+    # the new key, succeeds.
     datasource.set_dpop_key(dpop.generate_private_key_pem())
     datasource.save()
     assert datasource.dpop_jkt != old_jkt
     op.reset()
     with Datasource.objects.get(pk=datasource.pk).session() as session:
+        response = session.get("me")
+    assert response.status_code == 200 and response.json()["sub"] == TEST_USER
+    userinfo = [(e["status"], e.get("error")) for e in op.requests("userinfo")]
+    assert userinfo == [(401, "invalid_token"), (401, "invalid_token"), (200, None)]
+    assert [e["status"] for e in token_requests(op, "refresh_token")] == [200]
+    old = Token.objects.get(pk=old.pk)
+
+    # Replaced again at once: a rejection already caused a refresh of this token within
+    # REJECTION_COOLDOWN, so this refusal is passed on without another token request.
+    datasource = Datasource.objects.get(pk=datasource.pk)
+    datasource.set_dpop_key(dpop.generate_private_key_pem())
+    datasource.save()
+    op.reset()
+    with Datasource.objects.get(pk=datasource.pk).session() as session:
         refused = session.get("me")
     assert refused.status_code == 401 and "invalid_token" in refused.headers["WWW-Authenticate"]
-    userinfo = [(e["status"], e.get("error")) for e in op.requests("userinfo")]
-    assert userinfo == [(401, "invalid_token"), (401, "invalid_token")]
     assert token_requests(op, "refresh_token") == []
     # The admin's Test says what it means.
     test = staff_client.post(

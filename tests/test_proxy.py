@@ -130,7 +130,8 @@ def test_refreshes_once_on_401_and_retries(ready):
 
 def test_a_401_storm_causes_one_refresh_per_cooldown(ready, settings):
     """An upstream that always answers 401 (wrong base path, missing scope) gets its answer
-    passed on; only the first rejection of a token older than the cooldown refreshes."""
+    passed on; a rejection refreshes only when no rejection caused a refresh within the
+    cooldown."""
     datasource, client, _ = ready()
     Token.objects.filter(datasource=datasource).update(
         last_refreshed_at=timezone.now() - timedelta(minutes=5)
