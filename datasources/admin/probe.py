@@ -94,6 +94,12 @@ def run(datasource: Datasource, method: str, path: str, *, user=None) -> ProbeRe
             body = upstream.read(PREVIEW_BYTES + 1, decode_content=True) or b""
         finally:
             upstream.close()
+    except (NotAuthorized, ReauthorizationRequired, TransientUpstreamError) as err:
+        # The API said "expired" and the refresh that followed failed (Entra's MFA, a revoked
+        # grant, a provider down): the same report as when no token could be had at the start.
+        result.error = f"The API rejected the token and no new one could be had: {err}"
+        result.explanation = explain(str(err))
+        return result
     except Exception as err:
         refused = steps.upstream_refusal(err)  # what the proxy would answer, as a sentence
         if refused is None:
