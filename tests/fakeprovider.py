@@ -98,6 +98,10 @@ class Profile:
     #: How the API answers an unknown, expired or revoked token.
     api_reject_status: int = 401
     api_reject_body: Any = field(default_factory=lambda: {"error": "invalid_token"})
+    #: The headers sent with that answer. None: RFC 6750 §3.1's ``WWW-Authenticate: Bearer
+    #: error="invalid_token"`` with a 401 and nothing with another status (a generic
+    #: RFC 6750 resource server); ``()``: no header at all (Salesforce).
+    api_reject_headers: tuple[tuple[str, str], ...] | None = None
     api_ok_envelope: dict[str, Any] = field(default_factory=dict)
 
 
@@ -133,6 +137,28 @@ def _zoho_extra(now: float, issued: Issued) -> dict[str, Any]:
 def _dropbox_extra(now: float, issued: Issued) -> dict[str, Any]:
     return {"account_id": "dbid:AAH4f99T0taONIb-OurWxbNQ6ywGRopQngc", "uid": "12345"}
 
+
+#: RFC 6750 §3.1: what a resource server says about an expired, revoked or unknown token.
+RFC6750_INVALID_TOKEN = 'Bearer error="invalid_token"'
+#: Microsoft Graph's 401 to an expired or revoked token: a challenge that names the authority
+#: and Graph's application id, without an ``error`` parameter, and the InvalidAuthenticationToken
+#: body (learn.microsoft.com/graph/errors).
+GRAPH_CHALLENGE = (
+    'Bearer realm="", '
+    'authorization_uri="https://login.microsoftonline.com/common/oauth2/authorize", '
+    'client_id="00000003-0000-0000-c000-000000000000"'
+)
+GRAPH_INVALID_TOKEN = {
+    "error": {
+        "code": "InvalidAuthenticationToken",
+        "message": "Access token has expired or is not yet valid.",
+        "innerError": {
+            "date": "2024-05-21T09:14:58",
+            "request-id": "5e1b3d0a-6c9f-4b0e-9a51-2f0c7d6a8e11",
+            "client-request-id": "5e1b3d0a-6c9f-4b0e-9a51-2f0c7d6a8e11",
+        },
+    }
+}
 
 #: Shaped on each provider's documentation (token endpoint answers and API error bodies).
 PROFILES: dict[str, Profile] = {
@@ -196,6 +222,7 @@ PROFILES: dict[str, Profile] = {
         api_reject_body=[
             {"message": "Session expired or invalid", "errorCode": "INVALID_SESSION_ID"}
         ],
+        api_reject_headers=(),  # no WWW-Authenticate: only the status and the body say it
     ),
     # Google: 3599 s, refresh token only on the first consent (again only with prompt=consent),
     # never on refresh.
@@ -224,12 +251,8 @@ PROFILES: dict[str, Profile] = {
         access_prefix="EwB4A8l6BAAU",
         refresh_prefix="M.C5",
         extra=_microsoft_extra,
-        api_reject_body={
-            "error": {
-                "code": "InvalidAuthenticationToken",
-                "message": "Access token has expired or is not yet valid.",
-            }
-        },
+        api_reject_body=GRAPH_INVALID_TOKEN,
+        api_reject_headers=(("WWW-Authenticate", GRAPH_CHALLENGE),),
     ),
     # Dropbox short-lived tokens: 4 h, no refresh token on refresh.
     "dropbox": Profile(
@@ -439,6 +462,49 @@ FAILURES: dict[str, Failure] = {
     ),
 }
 
+#: Microsoft Entra ID's words for "a person must do multi-factor authentication" (AADSTS50076)
+#: and "must register for it" (AADSTS50079), answered to a refresh grant.
+ENTRA_MFA_MESSAGES = {
+    50076: "Due to a configuration change made by your administrator, or because you moved to "
+    "a new location, you must use multi-factor authentication to access "
+    "'00000003-0000-0000-c000-000000000000'.",
+    50079: "Due to a configuration change made by your administrator, or because you moved to "
+    "a new location, you must enroll in multi-factor authentication to access "
+    "'00000003-0000-0000-c000-000000000000'.",
+}
+
+
+def entra_interaction_required(code: int = 50076) -> Failure:
+    """Entra's answer to a refresh grant when Conditional Access wants MFA again: HTTP 400
+    with the identity platform's documented error shape (learn.microsoft.com/entra/
+    identity-platform/reference-error-codes): ``interaction_required``, an ``AADSTS``
+    description with trace and correlation ids, ``error_codes``, ``suberror`` and the claims
+    challenge to pass to the next authorization request."""
+    trace, correlation = (
+        "0d2b5c8e-1f4a-4c7e-9b1a-3e2f6d7c8b00",
+        "a6f0c2d4-7b3e-4f19-8d5a-9c1e2b3f4a55",
+    )
+    stamp = "2024-05-21 09:14:58Z"
+    payload = {
+        "error": "interaction_required",
+        "error_description": f"AADSTS{code}: {ENTRA_MFA_MESSAGES[code]} Trace ID: {trace} "
+        f"Correlation ID: {correlation} Timestamp: {stamp}",
+        "error_codes": [code],
+        "timestamp": stamp,
+        "trace_id": trace,
+        "correlation_id": correlation,
+        "error_uri": f"https://login.microsoftonline.com/error?code={code}",
+        "suberror": "basic_action",
+        "claims": '{"access_token":{"capolids":{"essential":true,"values":['
+        '"b3f4a55c-1e2b-4c9d-8a7f-6e5d4c3b2a10"]}}}',
+    }
+    return Failure(
+        name=f"entra-AADSTS{code}",
+        status=400,
+        body=json.dumps(payload).encode(),
+        content_type="application/json; charset=utf-8",
+    )
+
 
 # --- the provider ----------------------------------------------------------------------------
 
@@ -488,9 +554,11 @@ class FakeProvider:
         self._hang_after_issue = False
         self._gates: list[threading.Event] = []
         self._hanging = 0
-        self._api_override: tuple[int, Any] | None = None
+        self._api_override: tuple[int, Any, tuple[tuple[str, str], ...] | None] | None = None
+        self._end_sessions = 0  # refreshed sessions ended at once (Salesforce's policy)
+        self._refresh_failure: Failure | None = None  # refresh grants only (Entra's MFA)
         self._lock = threading.Lock()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+        self._server = _Server(("127.0.0.1", 0), _Handler)
         self._server.daemon_threads = True
         self._server.provider = self  # type: ignore[attr-defined]
         self._thread = threading.Thread(
@@ -551,10 +619,29 @@ class FakeProvider:
         with self._lock:
             return self._hanging
 
-    def api_always(self, status: int, body: Any) -> None:
-        """The API answers every call with ``status`` (a wrong base path, a missing scope)."""
+    def api_always(
+        self, status: int, body: Any, *, headers: tuple[tuple[str, str], ...] | None = None
+    ) -> None:
+        """The API answers every call with ``status`` (a wrong base path, a missing scope) and
+        ``headers`` (None: the profile's :attr:`Profile.api_reject_headers`)."""
+        if headers is None:
+            headers = self.profile.api_reject_headers
         with self._lock:
-            self._api_override = (status, body)
+            self._api_override = (status, body, headers)
+
+    def end_sessions_after_refresh(self, times: int = 1) -> None:
+        """Salesforce's session policy (or an administrator) ends a session right after it was
+        issued: the access tokens of the next ``times`` refresh grants are issued, then revoked
+        at once, so the API's first answer to them is the rejection."""
+        with self._lock:
+            self._end_sessions = times
+
+    def require_interaction(self, failure: Failure | None = None) -> None:
+        """Conditional Access wants the person again (Entra: MFA): refresh grants answer
+        ``failure`` (default :func:`entra_interaction_required`) until the person signs in, i.e.
+        until an authorization code is exchanged."""
+        with self._lock:
+            self._refresh_failure = failure or entra_interaction_required()
 
     def expire_access_tokens(self) -> None:
         """Every access token issued so far expires now, as the provider sees it."""
@@ -665,6 +752,8 @@ class FakeProvider:
                 self._failure_times -= 1
                 if self._failure_times <= 0:
                     self._failure, self._failure_times = None, None
+            if failure is None and call.grant_type == "refresh_token":
+                failure = self._refresh_failure
             if self._hang_times > 0:
                 self._hang_times -= 1
                 gate = threading.Event()
@@ -726,6 +815,7 @@ class FakeProvider:
                 ):
                     return self._error(call, headers, profile.bad_code_error, "bad code")
                 code.used = True
+                self._refresh_failure = None  # the person signed in (and did MFA) again
                 consents = self.consents.get(client_id, 0)
                 self.consents[client_id] = consents + 1
                 with_refresh = (
@@ -746,6 +836,9 @@ class FakeProvider:
                     )
                 grant.uses += 1
                 issued = self._issue_access(client_id, grant.scope, now)
+                if self._end_sessions > 0:
+                    self._end_sessions -= 1
+                    issued.revoked = True  # issued, and ended by the session policy at once
                 refresh = None
                 if profile.rotation == "same":
                     refresh = grant.token
@@ -874,10 +967,12 @@ class FakeProvider:
         with self._lock:
             issued = self.issued.get(token or "")
             override = self._api_override
+            extra: tuple[tuple[str, str], ...] | None = None
             if override is not None:
-                status, payload = override
+                status, payload, extra = override
             elif issued is None or not issued.valid(now):
                 status, payload = profile.api_reject_status, profile.api_reject_body
+                extra = profile.api_reject_headers
             else:
                 status = 200
                 payload = {
@@ -891,8 +986,17 @@ class FakeProvider:
             self.api_calls.append(
                 ApiCall(method, path, params, headers, body, token, status, time.monotonic())
             )
-        extra = [("WWW-Authenticate", 'Bearer error="invalid_token"')] if status == 401 else []
-        return _Reply(status, json.dumps(payload).encode(), headers=extra)
+        if extra is None:
+            extra = (("WWW-Authenticate", RFC6750_INVALID_TOKEN),) if status == 401 else ()
+        return _Reply(status, json.dumps(payload).encode(), headers=list(extra))
+
+
+class _Server(ThreadingHTTPServer):
+    """A listen backlog for many callers at once (socketserver's default is 5: under a storm of
+    proxied calls the kernel would drop connections and the client retry them a second later,
+    which is the fake's slowness, not the proxy's)."""
+
+    request_queue_size = 256
 
 
 class _Handler(BaseHTTPRequestHandler):

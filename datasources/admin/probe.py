@@ -15,6 +15,7 @@ from django.views.decorators.debug import sensitive_variables
 from .. import tokens
 from ..calls import binding, health, target, transport
 from ..calls import call as steps
+from ..calls import challenge as challenges
 from ..calls.attempts import URLLIB3
 from ..calls.call import Refused
 from ..exceptions import NotAuthorized, ReauthorizationRequired, TransientUpstreamError
@@ -94,6 +95,12 @@ def run(datasource: Datasource, method: str, path: str, *, user=None) -> ProbeRe
             body = upstream.read(PREVIEW_BYTES + 1, decode_content=True) or b""
         finally:
             upstream.close()
+    except (NotAuthorized, ReauthorizationRequired, TransientUpstreamError) as err:
+        # The API said "expired" and the refresh that followed failed (Entra's MFA, a revoked
+        # grant, a provider down): the same report as when no token could be had at the start.
+        result.error = f"The API rejected the token and no new one could be had: {err}"
+        result.explanation = explain(str(err))
+        return result
     except Exception as err:
         refused = steps.upstream_refusal(err)  # what the proxy would answer, as a sentence
         if refused is None:
@@ -115,11 +122,22 @@ def _refusal_notes(
     datasource: Datasource, headers: Mapping[str, str], secrets_seen: list[str | None]
 ) -> list[str]:
     """What to check when the API refused the token (401, 403): scopes, audience, DPoP."""
-    notes = [
-        "The API refused the token: check the scopes (and that the token is meant for this "
-        "API: audience/resource), then Re-authorize."
-    ]
     challenge = headers.get("WWW-Authenticate", "")
+    error, scope = challenges.token_challenge(challenge) if challenge else (None, "")
+    if error == "insufficient_scope":
+        # RFC 6750 §3.1: the token is fine but lacks a scope; a refresh keeps the granted ones.
+        needed = redact(scope[:200], secrets_seen)
+        notes = [
+            "The API says the token lacks a scope"
+            + (f": it asks for {needed}" if needed else "")
+            + ". Add it under “Scope(s)”, save, then Re-authorize (a refresh keeps the "
+            "scopes that were granted)."
+        ]
+    else:
+        notes = [
+            "The API refused the token: check the scopes (and that the token is meant for this "
+            "API: audience/resource), then Re-authorize."
+        ]
     if datasource.use_dpop and challenge.lower().startswith("dpop"):
         notes.append(
             "The API answered with a DPoP challenge ("
