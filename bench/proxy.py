@@ -18,6 +18,7 @@ reports the growth of its workers' resident memory.
                           [--stream-bytes 1000000000]
     python bench/proxy.py --features [--duration 30] [--rounds 10]
     python bench/proxy.py --tracing [--duration 30] [--rounds 10]
+    python bench/proxy.py --body-rule [--server asgi,wsgi] [--duration 30] [--rounds 10]
     python bench/proxy.py --server asgi --baseline /tmp/before   # before/after, one run
 
 ``--baseline DIR`` adds, for each ``--server`` kind, the same server run from another checkout
@@ -36,6 +37,12 @@ one with ``DATASOURCES_TRACING=1`` exporting every span over OTLP/HTTP (the SDK'
 processor) to a local sink that only counts, one with tracing off (the default); interleaved
 slices, both printed with the ratio; then the cost per call of the off path's calls into
 ``datasources.ops.tracing``, timed in this process.
+
+``--body-rule`` measures what an expired-token body condition (#29) costs the hot path: the
+same servers serve two datasources on the same upstream, ``bench`` (no condition) and
+``bench-rule`` (Slack's condition, ``error`` in invalid_auth…); the upstream's small JSON answer
+does not meet it, so every call reads and parses the answer and passes it on. nginx and both
+datasources per server are driven in interleaved slices; prints each and the ratio.
 
 Install what it drives (Debian, as root): ``apt-get install -y wrk nginx-light`` (or ``nginx``);
 ``make bench-proxy`` installs the Python side (``pip install -e '.[test]'``: gunicorn, uvicorn).
@@ -80,6 +87,9 @@ def main() -> None:
     parser.add_argument("--features", action="store_true", help="features on vs off (see above)")
     parser.add_argument("--tracing", action="store_true", help="tracing on vs off (see above)")
     parser.add_argument("--baseline", type=Path, default=None, help="another checkout to compare")
+    parser.add_argument(
+        "--body-rule", action="store_true", help="a body condition vs none (see above)"
+    )
     args = parser.parse_args()
     args.asgi_workers = args.asgi_workers or args.workers
     kinds = [kind.strip() for kind in args.server.split(",") if kind.strip()]
@@ -150,6 +160,8 @@ def main() -> None:
         return features(args, env, datasource, key)
     if args.tracing:
         return tracing_cost(args, env, key)
+    if args.body_rule:
+        return body_rule_cost(args, env, datasource, key, kinds)
 
     try:
         nginx_port = start_nginx(upstream_port, args.workers, processes)
@@ -412,6 +424,76 @@ def features(args, env: dict[str, str], datasource, key: str) -> None:
     print(
         f"throughput on / off: {on_rps / off_rps:.3f}  (cost {100 * (1 - on_rps / off_rps):.1f}%, target < 10%)"
     )
+
+
+#: Slack's preset condition (datasources/admin/presets/providers.json).
+BODY_RULE = [
+    {
+        "path": "error",
+        "values": ["invalid_auth", "token_expired", "token_revoked", "account_inactive"],
+    }
+]
+
+
+def body_rule_cost(args, env: dict[str, str], datasource, key: str, kinds: list[str]) -> None:
+    """nginx, then per server the datasource without and with a body condition, interleaved."""
+    from datasources.models import Token
+
+    ruled = type(datasource).objects.get(pk=datasource.pk)
+    ruled.pk, ruled.slug, ruled.name = None, "bench-rule", "Bench (body condition)"
+    ruled.expiry_body_rules = BODY_RULE
+    ruled.full_clean()
+    ruled.save()
+    Token.objects.filter(datasource=ruled).update(
+        **Token.objects.filter(datasource=datasource).values(
+            "access_token", "status", "expires_at", "last_refreshed_at"
+        )[0]
+    )
+    upstream_port = int(datasource.base_url.rstrip("/").rsplit(":", 1)[1])
+    processes: list[subprocess.Popen] = []
+    auth = f"Authorization: Api-Key {key}"
+    try:
+        nginx_port = start_nginx(upstream_port, args.workers, processes)
+        targets: dict[str, tuple[str, str | None]] = {
+            "nginx": (f"http://127.0.0.1:{nginx_port}/items", None)
+        }
+        for kind in kinds:
+            port = free_port()
+            processes.append(
+                subprocess.Popen(
+                    server_command(kind, port, args), cwd=ROOT, env={**env, **SERVER_KINDS[kind]}
+                )
+            )
+            wait_until_up(f"http://127.0.0.1:{port}/admin/login/")
+            for slug in ("bench", "bench-rule"):
+                url = f"http://127.0.0.1:{port}/api/v1/datasources/{slug}/proxy/items"
+                targets[f"{kind} {slug}"] = (url, auth)
+        runs = interleaved(targets, args)
+        single = interleaved(targets, args, connections=1)
+    finally:
+        for process in reversed(processes):
+            process.terminate()
+        for process in processes:
+            process.wait(10)
+    print()
+    print(f"load average before the run: {LOAD_BEFORE}; after: {os.getloadavg()}")
+    print(
+        f"servers: {', '.join(server_description(kind, args) for kind in kinds)}; nginx "
+        f"{args.workers} workers; wrk: {args.connections} connections (then 1), "
+        f"{args.duration}s per target in {args.rounds} interleaved rounds"
+    )
+    print(f"{'':22} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'p50 ms @1 conn':>15}")
+    for name, (rps, p50, p99) in runs.items():
+        print(f"{name:22} {rps:10.0f} {p50:8.2f} {p99:8.2f} {single[name][1]:15.3f}")
+    nginx = runs["nginx"][0]
+    for kind in kinds:
+        off, on = runs[f"{kind} bench"], runs[f"{kind} bench-rule"]
+        added = single[f"{kind} bench-rule"][1] - single[f"{kind} bench"][1]
+        print(
+            f"{kind}: with a body condition {on[0] / off[0]:.3f} of without "
+            f"(cost {100 * (1 - on[0] / off[0]):.1f}%); ours/nginx {off[0] / nginx:.1%} without, "
+            f"{on[0] / nginx:.1%} with; added p50 at 1 connection {added:.3f} ms"
+        )
 
 
 def tracing_cost(args, env: dict[str, str], key: str) -> None:

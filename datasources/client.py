@@ -29,6 +29,7 @@ import requests
 from . import tokens
 from .calls import binding, health, retries, target
 from .calls import call as steps
+from .calls.attempts import URLLIB3
 from .conf import app_settings
 from .exceptions import DatasourceError, UpstreamRefused
 from .security import tls
@@ -78,6 +79,11 @@ class DatasourceSession(requests.Session):
         kwargs.setdefault("timeout", self.timeout)
         kwargs["allow_redirects"] = False
         headers = dict(headers or {})
+        # With body conditions the answer must reach the attempts unread (they read its start
+        # as sent, still compressed); it is then read as requests would have read it.
+        stream = kwargs.get("stream", False)
+        if self.datasource.expiry_body_rules:
+            kwargs["stream"] = True
         requested = _pop_header(headers, retries.RETRIES_HEADER)
         refused = steps.gate(self.datasource)
         if refused is not None:
@@ -96,11 +102,14 @@ class DatasourceSession(requests.Session):
             ),
             observe=health.observe,
         )
-        return attempts.run(
+        response = attempts.run(
             lambda token: self._send(
                 method, path_url, query, token, data, headers, kwargs, attempts.replayable
             )
         )
+        if not stream and kwargs.get("stream"):
+            response.content  # noqa: B018 - loads the body, as requests does without stream
+        return response
 
     def _send(self, method, url, query, token, data, headers, kwargs, replayable):
         """One call with ``token``; once more with a fresh DPoP proof when the server refused
@@ -181,6 +190,13 @@ class _RequestsWire:
     @staticmethod
     def discard(response: requests.Response) -> None:
         response.close()
+
+    @staticmethod
+    def peek(response: requests.Response, limit: int) -> tuple[bytes | None, requests.Response]:
+        """The start of an unread answer, through its urllib3 answer (:class:`.Urllib3Wire`);
+        the answer then reads the same bytes."""
+        body, response.raw = URLLIB3.peek(response.raw, limit)
+        return body, response
 
 
 REQUESTS = _RequestsWire()

@@ -76,6 +76,9 @@ DEFAULTS: dict[str, Any] = {
     "PROXY_READ_TIMEOUT": 60.0,
     "PROXY_REPLAY_MAX_BYTES": 1024 * 1024,
     "PROXY_CHUNK_SIZE": 64 * 1024,
+    # A datasource's expired-token body conditions are looked for only in JSON answers of at
+    # most this many bytes (as sent, and once decompressed); larger answers stream untouched.
+    "EXPIRY_BODY_MAX_BYTES": 64 * 1024,
     # Opt-in retries (per datasource): the first wait and the longest one (seconds), doubled
     # each retry with jitter; a server's Retry-After replaces them.
     "RETRY_BACKOFF_BASE": 0.5,

@@ -117,6 +117,11 @@ def explain(error: str) -> str:
 
 
 #: Form errors worth a plainer sentence (Django's and ours).
+BODY_RULES_HINT = (
+    'Write a JSON list of conditions, each an object with a "path" and its "values", in '
+    'double quotes, e.g. [{"path": "error", "values": ["invalid_auth"]}]. Leave it empty '
+    "for none."
+)
 JSON_HINT = (
     "Write a JSON object: names and values in double quotes, separated by commas, inside "
     'braces, e.g. {"prompt": "consent", "access_type": "offline"}. Leave it empty for none.'

@@ -20,7 +20,7 @@ from ..models import (
     WebhookEvent,
     normalize_scopes,
 )
-from .explain import JSON_HINT
+from .explain import BODY_RULES_HINT, JSON_HINT
 from .form_discovery import Discovery
 from .form_keys import MAX_KEY_BYTES, KeysAndCertificates
 from .form_secrets import (
@@ -257,6 +257,7 @@ class DatasourceForm(HeldSecrets, KeysAndCertificates, Discovery, forms.ModelFor
             "custom_auth_params": forms.Textarea(attrs={"rows": 3, "cols": 60}),
             "default_headers": forms.Textarea(attrs={"rows": 3, "cols": 60}),
             "default_query_params": forms.Textarea(attrs={"rows": 3, "cols": 60}),
+            "expiry_body_rules": forms.Textarea(attrs={"rows": 3, "cols": 60}),
             "scopes": forms.TextInput(attrs={"size": 60}),
             "signing_certificate": forms.Textarea(attrs={"rows": 3, "cols": 60}),
         }
@@ -270,6 +271,8 @@ class DatasourceForm(HeldSecrets, KeysAndCertificates, Discovery, forms.ModelFor
         for name in ("custom_auth_params", "default_headers", "default_query_params"):
             if name in self.fields:
                 self.fields[name].error_messages["invalid"] = JSON_HINT
+        if "expiry_body_rules" in self.fields:
+            self.fields["expiry_body_rules"].error_messages["invalid"] = BODY_RULES_HINT
         for name in ("retry_count", "retry_budget"):
             if name in self.fields:  # left empty (or not sent by an older form): the default
                 self.fields[name].required = False
@@ -315,6 +318,10 @@ class DatasourceForm(HeldSecrets, KeysAndCertificates, Discovery, forms.ModelFor
         if not isinstance(value, dict):
             raise forms.ValidationError(JSON_HINT)
         return value  # its keys and values are checked by Datasource.clean()
+
+    def clean_expiry_body_rules(self):
+        value = self.cleaned_data.get("expiry_body_rules")
+        return [] if value in (None, "") else value  # checked by Datasource.clean()
 
     def clean_default_headers(self):
         return self._json_object("default_headers")

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..models import CONFIG_FIELDS
-from ..models.groups import json_types
+from ..models.groups import json_types, shape_problem
 
 PRESETS_FILE = Path(__file__).resolve().parent / "presets" / "providers.json"
 #: Keys that describe the provider rather than fill a form field.
@@ -41,7 +41,7 @@ def initial_for(key: str) -> dict[str, Any]:
 
 def problems(preset: dict[str, Any]) -> list[str]:
     """What is wrong with one preset: keys that are neither a setting nor descriptive (a typo
-    would otherwise be dropped without a word), values of the wrong JSON type."""
+    would otherwise be dropped without a word), values of the wrong JSON type or shape."""
     found = []
     for name, value in preset.items():
         if name in DESCRIPTIVE:
@@ -52,6 +52,8 @@ def problems(preset: dict[str, Any]) -> list[str]:
         expected = json_types(name)
         if not isinstance(value, expected) or (isinstance(value, bool) and bool not in expected):
             found.append(f"{name}: {type(value).__name__} is not of the setting's type")
+        elif problem := shape_problem(name, value):
+            found.append(f"{name}: {problem}")
     if not isinstance(preset.get("label"), str):
         found.append("label: every preset needs a label")
     return found

@@ -4,7 +4,8 @@ refresh-and-retry and the opt-in retries, for the proxy, the admin's Test and th
 Each of them sends differently (urllib3 or requests, streamed or buffered), so they hand in a
 ``send(token)`` function and a :class:`Wire` that reads their answers; the rules are shared:
 
-* an "expired" status (the datasource's, 401 by default) on a replayable call: the token rules
+* an "expired" answer (the datasource's statuses, 401 by default, or one of its JSON-body
+  conditions, read from a small JSON answer by a ``PEEK`` step) on a replayable call: the token rules
   (:func:`datasources.tokens.refresh_after_rejection`) say whether to refresh; if so the call is
   sent once more with the new token. Never a second time, whatever the next answer is;
 * any other answer or a connection error: :func:`.retries.decide_retry` says whether and when
@@ -16,6 +17,7 @@ Each of them sends differently (urllib3 or requests, streamed or buffered), so t
 from __future__ import annotations
 
 import asyncio
+import io
 import time
 from collections.abc import Awaitable, Callable, Generator
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
@@ -23,8 +25,9 @@ from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 import urllib3
 
 from .. import tokens
+from ..conf import app_settings
 from ..ops import tracing
-from . import binding, retries
+from . import binding, challenge, retries
 
 if TYPE_CHECKING:
     from ..models import Datasource, Token
@@ -53,6 +56,13 @@ class Wire(Protocol[R]):
     def discard(self, response: R) -> None:
         """Throw an answer away (it is being replaced by another attempt)."""
 
+    def peek(self, response: R, limit: int) -> tuple[bytes | None, R]:
+        """Read the start of an answer's body to inspect it: (the body as sent, still
+        content-encoded, when it ends within ``limit`` bytes, else None; an answer that relays
+        every byte, the ones read included, as ``response`` would have). Asked only for
+        datasources with body conditions and small JSON answers (the drivers of
+        :meth:`Attempts.run_async` await it)."""
+
 
 class Urllib3Wire:
     """urllib3's answers (the proxy's transport); a discarded answer's connection is reused."""
@@ -76,12 +86,84 @@ class Urllib3Wire:
         response.drain_conn()
         response.release_conn()
 
+    @staticmethod
+    def peek(
+        response: urllib3.BaseHTTPResponse, limit: int
+    ) -> tuple[bytes | None, urllib3.BaseHTTPResponse]:
+        """Up to ``limit + 1`` raw bytes read, then given back: an answer that ended within
+        ``limit`` is replaced by one over those bytes (its connection goes back to the pool at
+        once); a longer one by one that relays them and then streams the rest."""
+        head = response.read(limit + 1, decode_content=False) or b""
+        if len(head) <= limit:
+            response.release_conn()
+            return head, Peeked(head, response, rest=False)
+        return None, Peeked(head, response, rest=True)
+
+
+class _Chain:
+    """A file over bytes already read, then the rest of an answer (raw)."""
+
+    def __init__(self, head: bytes, rest: urllib3.BaseHTTPResponse | None) -> None:
+        self._head = io.BytesIO(head)
+        self._rest = rest
+        self.closed = False
+
+    def read(self, size: int | None = -1) -> bytes:
+        if self.closed:
+            return b""
+        whole = size is None or size < 0
+        data = self._head.read(-1 if whole else size)
+        if self._rest is None or (data and not whole):
+            return data
+        return data + (self._rest.read(None if whole else size, decode_content=False) or b"")
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class Peeked(urllib3.HTTPResponse):
+    """An answer whose first bytes were read to inspect them, as urllib3's own answer type (the
+    view's relay, the admin's Test and requests read it as they read any): the same status and
+    headers, the bytes read, then (``rest``) the remainder from the original's connection,
+    which it releases or closes as the original would."""
+
+    def __init__(self, head: bytes, original: urllib3.BaseHTTPResponse, *, rest: bool) -> None:
+        super().__init__(
+            body=_Chain(head, original if rest else None),
+            headers=original.headers,
+            status=original.status,
+            version=original.version,
+            reason=original.reason,
+            preload_content=False,
+            decode_content=False,
+            enforce_content_length=False,
+            request_url=original.url,
+        )
+        self._original = original
+
+    def release_conn(self) -> None:
+        self._original.release_conn()
+
+    def drain_conn(self) -> None:
+        self._original.drain_conn()
+
+    def close(self) -> None:
+        super().close()
+        self._original.close()
+
 
 URLLIB3 = Urllib3Wire()
 
 
 #: The kinds of step :meth:`Attempts.steps` yields (the drivers dispatch on them by identity).
-SEND, OBSERVE, REFRESH, DISCARD, SLEEP = "send", "observe", "refresh", "discard", "sleep"
+SEND, OBSERVE, PEEK, REFRESH, DISCARD, SLEEP = (
+    "send",
+    "observe",
+    "peek",
+    "refresh",
+    "discard",
+    "sleep",
+)
 _SEND = (SEND,)
 #: A step: its kind first, then what the driver needs to carry it out.
 Step = tuple[Any, ...]
@@ -134,6 +216,9 @@ class Attempts(Generic[R]):
         * ``(SEND,)`` — send the call with ``self.token``: sent the answer, or thrown the
           transport's connection error;
         * ``(OBSERVE, status, header getter or None)`` — show an outcome to the health record;
+        * ``(PEEK, answer, limit)`` — read the start of the answer's body (the wire's ``peek``):
+          sent ``(body or None, the answer to use from now on)``. Only for a datasource with
+          body conditions and a small JSON answer: any other call has no such step;
         * ``(REFRESH, fn)`` — run ``fn`` (the token rules' refresh, blocking): sent its result;
         * ``(DISCARD, answer)`` — throw an answer away (another attempt replaces it);
         * ``(SLEEP, seconds)`` — wait before the next attempt.
@@ -155,7 +240,18 @@ class Attempts(Generic[R]):
             status = wire.status(response)
             headers = wire.headers(response)
             yield (OBSERVE, status, headers.get)
-            if binding.token_rejected(datasource, status, headers):
+            body_expired = False
+            if datasource.expiry_body_rules and self.method != "HEAD":
+                limit = app_settings.EXPIRY_BODY_MAX_BYTES
+                encoding = headers.get("Content-Encoding")
+                if challenge.inspectable(
+                    headers.get("Content-Type"), headers.get("Content-Length"), encoding, limit
+                ):
+                    body, response = yield (PEEK, response, limit)
+                    body_expired = challenge.body_says_expired(
+                        datasource.expiry_body_rules, body, encoding, max_bytes=limit
+                    )
+            if binding.token_rejected(datasource, status, headers, body_expired):
                 if rejection_handled or not self.replayable:
                     return response
                 rejection_handled = True
@@ -206,6 +302,8 @@ class Attempts(Generic[R]):
             elif kind is OBSERVE:
                 if self.observe is not None:
                     self.observe(self.datasource, step[1], step[2])
+            elif kind is PEEK:
+                reply = self.wire.peek(step[1], step[2])
             elif kind is REFRESH:
                 reply = step[1]()
             elif kind is DISCARD:
@@ -243,6 +341,8 @@ class Attempts(Generic[R]):
                 pending = observe(self.datasource, step[1], step[2])
                 if pending is not None:
                     await pending
+            elif kind is PEEK:
+                reply = await self.wire.peek(step[1], step[2])  # type: ignore[misc]
             elif kind is REFRESH:
                 reply = await blocking(step[1])
             elif kind is DISCARD:

@@ -71,13 +71,16 @@ def proof_refused(
     return dpop.resource_refusal(status, headers) is not dpop.Refusal.NONE
 
 
-def token_rejected(datasource: Datasource, status: int, headers: dpop.Headers) -> bool:
+def token_rejected(
+    datasource: Datasource, status: int, headers: dpop.Headers, body_says_expired: bool = False
+) -> bool:
     """Whether the answer says the token expired (refresh once and retry): what
     :func:`.challenge.read_answer` reads from its ``WWW-Authenticate`` challenge, else one of
-    the datasource's "expired" statuses; never a refusal of the DPoP proof alone (a nonce
+    the datasource's "expired" statuses or body conditions (``body_says_expired``: one matched,
+    :func:`.challenge.body_says_expired`); never a refusal of the DPoP proof alone (a nonce
     wanted, a proof refused) nor a lack of scope."""
     reading = challenge.read_answer(
-        status, headers.get("WWW-Authenticate"), datasource.expiry_statuses
+        status, headers.get("WWW-Authenticate"), datasource.expiry_statuses, body_says_expired
     )
     if reading.verdict is not challenge.Verdict.EXPIRED:
         return False

@@ -13,6 +13,10 @@ admin's Test must all hear the same thing:
   credentials): the datasource's "expired" statuses decide (401 by default), or one of its
   JSON-body conditions (Slack's HTTP 200 ``{"ok": false, "error": "token_expired"}``).
 
+The body is read only when the datasource names conditions, and only a small JSON answer
+(:func:`inspectable`); :func:`body_says_expired` turns those bytes into the ``body_says_expired``
+fact :func:`read_answer` weighs (the header still wins: ``insufficient_scope`` never refreshes).
+
 Why a parser and not a regular expression over the header: challenges are a comma-separated
 list whose parameters are themselves comma-separated and may be quoted strings with escapes
 (RFC 9110 §11.2), so ``Basic realm="a, error=\\"invalid_token\\"", Bearer`` must not read as
@@ -22,7 +26,13 @@ an invalid-token answer.
 from __future__ import annotations
 
 import enum
+import json
+import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
+
+from ..models import bodyrules
 
 #: Challenge schemes whose ``error`` parameter speaks about our access token.
 TOKEN_SCHEMES = frozenset({"bearer", "dpop"})
@@ -65,6 +75,82 @@ def read_answer(
     if status in expiry_statuses or body_says_expired:
         return EXPIRED
     return STANDS
+
+
+#: Content-Encodings a bounded copy of the body is decoded from for inspection (zlib's window
+#: bits to try); brotli, zstd and others are left alone (the answer stands).
+_DECODABLE: dict[str, tuple[int, ...]] = {
+    "": (),
+    "identity": (),
+    "gzip": (zlib.MAX_WBITS | 16,),
+    "x-gzip": (zlib.MAX_WBITS | 16,),
+    # zlib-wrapped per RFC 9110; raw deflate in the wild.
+    "deflate": (zlib.MAX_WBITS, -zlib.MAX_WBITS),
+}
+
+
+def is_json(content_type: str | None) -> bool:
+    """``application/json`` or a ``+json`` type (``application/problem+json``), any parameters."""
+    if not content_type:
+        return False
+    media = content_type.partition(";")[0].strip().lower()
+    return media == "application/json" or (
+        media.startswith("application/") and media.endswith("+json")
+    )
+
+
+def inspectable(
+    content_type: str | None,
+    content_length: str | None,
+    content_encoding: str | None,
+    max_bytes: int,
+) -> bool:
+    """Whether to read an answer's body to look for a body condition: a JSON answer, not
+    declared larger than ``max_bytes``, not compressed in a way decoded here. An answer without
+    a length is read up to ``max_bytes + 1`` bytes and left alone if it has more."""
+    if not is_json(content_type) or (content_encoding or "").strip().lower() not in _DECODABLE:
+        return False
+    if content_length is None:
+        return True
+    length = content_length.rpartition(",")[2].strip()
+    return length.isdigit() and int(length) <= max_bytes
+
+
+def _decoded(body: bytes, wbits_tried: Sequence[int], max_bytes: int) -> bytes | None:
+    """``body`` without its Content-Encoding (none: ``wbits_tried`` empty), at most
+    ``max_bytes`` once decoded (None: larger, or not decodable)."""
+    if not wbits_tried:
+        return body
+    for wbits in wbits_tried:
+        decoder = zlib.decompressobj(wbits)
+        try:
+            out = decoder.decompress(body, max_bytes + 1)
+        except zlib.error:
+            continue
+        return None if len(out) > max_bytes or decoder.unconsumed_tail else out
+    return None
+
+
+def body_says_expired(
+    rules: Any, body: bytes | None, content_encoding: str | None = None, *, max_bytes: int = 65536
+) -> bool:
+    """Whether an answer's ``body`` (as sent, ``content_encoding`` applied) meets one of the
+    datasource's conditions (:func:`datasources.models.bodyrules.matches`). False for anything
+    that is not a small well-formed JSON document (too large once decoded, broken compression,
+    malformed or too deeply nested JSON): the answer then stands. Never raises."""
+    if not rules or not body or len(body) > max_bytes:
+        return False
+    wbits_tried = _DECODABLE.get((content_encoding or "").strip().lower())
+    if wbits_tried is None:
+        return False
+    decoded = _decoded(body, wbits_tried, max_bytes)
+    if not decoded:
+        return False
+    try:
+        document = json.loads(decoded)
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        return False
+    return bodyrules.matches(rules, document)
 
 
 def token_challenge(header: str) -> tuple[str | None, str]:

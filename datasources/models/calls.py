@@ -30,6 +30,20 @@ class CallSettings(models.Model):
             "refreshed once and the call retried once. Empty: never."
         ),
     )
+    expiry_body_rules = models.JSONField(
+        _("expired-token body conditions"),
+        default=list,
+        blank=True,
+        help_text=_(
+            "For APIs that say the token expired in the body of their answer rather than (only) "
+            "with a status: a JSON list of conditions, each a dotted path into the JSON answer "
+            'and the values that mean "expired". Slack: '
+            '[{"path": "error", "values": ["invalid_auth", "token_expired"]}]; a number picks '
+            'a list element and * any element ("*.errorCode"). Only small JSON answers are '
+            "read (EXPIRY_BODY_MAX_BYTES). On a match the token is refreshed once and the call "
+            "retried once, as for an expired status. Empty: none."
+        ),
+    )
     allowed_methods = models.CharField(
         _("allowed methods"),
         max_length=200,

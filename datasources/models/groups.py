@@ -24,6 +24,7 @@ from django.utils.functional import Promise
 from django.utils.translation import gettext_lazy as _
 from fernet_fields import EncryptedField
 
+from . import bodyrules
 from .choices import ASSERTION_AUTH_METHODS, MTLS_METHODS, ClientAuthentication, GrantType
 
 #: When a setting applies: any one of these conditions, each a control (a select of the form)
@@ -162,6 +163,7 @@ DATASOURCE_GROUPS: tuple[Group, ...] = (
             "issuer_returns_iss",
             "token_lifetime",
             "expiry_status_codes",
+            "expiry_body_rules",
             "owner",
         ),
         folded=True,
@@ -219,8 +221,19 @@ def json_types(name: str) -> tuple[type, ...]:
     if isinstance(model_field, models.IntegerField):
         return (int, *nullable)
     if isinstance(model_field, models.JSONField):
-        return (dict, *nullable)
+        return (list if model_field.default is list else dict, *nullable)
     return (str, *nullable)
+
+
+#: Settings whose JSON value has a shape beyond its type, with the pure check of that shape
+#: (``clean()`` runs it too; a preset is checked with it before any form sees it).
+SHAPE_CHECKS = {"expiry_body_rules": bodyrules.problem}
+
+
+def shape_problem(name: str, value: object) -> str | None:
+    """What is wrong with the shape of a setting's JSON value, or None."""
+    check = SHAPE_CHECKS.get(name)
+    return check(value) if check is not None else None
 
 
 def conditions() -> dict[str, Condition]:

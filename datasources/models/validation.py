@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from django.utils.translation import gettext_lazy as _
 
+from . import bodyrules
 from .choices import MTLS_METHODS, GrantType, TokenPlacement, TokenSharing
 from .values import (
     DEFAULT_ALLOWED_METHODS,
@@ -203,6 +204,15 @@ allowed_method_rules = _listed(
 )
 
 
+def expiry_body_rules_rules(ds: Datasource) -> Outcome:
+    """``expiry_body_rules``: a list of well-formed body conditions (:mod:`.bodyrules`), the
+    same check for the admin form and import; stored as ``[]`` when empty."""
+    found = bodyrules.problem(ds.expiry_body_rules)
+    if found:
+        return Outcome(problems={"expiry_body_rules": found})
+    return Outcome(values={"expiry_body_rules": bodyrules.normalized(ds.expiry_body_rules)})
+
+
 def _header_problem(name: str, value: str) -> str | None:
     if not HEADER_NAME.match(name):
         return _("%(name)r is not a valid header name.") % {"name": name}
@@ -266,6 +276,7 @@ RULES: tuple[Callable[[Datasource], Outcome], ...] = (
     tls_rules,
     issuer_rules,
     expiry_status_rules,
+    expiry_body_rules_rules,
     retry_status_rules,
     allowed_method_rules,
     default_rules,

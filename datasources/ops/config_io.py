@@ -61,7 +61,8 @@ _CREDENTIAL_FIELDS = (
     "assertion_subject",
 )
 MAX_KEY_FILE_BYTES = 64 * 1024
-#: A list of objects whose values are at most an object of strings: 3 levels; a little slack.
+#: A list of objects whose deepest values are the body conditions (a list of objects holding a
+#: list of values): 5 levels, and no more.
 MAX_DEPTH = 5
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 #: Never readable through {"env": ...}, whatever the prefix: the project's own settings.

@@ -285,6 +285,10 @@ class _AsyncWire:
     async def discard(response: Response) -> None:
         await response.discard()
 
+    @staticmethod
+    async def peek(response: Response, limit: int) -> tuple[bytes | None, Response]:
+        return await response.peek(limit), response
+
 
 _WIRE = _AsyncWire()
 

@@ -263,6 +263,34 @@ class Response:
             return data
         return b"".join([piece async for piece in self.pieces()])
 
+    async def peek(self, limit: int) -> bytes | None:
+        """The body when it ends within ``limit`` bytes, else None; either way the pieces
+        read stay in front of the connection's buffer, so :meth:`read` and :meth:`pieces` relay
+        every byte. The usual small answer arrived with its head and is joined, not awaited;
+        ``limit`` is below ``HIGH_WATER``, so the pieces kept never stop the socket's reading
+        for long. An error while reading closes the connection and is raised (urllib3's
+        exceptions, as for the rest of the answer)."""
+        conn = self._conn
+        if conn.complete:
+            size = conn.buffered
+            return b"".join(conn.pieces) if size <= limit else None
+        taken: list[bytes] = []
+        size = 0
+        try:
+            while size <= limit:
+                piece = await conn.next_piece(self._timeout)
+                if piece is None:
+                    break
+                taken.append(piece)
+                size += len(piece)
+        except BaseException:
+            conn.close()
+            self.release()
+            raise
+        conn.pieces.extendleft(reversed(taken))
+        conn.buffered += size
+        return b"".join(taken) if size <= limit else None
+
     async def discard(self) -> None:
         """Throw the answer away (it is replaced by another attempt); its connection is reused
         when the rest of the body is small, closed otherwise."""
