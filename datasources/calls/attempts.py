@@ -242,21 +242,13 @@ class Attempts(Generic[R]):
             yield (OBSERVE, status, headers.get)
             body_expired = False
             if datasource.expiry_body_rules and self.method != "HEAD":
-                limit = app_settings.EXPIRY_BODY_MAX_BYTES
-                encoding = headers.get("Content-Encoding")
-                if challenge.inspectable(
-                    headers.get("Content-Type"), headers.get("Content-Length"), encoding, limit
-                ):
-                    body, response = yield (PEEK, response, limit)
-                    body_expired = challenge.body_says_expired(
-                        datasource.expiry_body_rules, body, encoding, max_bytes=limit
-                    )
+                body_expired, response = yield from self._body_says_expired(response, headers)
             if binding.token_rejected(datasource, status, headers, body_expired):
                 if rejection_handled or not self.replayable:
                     return response
                 rejection_handled = True
-                # Refresh once and retry once, unless the rules say the answer stands (the token
-                # is too young to blame, or a refresh failed moments ago).
+                # Refresh once and retry once, unless the rules say the answer stands (a
+                # rejection refreshed this token moments ago, or a refresh just failed).
                 fresh = yield (REFRESH, self._refresh)
                 if fresh is None:
                     return response
@@ -273,6 +265,21 @@ class Attempts(Generic[R]):
                 return response
             yield (DISCARD, response)
             yield (SLEEP, wait)
+
+    def _body_says_expired(
+        self, response: R, headers: HeaderReader
+    ) -> Generator[Step, Any, tuple[bool, R]]:
+        """Whether the datasource's body conditions match a small JSON answer (a PEEK step when
+        the answer may be read; the answer to use from now on is returned with it)."""
+        limit = app_settings.EXPIRY_BODY_MAX_BYTES
+        encoding = headers.get("Content-Encoding")
+        if not challenge.inspectable(
+            headers.get("Content-Type"), headers.get("Content-Length"), encoding, limit
+        ):
+            return False, response
+        body, response = yield (PEEK, response, limit)
+        rules = self.datasource.expiry_body_rules
+        return challenge.body_says_expired(rules, body, encoding, max_bytes=limit), response
 
     def _refresh(self) -> Token | None:
         """The token rules' refresh after a rejection (None: the answer stands)."""
