@@ -7,17 +7,19 @@ change."""
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from django.db import DatabaseError
+from django.db import DatabaseError, connection
+from django.utils import timezone
 
-from datasources import tokens
+from datasources import tasks, tokens
 from datasources.models import DeliveryStatus, Token, TokenEvent, WebhookDelivery
 from datasources.signals import token_refreshed
 from datasources.tokens import lifecycle
-from datasources.webhooks import events
+from datasources.webhooks import delivery, endpoints, events
 
-from .fakeprovider import authorize_through_admin, connect, fake_provider  # noqa: F401
+from .fakeprovider import authorize_through_admin, connect, fake_provider, wait_until  # noqa: F401
 from .test_webhooks import eager, make_endpoint, sweep_until  # noqa: F401
 from .webhook_receiver import receiver  # noqa: F401
 
@@ -189,3 +191,100 @@ def test_a_failing_outbox_write_never_costs_the_token_change(
     logged = "\n".join(r.getMessage() for r in caplog.records if r.name.startswith("datasources"))
     assert "RuntimeError" in logged and "DatabaseError" in logged
     assert "secret" not in logged and "s3cr3t" not in logged
+
+
+# --- Retry now and the claim -------------------------------------------------------------------
+
+
+def _given_up(endpoint, monkeypatch) -> WebhookDelivery:
+    """A delivery that failed and gave up (its task never ran: nothing was sent yet)."""
+    with monkeypatch.context() as patched:
+        patched.setattr(events, "enqueue", lambda ids: None)
+        row = endpoints.send_test(endpoint)
+    WebhookDelivery.objects.filter(pk=row.pk).update(
+        status=DeliveryStatus.GAVE_UP, attempts=1, next_attempt_at=None, last_error="HTTP 500"
+    )
+    return row
+
+
+@pytest.mark.django_db(transaction=True)
+def test_retry_now_cannot_double_send_a_delivery_a_worker_is_sending(
+    receiver,  # noqa: F811
+    monkeypatch,
+):
+    """Retry now, then a worker sends the delivery and the receiver holds that request. Meanwhile
+    Retry now is clicked again from four threads at once, each also running the task that
+    click enqueues, and two more workers try the same row: nobody else sends it. Released, the
+    receiver got exactly one request and the row one attempt."""
+    endpoint = make_endpoint(receiver.url)
+    receiver.secrets = [endpoint.secret]
+    receiver.script = ["hold"]
+    row = _given_up(endpoint, monkeypatch)
+    chosen = WebhookDelivery.objects.filter(pk=row.pk)
+    monkeypatch.setattr(events, "enqueue", lambda ids: None)  # the tasks are run by hand below
+    assert delivery.retry_now(chosen) == delivery.Retried(started=1, busy=0)
+
+    def in_thread(work):
+        def run():
+            try:
+                return work()
+            finally:
+                connection.close()
+
+        return run
+
+    with ThreadPoolExecutor(7) as pool:
+        worker = pool.submit(in_thread(lambda: delivery.attempt(row.pk)))
+        wait_until(lambda: len(receiver.requests) == 1, 10, what="the worker's request")
+
+        def click_and_run() -> tuple:
+            retried = delivery.retry_now(WebhookDelivery.objects.filter(pk=row.pk))
+            return retried, delivery.attempt(row.pk)
+
+        racers = [pool.submit(in_thread(click_and_run)) for _ in range(4)]
+        racers += [pool.submit(in_thread(lambda: delivery.attempt(row.pk))) for _ in range(2)]
+        results = [r.result(timeout=30) for r in racers]
+        assert len(receiver.requests) == 1
+        receiver.release()
+        assert worker.result(timeout=30) == DeliveryStatus.DELIVERED
+
+    busy = delivery.Retried(started=0, busy=1)
+    assert results == [(busy, "skipped")] * 4 + ["skipped"] * 2
+    assert len(receiver.verified()) == 1
+    row.refresh_from_db()
+    assert (row.status, row.attempts, row.claimed_until) == (DeliveryStatus.DELIVERED, 2, None)
+    assert row.attempt_log.count() == 1
+    tasks.sweep_webhooks()
+    assert len(receiver.requests) == 1
+
+
+@pytest.mark.django_db
+def test_the_admin_says_a_delivery_is_being_sent_now(staff_client, monkeypatch):
+    """Retry now on a delivery a worker holds: nothing is retried, and the admin says why; on
+    one nobody holds it retries as before."""
+    endpoint = make_endpoint("https://hooks.example.com/in")
+    held, free = _given_up(endpoint, monkeypatch), _given_up(endpoint, monkeypatch)
+    WebhookDelivery.objects.filter(pk=held.pk).update(
+        status=DeliveryStatus.RETRYING, next_attempt_at=timezone.now()
+    )
+    assert delivery.claim(held.pk) is not None  # a worker is sending it
+    monkeypatch.setattr(events, "enqueue", lambda ids: None)
+    url = "/admin/datasources/webhookdelivery/"
+
+    def click(*rows: WebhookDelivery) -> str:
+        form = {"action": "retry_now", "_selected_action": [r.pk for r in rows], "index": 0}
+        answer = staff_client.post(url, form, follow=True)
+        assert answer.status_code == 200
+        return answer.content.decode()
+
+    page = click(held)
+    assert "1 delivery is being sent now: not retried" in page
+    assert "Retrying" not in page
+    held.refresh_from_db()
+    assert held.status == DeliveryStatus.RETRYING and held.claimed_until > timezone.now()
+    page = click(held, free)
+    assert "Retrying 1 delivery now." in page and "1 delivery is being sent now" in page
+    free.refresh_from_db()
+    assert free.status == DeliveryStatus.RETRYING and free.next_attempt_at <= timezone.now()
+    page = click(free)
+    assert "Retrying 1 delivery now." in page and "being sent now" not in page
