@@ -10,6 +10,11 @@ token_refresh_failed(sender=Datasource, datasource, token, error, transient)
     A refresh failed; ``transient`` says whether it will be retried.
 reauthorization_required(sender=Datasource, datasource, token, error)
     A refresh failed for good; someone must re-authorize in the admin.
+
+They are sent inside the transaction that writes the token change (a transactional outbox: the
+webhook deliveries a receiver writes commit with it, or not at all). Hand slow or outside work
+to ``transaction.on_commit``. A receiver that raises is logged (by type) and undoes nothing:
+the other receivers run and the token change commits.
 """
 
 from django.dispatch import Signal

@@ -364,7 +364,7 @@ def test_timeouts_refusals_redirects_and_giving_up(receiver, eager, settings):  
     tasks.sweep_webhooks()
     assert len(receiver.requests) == 3  # given up: the sweep leaves it alone
 
-    assert delivery.retry_now(WebhookDelivery.objects.filter(pk=row.pk)) == 1
+    assert delivery.retry_now(WebhookDelivery.objects.filter(pk=row.pk)).started == 1
     wait_until(lambda: len(receiver.requests) == 4, 5, what="the manual retry")
     row.refresh_from_db()
     assert (row.status, row.attempts, row.last_status_code) == (DeliveryStatus.GAVE_UP, 4, 500)
@@ -409,9 +409,8 @@ def test_a_lost_task_is_sent_by_the_sweep_and_a_claimed_row_is_not_sent_twice(
     assert claimed is not None
     assert delivery.claim(row.pk) is None
     assert delivery.due() == []
-    WebhookDelivery.objects.filter(pk=row.pk).update(
-        next_attempt_at=timezone.now() - timedelta(seconds=1)  # the claim lapsed
-    )
+    lapsed = timezone.now() - timedelta(seconds=1)  # the claim lapsed
+    WebhookDelivery.objects.filter(pk=row.pk).update(next_attempt_at=lapsed, claimed_until=lapsed)
     from config.celery import app
 
     app.conf.task_always_eager = True

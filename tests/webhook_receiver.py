@@ -4,7 +4,8 @@ implementation independent of ours) and records what it got.
 
 ``script`` says how the next requests are answered, one entry each, then ``ok`` for ever:
 ``"ok"`` (204), an int (that status), ``"reset"`` (the connection is reset before any
-answer), ``"hang"`` (no answer until :meth:`Receiver.release` or HANG_MAX).
+answer), ``"hang"`` (no answer until :meth:`Receiver.release` or HANG_MAX), ``"hold"`` (204,
+but only once released: a request that is "being sent" for as long as a test needs).
 """
 
 from __future__ import annotations
@@ -91,7 +92,9 @@ class Receiver:
             self._release.wait(HANG_MAX)
             handler.close_connection = True
             return
-        status = 204 if answer == "ok" else int(answer)
+        if answer == "hold":
+            self._release.wait(HANG_MAX)
+        status = 204 if answer in ("ok", "hold") else int(answer)
         handler.send_response(status)
         handler.send_header("Content-Length", "0")
         handler.end_headers()

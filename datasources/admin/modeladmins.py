@@ -596,6 +596,7 @@ class WebhookDeliveryAdmin(ReadOnlyAdmin):
         "status",
         "attempts",
         "next_attempt_at",
+        "claimed_until",
         "last_status_code",
         "last_error",
         "created_at",
@@ -615,12 +616,27 @@ class WebhookDeliveryAdmin(ReadOnlyAdmin):
 
     @admin.action(description=_("Retry now"), permissions=["retry"])
     def retry_now(self, request, queryset):
-        count = webhook_delivery.retry_now(queryset)
-        self.message_user(
-            request,
-            ngettext(
-                "Retrying %(count)d delivery now.", "Retrying %(count)d deliveries now.", count
+        """Retried through the worker's claim: a delivery being sent at this moment is left
+        alone (its attempt is the retry), and the person is told so."""
+        retried = webhook_delivery.retry_now(queryset)
+        count, busy = retried.started, retried.busy
+        if count or not busy:
+            self.message_user(
+                request,
+                ngettext(
+                    "Retrying %(count)d delivery now.", "Retrying %(count)d deliveries now.", count
+                )
+                % {"count": count},
+                messages.SUCCESS if count else messages.WARNING,
             )
-            % {"count": count},
-            messages.SUCCESS if count else messages.WARNING,
-        )
+        if busy:
+            self.message_user(
+                request,
+                ngettext(
+                    "%(count)d delivery is being sent now: not retried (its attempt is on).",
+                    "%(count)d deliveries are being sent now: not retried (their attempts are on).",
+                    busy,
+                )
+                % {"count": busy},
+                messages.WARNING,
+            )

@@ -10,8 +10,10 @@ a failure, a rate limit, the first success after failures.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import random
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -45,6 +47,9 @@ class HealthStore(Protocol):
 
     def clear(self, datasource_id: int | None = None) -> None:
         """Forget one datasource's record (or every record)."""
+
+    def dropped(self) -> int:
+        """Updates given up (contention past every retry) since counting began."""
 
 
 # --- the database ----------------------------------------------------------------------------
@@ -115,6 +120,10 @@ class DatabaseStore:
                 continue
         return None
 
+    def dropped(self) -> int:
+        """Row locks queue writers: an update is never dropped for contention."""
+        return _dropped_here
+
     def clear(self, datasource_id: int | None = None) -> None:
         rows = UpstreamHealth.objects.all()
         if datasource_id is not None:
@@ -130,6 +139,11 @@ class RedisStore:
     it matters any more."""
 
     PREFIX = "datasources:health:"
+    #: Outside PREFIX: clearing the records keeps the count.
+    DROPPED_KEY = "datasources:health-updates-dropped"
+    #: Seconds an update keeps trying under contention: generous, as every try that fails
+    #: does so because another update succeeded.
+    UPDATE_DEADLINE = 30.0
 
     def __init__(self, url: str) -> None:
         import redis
@@ -161,27 +175,62 @@ class RedisStore:
         return {i: self._decode(raw) for i, raw in zip(ids, values, strict=True) if raw}
 
     def update(self, datasource_id: int, change: Change) -> Health | None:
+        """Optimistic: read under WATCH, write in MULTI; a write by someone else in between
+        aborts ours and it is applied again to their result. Retried (with a short random
+        pause, so contenders stop colliding) until it applies or UPDATE_DEADLINE has passed:
+        a failure count, a rate limit or an opened circuit must not be lost to contention.
+        Dropped after all that, the update is logged and counted (``dropped``)."""
         key = self._key(datasource_id)
-        deadline = time.monotonic() + 2.0  # contention only ever delays: no lost update
+        deadline = time.monotonic() + self.UPDATE_DEADLINE
+        collisions = 0
         with self.redis.pipeline() as pipe:
-            while time.monotonic() < deadline:
+            while True:
                 try:
-                    pipe.watch(key)
-                    current = self._decode(pipe.get(key))
-                    new = change(current)
-                    if new is None or new == current:
-                        pipe.unwatch()
-                        return new
-                    pipe.multi()
-                    if new.clean:
-                        pipe.delete(key)
-                    else:
-                        pipe.set(key, json.dumps(new.__dict__), ex=_lifetime(new))
-                    pipe.execute()
-                    return new
-                except self._watch_error:
-                    continue  # changed by another process meanwhile: apply to its result
+                    return self._apply(pipe, key, change)
+                except self._watch_error:  # changed by another process meanwhile
+                    collisions += 1
+                    if time.monotonic() >= deadline:
+                        break
+                    time.sleep(random.uniform(0, 0.0005 * 2 ** min(collisions, 7)))
+        self._drop(datasource_id, collisions)
         return None
+
+    def _apply(self, pipe, key: str, change: Change) -> Health | None:
+        pipe.watch(key)
+        current = self._decode(pipe.get(key))
+        new = change(current)
+        if new is None or new == current:
+            pipe.unwatch()
+            return new
+        pipe.multi()
+        if new.clean:
+            pipe.delete(key)
+        else:
+            pipe.set(key, json.dumps(new.__dict__), ex=_lifetime(new))
+        pipe.execute()
+        return new
+
+    def _drop(self, datasource_id: int, collisions: int) -> None:
+        """Count a dropped update where /metrics of every process sees it, and say so once."""
+        global _dropped_here
+        with _dropped_lock:
+            _dropped_here += 1
+        with contextlib.suppress(*self.errors):  # the process's own count still has it
+            self.redis.incr(self.DROPPED_KEY)
+        logger.warning(
+            "Upstream health update of datasource %s dropped after %d conflicting writes in "
+            "%.0f s (counted in datasources_health_updates_dropped_total)",
+            datasource_id,
+            collisions,
+            self.UPDATE_DEADLINE,
+        )
+
+    def dropped(self) -> int:
+        """Updates dropped so far, by every process (this one's if Redis cannot say)."""
+        try:
+            return max(int(self.redis.get(self.DROPPED_KEY) or 0), _dropped_here)
+        except (*self.errors, ValueError):
+            return _dropped_here
 
     def clear(self, datasource_id: int | None = None) -> None:
         if datasource_id is not None:
@@ -204,6 +253,8 @@ def _lifetime(health: Health) -> int:
 
 _store: HealthStore | None = None
 _store_lock = threading.Lock()
+_dropped_here = 0  # updates this process dropped (a fallback when Redis cannot count them)
+_dropped_lock = threading.Lock()
 _cache: dict[int, tuple[float, Health]] = {}
 
 

@@ -123,8 +123,10 @@ class DeliveryStatus(models.TextChoices):
 
 class WebhookDelivery(models.Model):
     """One event for one endpoint: written in the transaction that caused the event, then sent
-    (and retried) by Celery. ``next_attempt_at`` is also the claim: a worker moves it forward
-    before sending, so a lost task or a killed worker leaves a row the sweep sends again."""
+    (and retried) by Celery. Before sending, a worker claims the row: ``claimed_until`` and
+    ``next_attempt_at`` move past the attempt's deadline in one conditional UPDATE, so nobody
+    else (another worker, Retry now) sends it meanwhile, and a lost task or a killed worker
+    leaves a row the sweep sends again once the claim has lapsed."""
 
     endpoint = models.ForeignKey(
         WebhookEndpoint,
@@ -163,6 +165,16 @@ class WebhookDelivery(models.Model):
         null=True,
         blank=True,
         help_text=_("When it is sent (again); empty once delivered or given up."),
+    )
+    claimed_until = models.DateTimeField(
+        _("being sent until"),
+        null=True,
+        blank=True,
+        editable=False,
+        help_text=_(
+            "Set while a worker sends an attempt (the claim): nobody else may send it, not even "
+            "Retry now, until the attempt is recorded or this time has passed."
+        ),
     )
     last_status_code = models.PositiveSmallIntegerField(
         _("last HTTP status"),

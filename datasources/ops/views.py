@@ -73,6 +73,12 @@ def _upstream_health(lines: list[str], family) -> None:
         records = health.store().read_many(slugs)
     except Exception:  # the store is away: report nothing rather than fail the scrape
         return
+    family(
+        "datasources_health_updates_dropped_total",
+        "counter",
+        "Upstream health updates given up after retrying under contention (should stay 0).",
+    )
+    lines.append(f"datasources_health_updates_dropped_total {health.store().dropped()}")
     now = time.time()
     states = {pk: records.get(pk, limits.CLEAN) for pk in slugs}
     family(

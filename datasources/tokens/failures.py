@@ -11,8 +11,13 @@ from __future__ import annotations
 import enum
 import logging
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timedelta
+from typing import Any
 
+from django.db import transaction
+from django.dispatch import Signal
 from django.utils import timezone
 
 from ..conf import app_settings
@@ -118,11 +123,13 @@ def record_retryable(
     if unknown:
         fields["outcome_unknown_at"] = token.outcome_unknown_at or now
     fields["refresh_due_at"] = due_for(datasource, token, now, fields)
-    Token.objects.filter(pk=token.pk).update(**fields)
-    if failures == 1 or message != token.last_error:
-        record_event(
-            datasource, TokenEvent.Kind.REFRESH_FAILED, f"{message} Retrying in {delay:.0f}s."
-        )
+    with transaction.atomic(savepoint=False):  # the token's record and its outbox
+        Token.objects.filter(pk=token.pk).update(**fields)
+        with outbox(datasource):
+            if failures == 1 or message != token.last_error:
+                detail = f"{message} Retrying in {delay:.0f}s."
+                record_event(datasource, TokenEvent.Kind.REFRESH_FAILED, detail)
+            announce(token_refresh_failed, datasource, token=token, error=message, transient=True)
     logger.warning(
         "refresh of datasource %s failed (%s, attempt %d): %s; background retry in %.0fs",
         datasource.slug,
@@ -131,34 +138,70 @@ def record_retryable(
         message,
         delay,
     )
-    token_refresh_failed.send(
-        sender=Datasource, datasource=datasource, token=token, error=message, transient=True
-    )
 
 
 def record_permanent(datasource: Datasource, token: Token, message: str) -> None:
     """The grant is dead: needs re-authorization, with an event, a log line and the signals
     (the owner's email hangs off ``reauthorization_required``)."""
     message = message[:1000]
-    Token.objects.filter(pk=token.pk).update(
-        status=TokenStatus.NEEDS_REAUTHORIZATION,
-        failure_count=token.failure_count + 1,
-        failure_kind="",
-        last_error=message,
-        next_attempt_at=None,
-        retry_not_before=None,
-        last_attempt_at=timezone.now(),
-        refresh_due_at=None,  # only a person can help now
-    )
-    record_event(datasource, TokenEvent.Kind.REAUTHORIZATION_REQUIRED, message)
+    with transaction.atomic(savepoint=False):  # the token's record and its outbox
+        Token.objects.filter(pk=token.pk).update(
+            status=TokenStatus.NEEDS_REAUTHORIZATION,
+            failure_count=token.failure_count + 1,
+            failure_kind="",
+            last_error=message,
+            next_attempt_at=None,
+            retry_not_before=None,
+            last_attempt_at=timezone.now(),
+            refresh_due_at=None,  # only a person can help now
+        )
+        with outbox(datasource):
+            record_event(datasource, TokenEvent.Kind.REAUTHORIZATION_REQUIRED, message)
+            announce(token_refresh_failed, datasource, token=token, error=message, transient=False)
+            announce(reauthorization_required, datasource, token=token, error=message)
     logger.error("datasource %s needs re-authorization: %s", datasource.slug, message)
-    token_refresh_failed.send(
-        sender=Datasource, datasource=datasource, token=token, error=message, transient=False
-    )
-    reauthorization_required.send(
-        sender=Datasource, datasource=datasource, token=token, error=message
-    )
 
 
 def record_event(datasource: Datasource, kind: str, detail: str = "") -> TokenEvent:
     return TokenEvent.objects.create(datasource=datasource, kind=kind, detail=detail[:500])
+
+
+@contextmanager
+def outbox(datasource: Datasource) -> Iterator[None]:
+    """Write what a token change causes, its outbox, in one savepoint of the change's own
+    transaction: the event row and, through the signal receivers, the webhook deliveries (the
+    Celery task and the owner's email wait for the commit). A crash before the commit loses
+    the change and its events together; a crash after it leaves delivery rows the webhook sweep
+    sends.
+
+    A failure in here rolls the outbox back (event row and deliveries: both or neither), is
+    logged, and the token change still commits. That is the right trade-off: the change may
+    hold the only valid (rotated) refresh token, which a lost event must never cost, and the
+    outbox rows are plain inserts (no row another writer holds, no unique value that can clash;
+    foreign keys checked inside, see ``webhooks.events``), so they fail only when the database
+    does. Only the exception's type is logged: a message may carry anything."""
+    try:
+        with transaction.atomic():
+            yield
+    except Exception as err:
+        logger.error(
+            "datasource %s: the event and webhooks of a token change were not written (%s); "
+            "the change is kept",
+            datasource.slug,
+            type(err).__name__,
+        )
+
+
+def announce(signal: Signal, datasource: Datasource, **named: Any) -> None:
+    """Send one of the app's signals from inside the token change's transaction (in its
+    :func:`outbox`), so what the receivers write commits with the change. Each receiver runs
+    whatever another one raised (``send_robust``): a project's broken receiver must cost
+    neither the webhooks nor the token change."""
+    for receiver, result in signal.send_robust(sender=Datasource, datasource=datasource, **named):
+        if isinstance(result, Exception):
+            logger.error(
+                "datasource %s: receiver %s of a token change failed (%s)",
+                datasource.slug,
+                getattr(receiver, "__qualname__", type(receiver).__name__),
+                type(result).__name__,
+            )

@@ -7,6 +7,7 @@ the client-credentials grant alike.
 
 from __future__ import annotations
 
+import copy
 import logging
 from datetime import datetime, timedelta
 
@@ -22,7 +23,7 @@ from ..models import AuthorizationRequest, Datasource, Token, TokenEvent, TokenS
 from ..signals import datasource_authorized, token_refreshed
 from .decide import due_for
 from .expiry import expiry_of, parse_expires_in
-from .failures import record_event
+from .failures import announce, outbox, record_event
 from .lease import NO_LEASE
 
 logger = logging.getLogger(__name__)
@@ -114,16 +115,15 @@ def store_authorization(
     current = load_token(datasource, owner)
     recovered = current.is_failing
     fields = token_fields(datasource, current, response, now)
-    with transaction.atomic():
+    with transaction.atomic():  # the token and its outbox: all or nothing
         Token.objects.filter(pk=current.pk).update(**fields, obtained_at=now, **NO_LEASE)
         detail = granted(response)
         if fields["refresh_token"] and not response.refresh_token:
             detail += "; no new refresh token: the stored one is kept"
-        record_event(datasource, TokenEvent.Kind.AUTHORIZED, detail)
-    token = load_token(datasource, owner)
-    datasource_authorized.send(
-        sender=Datasource, datasource=datasource, user=user, token=token, recovered=recovered
-    )
+        token = load_token(datasource, owner)
+        with outbox(datasource):
+            record_event(datasource, TokenEvent.Kind.AUTHORIZED, detail)
+            announce(datasource_authorized, datasource, user=user, token=token, recovered=recovered)
     return token
 
 
@@ -145,22 +145,29 @@ def store_refresh(
         fields["rejection_refreshed_at"] = now
     if token.status == TokenStatus.NOT_AUTHORIZED:
         fields["obtained_at"] = now
-    # No transaction around the two writes: the UPDATE commits on its own, so a failure to
-    # write the event row can never roll back the only valid (rotated) refresh token.
+    # One transaction: the UPDATE and its outbox (event row, webhook deliveries) commit
+    # together. The outbox sits in a savepoint (:func:`.failures.outbox`): if it fails, the
+    # UPDATE still commits, so a lost event can never cost the only valid (rotated) refresh
+    # token.
     rows = Token.objects.filter(pk=token.pk)
     bump = {"refresh_count": F("refresh_count") + 1}
-    if not rows.filter(lease_id=lease_id).update(**fields, **bump, **NO_LEASE):
-        # Our lease lapsed mid-request. The response may carry the only valid (rotated)
-        # refresh token, so it is stored all the same.
-        logger.warning(
-            "refresh lease of datasource %s lapsed before the refresh finished", datasource.slug
-        )
-        rows.update(**fields, **bump)
-    record_event(datasource, TokenEvent.Kind.REFRESHED, granted(response))
-    for name, value in {**fields, **NO_LEASE}.items():
-        setattr(token, name, value)
-    token.refresh_count += 1
-    token_refreshed.send(sender=Datasource, datasource=datasource, token=token, recovered=recovered)
+    with transaction.atomic(savepoint=False):
+        if not rows.filter(lease_id=lease_id).update(**fields, **bump, **NO_LEASE):
+            # Our lease lapsed mid-request. The response may carry the only valid (rotated)
+            # refresh token, so it is stored all the same.
+            logger.warning(
+                "refresh lease of datasource %s lapsed before the refresh finished",
+                datasource.slug,
+            )
+            rows.update(**fields, **bump)
+        stored = copy.copy(token)  # as stored; ``token`` itself only once that has committed
+        for name, value in {**fields, **NO_LEASE}.items():
+            setattr(stored, name, value)
+        stored.refresh_count += 1
+        with outbox(datasource):
+            record_event(datasource, TokenEvent.Kind.REFRESHED, granted(response))
+            announce(token_refreshed, datasource, token=stored, recovered=recovered)
+    token.__dict__.update(stored.__dict__)  # callers may share the instance (caches)
     return token
 
 

@@ -1,7 +1,8 @@
 """Sending deliveries: one bounded, signed attempt at a time, retried with backoff.
 
-A delivery row is claimed before each attempt by moving its ``next_attempt_at`` past the
-attempt's deadline (a conditional UPDATE: one sender at a time, whoever enqueued it). A
+A delivery row is claimed before each attempt by moving its ``claimed_until`` and
+``next_attempt_at`` past the attempt's deadline (a conditional UPDATE: one sender at a time,
+whoever enqueued it; Retry now leaves a claimed row alone). A
 task lost in the broker or a worker killed mid-attempt leaves a row that falls due again
 when the claim lapses, and the sweep (beat) sends it: an event is never lost, at the cost of
 a rare second attempt that receivers de-duplicate by ``webhook-id``.
@@ -21,7 +22,7 @@ from http.client import RemoteDisconnected
 import requests
 import urllib3
 from django.db import transaction
-from django.db.models import QuerySet
+from django.db.models import Q, QuerySet
 from django.utils import timezone
 
 from ..authserver import outbound
@@ -168,13 +169,23 @@ def send(delivery: WebhookDelivery) -> Result:
     return Result(status, error, retry_after, elapsed())
 
 
+def unclaimed(now) -> Q:
+    """Rows no worker is sending: never claimed, claim released, or the claim lapsed (its
+    worker died)."""
+    return Q(claimed_until__isnull=True) | Q(claimed_until__lte=now)
+
+
 def claim(delivery_id: int) -> WebhookDelivery | None:
-    """Take a due delivery for one attempt, or None (sent, not due, or someone has it)."""
+    """Take a due delivery for one attempt, or None (sent, not due, or someone has it). One
+    conditional UPDATE: of two racing senders (workers, a duplicate task, Retry now's task),
+    the database lets exactly one match the row."""
     now = timezone.now()
     hold = now + timedelta(seconds=app_settings.WEBHOOK_CLAIM_SECONDS)
-    taken = WebhookDelivery.objects.filter(
-        pk=delivery_id, status__in=OPEN, next_attempt_at__lte=now
-    ).update(next_attempt_at=hold)
+    taken = (
+        WebhookDelivery.objects.filter(pk=delivery_id, status__in=OPEN, next_attempt_at__lte=now)
+        .filter(unclaimed(now))
+        .update(next_attempt_at=hold, claimed_until=hold)
+    )
     if not taken:
         return None
     return WebhookDelivery.objects.select_related("endpoint").get(pk=delivery_id)
@@ -213,6 +224,7 @@ def attempt(delivery_id: int) -> str:
             last_error=result.error[:200],
             next_attempt_at=now + timedelta(seconds=step.delay) if step.delay is not None else None,
             delivered_at=now if step.status == DeliveryStatus.DELIVERED else None,
+            claimed_until=None,
             updated_at=now,
         )
     if step.status == DeliveryStatus.RETRYING and (step.delay or 0) <= _sweep_interval():
@@ -252,22 +264,42 @@ def due(now=None, limit: int = 500) -> list[int]:
     return list(rows.order_by("next_attempt_at").values_list("pk", flat=True)[:limit])
 
 
-def retry_now(queryset: QuerySet[WebhookDelivery]) -> int:
+@dataclass(frozen=True)
+class Retried:
+    """What Retry now did: ``started`` deliveries get an attempt now; ``busy`` were being sent
+    by a worker at that moment and were left alone (that attempt is their retry)."""
+
+    started: int
+    busy: int
+
+
+def retry_now(queryset: QuerySet[WebhookDelivery]) -> Retried:
     """A person asked: the chosen failed deliveries get one more attempt at once (one after
-    giving up; the retry schedule goes on for those still retrying)."""
+    giving up; the retry schedule goes on for those still retrying).
+
+    Goes through the claim: a row a worker holds is not touched (one conditional UPDATE, so a
+    claim taken a moment later waits for it on the row and then finds it due, a claim taken a
+    moment earlier excludes it), and the attempt itself is the task's, which must claim the
+    row like any other. A delivery is never sent twice at once."""
     now = timezone.now()
-    ids = list(
-        queryset.filter(status__in=(DeliveryStatus.RETRYING, DeliveryStatus.GAVE_UP)).values_list(
-            "pk", flat=True
+    failed = queryset.filter(status__in=(DeliveryStatus.RETRYING, DeliveryStatus.GAVE_UP))
+    ids = list(failed.values_list("pk", flat=True))
+    with transaction.atomic():
+        free = list(
+            WebhookDelivery.objects.filter(
+                unclaimed(now),
+                pk__in=ids,
+                status__in=(DeliveryStatus.RETRYING, DeliveryStatus.GAVE_UP),
+            ).values_list("pk", flat=True)
         )
-    )
-    WebhookDelivery.objects.filter(pk__in=ids).update(
-        status=DeliveryStatus.RETRYING, next_attempt_at=now, updated_at=now
-    )
+        started = WebhookDelivery.objects.filter(unclaimed(now), pk__in=free).update(
+            status=DeliveryStatus.RETRYING, next_attempt_at=now, updated_at=now
+        )
+    busy = WebhookDelivery.objects.filter(pk__in=ids, claimed_until__gt=now).count()
     from .events import enqueue
 
-    transaction.on_commit(lambda: enqueue(ids))
-    return len(ids)
+    transaction.on_commit(lambda: enqueue(free))
+    return Retried(started, busy)
 
 
 def prune(now=None) -> int:

@@ -1,9 +1,11 @@
 """Which webhook events are sent, with what payload: the receivers of the app's signals.
 
-Rows are written in the transaction that caused the event and handed to Celery when it
-commits (a rolled-back event is never sent). A payload names the datasource and its token's
-state and carries an error *code* from a fixed vocabulary, never an error message (providers'
-descriptions are free text), a token or a secret.
+Rows are written in the transaction that caused the event (a transactional outbox: the token
+writes in :mod:`datasources.tokens` send their signals inside their transaction) and handed to
+Celery when it commits: a rolled-back change sends nothing, and a row whose task was never
+enqueued (a crash right after the commit, the broker down) is sent by the sweep. A payload
+names the datasource and its token's state and carries an error *code* from a fixed
+vocabulary, never an error message (providers' descriptions are free text), a token or a secret.
 """
 
 from __future__ import annotations
@@ -146,12 +148,22 @@ def emit(
     try:
         with transaction.atomic():  # a savepoint inside the caller's transaction, if any
             WebhookDelivery.objects.bulk_create(rows)
+            _check_references_now()
     except DatabaseError:
         logger.exception("could not queue webhook event %s", event_type)
         return []
     ids = [row.pk for row in rows]
     transaction.on_commit(lambda: enqueue(ids))
     return rows
+
+
+def _check_references_now() -> None:
+    """PostgreSQL checks foreign keys at COMMIT (Django makes them deferrable): an endpoint
+    deleted meanwhile would then fail the whole transaction, the token change that caused the
+    event with it. Checked here, inside the savepoint, such a failure costs only the event."""
+    connection = transaction.get_connection()
+    if connection.vendor == "postgresql" and connection.in_atomic_block:
+        connection.check_constraints()
 
 
 def enqueue(ids: list[int]) -> None:
