@@ -32,8 +32,10 @@ from __future__ import annotations
 import asyncio
 import enum
 import functools
+import logging
 import ssl
 import time
+import traceback
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -63,6 +65,8 @@ from .incoming import Headers, Incoming
 from .route import PROXY_PATH, ROUTE
 from .upstream import Headers as AnswerHeaders
 from .upstream import Pool, Response, default_context
+
+logger = logging.getLogger(__name__)
 
 #: The middleware whose effect on a proxy answer the lane reproduces (by calling it); with any
 #: other middleware configured every call takes the thread-pool path.
@@ -308,8 +312,21 @@ class Lane:
         """Write the counts and/or the call log in the thread pool, not waiting for it (one
         flush at a time: calls that find the batches due meanwhile are in the next one)."""
         if self._flushing is None or self._flushing.done():
-            job = functools.partial(_flush, counts, log)
-            self._flushing = asyncio.ensure_future(self.blocking(job))
+            self._flushing = asyncio.ensure_future(self._flush_in_pool(counts, log))
+
+    async def _flush_in_pool(self, counts: bool, log: bool) -> None:
+        """A flush as a background task whose failure is logged here, once: nobody awaits
+        the task, and an exception left in it would only surface as asyncio's "Task
+        exception was never retrieved" (the batches themselves keep what was not written)."""
+        try:
+            await self.blocking(functools.partial(_flush, counts, log))
+        except Exception as err:
+            # Where, but not the message: a database error's can carry its URL and password.
+            logger.error(
+                "The proxy's usage/call-log flush failed (%s) at:\n%s",
+                type(err).__name__,
+                "".join(traceback.format_tb(err.__traceback__)).rstrip(),
+            )
 
     async def blocking(self, fn: Callable[[], Any]) -> Any:
         """``fn`` in the thread pool (database, token endpoint), with Django's connection
