@@ -59,7 +59,15 @@ from ..models import Token
 from ..ops import tracing
 from ..security import tls
 from . import answers, cache, callers, calllog, usage
-from .asgi import ProxyHandler, Receive, Scope, Send, asgi_headers, wait_for_disconnect
+from .asgi import (
+    ProxyHandler,
+    Receive,
+    Scope,
+    Send,
+    answering_failures,
+    asgi_headers,
+    wait_for_disconnect,
+)
 from .callers import Refused
 from .incoming import Headers, Incoming
 from .route import PROXY_PATH, ROUTE
@@ -346,8 +354,13 @@ class Lane:
         finally:
             self.housekeeping()
 
-    @sensitive_variables("key")
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await answering_failures(scope, send, lambda send: self._route(scope, receive, send))
+
+    @sensitive_variables("key")
+    async def _route(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Serve the call here, or hand it over (an error before any answer started is
+        answered by :func:`.asgi.answering_failures`, as the view answers it)."""
         middleware = _middleware()
         headers = Headers(scope.get("headers", ()))
         declared = (headers.get("Content-Length") or "").rpartition(",")[2]
@@ -496,11 +509,15 @@ class _Call:
         except Exception as err:
             request = incoming.request()
             refused = steps.refusal_for(err, datasource, request.build_absolute_uri)
-            if refused is None:
-                raise
-            self.log.error = refused.error
             self.log.retries, self.log.refreshed = attempts.retries, attempts.refreshed
-            response = answers.refusal_response(request, refused)
+            if refused is None:  # an error of ours (the database away, a bug), as the view says it
+                refused = answers.failure_refusal(err)
+                response = answers.failure_response(
+                    request, refused, err, datasource.slug, request.path
+                )
+            else:
+                response = answers.refusal_response(request, refused)
+            self.log.error = refused.error
             await self._answer(response, response.content)
             return
         self.log.retries, self.log.refreshed = attempts.retries, attempts.refreshed
