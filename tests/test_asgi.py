@@ -214,3 +214,37 @@ def test_lifespan_shutdown_writes_what_the_process_holds(monkeypatch, caplog):
     assert sent == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
     assert "Usage counts lost at shutdown (OperationalError)" in caplog.text
     assert "secret" not in caplog.text
+
+
+@pytest.mark.parametrize("started", [False, True])
+def test_an_error_after_the_answer_started_aborts_before_it_is_answered_in_json(started, caplog):
+    """:func:`answering_failures`: before any answer started, an error of ours becomes the view's
+    JSON 500; once the start was sent, the error goes to the server (it aborts the connection)
+    and nothing more is sent."""
+    import json
+
+    from datasources.proxy.asgi import answering_failures
+
+    sent: list[dict] = []
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    async def serve(send) -> None:
+        if started:
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+        raise RuntimeError("broken")
+
+    scope = {"type": "http", "path": "/api/v1/datasources/demo/proxy/x", "root_path": ""}
+    if started:
+        with pytest.raises(RuntimeError):
+            asyncio.run(answering_failures(scope, send, serve))
+        assert [m["type"] for m in sent] == ["http.response.start"]
+        return
+    asyncio.run(answering_failures(scope, send, serve))
+    assert [m["type"] for m in sent] == ["http.response.start", "http.response.body"]
+    assert sent[0]["status"] == 500
+    assert json.loads(sent[1]["body"])["error"] == "internal_error"
+    assert (
+        "Proxy call to demo failed (RuntimeError): /api/v1/datasources/demo/proxy/x" in caplog.text
+    )

@@ -470,12 +470,66 @@ ROWS = [
         "wait",
     ),
     (
-        "rejected, refresh failed moments ago: pass the answer on",
+        "rejected, refresh failed moments ago: 503, never the 401",
         replace(HOURLY, **FAILED),
         POLICY,
         J,
         {},
+        Action.UNAVAILABLE,
+        "probe_later",
+    ),
+    (
+        "rejected a second before its expiry, refresh failed moments ago: 503",
+        replace(HOURLY, expires_at=at(1), **FAILED),
+        POLICY,
+        J,
+        {},
+        Action.UNAVAILABLE,
+        "probe_later",
+    ),
+    (
+        "rejected, the token endpoint's Retry-After not over: 503",
+        replace(HOURLY, **{**FAILED, "last_attempt_at": at(-60), "retry_not_before": at(30)}),
+        POLICY,
+        J,
+        {},
+        Action.UNAVAILABLE,
+        "probe_later",
+    ),
+    (
+        "rejected, configuration error moments ago: 503",
+        replace(HOURLY, **{**FAILED, "failure_kind": "configuration"}),
+        POLICY,
+        J,
+        {},
+        Action.UNAVAILABLE,
+        "probe_later",
+    ),
+    (
+        "rejected, last failed refresh 6 s ago: probe with a refresh",
+        replace(HOURLY, **{**FAILED, "last_attempt_at": at(-6)}),
+        POLICY,
+        J,
+        {},
+        Action.REFRESH,
+        "rejected",
+    ),
+    (
+        "rejected after a failed refresh, within the cooldown of a rejection refresh: pass",
+        replace(HOURLY, rejection_refreshed_at=at(-5), **FAILED),
+        POLICY,
+        J,
+        {},
         Action.PASS,
+        "cooldown",
+    ),
+    (
+        "rejected, expired, refresh failed moments ago: 503",
+        replace(EXPIRED, **FAILED),
+        POLICY,
+        J,
+        {},
+        Action.UNAVAILABLE,
         "probe_later",
     ),
     (
@@ -518,6 +572,16 @@ def test_unavailable_says_when_to_come_back():
         EXPIRED, **{**FAILED, "last_attempt_at": at(-60), "retry_not_before": at(30)}
     )
     assert decide(retry_after, POLICY, R, NOW).retry_after == pytest.approx(30)
+
+
+def test_a_rejected_token_that_cannot_be_renewed_now_says_when_to_come_back():
+    """The upstream refused the token and the refresh just failed: the same wait as an expired
+    token's (the next probe, or the token endpoint's Retry-After)."""
+    assert decide(replace(HOURLY, **FAILED), POLICY, J, NOW).retry_after == pytest.approx(4)
+    retry_after = replace(
+        HOURLY, **{**FAILED, "last_attempt_at": at(-60), "retry_not_before": at(30)}
+    )
+    assert decide(retry_after, POLICY, J, NOW).retry_after == pytest.approx(30)
 
 
 @pytest.mark.parametrize("lifetime", [2, 5, 10, 20, 60, 120, 3600, 86400 * 7])

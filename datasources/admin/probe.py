@@ -18,7 +18,12 @@ from ..calls import call as steps
 from ..calls import challenge as challenges
 from ..calls.attempts import URLLIB3
 from ..calls.call import Refused
-from ..exceptions import NotAuthorized, ReauthorizationRequired, TransientUpstreamError
+from ..exceptions import (
+    DatasourceError,
+    NotAuthorized,
+    ReauthorizationRequired,
+    TransientUpstreamError,
+)
 from ..models import Datasource
 from .explain import explain
 
@@ -98,7 +103,7 @@ def run(datasource: Datasource, method: str, path: str, *, user=None) -> ProbeRe
     except (NotAuthorized, ReauthorizationRequired, TransientUpstreamError) as err:
         # The API said "expired" and the refresh that followed failed (Entra's MFA, a revoked
         # grant, a provider down): the same report as when no token could be had at the start.
-        result.error = f"The API rejected the token and no new one could be had: {err}"
+        result.error = _no_new_token(err)
         result.explanation = explain(str(err))
         return result
     except Exception as err:
@@ -116,6 +121,19 @@ def run(datasource: Datasource, method: str, path: str, *, user=None) -> ProbeRe
     if upstream.status in (401, 403):
         result.notes.extend(_refusal_notes(datasource, upstream.headers, secrets_seen))
     return result
+
+
+def _no_new_token(err: DatasourceError) -> str:
+    """The Test's sentence when the API rejected the token and renewing it failed. A temporary
+    failure (the proxy answers it 503 token_unavailable) says so, and when to try again, so
+    that nobody re-authorizes a datasource because its authorization server was down."""
+    if not isinstance(err, TransientUpstreamError):
+        return f"The API rejected the token and no new one could be had: {err}"
+    wait = f"in {max(1, round(err.retry_after))} s" if err.retry_after else "shortly"
+    return (
+        "The API rejected the token and the authorization server could not renew it just now "
+        f"(a temporary failure, not a reason to re-authorize); try again {wait}. ({err})"
+    )
 
 
 def _refusal_notes(

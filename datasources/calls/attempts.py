@@ -219,7 +219,8 @@ class Attempts(Generic[R]):
         * ``(PEEK, answer, limit)`` — read the start of the answer's body (the wire's ``peek``):
           sent ``(body or None, the answer to use from now on)``. Only for a datasource with
           body conditions and a small JSON answer: any other call has no such step;
-        * ``(REFRESH, fn)`` — run ``fn`` (the token rules' refresh, blocking): sent its result;
+        * ``(REFRESH, fn)`` — run ``fn`` (the token rules' refresh, blocking): sent its result,
+          or thrown what it raised (no token can be had: the call ends with that error);
         * ``(DISCARD, answer)`` — throw an answer away (another attempt replaces it);
         * ``(SLEEP, seconds)`` — wait before the next attempt.
 
@@ -248,8 +249,8 @@ class Attempts(Generic[R]):
                     return response
                 rejection_handled = True
                 # Refresh once and retry once, unless the rules say the answer stands (a
-                # rejection refreshed this token moments ago, or a refresh just failed).
-                fresh = yield (REFRESH, self._refresh)
+                # rejection refreshed this token moments ago).
+                fresh = yield from self._refreshed_after(response)
                 if fresh is None:
                     return response
                 yield (DISCARD, response)
@@ -265,6 +266,17 @@ class Attempts(Generic[R]):
                 return response
             yield (DISCARD, response)
             yield (SLEEP, wait)
+
+    def _refreshed_after(self, rejected: R) -> Generator[Step, Any, Token | None]:
+        """The token to retry with after the rejected answer ``rejected``, or None (it stands).
+        A refresh that fails raises (no token now: the token endpoint is down; or only a
+        person can help): the rejected answer is thrown away first, its connection freed, and
+        the error is the call's outcome (503 token_unavailable, 409), never the upstream's 401."""
+        try:
+            return (yield (REFRESH, self._refresh))
+        except Exception:
+            yield (DISCARD, rejected)
+            raise
 
     def _body_says_expired(
         self, response: R, headers: HeaderReader
@@ -312,7 +324,10 @@ class Attempts(Generic[R]):
             elif kind is PEEK:
                 reply = self.wire.peek(step[1], step[2])
             elif kind is REFRESH:
-                reply = step[1]()
+                try:
+                    reply = step[1]()
+                except Exception as err:
+                    error = err
             elif kind is DISCARD:
                 self.wire.discard(step[1])
             elif step[1] > 0:  # SLEEP
@@ -351,7 +366,10 @@ class Attempts(Generic[R]):
             elif kind is PEEK:
                 reply = await self.wire.peek(step[1], step[2])  # type: ignore[misc]
             elif kind is REFRESH:
-                reply = await blocking(step[1])
+                try:
+                    reply = await blocking(step[1])
+                except Exception as err:
+                    error = err
             elif kind is DISCARD:
                 await self.wire.discard(step[1])  # type: ignore[func-returns-value]
             else:  # SLEEP

@@ -1,7 +1,8 @@
 """Operations endpoints: ``/healthz`` (database, broker) and ``/metrics`` (Prometheus text).
 
 Metrics are read from the database, so every web process answers with the same totals no
-matter which process did the work (no per-process counters to aggregate).
+matter which process did the work; the exception is what never reached the database (usage
+counts and call-log rows dropped while it refused writes), which each process counts itself.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from django.views.decorators.http import require_GET
 from ..calls import health, limits
 from ..conf import app_settings
 from ..models import LATENCY_BUCKETS_MS, Datasource, DatasourceUsage, Token, TokenEvent, TokenStatus
+from . import counters
 
 
 def check_database() -> str:
@@ -186,6 +188,24 @@ def _proxy_metrics(lines: list[str], family) -> None:
         lines.append(f'datasources_proxy_duration_seconds_count{{datasource="{label}"}} {calls}')
 
 
+def _dropped_metrics(lines: list[str], family) -> None:
+    """What this process dropped because the database refused it for too long (the buffers
+    were full): kept in memory, as it never reached the database (datasources/ops/counters.py)."""
+    family(
+        "datasources_usage_dropped_total",
+        "counter",
+        "Proxied calls whose usage counts this process dropped (database writes failing, "
+        "buffer full).",
+    )
+    lines.append(f"datasources_usage_dropped_total {counters.value(counters.USAGE_DROPPED)}")
+    family(
+        "datasources_call_log_dropped_total",
+        "counter",
+        "Call-log rows this process dropped (database writes failing, buffer full).",
+    )
+    lines.append(f"datasources_call_log_dropped_total {counters.value(counters.CALL_LOG_DROPPED)}")
+
+
 @never_cache
 @require_GET
 def metrics(request: HttpRequest) -> HttpResponse:
@@ -202,6 +222,7 @@ def metrics(request: HttpRequest) -> HttpResponse:
     _token_metrics(lines, family)
     _proxy_metrics(lines, family)
     _upstream_health(lines, family)
+    _dropped_metrics(lines, family)
     return HttpResponse(
         "\n".join(lines) + "\n", content_type="text/plain; version=0.0.4; charset=utf-8"
     )

@@ -13,6 +13,14 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 import urllib3
+from django.db import (
+    DatabaseError,
+    DataError,
+    IntegrityError,
+    InterfaceError,
+    NotSupportedError,
+    ProgrammingError,
+)
 from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.utils.log import log_response
 
@@ -37,6 +45,65 @@ def refusal_response(request: HttpRequest, refused: Refused) -> JsonResponse:
         request=request,
         level="warning",
     )
+    return response
+
+
+#: Seconds a caller is told to wait while the database is unavailable (a restart, a failover).
+DATABASE_RETRY_AFTER = 2
+#: Database errors that say our statement is wrong, not that the database is away: a bug (500).
+_STATEMENT_ERRORS = (IntegrityError, ProgrammingError, DataError, NotSupportedError)
+
+
+def failure_refusal(err: BaseException) -> Refused:
+    """An error of this server while serving a call (not an upstream's answer, not a refusal)
+    as the answer both serving paths give: the database unavailable is ``503
+    database_unavailable`` with Retry-After (it comes back by itself: callers retry); anything
+    else ``500 internal_error``. JSON with no detail of the error: never a traceback."""
+    if isinstance(err, DatabaseError | InterfaceError) and not isinstance(err, _STATEMENT_ERRORS):
+        refused = Refused(
+            503, "database_unavailable", "The database is unavailable; try again shortly."
+        )
+        refused.headers["Retry-After"] = str(DATABASE_RETRY_AFTER)
+        return refused
+    return Refused(
+        500,
+        "internal_error",
+        "The proxy failed while handling this call; the error has been logged.",
+    )
+
+
+def failure_response(
+    request: HttpRequest | None, refused: Refused, err: BaseException, slug: str, path: str
+) -> JsonResponse:
+    """:func:`failure_refusal`'s ``refused`` as a response, logged once (marked as logged, so
+    Django's handler does not log it again) with the datasource's slug and the path: a database
+    outage as a warning by the error's name only (its message can carry the database's URL and
+    password), anything else as an error with its traceback (messages of ours carry no
+    secret)."""
+    response = JsonResponse(refused.body(), status=refused.status)
+    for name, value in refused.headers.items():
+        response[name] = value
+    if refused.status == 503:
+        log_response(
+            "Proxy call to %s failed: the database is unavailable (%s): %s",
+            slug or "-",
+            type(err).__name__,
+            path,
+            response=response,
+            request=request,
+            level="warning",
+        )
+    else:
+        log_response(
+            "Proxy call to %s failed (%s): %s",
+            slug or "-",
+            type(err).__name__,
+            path,
+            response=response,
+            request=request,
+            level="error",
+            exception=err,
+        )
     return response
 
 

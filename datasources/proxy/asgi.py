@@ -36,6 +36,8 @@ from django.urls import set_script_prefix
 
 from ..calls import target
 from ..conf import app_settings
+from . import answers
+from .route import ROUTE
 
 logger = logging.getLogger("django.request")
 
@@ -86,6 +88,52 @@ class _ReceivedBody(io.RawIOBase):
         return len(data)
 
 
+class Tracked:
+    """An ASGI ``send`` that remembers whether the answer has started: after that an error can
+    only abort the connection; before it, the caller still gets a JSON answer."""
+
+    __slots__ = ("send", "started")
+
+    def __init__(self, send: Send) -> None:
+        self.send = send
+        self.started = False
+
+    async def __call__(self, message: dict) -> None:
+        if message["type"] == "http.response.start":
+            self.started = True
+        await self.send(message)
+
+
+async def answering_failures(
+    scope: Scope, send: Send, serve: Callable[[Send], Awaitable[None]]
+) -> None:
+    """``serve(send)``, with an unexpected error turned into the answer the view gives for it
+    (:func:`.answers.failure_refusal`: 503 database_unavailable, else a JSON 500), logged once
+    with the datasource's slug and the path, when no answer has started; once one has, the
+    error goes to the server, which aborts the connection. Without this, the server answers
+    its own plain-text 500 and logs "Exception in ASGI application" with a traceback."""
+    tracked = Tracked(send)
+    try:
+        await serve(tracked)
+    except Exception as err:
+        if tracked.started:
+            raise
+        path = scope.get("path", "")
+        root = scope.get("root_path", "")
+        route = ROUTE.match(path[len(root) :] if root and path.startswith(root) else path)
+        refused = answers.failure_refusal(err)
+        slug = route["slug"] if route else ""
+        response = answers.failure_response(None, refused, err, slug, path)
+        await send(
+            {
+                "type": "http.response.start",
+                "status": response.status_code,
+                "headers": asgi_headers(response),
+            }
+        )
+        await send({"type": "http.response.body", "body": response.content})
+
+
 class ProxyHandler(ASGIHandler):
     """Django's request cycle in its sync mode, one hop to a thread pool per request."""
 
@@ -98,6 +146,9 @@ class ProxyHandler(ASGIHandler):
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await answering_failures(scope, send, lambda send: self._serve(scope, receive, send))
+
+    async def _serve(self, scope: Scope, receive: Receive, send: Send) -> None:
         loop = asyncio.get_running_loop()
         body: io.RawIOBase | io.BytesIO
         if _small_body(scope):

@@ -32,8 +32,10 @@ from __future__ import annotations
 import asyncio
 import enum
 import functools
+import logging
 import ssl
 import time
+import traceback
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -57,12 +59,22 @@ from ..models import Token
 from ..ops import tracing
 from ..security import tls
 from . import answers, cache, callers, calllog, usage
-from .asgi import ProxyHandler, Receive, Scope, Send, asgi_headers, wait_for_disconnect
+from .asgi import (
+    ProxyHandler,
+    Receive,
+    Scope,
+    Send,
+    answering_failures,
+    asgi_headers,
+    wait_for_disconnect,
+)
 from .callers import Refused
 from .incoming import Headers, Incoming
 from .route import PROXY_PATH, ROUTE
 from .upstream import Headers as AnswerHeaders
 from .upstream import Pool, Response, default_context
+
+logger = logging.getLogger(__name__)
 
 #: The middleware whose effect on a proxy answer the lane reproduces (by calling it); with any
 #: other middleware configured every call takes the thread-pool path.
@@ -308,8 +320,21 @@ class Lane:
         """Write the counts and/or the call log in the thread pool, not waiting for it (one
         flush at a time: calls that find the batches due meanwhile are in the next one)."""
         if self._flushing is None or self._flushing.done():
-            job = functools.partial(_flush, counts, log)
-            self._flushing = asyncio.ensure_future(self.blocking(job))
+            self._flushing = asyncio.ensure_future(self._flush_in_pool(counts, log))
+
+    async def _flush_in_pool(self, counts: bool, log: bool) -> None:
+        """A flush as a background task whose failure is logged here, once: nobody awaits
+        the task, and an exception left in it would only surface as asyncio's "Task
+        exception was never retrieved" (the batches themselves keep what was not written)."""
+        try:
+            await self.blocking(functools.partial(_flush, counts, log))
+        except Exception as err:
+            # Where, but not the message: a database error's can carry its URL and password.
+            logger.error(
+                "The proxy's usage/call-log flush failed (%s) at:\n%s",
+                type(err).__name__,
+                "".join(traceback.format_tb(err.__traceback__)).rstrip(),
+            )
 
     async def blocking(self, fn: Callable[[], Any]) -> Any:
         """``fn`` in the thread pool (database, token endpoint), with Django's connection
@@ -329,8 +354,13 @@ class Lane:
         finally:
             self.housekeeping()
 
-    @sensitive_variables("key")
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await answering_failures(scope, send, lambda send: self._route(scope, receive, send))
+
+    @sensitive_variables("key")
+    async def _route(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Serve the call here, or hand it over (an error before any answer started is
+        answered by :func:`.asgi.answering_failures`, as the view answers it)."""
         middleware = _middleware()
         headers = Headers(scope.get("headers", ()))
         declared = (headers.get("Content-Length") or "").rpartition(",")[2]
@@ -479,11 +509,15 @@ class _Call:
         except Exception as err:
             request = incoming.request()
             refused = steps.refusal_for(err, datasource, request.build_absolute_uri)
-            if refused is None:
-                raise
-            self.log.error = refused.error
             self.log.retries, self.log.refreshed = attempts.retries, attempts.refreshed
-            response = answers.refusal_response(request, refused)
+            if refused is None:  # an error of ours (the database away, a bug), as the view says it
+                refused = answers.failure_refusal(err)
+                response = answers.failure_response(
+                    request, refused, err, datasource.slug, request.path
+                )
+            else:
+                response = answers.refusal_response(request, refused)
+            self.log.error = refused.error
             await self._answer(response, response.content)
             return
         self.log.retries, self.log.refreshed = attempts.retries, attempts.refreshed

@@ -1,5 +1,11 @@
 """Per-datasource proxy counters (and the latency histogram), accumulated in memory and flushed at most once a second per
-process, so the proxy's hot path does not write to the database on every call."""
+process, so the proxy's hot path does not write to the database on every call.
+
+Counts the database refuses (a restart, a failover, a full disk) are kept and added to the next
+flush, so a database outage loses no count. What is held is one entry per datasource, so it is
+bounded by the number of datasources; beyond :data:`MAX_HELD_DATASOURCES` (never reached by a
+sane deployment) a new datasource's calls are dropped and counted in /metrics
+(``datasources_usage_dropped_total``, :mod:`datasources.ops.counters`)."""
 
 from __future__ import annotations
 
@@ -8,7 +14,6 @@ import logging
 import threading
 import time
 from bisect import bisect_left
-from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -17,6 +22,7 @@ from django.db.models import F
 
 from ..conf import app_settings
 from ..models import LATENCY_BUCKETS_MS, Datasource, DatasourceUsage
+from ..ops import counters
 
 logger = logging.getLogger(__name__)
 
@@ -33,10 +39,24 @@ class _Pending:
     #: calls per latency bucket (LATENCY_BUCKETS_MS, then one for "slower than the last")
     buckets: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS_MS) + 1))
 
+    def add(self, older: _Pending) -> None:
+        """Take in the counts of ``older`` (an entry whose write failed); the last status and
+        time stay this entry's own, the newer ones."""
+        self.calls += older.calls
+        self.errors += older.errors
+        self.duration_ms += older.duration_ms
+        self.buckets = [a + b for a, b in zip(self.buckets, older.buckets, strict=True)]
+
+
+#: Most datasources whose counts are held at once (writes failing); a new one beyond it has
+#: its calls dropped and counted.
+MAX_HELD_DATASOURCES = 10_000
 
 _lock = threading.Lock()
-_pending: dict[int, _Pending] = defaultdict(_Pending)
+_pending: dict[int, _Pending] = {}
 _last_flush = time.monotonic()
+#: Whether the last flush failed (its failure was logged; the next success is logged too).
+_failing = False
 
 
 def record(
@@ -45,7 +65,12 @@ def record(
     """Count one call; write the counts when they are due. ``write=False``: only say whether
     they are due (the fast lane then writes them with :func:`flush` off its event loop)."""
     with _lock:
-        entry = _pending[datasource_id]
+        entry = _pending.get(datasource_id)
+        if entry is None:
+            if len(_pending) >= MAX_HELD_DATASOURCES:
+                counters.add(counters.USAGE_DROPPED)
+                return False
+            entry = _pending[datasource_id] = _Pending()
         entry.calls += 1
         entry.errors += int(error)
         entry.duration_ms += int(duration_ms)
@@ -59,13 +84,63 @@ def record(
 
 
 def flush() -> None:
+    """Write the counts held; never raises. A write the database refuses keeps its counts
+    (and those not tried after it: the database is away) for the next flush, which adds
+    them up: the caller whose call made the flush due must not get a 500 for it, and no
+    count is lost to an outage."""
     global _last_flush
     with _lock:
         batch = dict(_pending)
         _pending.clear()
         _last_flush = time.monotonic()
-    for datasource_id, entry in batch.items():
-        _write(datasource_id, entry)
+    entries = iter(batch.items())
+    for datasource_id, entry in entries:
+        try:
+            with transaction.atomic():  # this entry's counts are written whole, or not at all
+                _write(datasource_id, entry)
+        except Exception as err:
+            _keep({datasource_id: entry, **dict(entries)}, err)
+            return
+    _written()
+
+
+def held() -> int:
+    """Calls counted and not written yet."""
+    with _lock:
+        return sum(entry.calls for entry in _pending.values())
+
+
+def _keep(unwritten: dict[int, _Pending], err: Exception) -> None:
+    """Put counts whose write failed back in front of those counted since."""
+    global _failing
+    dropped = 0
+    with _lock:
+        for datasource_id, entry in unwritten.items():
+            newer = _pending.get(datasource_id)
+            if newer is not None:
+                newer.add(entry)
+            elif len(_pending) < MAX_HELD_DATASOURCES:
+                _pending[datasource_id] = entry
+            else:
+                dropped += entry.calls
+        first, _failing = not _failing, True
+    if dropped:
+        counters.add(counters.USAGE_DROPPED, dropped)
+    if first or dropped:
+        # The error's name only: a database error's message can carry its URL and password.
+        logger.warning(
+            "Usage counts not written (%s); %d calls kept for the next flush, %d dropped",
+            type(err).__name__,
+            held(),
+            dropped,
+        )
+
+
+def _written() -> None:
+    global _failing
+    if _failing:
+        _failing = False
+        logger.warning("Usage counts written again after failed flushes")
 
 
 def discard() -> None:
@@ -119,11 +194,18 @@ def write_held(when: str = "exit") -> None:
     run there: datasources/proxy/asgi.py). Nothing held, nothing touched."""
     from . import calllog
 
-    for name, write in (("Usage counts", flush), ("Call log rows", calllog.flush)):
+    for name, write, left in (
+        ("Usage counts", flush, held),
+        ("Call log rows", calllog.flush, calllog.held),
+    ):
         try:
-            write()
-        except Exception as err:  # the database may be gone; the other batch may still go
+            write()  # keeps what the database refuses (held below)
+        except Exception as err:  # a guard: the other batch may still go
             logger.warning("%s lost at %s (%s)", name, when, type(err).__name__)
+            continue
+        lost = left()
+        if lost:  # the database refused them; nothing will write them now
+            logger.warning("%s lost at %s: %d (the database refused them)", name, when, lost)
 
 
 atexit.register(write_held)

@@ -80,6 +80,10 @@ def _proxy(request: HttpRequest, slug: str, path: str) -> tuple[HttpResponse, ca
     except Refused as refused:
         call.error = refused.error
         response = answers.refusal_response(request, refused)
+    except Exception as err:  # an error of ours (the database away, a bug): JSON, logged once
+        refused = answers.failure_refusal(err)
+        call.error = refused.error
+        response = answers.failure_response(request, refused, err, slug, request.path)
     if response.streaming:  # counted (and logged, by relay's done) when its body has been sent
         response.streaming_content = _counted(response.streaming_content, call)
     else:

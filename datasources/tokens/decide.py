@@ -23,6 +23,9 @@ Rules (DESIGN.md, "Token lifecycle rules"):
   caused happened within the rejection cooldown (a refresh for expiry, by the sweep or a person
   does not count): a provider that revokes a fresh token gets one refresh and one retry, an API
   that always answers 401 at most one refresh per cooldown.
+* A rejected token whose refresh failed (transiently, or for the configuration) moments ago is
+  UNAVAILABLE, like an expired one: the caller gets "try again in N s" (503 with Retry-After),
+  never the upstream's 401, which would read as "re-authorize" during a token-endpoint outage.
 """
 
 from __future__ import annotations
@@ -289,8 +292,13 @@ def _rejected(state: TokenState, policy: Policy, now: datetime, is_current: bool
         # the sweep, or a person) and rejected at once is refreshed again (the provider
         # revoked it: Salesforce's session policy, a password change).
         return Decision(Action.PASS, "cooldown")
-    if state.failure_kind and _probe_wait(state, policy, now) > 0:
-        return Decision(Action.PASS, "probe_later")
+    if state.failure_kind:
+        wait = _probe_wait(state, policy, now)
+        if wait > 0:
+            # The API refused the token and renewing it failed moments ago (the token endpoint
+            # is down): the caller is told to come back, as for an expired token, rather than
+            # handed a 401 that reads "your credentials are wrong".
+            return Decision(Action.UNAVAILABLE, "probe_later", retry_after=wait)
     return Decision(Action.REFRESH, "rejected")
 
 

@@ -130,7 +130,10 @@ def refresh_after_rejection(
     Returns the token to retry with (refreshed now, or replaced by someone else meanwhile), or
     None when the answer should be passed on: a rejection already caused a refresh of this token
     within REJECTION_COOLDOWN (an upstream that always answers 401 must not cause a refresh per
-    call) or refreshing failed moments ago.
+    call). Raises TransientUpstreamError (with ``retry_after``) when refreshing fails now or
+    failed moments ago: during a token-endpoint outage the caller is told to come back (503
+    token_unavailable), not handed a 401 that reads as "re-authorize"; ReauthorizationRequired
+    when the grant is dead.
     """
     token = load_token(datasource, token_owner(datasource, user))
     return _obtain(datasource, token, Situation.REJECTED, rejected=rejected_access_token)

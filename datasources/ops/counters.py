@@ -1,0 +1,31 @@
+"""Counters this process keeps in memory for /metrics: what could not be stored in the database.
+
+Every other metric is read from the database, so that each process answers with the same totals.
+These count what the database never received (usage counts and call-log rows dropped because
+the database refused them for so long that the bounded buffers filled up): they cannot be kept
+there, so each process reports its own, and a scrape of every process (or a sum over them)
+gives the whole.
+"""
+
+from __future__ import annotations
+
+import threading
+
+#: Proxied calls whose usage counts were dropped (datasources_usage_dropped_total).
+USAGE_DROPPED = "usage_dropped"
+#: Call-log rows dropped (datasources_call_log_dropped_total).
+CALL_LOG_DROPPED = "call_log_dropped"
+
+_lock = threading.Lock()
+_values: dict[str, int] = {USAGE_DROPPED: 0, CALL_LOG_DROPPED: 0}
+
+
+def add(name: str, amount: int = 1) -> None:
+    """Count ``amount`` more of ``name`` (never lowered: Prometheus counters only grow)."""
+    with _lock:
+        _values[name] = _values.get(name, 0) + amount
+
+
+def value(name: str) -> int:
+    with _lock:
+        return _values.get(name, 0)
