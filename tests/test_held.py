@@ -170,13 +170,12 @@ def test_usage_held_for_too_many_datasources_is_dropped_and_counted(
     assert usage_of(second) is None
 
 
+@pytest.mark.parametrize("serving", ["asgi"], indirect=True)  # the lane's own flush
 def test_a_lane_flush_that_fails_is_logged_once_not_left_in_its_task(
     flaky, app, settings, caplog, monkeypatch, serving
 ):
     """The lane's flush is a background task nobody awaits: an error in it is retrieved and
     logged by the task itself, once, never asyncio's "Task exception was never retrieved"."""
-    if serving != "asgi":
-        pytest.skip("the fast lane's background flush")
     from datasources.proxy import lane as fast_lane
 
     from .serving import LANE
