@@ -204,3 +204,46 @@ def test_raw_non_ascii_path_characters_reach_the_upstream_percent_encoded_on_bot
     assert [seen.target for seen in spy.seen] == ["/api/%E3%80%B1google.com/x"]
     if lane == "asgi":
         assert serving.LANE.served == served + 1  # the lane itself, not a hand-over
+
+
+@pytestmark_db
+def test_an_answer_dropped_before_the_lane_answered_is_a_502_not_a_500(monkeypatch, spy):
+    """A small answer is read whole before the lane answers; when the upstream drops the
+    connection in the middle of it, the caller gets the proxy's 502 (the upstream failed),
+    never a 500 (an error of ours) nor a truncated 200."""
+    import socket
+    import threading
+
+    from django.test import Client
+
+    from datasources.proxy.apikeys import create_api_key
+
+    from .helpers import connected_at
+    from .serving import LANE, serve_proxy_through_asgi
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def answer_half() -> None:
+        with listener:
+            connection, _ = listener.accept()
+            with connection:
+                connection.recv(65536)
+                connection.sendall(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                    b'Content-Length: 100\r\n\r\n{"partial": '
+                )
+
+    server = threading.Thread(target=answer_half, daemon=True)
+    server.start()
+    serve_proxy_through_asgi(monkeypatch)
+    datasource = connected_at(f"http://127.0.0.1:{port}")
+    _, key = create_api_key("app")
+    served = LANE.served
+    answer = Client(HTTP_AUTHORIZATION=f"Api-Key {key}").get(
+        f"/api/v1/datasources/{datasource.slug}/proxy/items"
+    )
+    server.join(10)
+    assert LANE.served == served + 1  # the lane itself answered
+    assert answer.status_code == 502
+    assert answer.json()["error"] == "upstream_unreachable"

@@ -507,21 +507,28 @@ class _Call:
                 self._send_upstream, blocking=self.lane.blocking, observe=self._observe
             )
         except Exception as err:
-            request = incoming.request()
-            refused = steps.refusal_for(err, datasource, request.build_absolute_uri)
             self.log.retries, self.log.refreshed = attempts.retries, attempts.refreshed
-            if refused is None:  # an error of ours (the database away, a bug), as the view says it
-                refused = answers.failure_refusal(err)
-                response = answers.failure_response(
-                    request, refused, err, datasource.slug, request.path
-                )
-            else:
-                response = answers.refusal_response(request, refused)
-            self.log.error = refused.error
-            await self._answer(response, response.content)
+            await self._answer_failure(err)
             return
         self.log.retries, self.log.refreshed = attempts.retries, attempts.refreshed
         await self._relay(upstream)
+
+    async def _answer_failure(self, err: Exception) -> None:
+        """The answer for a call that failed before its answer started, as the view gives it:
+        the refusal the call's steps map ``err`` to (502/504 for the upstream, 503 for a token
+        …), else an error of ours (the database away, a bug)."""
+        incoming, datasource = self.incoming, self.datasource
+        request = incoming.request()
+        refused = steps.refusal_for(err, datasource, request.build_absolute_uri)
+        if refused is None:
+            refused = answers.failure_refusal(err)
+            response = answers.failure_response(
+                request, refused, err, datasource.slug, request.path
+            )
+        else:
+            response = answers.refusal_response(request, refused)
+        self.log.error = refused.error
+        await self._answer(response, response.content)
 
     async def _send_upstream(self, token: Token) -> Response:
         """One attempt (a tracing span goes here)."""
@@ -570,6 +577,9 @@ class _Call:
         if transport.answered_in_one_piece(upstream.headers):
             try:
                 content = await upstream.read()
+            except _WIRE.connection_errors as err:  # dropped before our answer started: a 502
+                await self._answer_failure(err)
+                return
             finally:
                 upstream.release()
             self._log_upstream_error(upstream.status)
