@@ -9,6 +9,7 @@ gives the whole.
 
 from __future__ import annotations
 
+import logging
 import threading
 
 #: Proxied calls whose usage counts were dropped (datasources_usage_dropped_total).
@@ -29,3 +30,36 @@ def add(name: str, amount: int = 1) -> None:
 def value(name: str) -> int:
     with _lock:
         return _values.get(name, 0)
+
+
+class Outage:
+    """One batched writer's view of a database that refuses its writes (the usage counts, the
+    call log): say when writes start failing, whenever rows are dropped, and once when they
+    work again, by the error's name only (a database error's message can carry its URL and
+    password); count what was dropped. One place, so both writers say it the same way."""
+
+    def __init__(self, logger: logging.Logger, what: str, unit: str, counter: str) -> None:
+        self.logger, self.what, self.unit, self.counter = logger, what, unit, counter
+        self.failing = False
+        self._lock = threading.Lock()
+
+    def failed(self, err: BaseException, kept: int, dropped: int) -> None:
+        with self._lock:
+            first, self.failing = not self.failing, True
+        if dropped:
+            add(self.counter, dropped)
+        if first or dropped:
+            self.logger.warning(
+                "%s not written (%s); %d %s kept for the next flush, %d dropped",
+                self.what,
+                type(err).__name__,
+                kept,
+                self.unit,
+                dropped,
+            )
+
+    def written(self) -> None:
+        with self._lock:
+            was, self.failing = self.failing, False
+        if was:
+            self.logger.warning("%s written again after failed flushes", self.what)

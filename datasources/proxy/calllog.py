@@ -80,7 +80,7 @@ _lock = threading.Lock()
 _pending: list[tuple] = []
 _last_flush = time.monotonic()
 #: Whether the last flush failed (its failure was logged; the next success is logged too).
-_failing = False
+_outage = counters.Outage(logger, "Call log rows", "rows", counters.CALL_LOG_DROPPED)
 
 #: How many CALL_LOG_MAX_BUFFER-sized batches may be held while writes fail (the default,
 #: 10 x 5,000 rows, is about 15 MB and a minute of 800 calls a second).
@@ -144,7 +144,7 @@ def flush() -> int:
     except Exception as err:
         _keep(batch, err)
         return 0
-    _written()
+    _outage.written()
     return len(batch)
 
 
@@ -157,30 +157,12 @@ def held() -> int:
 def _keep(batch: list[tuple], err: Exception) -> None:
     """Put a batch whose write failed back ahead of the rows queued since, the oldest dropped
     (and counted) past :func:`max_held`."""
-    global _failing
     with _lock:
         _pending[:0] = batch
         dropped = max(0, len(_pending) - max_held())
         del _pending[:dropped]
         kept = len(_pending)
-        first, _failing = not _failing, True
-    if dropped:
-        counters.add(counters.CALL_LOG_DROPPED, dropped)
-    if first or dropped:
-        # The error's name only: a database error's message can carry its URL and password.
-        logger.warning(
-            "Call log rows not written (%s); %d kept for the next flush, %d dropped",
-            type(err).__name__,
-            kept,
-            dropped,
-        )
-
-
-def _written() -> None:
-    global _failing
-    if _failing:
-        _failing = False
-        logger.warning("Call log rows written again after failed flushes")
+    _outage.failed(err, kept, dropped)
 
 
 def _write(batch: list[tuple]) -> None:

@@ -56,7 +56,7 @@ _lock = threading.Lock()
 _pending: dict[int, _Pending] = {}
 _last_flush = time.monotonic()
 #: Whether the last flush failed (its failure was logged; the next success is logged too).
-_failing = False
+_outage = counters.Outage(logger, "Usage counts", "calls", counters.USAGE_DROPPED)
 
 
 def record(
@@ -101,7 +101,7 @@ def flush() -> None:
         except Exception as err:
             _keep({datasource_id: entry, **dict(entries)}, err)
             return
-    _written()
+    _outage.written()
 
 
 def held() -> int:
@@ -112,7 +112,6 @@ def held() -> int:
 
 def _keep(unwritten: dict[int, _Pending], err: Exception) -> None:
     """Put counts whose write failed back in front of those counted since."""
-    global _failing
     dropped = 0
     with _lock:
         for datasource_id, entry in unwritten.items():
@@ -123,24 +122,7 @@ def _keep(unwritten: dict[int, _Pending], err: Exception) -> None:
                 _pending[datasource_id] = entry
             else:
                 dropped += entry.calls
-        first, _failing = not _failing, True
-    if dropped:
-        counters.add(counters.USAGE_DROPPED, dropped)
-    if first or dropped:
-        # The error's name only: a database error's message can carry its URL and password.
-        logger.warning(
-            "Usage counts not written (%s); %d calls kept for the next flush, %d dropped",
-            type(err).__name__,
-            held(),
-            dropped,
-        )
-
-
-def _written() -> None:
-    global _failing
-    if _failing:
-        _failing = False
-        logger.warning("Usage counts written again after failed flushes")
+    _outage.failed(err, held(), dropped)
 
 
 def discard() -> None:
