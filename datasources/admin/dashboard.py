@@ -419,6 +419,8 @@ def scope_banners(
     :mod:`datasources.calls.scopes`): which scope, and how to get it granted."""
     if token is None or token.status != TokenStatus.ACTIVE:
         return []
+    from ..calls import scopes
+
     code_grant = datasource.grant_type == GrantType.AUTHORIZATION_CODE
     # Scopes are granted by an authorization (a person), or by each new machine-grant token.
     granted = token.obtained_at if code_grant else token.last_refreshed_at
@@ -428,7 +430,7 @@ def scope_banners(
     refusal = refusals.first()
     if refusal is None:
         return []
-    needed = refusal.detail.partition("scope needed: ")[2].rstrip(").")
+    needed = scopes.needed_scope(refusal.detail)
     what = f"the scope {needed}" if needed else "a scope it did not name"
     then = "Re-authorize so that it is granted" if code_grant else "get a new token"
     return [

@@ -25,6 +25,9 @@ NOTE_INTERVAL = 3600.0
 #: The most (datasource, scope) pairs remembered (a hostile upstream cannot grow it forever).
 MAX_REMEMBERED = 1024
 
+#: How a recorded refusal names the scope (:func:`needed_scope` reads it back).
+_NEEDED = "scope needed: "
+
 _noted: dict[tuple[int, str], float] = {}
 _lock = threading.Lock()
 
@@ -65,12 +68,18 @@ def learn(datasource, status: int, header: Callable[[str], str | None] | None) -
     from ..models import TokenEvent
     from ..tokens import record_event
 
-    needed = f"scope needed: {scope}" if scope else "the API named no scope"
+    needed = f"{_NEEDED}{scope}" if scope else "the API named no scope"
     record_event(
         datasource,
         TokenEvent.Kind.SCOPE_REFUSED,
         f"The API refused a call for lack of scope (HTTP {status}; {needed}).",
     )
+
+
+def needed_scope(detail: str) -> str:
+    """The scope a recorded refusal (its event's ``detail``, written by :func:`learn`) names;
+    "" when it named none. Kept beside the writer so the two cannot drift apart."""
+    return detail.partition(_NEEDED)[2].removesuffix(").")
 
 
 def pending(datasource, status: int, header: Callable[[str], str | None] | None) -> bool:
