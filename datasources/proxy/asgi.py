@@ -37,7 +37,7 @@ from django.urls import set_script_prefix
 from ..calls import target
 from ..conf import app_settings
 from . import answers
-from .route import ROUTE
+from .route import ROUTE, app_path
 
 logger = logging.getLogger("django.request")
 
@@ -119,8 +119,7 @@ async def answering_failures(
         if tracked.started:
             raise
         path = scope.get("path", "")
-        root = scope.get("root_path", "")
-        route = ROUTE.match(path[len(root) :] if root and path.startswith(root) else path)
+        route = ROUTE.match(app_path(scope)) if path else None
         refused = answers.failure_refusal(err)
         slug = route["slug"] if route else ""
         response = answers.failure_response(None, refused, err, slug, path)

@@ -12,6 +12,8 @@ app's URLs at the root (``config/urls.py``), as the contract in the README says.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
+from typing import Any
 
 #: The slug and the ``proxy/`` that follows it, as in Django's ``<slug:slug>`` converter.
 PREFIX = r"api/v1/datasources/(?P<slug>[-a-zA-Z0-9_]+)/proxy/"
@@ -25,3 +27,10 @@ ROUTE = re.compile(rf"^/{PREFIX}(?:(?P<path>.+))?\Z")
 
 #: The ASGI router: whether a request's path is one of the proxy's URLs.
 PROXY_PATH = re.compile(rf"^/{PREFIX}")
+
+
+def app_path(scope: Mapping[str, Any]) -> str:
+    """An ASGI request's path below the application's mount point (``root_path``), the path
+    the patterns above are matched against."""
+    path, root = scope["path"], scope.get("root_path", "")
+    return path[len(root) :] if root and path.startswith(root) else path

@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 from ..conf import app_settings
 from .asgi import ProxyHandler, Receive, Scope, Send
-from .route import PROXY_PATH
+from .route import PROXY_PATH, app_path
 
 
 class Router:
@@ -45,11 +45,7 @@ class Router:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if kind == "http":
-            path = scope["path"]
-            root = scope.get("root_path", "")
-            if root and path.startswith(root):
-                path = path[len(root) :]
-            if PROXY_PATH.match(path):
+            if PROXY_PATH.match(app_path(scope)):
                 await self.proxy(scope, receive, send)
             else:
                 await self.django(scope, receive, send)
