@@ -549,6 +549,36 @@ def test_banners_offer_the_fixing_action(
     shot(page, "datasource-no-refresh-token")
 
 
+def test_a_scope_refusal_banner_names_the_scope_and_reauthorize_clears_it(
+    auth_server, page, expect, builder, authorize
+):
+    """The API refused a call for lack of scope (WWW-Authenticate insufficient_scope): the page
+    names the scope, and its Re-authorize button leads to the provider and back to a page
+    without the banner (the new grant is newer than the refusal)."""
+    from datasources.calls import scopes
+
+    auth_server.app("client-basic")
+    datasource = make_datasource(auth_server)
+    authorize(datasource)
+    base = auth_server.base
+    log_in(page, base)
+    scopes.forget()
+    challenge = {"WWW-Authenticate": 'Bearer error="insufficient_scope", scope="Mail.Read"'}
+    scopes.learn(datasource, 403, challenge.get)
+
+    page.goto(f"{base}{datasource.get_admin_url()}")
+    banner = page.locator(".datasource-banner-scope-refused")
+    expect(banner).to_contain_text("lacks the scope Mail.Read")
+    expect(banner).to_contain_text("A refresh cannot add a scope")
+    shot(page, "datasource-scope-refused")
+    banner.locator("a.datasource-banner-reauthorize").click()
+    grant_at_provider(page, auth_server, signed_in=False, consent=False)
+    message(page, expect, "is authorized and active")
+    expect(page.locator(".datasource-banner-healthy")).to_be_visible()  # the datasource page
+    expect(page.locator(".datasource-banner-scope-refused")).to_have_count(0)
+    scopes.forget()
+
+
 def test_per_user_page_shows_the_users_not_a_shared_token(
     auth_server, page, expect, builder, django_user_model
 ):
