@@ -50,9 +50,9 @@ DEFAULTS: dict[str, Any] = {
     "STATE_LIFETIME": 600,
     # At most this many pending authorization requests per browser session.
     "MAX_PENDING_AUTHORIZATIONS": 10,
-    # Refresh lease: a crashed holder's lease lapses after this many seconds (must exceed
-    # REFRESH_TIMEOUT).
-    "LEASE_SECONDS": 60,
+    # Refresh lease: its holder extends it every LEASE_SECONDS / 3 while its request runs, so a
+    # crashed holder's lease lapses (and a waiting caller takes over) within this many seconds.
+    "LEASE_SECONDS": 5,
     # How long a caller with an expired token waits for another holder's refresh (callers whose
     # token is still valid never wait).
     "LEASE_WAIT": 15.0,

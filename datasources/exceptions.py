@@ -66,3 +66,24 @@ class UpstreamRefused(TransientUpstreamError):
     def __init__(self, message: str, *, status: int, retry_after: float) -> None:
         self.status = status
         super().__init__(message, retry_after=retry_after)
+
+
+def is_database_outage(err: BaseException) -> bool:
+    """Whether ``err`` says the database is away (a restart, a failover, cut connections), so
+    that trying again shortly will work, rather than that a statement is wrong (a bug).
+
+    One answer for every place that rides out an outage: the proxy's 503
+    ``database_unavailable``, its stale-if-error serving from the process caches, and a refresh
+    that keeps its token endpoint's answer until it can be stored.
+    """
+    from django.db import (
+        DatabaseError,
+        DataError,
+        IntegrityError,
+        InterfaceError,
+        NotSupportedError,
+        ProgrammingError,
+    )
+
+    statement_errors = (IntegrityError, ProgrammingError, DataError, NotSupportedError)
+    return isinstance(err, DatabaseError | InterfaceError) and not isinstance(err, statement_errors)

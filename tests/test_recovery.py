@@ -112,7 +112,10 @@ def test_first_success_within_seconds_after_the_token_endpoint_returns(
     wait_until(outage_lasted, 20, interval=0.1, what="three failed refresh attempts")
     elapsed = time.monotonic() - started
     attempts = len(provider.refresh_calls())
-    assert attempts <= elapsed / probe_interval + 1, (attempts, calls, elapsed)
+    # A dropped connection may have been processed (its answer lost): each probe sends the
+    # same refresh token once more at once.
+    per_probe = 2 if outage == "close" else 1
+    assert attempts <= per_probe * (elapsed / probe_interval + 1), (attempts, calls, elapsed)
     assert calls > attempts  # the other calls were answered without asking the provider
     during = row(datasource)
     assert during.status == TokenStatus.ACTIVE
@@ -169,9 +172,13 @@ def test_long_outage_recovers_just_as_fast(fake_provider, staff_client, settings
 # --- answers lost after the provider rotated -------------------------------------------------
 
 
-def test_refresh_answer_lost_to_a_timeout_then_invalid_grant_is_explained(
+def test_refresh_answer_lost_to_a_timeout_is_sent_again_then_invalid_grant_is_explained(
     fake_provider, staff_client, settings
 ):
+    """The provider (strict rotation) rotates and holds its answer past our timeout: the same
+    call sends the same refresh token again at once (a provider with a reuse grace period would
+    answer it, see test_lost_answer.py); this one refuses it, so the caller gets 409 and the
+    builder an event that says the answer was lost, and when the lost request was sent."""
     tune(settings, REFRESH_TIMEOUT=0.5, PROBE_INTERVAL=0.2)
     provider = fake_provider("intuit")  # strict rotation
     datasource = connect(provider, staff_client)
@@ -180,27 +187,20 @@ def test_refresh_answer_lost_to_a_timeout_then_invalid_grant_is_explained(
     expire_everywhere(provider, datasource)
     provider.hang(after_issue=True)  # rotates, then holds the answer past our timeout
 
-    assert_token_unavailable(client.get(proxy_url(datasource)))
-    wait_until(lambda: provider.hanging == 1, 5, what="the held answer")
-    assert provider.refresh_calls()[0].outcome == "issued"  # rotated at the provider...
-    assert not provider.is_live_refresh_token(before.refresh_token)
-    lost = row(datasource)
-    assert lost.refresh_token == before.refresh_token  # ...and we never heard of it
-    assert lost.status == TokenStatus.ACTIVE
-    assert lost.outcome_unknown_at is not None
+    asked = timezone.now()
+    response = client.get(proxy_url(datasource))
     provider.release()
-
-    def settled():
-        response = client.get(proxy_url(datasource))
-        return response if response.status_code != 503 else None
-
-    response = wait_until(settled, 10, interval=0.1, what="the next refresh attempt")
     assert response.status_code == 409, body_json(response)
     assert body_json(response)["error"] == "reauthorization_required"
-    second = provider.refresh_calls()[1]
-    assert second.refresh_token_sent == before.refresh_token
-    assert second.outcome == "error:invalid_grant"
-    assert row(datasource).status == TokenStatus.NEEDS_REAUTHORIZATION
+    lost, again = provider.refresh_calls()
+    assert lost.outcome == "issued"  # rotated at the provider, and we never heard of it
+    assert again.refresh_token_sent == lost.refresh_token_sent == before.refresh_token
+    assert again.outcome == "error:invalid_grant"
+    token = row(datasource)
+    assert token.status == TokenStatus.NEEDS_REAUTHORIZATION
+    assert token.lease_id == ""
+    # When the lost request was sent (its lease taken), not when its answer was given up on.
+    assert asked <= token.outcome_unknown_at < asked + timedelta(seconds=0.5)
     assert_lost_response_event(datasource)
 
 
@@ -351,6 +351,10 @@ def test_rotation_race_uses_the_other_holders_result(fake_provider, staff_client
     from_a = [c for c in provider.api() if c.path == "from-a"]
     assert [c.token for c in from_a] == [token.access_token]  # A used B's result
     assert not TokenEvent.objects.filter(
-        datasource=datasource, kind__in=["reauthorization_required", "lost_response"]
+        datasource=datasource, kind="reauthorization_required"
     ).exists()
+    # B took over a lapsed lease, so A's outcome was unknown to it: the event says so, and that
+    # the grant is intact.
+    lost = TokenEvent.objects.filter(datasource=datasource, kind="lost_response")
+    assert all("the grant is intact" in event.detail for event in lost), list(lost)
     assert len(provider.refresh_calls()) == 2

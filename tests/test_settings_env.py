@@ -84,7 +84,7 @@ def test_every_setting_is_in_the_operations_table_with_its_variable_and_default(
 
 def test_the_project_reads_them_at_start_and_the_checks_see_them(tmp_path):
     """The demo project's settings take any DATASOURCES_* variable (here two that had no line of
-    their own before), and an inconsistent pair is refused by the system check."""
+    their own before), and a lease too short to keep alive is refused by the system check."""
     env = {
         **os.environ,
         "ENV_FILE": "/dev/null",
@@ -113,9 +113,9 @@ def test_the_project_reads_them_at_start_and_the_checks_see_them(tmp_path):
     )
     assert shown.returncode == 0, shown.stderr
     # (the shell may first say how many objects it imported)
-    assert shown.stdout.splitlines()[-1].split() == ["7.0", "12.5", "60"]
+    assert shown.stdout.splitlines()[-1].split() == ["7.0", "12.5", "5"]
 
-    env["DATASOURCES_LEASE_SECONDS"] = "15"  # not above REFRESH_TIMEOUT (20 s)
+    env["DATASOURCES_LEASE_SECONDS"] = "1.5"  # below the shortest lease the keeper can hold
     checked = subprocess.run(
         [sys.executable, "manage.py", "check"],
         cwd=ROOT,

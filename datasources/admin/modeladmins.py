@@ -341,6 +341,7 @@ class TokenAdmin(ReadOnlyAdmin):
         "failure_kind",
         "next_attempt_at",
         "retry_not_before",
+        "refresh_started_at",
         "outcome_unknown_at",
         "last_error",
     )

@@ -136,6 +136,16 @@ class Token(models.Model):
     lease_expires_at = models.DateTimeField(
         _("refresh lease expires at"), null=True, blank=True, editable=False
     )
+    refresh_started_at = models.DateTimeField(
+        _("refresh started at"),
+        null=True,
+        blank=True,
+        editable=False,
+        help_text=_(
+            "When the holder of the current (or last) refresh lease took it, moments before it "
+            "sent its request: if the holder dies, this is when the lost request was sent."
+        ),
+    )
 
     objects = TokenQuerySet.as_manager()
 

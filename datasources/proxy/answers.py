@@ -13,20 +13,13 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 import urllib3
-from django.db import (
-    DatabaseError,
-    DataError,
-    IntegrityError,
-    InterfaceError,
-    NotSupportedError,
-    ProgrammingError,
-)
 from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.utils.log import log_response
 
 from ..calls import transport
 from ..calls.call import Refused
 from ..conf import app_settings
+from ..exceptions import is_database_outage
 
 
 def refusal_response(request: HttpRequest, refused: Refused) -> JsonResponse:
@@ -50,8 +43,6 @@ def refusal_response(request: HttpRequest, refused: Refused) -> JsonResponse:
 
 #: Seconds a caller is told to wait while the database is unavailable (a restart, a failover).
 DATABASE_RETRY_AFTER = 2
-#: Database errors that say our statement is wrong, not that the database is away: a bug (500).
-_STATEMENT_ERRORS = (IntegrityError, ProgrammingError, DataError, NotSupportedError)
 
 
 def failure_refusal(err: BaseException) -> Refused:
@@ -59,7 +50,7 @@ def failure_refusal(err: BaseException) -> Refused:
     as the answer both serving paths give: the database unavailable is ``503
     database_unavailable`` with Retry-After (it comes back by itself: callers retry); anything
     else ``500 internal_error``. JSON with no detail of the error: never a traceback."""
-    if isinstance(err, DatabaseError | InterfaceError) and not isinstance(err, _STATEMENT_ERRORS):
+    if is_database_outage(err):
         refused = Refused(
             503, "database_unavailable", "The database is unavailable; try again shortly."
         )

@@ -121,7 +121,8 @@ def record_retryable(
         "last_attempt_at": now,
     }
     if unknown:
-        fields["outcome_unknown_at"] = token.outcome_unknown_at or now
+        # When the lost request was sent (its lease was taken moments before), not now.
+        fields["outcome_unknown_at"] = token.outcome_unknown_at or token.refresh_started_at or now
     fields["refresh_due_at"] = due_for(datasource, token, now, fields)
     with transaction.atomic(savepoint=False):  # the token's record and its outbox
         Token.objects.filter(pk=token.pk).update(**fields)
@@ -154,6 +155,7 @@ def record_permanent(datasource: Datasource, token: Token, message: str) -> None
             retry_not_before=None,
             last_attempt_at=timezone.now(),
             refresh_due_at=None,  # only a person can help now
+            outcome_unknown_at=token.outcome_unknown_at,  # a lost answer explains it (if set)
         )
         with outbox(datasource):
             record_event(datasource, TokenEvent.Kind.REAUTHORIZATION_REQUIRED, message)

@@ -165,10 +165,22 @@ def store_refresh(
             setattr(stored, name, value)
         stored.refresh_count += 1
         with outbox(datasource):
+            if token.outcome_unknown_at:
+                record_event(datasource, TokenEvent.Kind.LOST_RESPONSE, _survived(token))
             record_event(datasource, TokenEvent.Kind.REFRESHED, granted(response))
             announce(token_refreshed, datasource, token=stored, recovered=recovered)
     token.__dict__.update(stored.__dict__)  # callers may share the instance (caches)
     return token
+
+
+def _survived(token: Token) -> str:
+    """The event of a refresh whose earlier answer was lost and whose repeat was answered."""
+    when = timezone.localtime(token.outcome_unknown_at)
+    return (
+        f"A refresh sent at {when:%Y-%m-%d %H:%M:%S %Z} got no answer (a timeout, a dropped "
+        "connection or a stopped worker). It was sent again with the same refresh token and the "
+        "provider answered it (a reuse grace period, or no rotation): the grant is intact."
+    )
 
 
 def disconnect(datasource: Datasource) -> list[str]:

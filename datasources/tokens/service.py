@@ -9,10 +9,13 @@ error the caller maps to a response (409 needs a person, 503 try later).
 from __future__ import annotations
 
 import hmac
+import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from django.core.signals import setting_changed
+from django.db import DatabaseError, connections, router
 from django.dispatch import receiver
 from django.utils import timezone
 from django.views.decorators.debug import sensitive_variables
@@ -25,6 +28,7 @@ from ..exceptions import (
     OAuthError,
     ReauthorizationRequired,
     TransientUpstreamError,
+    is_database_outage,
 )
 from ..models import Datasource, GrantType, Token, TokenEvent
 from ..ops import tracing
@@ -33,7 +37,12 @@ from .decide import Action, Decision, Policy, Situation, TokenState, decide, use
 from .failures import FailureKind, classify, record_event, record_permanent, record_retryable
 from .lifecycle import load_token, reload, store_due, store_refresh, token_owner
 
+logger = logging.getLogger(__name__)
+
 _POLL_INTERVAL = 0.05
+#: How long a refreshed token's answer is kept while the database is away before giving up on
+#: storing it (below the refresh task's 60 s soft time limit; a failover takes up to ~30 s).
+STORE_RETRY_SECONDS = 45.0
 #: Rounds of "decide, act" without waiting before giving up (a guard, never reached in practice).
 _MAX_ROUNDS = 20
 
@@ -357,11 +366,14 @@ def _refresh_leased(
             )
             if decision.action is not Action.REFRESH:
                 return token, False
-        with tracing.refresh(
-            datasource.grant_type, datasource.access_token_url, situation.value
-        ) as span:
+        with (
+            tracing.refresh(
+                datasource.grant_type, datasource.access_token_url, situation.value
+            ) as span,
+            lease.kept(token.pk, lease_id),  # a dead holder's lease lapses in LEASE_SECONDS
+        ):
             try:
-                response = _call_token_endpoint(datasource, token)
+                response = _call_retrying_a_lost_answer(datasource, token)
             except DatasourceError as err:
                 kind = classify(err)
                 # tracing: the OAuth error code only (a description can echo what was sent)
@@ -383,13 +395,85 @@ def _refresh_leased(
             span.set("datasources.outcome", "refreshed")
             stored = True  # the UPDATE that stores the token releases the lease
             rejection = situation is Situation.REJECTED
-            return store_refresh(
-                datasource, token, response, lease_id, after_rejection=rejection
+            return _store_when_the_database_answers(
+                datasource,
+                lambda: store_refresh(
+                    datasource, token, response, lease_id, after_rejection=rejection
+                ),
             ), True
     finally:
         if not stored:
             lease.release(token.pk, lease_id)
             token.lease_id, token.lease_expires_at = "", None
+
+
+@sensitive_variables()
+def _call_retrying_a_lost_answer(datasource: Datasource, token: Token) -> oauth.TokenResponse:
+    """The token endpoint's answer; a request whose answer was lost (sent, then a read timeout
+    or a dropped connection: the server may have rotated the refresh token in it) is sent once
+    more at once, with the same refresh token, still under the lease.
+
+    Why at once: providers with a reuse grace period (Okta: 0 to 60 s, 30 s by default; Auth0's
+    rotation overlap) answer the same refresh token again only within that window; later, their
+    reuse detection revokes the whole grant. A provider with strict reuse detection refuses it
+    either way (``invalid_grant``), and ``token.outcome_unknown_at`` (when the lost request was
+    sent) lets the dead grant's event say why and when.
+    """
+    try:
+        return _call_token_endpoint(datasource, token)
+    except TransientUpstreamError as err:
+        if not err.outcome_unknown:
+            raise
+    sent_at = token.refresh_started_at or timezone.now()
+    token.outcome_unknown_at = token.outcome_unknown_at or sent_at
+    logger.warning(
+        "refresh answer for datasource %s was lost; sending it again at once with the same "
+        "refresh token",
+        datasource.slug,
+    )
+    try:
+        return _call_token_endpoint(datasource, token)
+    except TransientUpstreamError as err:
+        err.outcome_unknown = True  # the first answer was lost, whatever became of this one
+        raise
+
+
+def _store_when_the_database_answers(datasource: Datasource, store: Callable[[], Token]) -> Token:
+    """``store()``, tried again while the database is away (a restart, a failover) for up to
+    STORE_RETRY_SECONDS, under the lease (which nobody can take over meanwhile: taking it needs
+    the database too). The answer in hand may carry the only valid refresh token (rotation), so
+    it is kept until it can be written rather than lost and the refresh repeated. Inside a
+    caller's transaction a broken connection cannot be replaced: the error is raised."""
+    deadline = time.monotonic() + STORE_RETRY_SECONDS
+    delay = 0.05
+    while True:
+        try:
+            return store()
+        except DatabaseError as err:
+            connection = connections[router.db_for_write(Token)]
+            if (
+                not is_database_outage(err)
+                or connection.in_atomic_block
+                or time.monotonic() >= deadline
+            ):
+                if is_database_outage(err):
+                    logger.error(
+                        "refresh of datasource %s succeeded but could not be stored: the "
+                        "database stayed unavailable (%s)",
+                        datasource.slug,
+                        type(err).__name__,
+                    )
+                raise
+            logger.warning(
+                "refresh of datasource %s: the database is unavailable (%s); keeping the answer "
+                "and storing it again in %.2fs",
+                datasource.slug,
+                type(err).__name__,
+                delay,
+            )
+            connection.close()  # the next attempt connects afresh
+            time.sleep(delay)
+            delay = min(delay * 2, 0.5)
 
 
 @sensitive_variables()
@@ -427,9 +511,11 @@ def _dead_grant(
     if token.outcome_unknown_at and code == "invalid_grant":
         when = timezone.localtime(token.outcome_unknown_at)
         note = (
-            f"An earlier refresh (around {when:%Y-%m-%d %H:%M:%S %Z}) got no answer (a timeout "
-            "or a stopped worker). The provider probably rotated the refresh token in that lost "
-            "answer, so the stored one is no longer valid; re-authorize to continue."
+            f"A refresh sent at {when:%Y-%m-%d %H:%M:%S %Z} got no answer (a timeout, a dropped "
+            "connection or a stopped worker). It was sent again with the same refresh token and "
+            "refused: the provider rotated the refresh token in that lost answer and does not "
+            "accept the old one again (no reuse grace period), so the grant is gone; "
+            "re-authorize to continue."
         )
         record_event(datasource, TokenEvent.Kind.LOST_RESPONSE, note)
         message = f"{message} — {note}"
