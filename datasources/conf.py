@@ -108,6 +108,11 @@ DEFAULTS: dict[str, Any] = {
     # verified API key without reading the database. Edits, revocations and re-authorizations
     # made in other processes take effect within this time. 0 disables the cache.
     "PROXY_CACHE_SECONDS": 5.0,
+    # While the database is unavailable (a restart, a failover), a call whose API key and token
+    # this process has cached is still served from those entries for up to this many seconds
+    # past their PROXY_CACHE_SECONDS (never with a token past its expiry); any other call gets
+    # 503 database_unavailable. 0: no stale serving.
+    "PROXY_STALE_IF_ERROR": 60.0,
     # Bearer token Prometheus sends to /metrics. Empty: only users who may view datasources.
     "METRICS_TOKEN": "",
     # Email the datasource's owner when it needs re-authorization.

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 import urllib3
+from django.db import DatabaseError
 
 from .. import tokens
 from ..exceptions import NotAuthorized, ReauthorizationRequired, TransientUpstreamError
@@ -68,13 +69,17 @@ class TokenCache(Protocol):
 
     def get(self, key: Any) -> Any: ...
 
+    def if_error(self, key: Any, err: BaseException) -> Any: ...
+
 
 def token_for(
     slug: str, caller: Caller, cached: TokenCache, *, cached_only: bool = False
 ) -> Token | None:
     """The token (with its datasource) ``caller`` calls ``slug`` with, from ``cached`` else the
     database, or Refused (404, 403, 409 user_required). ``cached_only``: None instead of
-    reading the database (the fast lane asks this first, on its event loop)."""
+    reading the database (the fast lane asks this first, on its event loop). While the database
+    is away, an entry past its time still serves (``cached.if_error``: stale-if-error); with
+    none, the database's error is raised (503 database_unavailable)."""
     token = cached.get((slug, caller.user_id))
     if token is None and caller.user_id is not None:
         token = cached.get((slug, None))
@@ -85,6 +90,12 @@ def token_for(
             token = Token.objects.select_related("datasource").get(datasource__slug=slug, user=None)
         except Token.DoesNotExist:
             raise Refused(404, "not_found", f"No datasource with slug {slug!r}.") from None
+        except DatabaseError as err:
+            token = cached.if_error((slug, caller.user_id), err)
+            if token is None and caller.user_id is not None:
+                token = cached.if_error((slug, None), err)
+            if token is None:
+                raise
     datasource = token.datasource
     if not caller.may_use(datasource.pk):
         raise Refused(403, "forbidden", "This API key may not use this datasource.")
@@ -99,7 +110,12 @@ def token_for(
             )
         if cached_only:
             return None
-        token = tokens.load_token(datasource, caller.user_id)
+        try:
+            token = tokens.load_token(datasource, caller.user_id)
+        except DatabaseError as err:
+            token = cached.if_error((slug, caller.user_id), err)
+            if token is None:
+                raise
     return token
 
 

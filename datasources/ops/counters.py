@@ -1,4 +1,5 @@
-"""Counters this process keeps in memory for /metrics: what could not be stored in the database.
+"""Counters this process keeps in memory for /metrics: what could not be stored in the database,
+and what was served without it.
 
 Every other metric is read from the database, so that each process answers with the same totals.
 These count what the database never received (usage counts and call-log rows dropped because
@@ -17,8 +18,12 @@ USAGE_DROPPED = "usage_dropped"
 #: Call-log rows dropped (datasources_call_log_dropped_total).
 CALL_LOG_DROPPED = "call_log_dropped"
 
+#: Lookups served from a stale cache entry while the database was unavailable
+#: (datasources_proxy_stale_served_total).
+STALE_SERVED = "stale_served"
+
 _lock = threading.Lock()
-_values: dict[str, int] = {USAGE_DROPPED: 0, CALL_LOG_DROPPED: 0}
+_values: dict[str, int] = {USAGE_DROPPED: 0, CALL_LOG_DROPPED: 0, STALE_SERVED: 0}
 
 
 def add(name: str, amount: int = 1) -> None:

@@ -204,6 +204,13 @@ def _dropped_metrics(lines: list[str], family) -> None:
         "Call-log rows this process dropped (database writes failing, buffer full).",
     )
     lines.append(f"datasources_call_log_dropped_total {counters.value(counters.CALL_LOG_DROPPED)}")
+    family(
+        "datasources_proxy_stale_served_total",
+        "counter",
+        "API-key and token lookups this process served from stale cache entries while the "
+        "database was unavailable (PROXY_STALE_IF_ERROR).",
+    )
+    lines.append(f"datasources_proxy_stale_served_total {counters.value(counters.STALE_SERVED)}")
 
 
 @never_cache

@@ -3,10 +3,17 @@
 Verified API keys and each datasource's current token (with its datasource) are reused for
 PROXY_CACHE_SECONDS. This process's own edits apply at once (the receivers below empty the
 caches); edits, revocations and re-authorizations made in other processes within that time.
+
+While the database is away (a restart, a failover), an entry past its time still serves for
+PROXY_STALE_IF_ERROR seconds more (:meth:`TTLCache.if_error`, stale-if-error): a caller the
+process already knows keeps working through a restart, and after that bound a key revoked
+meanwhile stops working. The token is never used past its own expiry (the token rules decide
+that, not this cache). Anything not cached is 503 ``database_unavailable``.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from typing import Any
@@ -15,7 +22,11 @@ from django.db.models.signals import m2m_changed, post_delete, post_save
 from django.dispatch import receiver
 
 from ..conf import app_settings
+from ..exceptions import is_database_outage
 from ..models import ApiKey, Datasource
+from ..ops import counters
+
+logger = logging.getLogger(__name__)
 
 
 class TTLCache:
@@ -49,9 +60,39 @@ class TTLCache:
         if item is None or item[1] is not value or item[0] <= time.monotonic():
             self.put(key, value)
 
+    def if_error(self, key: Any, err: BaseException) -> Any:
+        """What serves ``key`` while the database is away (``err`` says so): the entry even
+        past its time, up to PROXY_STALE_IF_ERROR seconds past it; else None (the caller
+        raises ``err``: 503 database_unavailable). Counted and logged (not once per call)."""
+        if not is_database_outage(err):
+            return None
+        item = self._data.get(key)
+        if item is None or item[0] + app_settings.PROXY_STALE_IF_ERROR <= time.monotonic():
+            return None
+        counters.add(counters.STALE_SERVED)
+        _say_stale(err)
+        return item[1]
+
     def clear(self) -> None:
         with self._lock:
             self._data.clear()
+
+
+#: When serving from stale entries was last logged (monotonic seconds).
+_stale_said = -60.0
+
+
+def _say_stale(err: BaseException) -> None:
+    global _stale_said
+    now = time.monotonic()
+    if now - _stale_said >= 10:
+        _stale_said = now
+        logger.warning(
+            "the database is unavailable (%s): serving calls this process already knows from "
+            "its caches for up to %g s (PROXY_STALE_IF_ERROR)",
+            type(err).__name__,
+            app_settings.PROXY_STALE_IF_ERROR,
+        )
 
 
 #: (slug, user id or None) -> Token, with its datasource loaded.

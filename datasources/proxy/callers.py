@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from django.db import DatabaseError
 from django.http import HttpRequest
 from django.middleware.csrf import CsrfViewMiddleware
 from django.views.decorators.debug import sensitive_variables
@@ -72,7 +73,13 @@ def caller_for_key(key: str, *, cached_only: bool = False) -> Caller | None:
     digest = apikeys.hash_key(key)
     caller = cache.keys.get(digest)
     if caller is None and not cached_only:
-        api_key = apikeys.authenticate(key)
+        try:
+            api_key = apikeys.authenticate(key)
+        except DatabaseError as err:
+            caller = cache.keys.if_error(digest, err)  # stale-if-error, or 503
+            if caller is None:
+                raise
+            return caller
         if api_key is None:
             return None
         caller = Caller(api_key.pk, apikeys.allowed_datasource_ids(api_key), api_key.user_id)

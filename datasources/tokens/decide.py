@@ -194,6 +194,17 @@ def _request(
     return Decision(Action.REFRESH, "expiring" if usable else "expired")
 
 
+def usable_until_expiry(state: TokenState, now: datetime) -> bool:
+    """Whether the token may still be sent at all: an access token not known to have expired
+    (fresh or due for renewal alike). What :func:`decide` calls ``usable``; also what a call
+    is served with while the database is away and no refresh can be stored (stale-if-error:
+    never past the token's own expiry)."""
+    known_expired = bool(
+        state.expiry_known and state.expires_at is not None and state.expires_at <= now
+    )
+    return state.has_access_token and not known_expired
+
+
 def decide(
     state: TokenState,
     policy: Policy,
@@ -216,13 +227,8 @@ def decide(
             return Decision(Action.SKIP, "not_authorized")
         return Decision(Action.NOT_AUTHORIZED, "not_authorized")
 
-    known_expired = bool(
-        state.has_access_token
-        and state.expiry_known
-        and state.expires_at is not None
-        and state.expires_at <= now
-    )
-    usable = state.has_access_token and not known_expired
+    usable = usable_until_expiry(state, now)
+    known_expired = state.has_access_token and not usable
 
     if not renewable:
         return _unrenewable(state, policy, situation, now, known_expired, rejected_is_current)

@@ -33,7 +33,16 @@ from ..exceptions import (
 from ..models import Datasource, GrantType, Token, TokenEvent
 from ..ops import tracing
 from . import lease
-from .decide import Action, Decision, Policy, Situation, TokenState, decide, use_until
+from .decide import (
+    Action,
+    Decision,
+    Policy,
+    Situation,
+    TokenState,
+    decide,
+    usable_until_expiry,
+    use_until,
+)
 from .failures import FailureKind, classify, record_event, record_permanent, record_retryable
 from .lifecycle import load_token, reload, store_due, store_refresh, token_owner
 
@@ -192,7 +201,12 @@ def _obtain(
         rounds += 1
         if rounds > _MAX_ROUNDS:
             raise TransientUpstreamError(f"Could not settle the token of {datasource.slug!r}.")
-        lease_id = lease.acquire(token.pk)
+        try:
+            lease_id = lease.acquire(token.pk)
+        except DatabaseError as err:
+            if situation is Situation.REQUEST and _serve_while_away(datasource, token, err):
+                return token
+            raise
         if lease_id is None:  # someone else is refreshing: use or wait, as the rules say
             token = reload(token, datasource)
             continue
@@ -205,6 +219,30 @@ def _obtain(
             continue
         if refreshed:
             return token
+
+
+def _serve_while_away(datasource: Datasource, token: Token, err: DatabaseError) -> bool:
+    """The database is away (a restart, a failover) when a call's token is due for renewal:
+    no refresh could be stored, but a token not yet expired still serves the call
+    (stale-if-error). An expired one does not: the caller gets 503 database_unavailable."""
+    if not is_database_outage(err) or not usable_until_expiry(
+        TokenState.of(token, timezone.now()), timezone.now()
+    ):
+        return False
+    now = time.monotonic()
+    if now - _put_off_said.get(datasource.slug, -60.0) >= 10:  # not a line per call
+        _put_off_said[datasource.slug] = now
+        logger.warning(
+            "refresh of datasource %s put off: the database is unavailable (%s); the current "
+            "token serves until it expires",
+            datasource.slug,
+            type(err).__name__,
+        )
+    return True
+
+
+#: When each datasource's put-off refresh was last logged (monotonic seconds).
+_put_off_said: dict[str, float] = {}
 
 
 def _end_wait(span: tracing.Span | tracing.NoopSpan, outcome: str, started: float) -> None:
