@@ -370,7 +370,9 @@ class Waiters:
 @contextmanager
 def holder_mid_refresh(setup: Setup, refresh_token: str) -> Iterator[subprocess.Popen]:
     """A separate process (tests/proc_refresh.py) takes the lease and sends the refresh; the
-    provider rotates and holds the answer. Yields the live process; ends it at the end."""
+    provider rotates and holds the answer. Yields the live process; ends it at the end, and
+    (PostgreSQL) waits for the database sessions opened meanwhile to end: join the threads
+    that opened them inside the block."""
     sessions_before = other_sessions()
     holder = subprocess.Popen(
         [sys.executable, str(ROOT / "tests" / "proc_refresh.py"), setup.datasource.slug, "0"],
@@ -478,8 +480,8 @@ def test_waiters_behind_a_killed_holder_are_answered_within_lease_seconds(
         with holder_mid_refresh(setup, before.refresh_token) as holder:
             waiters = Waiters(client, datasource, WAITERS).start()
             killed_at = kill(holder)
-        endpoint.release()  # the rotated answer goes to a dead socket
-        answers = waiters.join(LEASE_WAIT + 10)
+            endpoint.release()  # the rotated answer goes to a dead socket
+            answers = waiters.join(LEASE_WAIT + 10)
 
         after_kill = max(a.ended - killed_at for a in answers)
         longest = max(a.ended - a.started for a in answers)
