@@ -78,8 +78,8 @@ class Profile:
     #: one, with reuse detection and a grace period: see :data:`GRACE_DOCS` and ``reuse_grace``).
     rotation: str = "none"
     #: rotation="grace": seconds the refresh token a rotation replaced may be presented again
-    #: (Okta's grace period, 0-60 s, default 30; Auth0's reuse interval). 0: reuse detection at
-    #: once.
+    #: (Okta's grace period, its "leeway", default 30; Auth0's reuse interval). 0: reuse
+    #: detection at once.
     reuse_grace: float = 30.0
     #: rotation="grace": what a reuse within the grace period answers: "new-pair" (another new
     #: access and refresh token, Auth0 and Clerk) or "same" (the answer the rotation gave, again).
@@ -359,11 +359,13 @@ PROFILES: dict[str, Profile] = {
 #:   invalidates the most recently issued refresh token and all access tokens issued since the
 #:   user authenticated". The grace period exists because "new tokens issued by Okta might not
 #:   reach the client app": "after the refresh token is rotated, the previous token remains valid
-#:   for the configured amount of time to allow clients to get the new token". The app's
-#:   ``settings.oauthClient.refresh_token.leeway`` (Okta SDK docs,
-#:   OpenIdConnectApplicationSettingsRefreshToken) is that period in seconds, default 30 (the
-#:   admin console takes 0-60). Okta does not say whether a reuse within it returns the same
-#:   tokens or another pair.
+#:   for the configured amount of time to allow clients to get the new token". An app's
+#:   refresh-token ``leeway`` (Okta SDK docs, OpenIdConnectApplicationSettingsRefreshToken)
+#:   is that period in seconds, default 30 ("a
+#:   leeway of 0 doesn't necessarily mean that the previous token is immediately invalidated": it
+#:   is once the new token is returned). The pages read give no range (Amazon Cognito's
+#:   RetryGracePeriodSeconds, the same idea, is 0-60). Okta does not say whether a reuse within
+#:   the period returns the same tokens or another pair.
 #: * Auth0, "Configure Refresh Token Rotation" (auth0.com/docs/secure/tokens/refresh-tokens/
 #:   configure-refresh-token-rotation): within the reuse interval ("Rotation Overlap Period")
 #:   "breach detection features don't apply and a new rotating refresh token is issued. Only the
@@ -374,7 +376,8 @@ PROFILES: dict[str, Profile] = {
 #:   next refresh with any of them is denied: the person must authenticate again.
 #: * Clerk's changelog (2026-12-04, "Grace period for OAuth refresh token retries") says the same
 #:   of a retry after a dropped answer: "accepts the previous refresh token once more and returns
-#:   a new pair of tokens"; older refresh tokens still count as reuse and revoke access.
+#:   a new pair of tokens"; older refresh tokens still count as reuse and revoke access. Clerk
+#:   accepts it only once; the fake, like Auth0's text, as often as the period lasts.
 #:
 #: Modelled: a grant's refresh tokens form a *family* with a current token and the previous one
 #: (the one the latest rotation consumed). Presenting the current one rotates. Presenting the
