@@ -74,8 +74,16 @@ class Profile:
     refresh_on_reconsent: bool = True
     #: Refresh grant: "none" (no refresh_token in the answer; the old one stays valid),
     #: "same" (the same one echoed), "rotate" (a new one; the old one stays valid for a while),
-    #: "strict" (a new one; the old one dies the moment the new one is issued).
+    #: "strict" (a new one; the old one dies the moment the new one is issued), "grace" (a new
+    #: one, with reuse detection and a grace period: see :data:`GRACE_DOCS` and ``reuse_grace``).
     rotation: str = "none"
+    #: rotation="grace": seconds the refresh token a rotation replaced may be presented again
+    #: (Okta's grace period, its "leeway", default 30; Auth0's reuse interval). 0: reuse
+    #: detection at once.
+    reuse_grace: float = 30.0
+    #: rotation="grace": what a reuse within the grace period answers: "new-pair" (another new
+    #: access and refresh token, Auth0 and Clerk) or "same" (the answer the rotation gave, again).
+    reuse_answer: str = "new-pair"
     token_type: str = "Bearer"
     #: HTTP status of OAuth errors (RFC 6749: 400; GitHub, Slack, Zoho: 200).
     error_status: int = 400
@@ -306,6 +314,27 @@ PROFILES: dict[str, Profile] = {
         refresh_prefix="AB1",
         extra=_intuit_extra,
     ),
+    # Okta with refresh token rotation (a custom authorization server): JWT access tokens, one
+    # hour; a rotated refresh token stays usable for the grace period (default 30 s), then
+    # reuse detection revokes the family. See GRACE_DOCS.
+    "okta": Profile(
+        name="okta",
+        lifetime=3600,
+        rotation="grace",
+        reuse_grace=30.0,
+        jwt_access=True,
+        api_reject_body={"errorCode": "invalid_token", "errorSummary": "Invalid token"},
+    ),
+    # Auth0 with refresh token rotation and automatic reuse detection; the reuse interval is the
+    # tenant's choice (0 here: the first reuse revokes the family). See GRACE_DOCS.
+    "auth0": Profile(
+        name="auth0",
+        lifetime=86400,
+        rotation="grace",
+        reuse_grace=0.0,
+        jwt_access=True,
+        api_reject_body={"error": "invalid_token", "error_description": "Invalid token"},
+    ),
     # Xero: strict rotation, JWT access tokens with exp, 30 min.
     "xero": Profile(
         name="xero",
@@ -322,6 +351,52 @@ PROFILES: dict[str, Profile] = {
 }
 
 
+#: What rotation="grace" models, and from which documentation (read 2026-12):
+#:
+#: * Okta, "Refresh token rotation" (developer.okta.com/docs/guides/refresh-tokens/
+#:   refresh-token-rotation/): as soon as new tokens are issued the refresh token sent is
+#:   invalidated; "if a previously used refresh token is used again ... Okta immediately
+#:   invalidates the most recently issued refresh token and all access tokens issued since the
+#:   user authenticated". The grace period exists because "new tokens issued by Okta might not
+#:   reach the client app": "after the refresh token is rotated, the previous token remains valid
+#:   for the configured amount of time to allow clients to get the new token". An app's
+#:   refresh-token ``leeway`` (Okta SDK docs, OpenIdConnectApplicationSettingsRefreshToken)
+#:   is that period in seconds, default 30 ("a
+#:   leeway of 0 doesn't necessarily mean that the previous token is immediately invalidated": it
+#:   is once the new token is returned). The pages read give no range (Amazon Cognito's
+#:   RetryGracePeriodSeconds, the same idea, is 0-60). Okta does not say whether a reuse within
+#:   the period returns the same tokens or another pair.
+#: * Auth0, "Configure Refresh Token Rotation" (auth0.com/docs/secure/tokens/refresh-tokens/
+#:   configure-refresh-token-rotation): within the reuse interval ("Rotation Overlap Period")
+#:   "breach detection features don't apply and a new rotating refresh token is issued. Only the
+#:   previous token can be reused; if the second-to-last one is exchanged, breach detection will
+#:   be triggered". "Refresh Token Rotation" (auth0.com/docs/secure/tokens/refresh-tokens/
+#:   refresh-token-rotation), automatic reuse detection: a previously-used refresh token
+#:   "immediately invalidates the refresh token family", the most recent one included, and the
+#:   next refresh with any of them is denied: the person must authenticate again.
+#: * Clerk's changelog (2026-12-04, "Grace period for OAuth refresh token retries") says the same
+#:   of a retry after a dropped answer: "accepts the previous refresh token once more and returns
+#:   a new pair of tokens"; older refresh tokens still count as reuse and revoke access. Clerk
+#:   accepts it only once; the fake, like Auth0's text, as often as the period lasts.
+#:
+#: Modelled: a grant's refresh tokens form a *family* with a current token and the previous one
+#: (the one the latest rotation consumed). Presenting the current one rotates. Presenting the
+#: previous one within ``reuse_grace`` seconds of its rotation answers 200 with another new pair
+#: (``reuse_answer="new-pair"``: Auth0, Clerk; that pair's refresh token becomes the current one,
+#: so the refresh token of the lost answer is superseded) or with the rotation's own answer again
+#: (``reuse_answer="same"``: one reading of Okta's "to allow clients to get the new token").
+#: Anything else (the previous one after the period, an older one, a superseded one) is reuse
+#: detection: ``invalid_grant`` (``dead_refresh_error``) and the whole family revoked, every
+#: refresh token of it and every access token issued from it. ``reuse_grace=0``: strict reuse
+#: detection (the refresh token is single-use and a second use kills the grant).
+GRACE_DOCS = (
+    "https://developer.okta.com/docs/guides/refresh-tokens/refresh-token-rotation/",
+    "https://auth0.com/docs/secure/tokens/refresh-tokens/configure-refresh-token-rotation",
+    "https://auth0.com/docs/secure/tokens/refresh-tokens/refresh-token-rotation",
+    "https://clerk.com/changelog/2026-12-04-oauth-refresh-token-grace-period",
+)
+
+
 # --- what the provider issued and saw --------------------------------------------------------
 
 
@@ -335,6 +410,7 @@ class Issued:
     issued_at: float
     expires_at: float | None  # the provider's truth; None: never
     revoked: bool = False
+    family: str | None = None  # the refresh token family it was issued from (rotation="grace")
 
     def valid(self, now: float) -> bool:
         return not self.revoked and (self.expires_at is None or now < self.expires_at)
@@ -347,6 +423,20 @@ class RefreshGrant:
     scope: str
     alive: bool = True
     uses: int = 0
+    family: str | None = None  # rotation="grace": the family it belongs to
+
+
+@dataclass
+class Family:
+    """rotation="grace": the refresh tokens descending from one authorization (Auth0's word)."""
+
+    id: str
+    current: str  # the refresh token to present next
+    previous: str | None = None  # the one the latest rotation consumed
+    rotated_at: float | None = None  # when ``previous`` was rotated (time.time())
+    rotation_answer: dict[str, Any] | None = None  # what that rotation answered
+    revoked: bool = False
+    reuses: int = 0  # reuses accepted within the grace period
 
 
 @dataclass
@@ -368,6 +458,7 @@ class TokenCall:
     form: dict[str, str]
     headers: dict[str, str]
     at: float  # time.monotonic()
+    received_at: float = field(default_factory=time.time)  # wall clock, when it arrived
     status: int | None = None  # HTTP status answered; None while pending or when dropped
     outcome: str = "pending"  # issued, error:<code>, failure:<name>, dropped, lost, pending
     answer: dict[str, Any] | None = None  # the token answer's fields, when one was issued
@@ -543,6 +634,7 @@ class FakeProvider:
         self.clients: dict[str, str] = {CLIENT_ID: SECRET}
         self.issued: dict[str, Issued] = {}
         self.refresh_grants: dict[str, RefreshGrant] = {}
+        self.families: dict[str, Family] = {}
         self.codes: dict[str, Code] = {}
         self.consents: dict[str, int] = {}  # client id -> completed code exchanges
         self.token_calls: list[TokenCall] = []
@@ -678,6 +770,12 @@ class FakeProvider:
     def live_refresh_tokens(self) -> list[str]:
         with self._lock:
             return [g.token for g in self.refresh_grants.values() if g.alive]
+
+    def family_of(self, refresh_token: str | None) -> Family | None:
+        """rotation="grace": the family ``refresh_token`` belongs to."""
+        with self._lock:
+            grant = self.refresh_grants.get(refresh_token or "")
+            return self.families.get(grant.family or "") if grant else None
 
     def is_live_refresh_token(self, value: str | None) -> bool:
         with self._lock:
@@ -826,10 +924,13 @@ class FakeProvider:
                         or (code.params.get("prompt") == "consent" and profile.refresh_on_code)
                     )
                 )
-                issued = self._issue_access(client_id, code.scope, now)
                 refresh = self._issue_refresh(client_id, code.scope) if with_refresh else None
+                family = self.refresh_grants[refresh].family if refresh else None
+                issued = self._issue_access(client_id, code.scope, now, family=family)
             elif grant_type == "refresh_token":
                 grant = self.refresh_grants.get(form.get("refresh_token", ""))
+                if profile.rotation == "grace" and grant is not None and grant.family:
+                    return self._grace_refresh(call, headers, grant, client_id, now)
                 if grant is None or not grant.alive or grant.client_id != client_id:
                     return self._error(
                         call, headers, profile.dead_refresh_error, "refresh token is not valid"
@@ -842,7 +943,7 @@ class FakeProvider:
                 refresh = None
                 if profile.rotation == "same":
                     refresh = grant.token
-                elif profile.rotation in ("rotate", "strict"):
+                elif profile.rotation in ("rotate", "strict", "grace"):
                     refresh = self._issue_refresh(client_id, grant.scope)
                     if profile.rotation == "strict":
                         grant.alive = False
@@ -852,6 +953,56 @@ class FakeProvider:
             else:
                 return self._error(call, headers, "unsupported_grant_type")
         answer = self._answer(issued, refresh, now)
+        call.outcome = "issued"
+        call.answer = answer
+        return self._encode(headers, answer, 200)
+
+    def _grace_refresh(
+        self,
+        call: TokenCall,
+        headers: dict[str, str],
+        grant: RefreshGrant,
+        client_id: str,
+        now: float,
+    ) -> _Reply:
+        """A refresh grant under rotation="grace" (see :data:`GRACE_DOCS`); under ``_lock``."""
+        profile = self.profile
+        family = self.families[grant.family or ""]
+        if family.revoked or grant.client_id != client_id:
+            return self._error(call, headers, profile.dead_refresh_error, "refresh token revoked")
+        grant.uses += 1
+        if grant.token == family.current:
+            issued = self._issue_access(client_id, grant.scope, now, family=family.id)
+            refresh = self._issue_refresh(client_id, grant.scope, family=family.id)
+            grant.alive = False
+            family.previous, family.rotated_at, family.current = grant.token, now, refresh
+            answer = self._answer(issued, refresh, now)
+            family.rotation_answer = answer
+        elif (
+            grant.token == family.previous
+            and family.rotated_at is not None
+            and now - family.rotated_at <= profile.reuse_grace
+        ):
+            family.reuses += 1
+            if profile.reuse_answer == "same" and family.rotation_answer is not None:
+                answer = dict(family.rotation_answer)
+            else:
+                issued = self._issue_access(client_id, grant.scope, now, family=family.id)
+                refresh = self._issue_refresh(client_id, grant.scope, family=family.id)
+                self.refresh_grants[family.current].alive = False  # superseded
+                family.current = refresh
+                answer = self._answer(issued, refresh, now)
+        else:  # reuse detection: the whole family dies
+            family.revoked = True
+            for other in self.refresh_grants.values():
+                if other.family == family.id:
+                    other.alive = False
+            for issued in self.issued.values():
+                if issued.family == family.id:
+                    issued.revoked = True
+            return self._error(
+                call, headers, profile.dead_refresh_error, "refresh token reuse detected"
+            )
         call.outcome = "issued"
         call.answer = answer
         return self._encode(headers, answer, 200)
@@ -875,7 +1026,9 @@ class FakeProvider:
             return None
         return client_id
 
-    def _issue_access(self, client_id: str, scope: str, now: float) -> Issued:
+    def _issue_access(
+        self, client_id: str, scope: str, now: float, *, family: str | None = None
+    ) -> Issued:
         lifetime = self.profile.lifetime
         expires_at = None if lifetime is None else now + lifetime
         if self.profile.jwt_access:
@@ -892,13 +1045,18 @@ class FakeProvider:
             value = make_jwt(claims)
         else:
             value = self.profile.access_prefix + secrets.token_urlsafe(24)
-        issued = Issued(value, client_id, scope, now, expires_at)
+        issued = Issued(value, client_id, scope, now, expires_at, family=family)
         self.issued[value] = issued
         return issued
 
-    def _issue_refresh(self, client_id: str, scope: str) -> str:
+    def _issue_refresh(self, client_id: str, scope: str, *, family: str | None = None) -> str:
+        """A new refresh token; under rotation="grace" in ``family``, or a new family (a code
+        exchange)."""
         value = self.profile.refresh_prefix + secrets.token_urlsafe(32)
-        self.refresh_grants[value] = RefreshGrant(value, client_id, scope)
+        if self.profile.rotation == "grace" and family is None:
+            family = secrets.token_hex(8)
+            self.families[family] = Family(family, current=value)
+        self.refresh_grants[value] = RefreshGrant(value, client_id, scope, family=family)
         return value
 
     def _answer(self, issued: Issued, refresh: str | None, now: float) -> dict[str, Any]:
