@@ -1,5 +1,6 @@
 from django.urls import path, re_path
 
+from .api.endpoints import api
 from .authorize import views
 from .ops import views as ops
 from .proxy.route import PATH_PATTERN, ROOT_PATTERN
@@ -15,4 +16,6 @@ urlpatterns = [
     # The proxy's URL is defined once (proxy/route.py): the ASGI router and its fast lane match it.
     re_path(ROOT_PATTERN, proxy, name="proxy-root"),
     re_path(PATH_PATTERN, proxy, name="proxy"),
+    # The management JSON API and its OpenAPI document (/api/v1/openapi.json).
+    path("api/v1/", api.urls),
 ]

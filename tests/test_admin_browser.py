@@ -680,6 +680,8 @@ def test_api_key_is_shown_once_with_copy_and_curl(auth_server, page, expect, bui
     page.fill("#id_name", "my-app")
     page.select_option("#id_datasources_from", str(datasource.pk))
     page.click("#id_datasources_add")
+    expect(page.locator("#id_may_proxy")).to_be_checked()  # the default permission
+    page.check("#id_may_manage")  # and the management API
     page.click("input[name=_save]")
     page.wait_for_url(re.compile(r".*/apikey/\d+/created/$"))
     key = page.inner_text("code.new-api-key")
@@ -701,6 +703,12 @@ def test_api_key_is_shown_once_with_copy_and_curl(auth_server, page, expect, bui
         timeout=10,
     )
     assert answer.status_code == 200
+    # The page shows a curl for each permission; the management one works as shown.
+    manage = page.inner_text("pre.datasource-curl-more")
+    assert key in manage and manage.endswith(f"{base}/api/v1/datasources")
+    listed = requests.get(manage.split()[-1], headers={"Authorization": f"Api-Key {key}"})
+    assert [item["slug"] for item in listed.json()["items"]] == [datasource.slug]
+    assert api_key.permissions == {"proxy", "manage"}
     page.reload()  # the key is gone; nothing new was created
     expect(page.locator(".datasource-key-gone")).to_be_visible()
     assert key not in page.content()

@@ -608,10 +608,10 @@ def test_the_admin_defaults_to_least_privilege(spy, staff_client):
     checkbox = add[add.rindex("<input", 0, at) : add.index(">", at)]
     assert "checkbox" in checkbox and "checked" not in checkbox
     assert staff_client.post("/admin/datasources/apikey/add/", {"name": "k"}).status_code == 200
-    both = {"name": "k", "all_datasources": "on", "datasources": [datasource.pk]}
+    both = {"name": "k", "all_datasources": "on", "datasources": [datasource.pk], "may_proxy": "on"}
     assert staff_client.post("/admin/datasources/apikey/add/", both).status_code == 200
     assert not ApiKey.objects.exists()
-    chosen = {"name": "k", "datasources": [datasource.pk]}
+    chosen = {"name": "k", "datasources": [datasource.pk], "may_proxy": "on"}
     response = staff_client.post("/admin/datasources/apikey/add/", chosen)
     created = ApiKey.objects.get()
     assert response["Location"] == f"/admin/datasources/apikey/{created.pk}/created/"
@@ -623,7 +623,7 @@ def test_an_all_datasources_key_is_an_explicit_choice(spy, staff_client):
     first = connected(spy, slug="first", name="First")
     response = staff_client.post(
         "/admin/datasources/apikey/add/",
-        {"name": "everything", "all_datasources": "on"},
+        {"name": "everything", "all_datasources": "on", "may_proxy": "on"},
         follow=True,  # post/redirect/get: the key is on the page the redirect leads to
     )
     html = response.content.decode()

@@ -310,7 +310,8 @@ def test_create_api_key_command_needs_an_explicit_scope(ready):
 
 def test_admin_shows_new_key_once(staff_client):
     response = staff_client.post(
-        "/admin/datasources/apikey/add/", {"name": "from-admin", "all_datasources": "on"}
+        "/admin/datasources/apikey/add/",
+        {"name": "from-admin", "all_datasources": "on", "may_proxy": "on"},
     )
     from datasources.models import ApiKey
 

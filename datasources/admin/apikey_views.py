@@ -7,9 +7,10 @@ from __future__ import annotations
 from django.contrib.admin import ModelAdmin
 from django.http import HttpRequest, HttpResponse
 from django.urls import reverse
+from django.utils.translation import gettext as _
 from django.views.decorators.debug import sensitive_variables
 
-from ..models import ApiKey, Datasource
+from ..models import PERMISSIONS, ApiKey, Datasource
 from . import shown_once
 
 SESSION_KEY = "datasources_new_api_key"
@@ -27,12 +28,33 @@ def created_view(model_admin: ModelAdmin, request: HttpRequest, pk: int) -> Http
         Datasource.objects.values_list("slug", flat=True)[:1]
     )
     slug = slugs[0] if slugs else "SLUG"
-    proxy = request.build_absolute_uri(reverse("datasources:proxy-root", args=[slug]))
+    examples = _examples(request, slug, key or "dsk_…", api_key.permissions)
     context = {
         "title": "API key created" if key else "API key",
         "api_key": api_key,
         "key": key,
-        "curl": f'curl -H "Authorization: Api-Key {key or "dsk_…"}" {proxy}',
+        "curl": examples[0][1] if examples else "",
+        "examples": examples[1:],
+        "granted": [name for name in PERMISSIONS if name in api_key.permissions],
         "opts": ApiKey._meta,
     }
     return shown_once.page(model_admin, request, "admin/datasources/apikey/created.html", context)
+
+
+def _examples(
+    request: HttpRequest, slug: str, key: str, permissions: frozenset[str]
+) -> list[tuple[str, str]]:
+    """One ``curl`` per permission the key has: (what it shows, the command)."""
+    auth = f'-H "Authorization: Api-Key {key}"'
+    url = request.build_absolute_uri
+    examples = []
+    if "proxy" in permissions:
+        proxy = url(reverse("datasources:proxy-root", args=[slug]))
+        examples.append((_("Call a datasource"), f"curl {auth} {proxy}"))
+    if "manage" in permissions:
+        listed = url("/api/v1/datasources")
+        examples.append((_("List the datasources (management API)"), f"curl {auth} {listed}"))
+    if "token" in permissions:
+        token = url(f"/api/v1/datasources/{slug}/token")
+        examples.append((_("Read a fresh access token"), f"curl -X POST {auth} {token}"))
+    return examples

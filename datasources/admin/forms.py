@@ -11,6 +11,7 @@ from django.utils.translation import gettext_lazy as _
 from ..models import (
     CONFIG_FIELDS,
     MTLS_METHODS,
+    PERMISSIONS,
     ApiKey,
     AssertionAudience,
     ClientAuthentication,
@@ -423,10 +424,20 @@ class ApiKeyForm(forms.ModelForm):
 
     class Meta:
         model = ApiKey
-        fields = ("name", "all_datasources", "datasources", "user")
+        fields = (
+            "name",
+            "all_datasources",
+            "datasources",
+            "user",
+            "may_proxy",
+            "may_manage",
+            "may_read_token",
+        )
 
     def clean(self):
         cleaned = super().clean()
+        if not any(cleaned.get(field) for field in PERMISSIONS.values()):
+            self.add_error(None, _("Give the key at least one permission."))
         chosen = cleaned.get("datasources")
         if cleaned.get("all_datasources") and chosen:
             raise forms.ValidationError(

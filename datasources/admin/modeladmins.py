@@ -22,6 +22,7 @@ from ..authserver import keys
 from ..models import (
     API_KEY_PREFIX,
     MTLS_METHODS,
+    PERMISSIONS,
     ApiKey,
     Datasource,
     GrantType,
@@ -371,16 +372,53 @@ class ApiKeyAdmin(admin.ModelAdmin):
     may call nothing until datasources are chosen or "all datasources" is ticked."""
 
     form = ApiKeyForm
-    list_display = ("name", "key_prefix", "scope", "user", "created_at", "last_used_at", "active")
-    list_filter = ("revoked_at", "all_datasources")
+    list_display = (
+        "name",
+        "key_prefix",
+        "scope",
+        "granted",
+        "user",
+        "created_at",
+        "last_used_at",
+        "active",
+    )
+    list_filter = (
+        "revoked_at",
+        "all_datasources",
+        "may_proxy",
+        "may_manage",
+        "may_read_token",
+    )
     search_fields = ("name", "prefix")
     filter_horizontal = ("datasources",)
     readonly_fields = ("key_prefix", "created_at", "last_used_at", "revoked_at")
     actions = ("revoke_selected",)
 
-    def get_fields(self, request, obj=None):
-        fields = ["name", "all_datasources", "datasources", "user"]
-        return fields if obj is None else ["key_prefix", *fields, *self.readonly_fields[1:]]
+    def get_fieldsets(self, request, obj=None):
+        who = ["name", "all_datasources", "datasources", "user"]
+        if obj is not None:
+            who = ["key_prefix", *who]
+        fieldsets = [
+            (None, {"fields": who}),
+            (
+                _("Permissions"),
+                {
+                    "fields": list(PERMISSIONS.values()),
+                    "description": _(
+                        "What the key may do: call the proxy (the default), use the management "
+                        "API, read access tokens (each read is recorded). docs/api.md shows a "
+                        "curl example for each."
+                    ),
+                },
+            ),
+        ]
+        if obj is not None:
+            fieldsets.append((_("Use"), {"fields": list(self.readonly_fields[1:])}))
+        return fieldsets
+
+    @admin.display(description=_("permissions"))
+    def granted(self, obj: ApiKey) -> str:
+        return ", ".join(name for name in PERMISSIONS if name in obj.permissions) or _("none")
 
     @admin.display(description=_("key"))
     def key_prefix(self, obj: ApiKey) -> str:

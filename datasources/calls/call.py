@@ -61,6 +61,9 @@ class Caller(Protocol):
     @property
     def user_id(self) -> int | None: ...
 
+    @property
+    def may_proxy(self) -> bool: ...
+
     def may_use(self, datasource_id: int) -> bool: ...
 
 
@@ -80,6 +83,10 @@ def token_for(
     reading the database (the fast lane asks this first, on its event loop). While the database
     is away, an entry past its time still serves (``cached.if_error``: stale-if-error); with
     none, the database's error is raised (503 database_unavailable)."""
+    if not caller.may_proxy:
+        raise Refused(
+            403, "forbidden", "This API key may not call the proxy (it lacks the proxy permission)."
+        )
     token = cached.get((slug, caller.user_id))
     if token is None and caller.user_id is not None:
         token = cached.get((slug, None))

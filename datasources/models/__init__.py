@@ -14,7 +14,7 @@ datasource to the token service or the Python client import it when called).
 
 from __future__ import annotations
 
-from .apikey import API_KEY_PREFIX, ApiKey
+from .apikey import API_KEY_PREFIX, PERMISSIONS, ApiKey
 from .authorization import AuthorizationRequest
 from .choices import (
     ASSERTION_AUTH_METHODS,
@@ -74,6 +74,7 @@ __all__ = [
     "MACHINE_GRANTS",
     "MAX_RETRIES",
     "MTLS_METHODS",
+    "PERMISSIONS",
     "RESERVED_AUTH_PARAMS",
     "RESERVED_DEFAULT_HEADERS",
     "RETRYABLE_STATUSES",

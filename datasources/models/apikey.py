@@ -10,6 +10,15 @@ from .datasource import Datasource
 
 API_KEY_PREFIX = "dsk_"
 
+#: What an API key may do, by the name used in the API, the admin and ``create_api_key``, with
+#: the field that grants it. ``proxy`` is today's behaviour and the default; ``token`` hands out
+#: access tokens, so it is off unless granted and every use is recorded.
+PERMISSIONS = {
+    "proxy": "may_proxy",
+    "manage": "may_manage",
+    "token": "may_read_token",
+}
+
 
 class ApiKey(models.Model):
     """A credential for application code calling the proxy. Only a SHA-256 of the key is stored
@@ -42,6 +51,22 @@ class ApiKey(models.Model):
         verbose_name=_("acts for user"),
         help_text=_("Optional: the user this key acts for."),
     )
+    may_proxy = models.BooleanField(
+        _("proxy"), default=True, help_text=_("Call the datasources through the proxy.")
+    )
+    may_manage = models.BooleanField(
+        _("manage"),
+        default=False,
+        help_text=_("Read and manage datasources and connections through the JSON API."),
+    )
+    may_read_token = models.BooleanField(
+        _("read access tokens"),
+        default=False,
+        help_text=_(
+            "Read a fresh access token through the JSON API (the refresh token never). Every "
+            "use is recorded as a token event."
+        ),
+    )
     created_at = models.DateTimeField(_("created"), auto_now_add=True)
     last_used_at = models.DateTimeField(_("last used"), null=True, blank=True, editable=False)
     revoked_at = models.DateTimeField(_("revoked"), null=True, blank=True)
@@ -60,3 +85,8 @@ class ApiKey(models.Model):
     @property
     def is_active(self) -> bool:
         return self.revoked_at is None
+
+    @property
+    def permissions(self) -> frozenset[str]:
+        """The names (:data:`PERMISSIONS`) this key is granted."""
+        return frozenset(name for name, field in PERMISSIONS.items() if getattr(self, field))

@@ -210,6 +210,7 @@ class TokenEvent(models.Model):
         REVOKED = "revoked", _("Revoked")
         LOST_RESPONSE = "lost_response", _("Refresh answer lost")
         SCOPE_REFUSED = "scope_refused", _("Scope refused by the API")
+        TOKEN_READ = "token_read", _("Access token read through the API")
 
     datasource = models.ForeignKey(
         Datasource, on_delete=models.CASCADE, related_name="events", verbose_name=_("datasource")

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import hmac
 import secrets
+from collections.abc import Iterable
 from datetime import timedelta
 
 from django.db import transaction
 from django.utils import timezone
 from django.views.decorators.debug import sensitive_variables
 
-from ..models import API_KEY_PREFIX, ApiKey, Datasource, sha256_hex
+from ..models import API_KEY_PREFIX, PERMISSIONS, ApiKey, Datasource, sha256_hex
 
 #: last_used_at is written at most this often per key, to keep the proxy's hot path read-only.
 LAST_USED_RESOLUTION = timedelta(seconds=60)
@@ -40,15 +41,26 @@ def assign_new_key(api_key: ApiKey) -> str:
 
 @sensitive_variables()
 def create_api_key(
-    name: str, *, datasources: list[Datasource] | None = None, user=None
+    name: str,
+    *,
+    datasources: list[Datasource] | None = None,
+    user=None,
+    permissions: Iterable[str] = ("proxy",),
 ) -> tuple[ApiKey, str]:
     """Create a key; returns the row and the plain key, which is never retrievable again.
 
     ``datasources``: the datasources the key may call; None means every datasource (an explicit
     choice in the admin and in ``manage.py create_api_key``). An empty list allows nothing.
+    ``permissions``: names from :data:`~datasources.models.PERMISSIONS` (``proxy`` by default).
     """
+    granted = set(permissions)
+    unknown = granted - set(PERMISSIONS)
+    if unknown:
+        raise ValueError(f"Unknown API key permission(s): {', '.join(sorted(unknown))}.")
     with transaction.atomic():
         api_key = ApiKey(name=name, user=user, all_datasources=datasources is None)
+        for permission, field in PERMISSIONS.items():
+            setattr(api_key, field, permission in granted)
         key = assign_new_key(api_key)
         api_key.save()
         if datasources:

@@ -25,6 +25,9 @@ class Caller:
     allowed: frozenset[int] | None
     #: The session user, or the user an API key acts for.
     user_id: int | None
+    #: An API key's permission to call the proxy (a signed-in user's is its Django permission,
+    #: checked in :func:`authenticate`).
+    may_proxy: bool = True
 
     @property
     def is_browser(self) -> bool:
@@ -82,7 +85,12 @@ def caller_for_key(key: str, *, cached_only: bool = False) -> Caller | None:
             return caller
         if api_key is None:
             return None
-        caller = Caller(api_key.pk, apikeys.allowed_datasource_ids(api_key), api_key.user_id)
+        caller = Caller(
+            api_key.pk,
+            apikeys.allowed_datasource_ids(api_key),
+            api_key.user_id,
+            may_proxy=api_key.may_proxy,
+        )
         cache.keys.put(digest, caller)
     return caller
 

@@ -1,6 +1,6 @@
 from django.core.management.base import BaseCommand, CommandError
 
-from datasources.models import Datasource
+from datasources.models import PERMISSIONS, Datasource
 from datasources.proxy.apikeys import create_api_key
 
 
@@ -27,12 +27,35 @@ class Command(BaseCommand):
             help="Let the key call every datasource, including ones added later.",
         )
 
-    def handle(self, *args, name: str, datasource: list[str], all_datasources: bool, **options):
+        parser.add_argument(
+            "--permission",
+            action="append",
+            choices=list(PERMISSIONS),
+            metavar="{" + ",".join(PERMISSIONS) + "}",
+            help=(
+                "What the key may do (repeatable): proxy (call the datasources; the default "
+                "when none is given), manage (the JSON API), token (read access tokens through "
+                "the JSON API; every use is recorded)."
+            ),
+        )
+
+    def handle(
+        self,
+        *args,
+        name: str,
+        datasource: list[str],
+        all_datasources: bool,
+        permission: list[str] | None,
+        **options,
+    ):
         found = list(Datasource.objects.filter(slug__in=datasource))
         missing = sorted(set(datasource) - {ds.slug for ds in found})
         if missing:
             raise CommandError(f"No datasource with slug: {', '.join(missing)}.")
-        api_key, key = create_api_key(name, datasources=None if all_datasources else found)
+        granted = sorted(set(permission or ["proxy"]), key=list(PERMISSIONS).index)
+        api_key, key = create_api_key(
+            name, datasources=None if all_datasources else found, permissions=granted
+        )
         self.stderr.write(
             f"Created API key {api_key.name!r}"
             + (
@@ -40,6 +63,7 @@ class Command(BaseCommand):
                 if all_datasources
                 else f" for {', '.join(sorted(datasource))}"
             )
+            + f" with permission(s) {', '.join(granted)}"
             + ". Store it now; it cannot be shown again:"
         )
         self.stdout.write(key)

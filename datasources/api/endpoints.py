@@ -1,0 +1,159 @@
+"""The JSON API's calls (``/api/v1/…``): datasources for ``manage`` keys, access tokens for
+``token`` keys, and the OpenAPI document."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from django.db.models import Prefetch
+from django.http import HttpRequest, HttpResponse
+from django.urls import reverse
+from ninja import NinjaAPI, Query
+
+from .. import tokens
+from ..calls import health, limits
+from ..exceptions import NotAuthorized, ReauthorizationRequired, TransientUpstreamError
+from ..models import Datasource, Token, TokenEvent
+from . import errors
+from .auth import ApiKeyAuth, datasource_for, require
+from .errors import ApiError
+from .schemas import AccessTokenOut, DatasourceListOut, DatasourceOut, ErrorOut
+
+logger = logging.getLogger(__name__)
+
+#: Most datasources on one page of the list.
+MAX_PAGE = 500
+
+
+class _API(NinjaAPI):
+    """Mounted inside this app's URLconf (``app_name = "datasources"``), so its URL names live
+    under that namespace too; django-ninja reverses its root from its own namespace alone."""
+
+    def get_root_path(self, path_params: dict) -> str:
+        return reverse(f"datasources:{self.urls_namespace}:api-root", kwargs=path_params)
+
+
+api = _API(
+    title="django-oauth2-datasources",
+    version="1",
+    description=(
+        "Manage OAuth2-connected datasources and read their tokens. Authenticate with "
+        "`Authorization: Api-Key <key>`; each call names the key permission it needs."
+    ),
+    auth=ApiKeyAuth(),
+    urls_namespace="datasources-api",
+    openapi_url="/openapi.json",
+    docs_url=None,  # no Swagger UI: it would load scripts from a CDN
+)
+errors.install(api)
+
+#: Error answers every authenticated call may give.
+COMMON = {400: ErrorOut, 401: ErrorOut, 403: ErrorOut, 503: ErrorOut}
+
+
+def _shared_tokens() -> Prefetch:
+    return Prefetch("tokens", queryset=Token.objects.filter(user=None), to_attr="shared")
+
+
+def _out(datasource: Datasource, known: limits.Health, now: float) -> dict:
+    shared = getattr(datasource, "shared", None)
+    token = None if datasource.per_user or not shared else shared[0]
+    return {
+        "slug": datasource.slug,
+        "name": datasource.name,
+        "grant_type": datasource.grant_type,
+        "base_url": datasource.base_url,
+        "per_user": datasource.per_user,
+        "token": None
+        if token is None
+        else {
+            "status": token.status,
+            "expires_at": token.expires_at,
+            "last_refreshed_at": token.last_refreshed_at,
+            "refresh_count": token.refresh_count,
+            "last_error": token.last_error,
+            "scope": token.scope,
+        },
+        "upstream": {
+            "state": limits.gate(known, now).verdict.value,
+            "consecutive_failures": known.failures,
+        },
+    }
+
+
+@api.get(
+    "/datasources",
+    response={200: DatasourceListOut, **COMMON},
+    summary="List datasources (manage)",
+)
+def list_datasources(
+    request: HttpRequest,
+    cursor: str | None = Query(None, description="The next_cursor of the previous page."),
+    limit: int = Query(100, ge=1, le=MAX_PAGE),
+):
+    """Datasources this key may use, by slug, with their token state and upstream health."""
+    api_key = require(request, "manage")
+    rows = Datasource.objects.order_by("slug").prefetch_related(_shared_tokens())
+    allowed = None if api_key.all_datasources else list(api_key.datasources.values("pk"))
+    if allowed is not None:
+        rows = rows.filter(pk__in=[row["pk"] for row in allowed])
+    if cursor:
+        rows = rows.filter(slug__gt=cursor)
+    page = list(rows[: limit + 1])
+    more = len(page) > limit
+    page = page[:limit]
+    known = health.store().read_many(ds.pk for ds in page)
+    now = time.time()
+    return {
+        "items": [_out(ds, known.get(ds.pk, limits.CLEAN), now) for ds in page],
+        "next_cursor": page[-1].slug if more else None,
+    }
+
+
+@api.get(
+    "/datasources/{slug}",
+    response={200: DatasourceOut, 404: ErrorOut, **COMMON},
+    summary="One datasource (manage)",
+)
+def get_datasource(request: HttpRequest, slug: str):
+    api_key = require(request, "manage")
+    datasource = datasource_for(api_key, slug)
+    datasource = Datasource.objects.prefetch_related(_shared_tokens()).get(pk=datasource.pk)
+    return _out(datasource, health.current(datasource.pk), time.time())
+
+
+@api.post(
+    "/datasources/{slug}/token",
+    response={200: AccessTokenOut, 404: ErrorOut, 409: ErrorOut, **COMMON},
+    summary="A fresh access token (token)",
+)
+def read_token(request: HttpRequest, response: HttpResponse, slug: str):
+    """A usable access token of the datasource (refreshed first when due), for code that must
+    call the API itself. With per-user tokens, the token of the user the key acts for. Every
+    use is recorded as a ``token_read`` event. The refresh token is never returned."""
+    api_key = require(request, "token")
+    datasource = datasource_for(api_key, slug)
+    try:
+        token = tokens.get_valid_token(datasource, user=api_key.user_id)
+    except NotAuthorized as err:
+        code = "user_required" if datasource.per_user and api_key.user_id is None else None
+        raise ApiError(409, code or "not_authorized", str(err), datasource=slug) from None
+    except ReauthorizationRequired as err:
+        raise ApiError(409, "reauthorization_required", str(err), datasource=slug) from None
+    except TransientUpstreamError as err:
+        retry = max(1, round(err.retry_after or 1))
+        raise ApiError(
+            503, "token_unavailable", str(err), headers={"Retry-After": str(retry)}
+        ) from None
+    detail = f"Read through the API with key {api_key}"
+    TokenEvent.objects.create(
+        datasource=datasource, kind=TokenEvent.Kind.TOKEN_READ, detail=detail[:500]
+    )
+    logger.info("access token of datasource %s read with API key %s", slug, api_key.prefix)
+    response["Cache-Control"] = "no-store"  # RFC 6749 §5.1, as for a token endpoint's answer
+    return {
+        "access_token": token.access_token,
+        "token_type": token.token_type or "Bearer",
+        "expires_at": token.expires_at,
+    }

@@ -1,0 +1,63 @@
+"""What the JSON API reads and writes. No schema here has a field for a secret except
+:class:`AccessTokenOut`, which only the ``token`` permission reaches."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from ninja import Schema
+from pydantic import ConfigDict, Field
+
+
+class ErrorOut(Schema):
+    """Every error answer (extra fields depend on the error, e.g. ``permission``)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    error: str = Field(description="A stable code: unauthorized, forbidden, not_found, …")
+    detail: str = Field(description="A sentence for people; never a secret.")
+
+
+class TokenStateOut(Schema):
+    """The state of a datasource's shared token (no token value)."""
+
+    status: str = Field(description="not_authorized, active or needs_reauthorization")
+    expires_at: datetime | None
+    last_refreshed_at: datetime | None
+    refresh_count: int
+    last_error: str = Field(description="The last refresh failure, without secrets; empty if none")
+    scope: str
+
+
+class UpstreamOut(Schema):
+    """What the proxy knows of the upstream API's health (rate limit, circuit breaker)."""
+
+    state: str = Field(description="pass, probe, rate_limited or circuit_open")
+    consecutive_failures: int
+
+
+class DatasourceOut(Schema):
+    slug: str
+    name: str
+    grant_type: str
+    base_url: str
+    per_user: bool = Field(description="Each user has their own token (no shared token).")
+    token: TokenStateOut | None = Field(
+        description="The shared token's state; null for datasources with per-user tokens."
+    )
+    upstream: UpstreamOut
+
+
+class DatasourceListOut(Schema):
+    items: list[DatasourceOut]
+    next_cursor: str | None = Field(
+        description="Pass as ?cursor= for the next page; null on the last page."
+    )
+
+
+class AccessTokenOut(Schema):
+    """A usable access token (refreshed first when due). Never the refresh token."""
+
+    access_token: str
+    token_type: str
+    expires_at: datetime | None

@@ -1,0 +1,228 @@
+"""Issue 31 (first part): API key permissions and the management JSON API.
+
+* Every answer of the API, success or error, is validated against the OpenAPI document the
+  server itself serves at /api/v1/openapi.json, by openapi-core (not by hand-written checks).
+* Permissions: ``proxy`` (the default), ``manage``, ``token``. A key used beyond
+  its permission gets ``403 {"error": "forbidden"}`` and nothing changes; a key without
+  ``proxy`` is refused by the proxy on both serving paths and nothing reaches the upstream.
+* Scope: a key sees and uses only its datasources.
+* Secrets: no answer carries a client secret or a refresh token; the access token only to a
+  ``token`` key, with ``Cache-Control: no-store``, and each read is a ``token_read`` event.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+from django.core.management import call_command
+from django.test import Client
+from openapi_core import OpenAPI
+from openapi_core.contrib.django import DjangoOpenAPIRequest, DjangoOpenAPIResponse
+
+from datasources.models import ApiKey, Token, TokenEvent
+from datasources.proxy.apikeys import create_api_key
+
+from .conftest import SECRET, make_datasource
+from .test_retries import flaky_datasource
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+REFRESH_TOKEN = "refresh-token-that-must-never-leave"
+
+
+@pytest.fixture
+def openapi() -> OpenAPI:
+    """The document as the server serves it (so a test fails if the served one is wrong)."""
+    response = Client().get("/api/v1/openapi.json")
+    assert response.status_code == 200
+    document = json.loads(response.content)
+    assert document["openapi"].startswith("3.1")
+    return OpenAPI.from_dict(document)  # also validates the document itself
+
+
+@pytest.fixture
+def api(openapi):
+    """Call the API with a key; every answer is checked against the served document."""
+
+    def call(method: str, path: str, key: str | None = None, **kwargs):
+        headers = {"HTTP_AUTHORIZATION": f"Api-Key {key}"} if key else {}
+        response = getattr(Client(**headers), method)(path, **kwargs)
+        openapi.validate_response(
+            DjangoOpenAPIRequest(response.wsgi_request), DjangoOpenAPIResponse(response)
+        )
+        return response
+
+    return call
+
+
+def key_with(*permissions: str, datasources=None, user=None) -> str:
+    _, key = create_api_key("app", permissions=permissions, datasources=datasources, user=user)
+    return key
+
+
+def body(response) -> dict:
+    return json.loads(response.content)
+
+
+def authorized(datasource) -> Token:
+    Token.objects.filter(datasource=datasource, user=None).update(refresh_token=REFRESH_TOKEN)
+    return Token.objects.get(datasource=datasource, user=None)
+
+
+def test_a_manage_key_lists_and_reads_datasources_without_secrets(api, flaky):
+    datasource = flaky_datasource(flaky)
+    token = authorized(datasource)
+    key = key_with("manage")
+
+    listed = api("get", "/api/v1/datasources", key)
+    assert listed.status_code == 200
+    [item] = body(listed)["items"]
+    assert item["slug"] == "flaky" and item["token"]["status"] == "active"
+    assert item["upstream"] == {"state": "pass", "consecutive_failures": 0}
+    assert body(listed)["next_cursor"] is None
+
+    one = api("get", "/api/v1/datasources/flaky", key)
+    assert one.status_code == 200 and body(one) == item
+    for response in (listed, one):
+        text = response.content.decode()
+        assert token.access_token not in text
+        assert REFRESH_TOKEN not in text and SECRET not in text
+
+
+def test_pages_follow_the_cursor(api):
+    for slug in ("alpha", "bravo", "charlie"):
+        make_datasource(slug=slug, name=slug)
+    key = key_with("manage")
+    first = body(api("get", "/api/v1/datasources?limit=2", key))
+    assert [item["slug"] for item in first["items"]] == ["alpha", "bravo"]
+    second = body(api("get", f"/api/v1/datasources?limit=2&cursor={first['next_cursor']}", key))
+    assert [item["slug"] for item in second["items"]] == ["charlie"]
+    assert second["next_cursor"] is None
+    invalid = api("get", "/api/v1/datasources?limit=0", key)
+    assert invalid.status_code == 400 and body(invalid)["error"] == "invalid_request"
+
+
+def test_a_key_sees_only_its_datasources(api):
+    mine = make_datasource(slug="mine", name="Mine")
+    make_datasource(slug="theirs", name="Theirs")
+    key = key_with("manage", "token", datasources=[mine])
+    assert [i["slug"] for i in body(api("get", "/api/v1/datasources", key))["items"]] == ["mine"]
+    for method, path in (
+        ("get", "/api/v1/datasources/theirs"),
+        ("post", "/api/v1/datasources/theirs/token"),
+    ):
+        refused = api(method, path, key)
+        assert refused.status_code == 403 and body(refused)["error"] == "forbidden"
+    missing = api("get", "/api/v1/datasources/nothing-here", key)
+    assert missing.status_code == 404 and body(missing)["error"] == "not_found"
+
+
+@pytest.mark.parametrize(
+    "permission, method, path",
+    [
+        ("manage", "get", "/api/v1/datasources"),
+        ("manage", "get", "/api/v1/datasources/flaky"),
+        ("token", "post", "/api/v1/datasources/flaky/token"),
+    ],
+)
+def test_a_key_without_the_permission_is_refused_and_nothing_changes(
+    api, flaky, permission, method, path
+):
+    flaky_datasource(flaky)
+    others = {"proxy", "manage", "token"} - {permission}
+    key = key_with(*others)
+    events = TokenEvent.objects.count()
+    refused = api(method, path, key)
+    assert refused.status_code == 403
+    assert body(refused) == {
+        "error": "forbidden",
+        "detail": f"This API key lacks the {permission!r} permission.",
+        "permission": permission,
+    }
+    assert TokenEvent.objects.count() == events
+    assert flaky.token_calls == 0
+
+
+@pytest.mark.parametrize("credential", ["none", "wrong", "revoked"])
+def test_no_valid_key_is_401(api, credential):
+    key = key_with("manage")
+    if credential == "revoked":
+        from django.utils import timezone
+
+        ApiKey.objects.update(revoked_at=timezone.now())
+    sent = {"none": None, "wrong": key[:-4] + "AAAA", "revoked": key}[credential]
+    refused = api("get", "/api/v1/datasources", sent)
+    assert refused.status_code == 401 and body(refused)["error"] == "unauthorized"
+    assert refused["WWW-Authenticate"].startswith("Api-Key")
+
+
+def test_a_token_key_reads_a_fresh_access_token_and_the_read_is_recorded(api, flaky):
+    datasource = flaky_datasource(flaky)
+    token = authorized(datasource)
+    key = key_with("token")
+    answer = api("post", "/api/v1/datasources/flaky/token", key)
+    assert answer.status_code == 200
+    assert answer["Cache-Control"] == "no-store"
+    assert body(answer)["access_token"] == token.access_token
+    assert body(answer)["token_type"] == "Bearer"
+    assert REFRESH_TOKEN not in answer.content.decode()
+    [event] = TokenEvent.objects.filter(datasource=datasource, kind="token_read")
+    assert "app" in event.detail and token.access_token not in event.detail
+
+
+def test_a_token_key_gets_a_refreshed_token_when_the_stored_one_expired(api, flaky):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    datasource = flaky_datasource(flaky)
+    Token.objects.filter(datasource=datasource).update(
+        expires_at=timezone.now() - timedelta(seconds=5)
+    )
+    answer = api("post", "/api/v1/datasources/flaky/token", key_with("token"))
+    assert answer.status_code == 200
+    assert flaky.token_calls == 1  # client credentials: a new token from the token endpoint
+    stored = Token.objects.get(datasource=datasource, user=None)
+    assert body(answer)["access_token"] == stored.access_token
+
+
+def test_token_answers_say_what_to_do(api, flaky):
+    make_datasource(slug="never")  # authorization code, never authorized
+    key = key_with("token")
+    refused = api("post", "/api/v1/datasources/never/token", key)
+    assert refused.status_code == 409 and body(refused)["error"] == "not_authorized"
+
+
+@pytest.mark.usefixtures("serving", "fresh_proxy_cache")
+def test_the_proxy_refuses_a_key_without_the_proxy_permission(flaky):
+    flaky_datasource(flaky)
+    key = key_with("manage", "token")
+    refused = Client(HTTP_AUTHORIZATION=f"Api-Key {key}").get(
+        "/api/v1/datasources/flaky/proxy/items/1"
+    )
+    assert refused.status_code == 403
+    assert body(refused)["error"] == "forbidden" and "proxy" in body(refused)["detail"]
+    assert flaky.count("/api/items/1") == 0
+
+
+def test_create_api_key_grants_what_it_is_told(flaky):
+    flaky_datasource(flaky)
+    out, err = io.StringIO(), io.StringIO()
+    call_command(
+        "create_api_key",
+        "ops",
+        "--all-datasources",
+        "--permission",
+        "manage",
+        "--permission",
+        "token",
+        stdout=out,
+        stderr=err,
+    )
+    api_key = ApiKey.objects.get(name="ops")
+    assert api_key.permissions == {"manage", "token"}
+    assert "manage, token" in err.getvalue()
+    call_command("create_api_key", "default", "--all-datasources", stdout=out, stderr=err)
+    assert ApiKey.objects.get(name="default").permissions == {"proxy"}
