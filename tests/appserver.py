@@ -78,10 +78,13 @@ def server_env(django_db_blocker, **extra: str) -> dict[str, str]:
     against the test process's database (``DATABASE_URL`` can be overridden in ``extra``)."""
     with django_db_blocker.unblock():
         return subprocess_env(
-            DJANGO_SETTINGS_MODULE="config.settings",  # the project's own (production) settings
-            SECURE_PROXY_SSL_HEADER_ENABLED="1",
-            DEBUG="0",
-            # Each request sent upstream is logged (LANE_LOGGER, VIEW_LOGGER): which path served.
-            LOG_LEVEL="DEBUG",
-            **extra,
+            **{
+                "DJANGO_SETTINGS_MODULE": "config.settings",  # the project's own (production)
+                "SECURE_PROXY_SSL_HEADER_ENABLED": "1",
+                "DEBUG": "0",
+                # Each request sent upstream is logged (test_deploy's LANE_LOGGER, VIEW_LOGGER):
+                # which path served it.
+                "LOG_LEVEL": "DEBUG",
+                **extra,
+            }
         )

@@ -260,12 +260,17 @@ class PgCluster:
             **kwargs,
         )
 
-    def create_database(self, name: str) -> str:
-        """Create database ``name``; returns its :meth:`url`."""
+    def create_database(self, name: str, *, template: str | None = None) -> str:
+        """Create database ``name``, a copy of ``template`` if given (a migrated template makes
+        each test's database in a moment, without running the migrations again); returns its
+        :meth:`url`. A template must have no open session."""
         from psycopg import sql
 
+        statement = sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name))
+        if template:
+            statement += sql.SQL(" TEMPLATE {}").format(sql.Identifier(template))
         with self.connect() as conn:
-            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+            conn.execute(statement)
         return self.url(name)
 
     def drop_database(self, name: str) -> None:
