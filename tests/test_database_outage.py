@@ -592,9 +592,10 @@ def test_a_refresh_answered_while_the_database_is_down_is_stored_once(
     datasource = connect(provider, staff_client())
     token = Token.objects.get(datasource=datasource)
     before = token.refresh_token
-    # Due for the background now (as a store would leave a token this close to expiry).
+    # Due for the background now (as a store would leave a token this close to expiry: within
+    # the workers' REFRESH_MARGIN, so the task refreshes rather than finding it fresh).
     Token.objects.filter(pk=token.pk).update(
-        expires_at=timezone.now() + timedelta(seconds=30), refresh_due_at=timezone.now()
+        expires_at=timezone.now() + timedelta(seconds=5), refresh_due_at=timezone.now()
     )
     provider.hang(after_issue=True)  # the refresh is done at the provider, its answer held
     group = Workers(
