@@ -56,10 +56,13 @@ nginx:
 
 # Debian's PostgreSQL server binaries (initdb, pg_ctl) for the tests that start a server of
 # their own to restart and stop under load (tests/pgcluster.py, tests/test_database_outage.py).
-# Only the binaries are used: the package's own cluster and service are left as they are.
+# Only the binaries are used: the package is told not to create (and start, on port 5432,
+# where CI's own PostgreSQL may listen) a "main" cluster of its own.
 postgres:
 	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    mkdir -p /etc/postgresql-common/createcluster.d && \
+	    echo "create_main_cluster = false" > /etc/postgresql-common/createcluster.d/datasources-tests.conf && \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
 	  else echo "PostgreSQL server not installed: the database-outage tests will be skipped (apt-get install postgresql)"; fi; }
 
