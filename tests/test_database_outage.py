@@ -598,8 +598,10 @@ def test_a_refresh_answered_while_the_database_is_down_is_stored_once(
         expires_at=timezone.now() + timedelta(seconds=5), refresh_due_at=timezone.now()
     )
     provider.hang(after_issue=True)  # the refresh is done at the provider, its answer held
+    # Two pool processes: while one holds the refresh, the other is free to take a second
+    # one, were the lease (which cannot be renewed while the database is down) given away.
     group = Workers(
-        tmp_path, 1, concurrency=1, env=redis_env(f"outage-worker-{uuid.uuid4().hex[:8]}")
+        tmp_path, 1, concurrency=2, env=redis_env(f"outage-worker-{uuid.uuid4().hex[:8]}")
     )
     try:
         wait_until(lambda: provider.hanging == 1, 60, interval=0.1, what="the worker's refresh")
