@@ -19,21 +19,18 @@ import datetime
 import ipaddress
 import os
 import re
-import shlex
 import shutil
 import signal
 import socket
 import ssl
 import statistics
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import gunicorn
 import pytest
 import requests
 from django.contrib.auth.models import Permission
@@ -42,14 +39,14 @@ from django.test import Client
 from datasources.models import DatasourceUsage, ProxyCall
 from datasources.proxy.apikeys import create_api_key
 
-from .helpers import ACCESS_TOKEN, ROOT, connected, subprocess_env
+from .appserver import SERVERS, free_port, server_argv, server_env, wait_for
+from .helpers import ACCESS_TOKEN, ROOT, connected
 from .spy import Answer
 from .test_attacks import HOSTILE_HEADERS, HOSTILE_HTML
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
-SERVERS = ("uvicorn", "gunicorn")
 #: Stalled connections held open against each server alone and against the recipe. Enough to
 #: take every one of gunicorn's threads (4 workers x 8; --reuse-port spreads connections over
 #: the workers by a hash, so each needs several times its 8).
@@ -57,32 +54,6 @@ STALLED = 200
 #: The loggers whose DEBUG line names each request sent upstream: the fast lane's asyncio
 #: client (datasources/proxy/upstream.py) and urllib3, under the Django view.
 LANE_LOGGER, VIEW_LOGGER = "datasources.proxy.upstream", "urllib3.connectionpool"
-
-
-def readme_command(server: str) -> str:
-    """The README's command for ``server``: uvicorn's is the ``web:`` line of the production
-    layout, gunicorn's the WSGI alternative below it."""
-    text = (ROOT / "README.md").read_text()
-    if server == "uvicorn":
-        found = [line.removeprefix("web:") for line in text.splitlines() if line.startswith("web:")]
-    else:
-        found = re.findall(r"`(gunicorn config\.wsgi [^`]*)`", text)
-    assert len(found) == 1, f"README.md changed shape: {len(found)} {server} commands"
-    return " ".join(found[0].split("#", 1)[0].split())
-
-
-def server_argv(server: str, port: int) -> list[str]:
-    """The README's command, listening on ``port`` and run with this interpreter."""
-    command = readme_command(server)
-    address = {"uvicorn": "--host 127.0.0.1 --port 8000", "gunicorn": "-b 127.0.0.1:8000"}[server]
-    assert command.count(address) == 1, f"README.md changed shape: {address!r} in {command!r}"
-    local = {"uvicorn": f"--host 127.0.0.1 --port {port}", "gunicorn": f"-b 127.0.0.1:{port}"}
-    argv = shlex.split(command.replace(address, local[server]))
-    assert argv[0] == server, argv
-    if server == "gunicorn" and gunicorn.version_info >= (27,):
-        # gunicorn 27's control socket is one path per user: not shared with others.
-        argv.append("--no-control-socket")
-    return [sys.executable, "-m", *argv]
 
 
 @dataclass
@@ -105,24 +76,6 @@ class Stack:
         upstream, in order."""
         pattern = re.compile(rf' DEBUG {re.escape(logger)} \S+ "(\S+ \S+) HTTP/1\.1"')
         return pattern.findall(self.app_log.read_text())
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_for(url: str, deadline: float, **kwargs) -> None:
-    last: Exception | None = None
-    while time.monotonic() < deadline:
-        try:
-            if requests.get(url, timeout=1, **kwargs).status_code == 200:
-                return
-        except requests.RequestException as err:
-            last = err
-        time.sleep(0.1)
-    raise AssertionError(f"{url} did not come up: {last}")
 
 
 def self_signed(directory: Path) -> tuple[Path, Path]:
@@ -240,18 +193,6 @@ def running(server: str, directory: Path, env: dict[str, str]) -> Iterator[Stack
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait(10)
-
-
-def server_env(django_db_blocker, **extra: str) -> dict[str, str]:
-    with django_db_blocker.unblock():
-        return subprocess_env(
-            DJANGO_SETTINGS_MODULE="config.settings",  # the project's own (production) settings
-            SECURE_PROXY_SSL_HEADER_ENABLED="1",
-            DEBUG="0",
-            # Each request sent upstream is logged (LANE_LOGGER, VIEW_LOGGER): which path served.
-            LOG_LEVEL="DEBUG",
-            **extra,
-        )
 
 
 def _stack(request, django_db_blocker, tmp_path_factory, **env: str) -> Iterator[Stack]:

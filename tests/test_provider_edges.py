@@ -49,6 +49,7 @@ from datasources.proxy.apikeys import create_api_key
 from datasources.signals import reauthorization_required
 
 from . import fakeprovider
+from .appserver import free_port, server_argv, wait_for
 from .conftest import captured
 from .fakeprovider import (
     GRAPH_CHALLENGE,
@@ -61,7 +62,6 @@ from .fakeprovider import (
     wait_until,
 )
 from .helpers import ROOT, subprocess_env
-from .test_deploy import free_port, server_argv, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

@@ -18,9 +18,9 @@ import requests
 
 from datasources.proxy.apikeys import create_api_key
 
+from .appserver import free_port, wait_for
 from .flaky import status
 from .helpers import ROOT, subprocess_env
-from .test_deploy import free_port, wait_for
 from .test_retries import flaky_datasource
 
 pytestmark = pytest.mark.django_db(transaction=True)
