@@ -21,7 +21,7 @@ from django.test import Client
 from openapi_core import OpenAPI
 from openapi_core.contrib.django import DjangoOpenAPIRequest, DjangoOpenAPIResponse
 
-from datasources.models import ApiKey, Token, TokenEvent
+from datasources.models import ApiKey, Datasource, Token, TokenEvent
 from datasources.proxy.apikeys import create_api_key
 
 from .conftest import SECRET, make_datasource
@@ -226,3 +226,87 @@ def test_create_api_key_grants_what_it_is_told(flaky):
     assert "manage, token" in err.getvalue()
     call_command("create_api_key", "default", "--all-datasources", stdout=out, stderr=err)
     assert ApiKey.objects.get(name="default").permissions == {"proxy"}
+
+
+CLIENT_CREDENTIALS = {
+    "name": "Billing",
+    "base_url": "https://billing.example.com/api/",
+    "grant_type": "client_credentials",
+    "access_token_url": "https://billing.example.com/oauth/token",
+    "client_id": "billing-client",
+    "client_secret": "billing-secret-value-never-shown",
+}
+
+
+def test_put_creates_then_updates_a_datasource_with_the_imports_validation(api):
+    key = key_with("manage")
+    created = api(
+        "put",
+        "/api/v1/datasources/billing",
+        key,
+        data=CLIENT_CREDENTIALS,
+        content_type="application/json",
+    )
+    assert created.status_code == 201, created.content
+    assert body(created)["slug"] == "billing" and body(created)["name"] == "Billing"
+    assert "billing-secret-value-never-shown" not in created.content.decode()
+    stored = Datasource.objects.get(slug="billing")
+    assert stored.client_secret == "billing-secret-value-never-shown"  # written, encrypted
+
+    renamed = api(
+        "put",
+        "/api/v1/datasources/billing",
+        key,
+        data={"name": "Billing v2"},
+        content_type="application/json",
+    )
+    assert renamed.status_code == 200 and body(renamed)["name"] == "Billing v2"
+    stored.refresh_from_db()
+    assert stored.client_id == "billing-client"  # fields left out keep their values
+    assert stored.client_secret == "billing-secret-value-never-shown"
+
+
+@pytest.mark.parametrize(
+    "entry, problem",
+    [
+        ({**CLIENT_CREDENTIALS, "client_secret": {"env": "DATASOURCE_SECRET_X"}}, "client_secret"),
+        ({**CLIENT_CREDENTIALS, "base_url": "ftp://billing.example.com/"}, "base_url"),
+        ({**CLIENT_CREDENTIALS, "slug": "other"}, "slug"),
+        ({**CLIENT_CREDENTIALS, "no_such_field": 1}, "no_such_field"),
+    ],
+    ids=["env-secret", "bad-url", "other-slug", "unknown-field"],
+)
+def test_put_refuses_what_the_import_refuses_and_writes_nothing(api, entry, problem):
+    key = key_with("manage")
+    refused = api(
+        "put", "/api/v1/datasources/billing", key, data=entry, content_type="application/json"
+    )
+    assert refused.status_code == 400, refused.content
+    assert body(refused)["error"] == "invalid_request"
+    assert problem in refused.content.decode()
+    assert not Datasource.objects.filter(slug__in=["billing", "other"]).exists()
+
+
+def test_put_stays_within_the_keys_scope(api):
+    mine = make_datasource(slug="mine", name="Mine")
+    theirs = make_datasource(slug="theirs", name="Theirs")
+    key = key_with("manage", datasources=[mine])
+    for slug in ("theirs", "new-one"):
+        refused = api(
+            "put",
+            f"/api/v1/datasources/{slug}",
+            key,
+            data={"name": "Taken"},
+            content_type="application/json",
+        )
+        assert refused.status_code == 403 and body(refused)["error"] == "forbidden"
+    theirs.refresh_from_db()
+    assert theirs.name == "Theirs" and not Datasource.objects.filter(slug="new-one").exists()
+    updated = api(
+        "put",
+        "/api/v1/datasources/mine",
+        key,
+        data={"name": "Mine, renamed"},
+        content_type="application/json",
+    )
+    assert updated.status_code == 200 and body(updated)["name"] == "Mine, renamed"

@@ -5,16 +5,19 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
 from django.db.models import Prefetch
 from django.http import HttpRequest, HttpResponse
 from django.urls import reverse
-from ninja import NinjaAPI, Query
+from ninja import Body, NinjaAPI, Query, Status
 
 from .. import tokens
 from ..calls import health, limits
 from ..exceptions import NotAuthorized, ReauthorizationRequired, TransientUpstreamError
 from ..models import Datasource, Token, TokenEvent
+from ..ops import config_io
+from ..ops.config_io import SECRET_FIELDS
 from . import errors
 from .auth import ApiKeyAuth, datasource_for, require
 from .errors import ApiError
@@ -47,6 +50,16 @@ api = _API(
     docs_url=None,  # no Swagger UI: it would load scripts from a CDN
 )
 errors.install(api)
+
+#: The PUT body: one import entry, validated by the import itself (not a schema).
+_ENTRY = Body(
+    ...,
+    description=(
+        "One datasource in the import file's format (docs/operations.md, config as code); "
+        "fields left out keep their values. Secrets are write-only and given as values: "
+        '{"env": …} and {"file": …} name things on the server and are refused here.'
+    ),
+)
 
 #: Error answers every authenticated call may give.
 COMMON = {400: ErrorOut, 401: ErrorOut, 403: ErrorOut, 503: ErrorOut}
@@ -121,6 +134,56 @@ def get_datasource(request: HttpRequest, slug: str):
     datasource = datasource_for(api_key, slug)
     datasource = Datasource.objects.prefetch_related(_shared_tokens()).get(pk=datasource.pk)
     return _out(datasource, health.current(datasource.pk), time.time())
+
+
+@api.put(
+    "/datasources/{slug}",
+    response={200: DatasourceOut, 201: DatasourceOut, 404: ErrorOut, **COMMON},
+    summary="Create or update a datasource (manage)",
+)
+def put_datasource(
+    request: HttpRequest,
+    slug: str,
+    entry: dict[str, Any] = _ENTRY,
+):
+    """Upsert by slug, with the import's validation: everything is checked first and nothing is
+    written if anything is wrong (400 with one problem per line). A key restricted to some
+    datasources may update those, and creates nothing (403)."""
+    api_key = require(request, "manage")
+    existing = Datasource.objects.filter(slug=slug).first()
+    if existing is None and not api_key.all_datasources:
+        raise ApiError(403, "forbidden", "Only a key for all datasources may create one.")
+    if existing is not None:
+        datasource_for(api_key, slug)  # 403 outside the key's scope
+    if "slug" in entry and entry["slug"] != slug:
+        raise ApiError(400, "invalid_request", "The body's slug differs from the URL's.")
+    indirect = sorted(name for name in SECRET_FIELDS if isinstance(entry.get(name), dict))
+    if indirect:
+        raise ApiError(
+            400,
+            "invalid_request",
+            'Secrets are given as values over HTTP: {"env": …} and {"file": …} are for '
+            "import files read on the server.",
+            problems=[{"field": name, "message": "must be a string"} for name in indirect],
+        )
+    try:
+        result = config_io.import_datasources([{**entry, "slug": slug}], environ={})
+    except config_io.ImportFailed as failed:
+        raise ApiError(
+            400,
+            "invalid_request",
+            "The datasource is not valid; nothing was written.",
+            problems=[{"field": "", "message": line} for line in failed.errors],
+        ) from None
+    logger.info(
+        "datasource %s %s through the API with key %s",
+        slug,
+        "created" if result.created else "updated",
+        api_key.prefix,
+    )
+    datasource = Datasource.objects.prefetch_related(_shared_tokens()).get(slug=slug)
+    status = 201 if result.created else 200
+    return Status(status, _out(datasource, health.current(datasource.pk), time.time()))
 
 
 @api.post(
