@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: run test lint format bench-refresh bench-proxy bench-sweep bench-dpop browser nginx oidc wrk clean
+.PHONY: run test lint format bench-refresh bench-proxy bench-sweep bench-dpop browser nginx postgres oidc wrk clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -54,6 +54,15 @@ nginx:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx >/dev/null; \
 	  else echo "nginx not installed: the production-recipe test will be skipped (apt-get install nginx)"; fi; }
 
+# Debian's PostgreSQL server binaries (initdb, pg_ctl) for the tests that start a server of
+# their own to restart and stop under load (tests/pgcluster.py, tests/test_database_outage.py).
+# Only the binaries are used: the package's own cluster and service are left as they are.
+postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
+	  else echo "PostgreSQL server not installed: the database-outage tests will be skipped (apt-get install postgresql)"; fi; }
+
 # wrk (Debian) drives the proxy benchmark; nginx (above) is one of its targets.
 wrk:
 	@command -v wrk >/dev/null 2>&1 || { \
@@ -70,7 +79,7 @@ $(OIDC_STAMP): tests/oidc/package-lock.json
 
 oidc: $(OIDC_STAMP)
 
-test: $(VENV)/.installed-test browser nginx oidc
+test: $(VENV)/.installed-test browser nginx postgres oidc
 	$(BIN)/python -m pytest
 
 lint: $(VENV)/.installed-test
