@@ -38,6 +38,7 @@ invariant fails: a wrong token, a secret in a log, a 500, counts that do not add
 from __future__ import annotations
 
 import argparse
+import base64
 import hashlib
 import json
 import os
@@ -191,6 +192,8 @@ class TokenRelay:
         self.reused = 0  # a refresh token presented again after a 200 for it
         self.answers: Counter[str] = Counter()  # "grant status[/error]" -> count
         self.by_mode: Counter[str] = Counter()
+        #: (monotonic time, relay mode, grant type, status or "reset") of every request.
+        self.events: list[tuple[float, str, str, str]] = []
         relay = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -216,6 +219,7 @@ class TokenRelay:
         mode = self.mode
         with self.lock:
             self.by_mode[mode] += 1
+            self.events.append((time.monotonic(), mode, grant, "reset" if mode == "down" else mode))
         if mode == "down":
             request.connection.setsockopt(
                 socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
@@ -270,6 +274,7 @@ class TokenRelay:
             error = "/" + str(data.get("error", ""))
         with self.lock:
             self.answers[f"{grant} {answer.status_code}{error}"] += 1
+            self.events.append((time.monotonic(), mode, grant, f"{answer.status_code}{error}"))
         request.send_response(answer.status_code)
         for name in ("Content-Type", "Cache-Control", "Pragma", "WWW-Authenticate"):
             if name in answer.headers:
@@ -280,7 +285,6 @@ class TokenRelay:
 
     @staticmethod
     def _client(request: BaseHTTPRequestHandler, form: dict[str, str]) -> str:
-        import base64
         from urllib.parse import unquote
 
         auth = request.headers.get("Authorization", "")
@@ -469,6 +473,7 @@ class Call:
     latency: float
     status: int  # 0: no answer (connection error, timeout)
     code: str = ""  # the proxy's JSON error code, or the exception's name
+    wall: float = 0.0  # time.time() at the start
 
 
 @dataclass
@@ -495,7 +500,7 @@ class Caller:
             index += 1
             url = f"{self.base}/api/v1/datasources/{slug}/proxy/items/{index}"
             headers = {"Authorization": f"Api-Key {self.key}"}
-            started = time.monotonic()
+            started, wall = time.monotonic(), time.time()
             try:
                 if self.keep_alive:
                     response = session.get(url, headers=headers, timeout=70)
@@ -516,6 +521,7 @@ class Caller:
                     self.name, slug, started, time.monotonic() - started, 0, type(err).__name__
                 )
                 session = requests.Session()
+            call.wall = wall
             self.calls.append(call)
 
 
@@ -586,12 +592,34 @@ class Soak:
             pool = children(worker.pid)
             os.kill(worker.pid, signal.SIGKILL)
             worker.process.wait(10)
-            time.sleep(1)
-            orphans = [p for p in pool if Path(f"/proc/{p}").exists()]
-            for pid in orphans:
-                os.kill(pid, signal.SIGKILL)
             worker.start()
-            fault.note = f"{len(orphans)} orphaned pool children left (killed); restarted"
+            concurrency = len(pool)
+            took = poll(
+                "the restarted worker's pool",
+                lambda: len(children(worker.pid)) >= concurrency,
+                90,
+            )
+
+            def alive() -> list[int]:
+                # A zombie child of the dead master is gone for this purpose.
+                left = []
+                for pid in pool:
+                    with suppress(OSError):
+                        if "\nState:\tZ" not in Path(f"/proc/{pid}/status").read_text():
+                            left.append(pid)
+                return left
+
+            with suppress(RuntimeError):
+                poll("orphaned pool children exit", lambda: not alive(), 10)
+            orphans = alive()
+            for pid in orphans:
+                with suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+            fault.note = (
+                f"restarted, pool up after {took:.1f} s; {len(orphans)} of the dead master's "
+                f"{len(pool)} pool children still alive {time.monotonic() - fault.start:.0f} s "
+                "after the kill (killed then)"
+            )
         elif name.startswith("broker"):
             redis_relay.cut()
             time.sleep(length)
@@ -650,6 +678,13 @@ def main() -> int:
     parser.add_argument("--keep-alive-callers", type=int, default=6)
     parser.add_argument("--new-connection-callers", type=int, default=2)
     parser.add_argument("--slow-delay", type=float, default=8, help="token endpoint delay (s)")
+    parser.add_argument(
+        "--sweep-interval",
+        type=int,
+        default=10,
+        help="DATASOURCES_SWEEP_INTERVAL (default 10, not 60: refreshes, and so the token "
+        "endpoint's faults, are met every few seconds)",
+    )
     parser.add_argument("--redis", default="127.0.0.1:6379")
     parser.add_argument("--redis-db", type=int, default=11)
     parser.add_argument("--keep", action="store_true", help="keep the run directory")
@@ -712,11 +747,20 @@ def run(args: argparse.Namespace, directory: Path, stack: ExitStack) -> int:
         "LOG_LEVEL": "INFO",
         "ALLOWED_HOSTS": "127.0.0.1,localhost,testserver",
         "PYTHONUNBUFFERED": "1",
+        "DATASOURCES_SWEEP_INTERVAL": str(args.sweep_interval),
     }
     os.environ.update(env)
     import django
 
     django.setup()
+    # This process runs the product's code too (migrate, the authorization callback): its log
+    # goes to a file of the run, searched for secrets with the others.
+    import logging
+
+    root_logger = logging.getLogger()
+    handler = logging.FileHandler(directory / "soak-process.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    root_logger.handlers = [handler]
     from django.core.management import call_command
 
     call_command("migrate", verbosity=0)
@@ -974,8 +1018,9 @@ def build_report(
         "",
         "## Faults",
         "",
-        "| # | fault | at (s) | lasted (s) | failed calls | recovery (s) | note |",
-        "| ---: | --- | ---: | ---: | ---: | ---: | --- |",
+        "| # | fault | at (s) | lasted (s) | failed calls | recovery (s) | token requests "
+        "(answers) | note |",
+        "| ---: | --- | ---: | ---: | ---: | ---: | --- | --- |",
     ]
     attributed: set[int] = set()
     for index, fault in enumerate(soak.faults, 1):
@@ -1000,6 +1045,12 @@ def build_report(
             and c.started <= max(window_end, fault.end)
             and c.status != 200
         ]
+        with relay.lock:
+            during = Counter(
+                f"{grant} {outcome}"
+                for at, _, grant, outcome in relay.events
+                if fault.start <= at <= window_end
+            )
         kinds = Counter(f"{c.status or 'none'} {c.code}".strip() for c in failed)
         note = fault.note
         if kinds:
@@ -1009,7 +1060,9 @@ def build_report(
         lines.append(
             f"| {index} | {fault.name} | {fault.start - load_started:.0f} | "
             f"{fault.end - fault.start:.1f} | {len(failed)} | "
-            f"{'not recovered' if recovered is None else f'{recovered:.1f}'} | {note} |"
+            f"{'not recovered' if recovered is None else f'{recovered:.1f}'} | "
+            f"{sum(during.values())} ({', '.join(f'{k}: {v}' for k, v in sorted(during.items()))})"
+            f" | {note} |"
         )
         attributed.update(id(c) for c in failed)
     outside = Counter(
@@ -1069,6 +1122,27 @@ def build_report(
         lines.append(
             f"| {status} | {answered_by_status.get(status, 0)} | {rows_by_status.get(status, 0)} |"
         )
+    # Where 200s and their call-log rows differ: 5-second buckets of the run (the row's time
+    # and the caller's start differ by the call's latency, so a call near a bucket's edge can
+    # show as +1 in one bucket and -1 in the next).
+    bucket = 5
+    clock = load_started - time.monotonic() + time.time()  # the load's start, wall clock
+    client_buckets = Counter(int((c.wall - clock) // bucket) for c in calls if c.status == 200)
+    row_buckets = Counter(
+        int((called_at.timestamp() - clock) // bucket)
+        for called_at in ProxyCall.objects.filter(status=200).values_list("called_at", flat=True)
+    )
+    differ = [
+        f"{b * bucket:+d}..{(b + 1) * bucket} s: {row_buckets[b] - client_buckets[b]:+d}"
+        for b in sorted(set(client_buckets) | set(row_buckets))
+        if b >= 0 and row_buckets[b] != client_buckets[b]
+    ]
+    lines += [
+        "",
+        "Call-log rows minus 200 answers, per 5 s of the run where they differ: "
+        + ("; ".join(differ[:20]) if differ else "none")
+        + (f" (and {len(differ) - 20} more)" if len(differ) > 20 else ""),
+    ]
     # Every 200 reached the upstream and must be written, bar what a SIGKILL took; nothing
     # may be written that was not answered.
     counts_ok = (
@@ -1083,6 +1157,10 @@ def build_report(
     secret_values = {
         **{f"issued token {digest(v)}": v for v in issued},
         **{f"client secret of {s}": v for s, v in client_secrets.items()},
+        **{
+            f"Basic credentials of {s}": base64.b64encode(f"client-{s}:{v}".encode()).decode()
+            for s, v in client_secrets.items()
+        },
         **{f"API key {i}": v for i, v in enumerate(keys)},
         "webhook secret": hook_secret,
         "webhook secret (base64 part)": hook_secret.removeprefix("whsec_"),
