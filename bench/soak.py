@@ -7,32 +7,39 @@ Run it (about --minutes plus a minute of setup and shutdown)::
     .venv/bin/python bench/soak.py --minutes 4      # a trial: the same faults, compressed
 
 What it needs: ``make .venv/.installed-test oidc`` (the venv with the ``server`` and ``postgres``
-extras' packages, Node.js and panva's oidc-provider under tests/oidc), PostgreSQL's ``initdb`` /
-``pg_ctl`` on PATH (an own cluster in a temporary directory, run as the ``postgres`` user when
-started as root), a Redis on 127.0.0.1:6379 (``--redis-db``, default 11, is flushed at the start
-and at the end; the shared Redis is never stopped or paused: the broker outage cuts a TCP relay
-in front of it) and free loopback ports. Everything it starts runs under one temporary directory
-(``--keep`` keeps it: every process's log is there).
+extras' packages, Node.js and panva's oidc-provider under tests/oidc), Debian's PostgreSQL server
+binaries (tests/pgcluster.py: an own cluster in a temporary directory, run as the ``postgres`` user
+when started as root; ``PG_BIN`` names another bin directory), a Redis on 127.0.0.1:6379
+(``--redis-db``, default 11, is flushed at the start and at the end; the shared Redis is never
+stopped or paused: the broker outage cuts a TCP relay in front of it) and free loopback ports.
+Everything it starts runs under one temporary directory (``--keep`` keeps it: every process's log
+is there).
 
 What runs, each a process of its own: uvicorn with the README's ``web:`` command (2 workers, the
 fast lane), a Celery worker and beat with the README's commands, the own PostgreSQL, and
 oidc-provider (refresh tokens rotated, access tokens living ``--token-ttl`` seconds) as the
-authorization server of ``--datasources`` authorization-code datasources. In this process, in
-threads: a relay in front of the provider's token endpoint (the fault switch: slow, 503, 429,
-down; it also records every token issued and every refresh token presented, for the reuse and
-secret checks), a TCP relay in front of Redis (the broker outage), the upstream API (each call's
-bearer token checked at the provider, ``/_test/resource``: a token of another datasource's
+authorization server of ``--datasources`` authorization-code datasources. The one setting changed
+from its default is ``DATASOURCES_SWEEP_INTERVAL`` (``--sweep-interval``, 10 s, not 60), so
+background refreshes, and with them the token endpoint's faults, come every few seconds. In this
+process, in threads: a relay in front of the provider's token endpoint (the fault switch: slow,
+503, 429, down; it also records every token issued and every refresh token presented, for the reuse
+and secret checks), a TCP relay in front of Redis (the broker outage), the upstream API (each
+call's bearer token checked at the provider, ``/_test/resource``: a token of another datasource's
 client, or none the provider knows, is counted), a webhook receiver (signatures verified), the
 callers (``--rate`` calls/s over every datasource with API keys: keep-alive sessions and callers
 that open a new connection per call) and the fault schedule (faults spaced evenly over the run;
-each fault's start and end are logged and timed).
+each fault's start and end are logged and timed). A run shorter than 30 minutes shortens every
+fault by one factor so that together they take at most 45 % of it; the 30-minute run gives each its
+full length (Redis 30 s, beat 3 min, token endpoint 503/429 20 s each, its outage 60 s, slow 60 s,
+PostgreSQL stopped 15 s) with equal gaps between them to recover.
 
 The report (markdown on stdout): calls and answers by status, longest stall per caller, per fault
 its failed calls and recovery time (fault end -> first 200 for every caller), usage counts and
 call-log rows written (after uvicorn's graceful SIGTERM) against the answers the callers got,
 tokens of another datasource, secrets found in any log, refresh tokens reused at the provider,
 grants lost, webhook events, and each datasource's status at the end. Exit status 1 when an
-invariant fails: a wrong token, a secret in a log, a 500, counts that do not add up.
+invariant fails: a wrong token, a secret in a log, a 500, counts that do not add up, a refresh
+token presented twice.
 """
 
 from __future__ import annotations
@@ -1018,24 +1025,27 @@ def build_report(
         "",
         "## Faults",
         "",
-        "| # | fault | at (s) | lasted (s) | failed calls | recovery (s) | token requests "
+        "| # | fault | at (s) | lasted (s) | failed calls | recovery (s)¹ | token requests "
         "(answers) | note |",
         "| ---: | --- | ---: | ---: | ---: | ---: | --- | --- |",
     ]
     attributed: set[int] = set()
     for index, fault in enumerate(soak.faults, 1):
         next_start = soak.faults[index].start if index < len(soak.faults) else load_ended
+        # Recovered when every caller has had a 200 from every datasource it calls (a caller's
+        # first 200 may come from a datasource the fault did not touch).
         recoveries = []
         for caller in callers:
-            first = next(
-                (
-                    c.started + c.latency
-                    for c in caller.calls
-                    if c.status == 200 and c.started >= fault.end
-                ),
-                None,
-            )
-            recoveries.append(None if first is None else first - fault.end)
+            for slug in caller.slugs:
+                first = next(
+                    (
+                        c.started + c.latency
+                        for c in caller.calls
+                        if c.slug == slug and c.status == 200 and c.started >= fault.end
+                    ),
+                    None,
+                )
+                recoveries.append(None if first is None else first - fault.end)
         recovered = None if None in recoveries else max(recoveries)
         window_end = fault.end + recovered if recovered is not None else next_start
         failed = [
@@ -1071,6 +1081,11 @@ def build_report(
         if c.status != 200 and id(c) not in attributed
     )
     lines += [
+        "",
+        "¹ From the fault's end to the first 200 of every caller from every datasource it calls."
+        " A fault's failed calls: the non-200 answers of calls that ended after it started and"
+        " began before that recovery (not recovered: before the next fault); its token requests:"
+        " those the token endpoint's relay saw in the same window.",
         "",
         f"Failed calls outside every fault's window (start to recovery): {sum(outside.values())}"
         + (
@@ -1191,8 +1206,10 @@ def build_report(
         "| check | value |",
         "| --- | ---: |",
         f"| upstream calls with another datasource's token (must be 0) | {len(upstream.wrong)} |",
-        f"| upstream calls with a token the provider does not accept (expired/unknown) | {upstream.unknown} |",
-        f"| secrets found in process logs (must be 0; {len(secret_values)} values searched) | {len(found)} |",
+        "| upstream calls with a token the provider does not accept (expired/unknown) | "
+        f"{upstream.unknown} |",
+        f"| secrets found in process logs (must be 0; {len(secret_values)} values searched) | "
+        f"{len(found)} |",
         f"| refresh tokens reused at the provider (must be 0) | {relay.reused} |",
         f"| token endpoint answers invalid_grant | {invalid_grant} |",
         f"| grants lost (tokens needing re-authorization) | {grants_lost} |",
