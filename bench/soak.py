@@ -6,14 +6,14 @@ Run it (about --minutes plus a minute of setup and shutdown)::
     .venv/bin/python bench/soak.py --minutes 30
     .venv/bin/python bench/soak.py --minutes 4      # a trial: the same faults, compressed
 
-What it needs: ``make .venv/.installed-test oidc`` (the venv with the ``server`` and ``postgres``
-extras' packages, Node.js and panva's oidc-provider under tests/oidc), Debian's PostgreSQL server
-binaries (tests/pgcluster.py: an own cluster in a temporary directory, run as the ``postgres`` user
-when started as root; ``PG_BIN`` names another bin directory), a Redis on 127.0.0.1:6379
-(``--redis-db``, default 11, is flushed at the start and at the end; the shared Redis is never
-stopped or paused: the broker outage cuts a TCP relay in front of it) and free loopback ports.
-Everything it starts runs under one temporary directory (``--keep`` keeps it: every process's log
-is there).
+What it needs: ``make .venv/.installed-test postgres oidc`` (the venv with the test extra: uvicorn
+with uvloop and httptools, psycopg, the Standard Webhooks verifier; Node.js and panva's
+oidc-provider under tests/oidc), Debian's PostgreSQL server binaries (tests/pgcluster.py: an own
+cluster in a temporary directory, run as the ``postgres`` user when started as root; ``PG_BIN``
+names another bin directory), a Redis on 127.0.0.1:6379 (``--redis-db``, default 11, is flushed at
+the start and at the end; the shared Redis is never stopped or paused: the broker outage cuts a TCP
+relay in front of it) and free loopback ports. Everything it starts runs under one temporary
+directory (``--keep`` keeps it: every process's log is there).
 
 What runs, each a process of its own: uvicorn with the README's ``web:`` command (2 workers, the
 fast lane), a Celery worker and beat with the README's commands, the own PostgreSQL, and
@@ -547,9 +547,10 @@ class Fault:
 FAULTS = [
     ("celery pool child SIGKILL", 0),
     ("uvicorn worker SIGKILL", 0),
-    ("token endpoint slow", 60),
-    ("broker (Redis) unreachable", 30),
     ("celery main worker SIGKILL + restart", 0),
+    ("token endpoint slow", 60),
+    # After the worker's restart, not before it: the same worker must reconnect by itself.
+    ("broker (Redis) unreachable", 30),
     ("token endpoint 503", 20),
     ("database connections cut (pg_terminate_backend)", 0),
     ("beat down", 180),
