@@ -13,6 +13,15 @@ class NotAuthorized(DatasourceError):
     """The datasource has never been authorized (or was disconnected)."""
 
 
+class NotConnected(NotAuthorized):
+    """An end user of the application has no connection to the datasource (never connected, or
+    disconnected): the proxy's ``409 not_connected``. The shared token is never a fallback."""
+
+    def __init__(self, message: str, *, end_user: str) -> None:
+        self.end_user = end_user
+        super().__init__(message)
+
+
 class OAuthError(DatasourceError):
     """The authorization server answered with an RFC 6749 error.
 

@@ -191,7 +191,7 @@ def wants_token_after_save(datasource: Datasource, credentials_changed: bool) ->
     refresh token to use."""
     if datasource.per_user:
         return False
-    token = Token.objects.filter(datasource=datasource, user=None).first()
+    token = Token.objects.shared().filter(datasource=datasource).first()
     if datasource.machine_grant:
         return credentials_changed or token is None or token.status != TokenStatus.ACTIVE
     return bool(credentials_changed and token and token.refresh_token)

@@ -62,7 +62,7 @@ def shared_token(obj: Datasource) -> Token | None:
 def _shared(field: str) -> Subquery:
     """One column of the shared token, for sorting the list without joining every token (a
     join would list a per-user datasource once per user token)."""
-    return Subquery(Token.objects.filter(datasource=OuterRef("pk"), user=None).values(field)[:1])
+    return Subquery(Token.objects.shared().filter(datasource=OuterRef("pk")).values(field)[:1])
 
 
 class SharedStatusFilter(admin.SimpleListFilter):
@@ -304,9 +304,7 @@ class DatasourceColumns:
                 shared_last_refreshed_at=_shared("last_refreshed_at"),
             )
             .prefetch_related(
-                Prefetch(
-                    "tokens", queryset=Token.objects.filter(user=None), to_attr="shared_tokens"
-                )
+                Prefetch("tokens", queryset=Token.objects.shared(), to_attr="shared_tokens")
             )
         )
 

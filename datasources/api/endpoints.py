@@ -66,7 +66,7 @@ COMMON = {400: ErrorOut, 401: ErrorOut, 403: ErrorOut, 503: ErrorOut}
 
 
 def _shared_tokens() -> Prefetch:
-    return Prefetch("tokens", queryset=Token.objects.filter(user=None), to_attr="shared")
+    return Prefetch("tokens", queryset=Token.objects.shared(), to_attr="shared")
 
 
 def _out(datasource: Datasource, known: limits.Health, now: float) -> dict:

@@ -94,7 +94,7 @@ def token_for(
         if cached_only:
             return None
         try:
-            token = Token.objects.select_related("datasource").get(datasource__slug=slug, user=None)
+            token = Token.objects.shared().select_related("datasource").get(datasource__slug=slug)
         except Token.DoesNotExist:
             raise Refused(404, "not_found", f"No datasource with slug {slug!r}.") from None
         except DatabaseError as err:

@@ -288,7 +288,7 @@ class Datasource(SigningSettings, SenderConstraintSettings, CallSettings):
         super().save(*args, **kwargs)
         from .token import Token
 
-        Token.objects.get_or_create(datasource=self, user=None)
+        Token.objects.get_or_create(datasource=self, user=None, end_user="")
         if self.machine_grant:
             # Nobody authorizes a client-credentials or JWT bearer datasource: the sweep
             # fetches its token.
@@ -314,7 +314,7 @@ class Datasource(SigningSettings, SenderConstraintSettings, CallSettings):
 
         cached = getattr(self, "_shared_token", None)
         if cached is None:
-            cached, _ = Token.objects.get_or_create(datasource=self, user=None)
+            cached, _ = Token.objects.get_or_create(datasource=self, user=None, end_user="")
             self._shared_token = cached
         return cached
 

@@ -10,6 +10,13 @@ from django.utils import timezone
 
 
 class TokenQuerySet(models.QuerySet):
+    def shared(self) -> TokenQuerySet:
+        """The datasources' shared tokens (no Django user, no end user)."""
+        return self.filter(user__isnull=True, end_user="")
+
+    def of_end_users(self) -> TokenQuerySet:
+        return self.exclude(end_user="")
+
     def unleased(self, now: datetime | None = None) -> TokenQuerySet:
         now = now or timezone.now()
         return self.filter(Q(lease_expires_at__isnull=True) | Q(lease_expires_at__lt=now))

@@ -31,6 +31,16 @@ class Token(models.Model):
         verbose_name=_("user"),
         help_text=_("Whose token, when the datasource has per-user tokens; empty: shared."),
     )
+    end_user = models.CharField(
+        _("end user"),
+        max_length=255,
+        blank=True,
+        default="",
+        help_text=_(
+            "Whose token, for an end user of an application (an id the application chose, who "
+            "connected through a connect link); empty: the shared or a Django user's token."
+        ),
+    )
     access_token = EncryptedTextField(_("access token"), null=True, blank=True)
     refresh_token = EncryptedTextField(_("refresh token"), null=True, blank=True)
     token_type = models.CharField(
@@ -165,14 +175,30 @@ class Token(models.Model):
         constraints = [
             models.UniqueConstraint(
                 fields=["datasource"],
-                condition=models.Q(user__isnull=True),
+                condition=models.Q(user__isnull=True, end_user=""),
                 name="ds_token_one_shared",
             ),
             models.UniqueConstraint(fields=["datasource", "user"], name="ds_token_one_per_user"),
+            # Also the index that lists a datasource's end users in order (paginated).
+            models.UniqueConstraint(
+                fields=["datasource", "end_user"],
+                condition=~models.Q(end_user=""),
+                name="ds_token_one_per_end_user",
+            ),
+            models.CheckConstraint(
+                condition=models.Q(user__isnull=True) | models.Q(end_user=""),
+                name="ds_token_one_owner",
+            ),
         ]
 
     def __str__(self) -> str:
-        whose = f", user {self.user_id}" if self.user_id else ""
+        whose = (
+            f", user {self.user_id}"
+            if self.user_id
+            else f", end user {self.end_user}"
+            if self.end_user
+            else ""
+        )
         return f"Token for {self.datasource_id}{whose} ({self.status})"
 
     def __repr__(self) -> str:

@@ -124,3 +124,20 @@ def validate_issuer(value: str) -> str | None:
 
     problem = transport_problem(value)
     return f"The issuer {problem}." if problem else None
+
+
+#: The longest end-user id an application may choose.
+END_USER_MAX_LENGTH = 255
+
+
+def end_user_problem(value: object) -> str | None:
+    """Why ``value`` is not an end-user id (None when it is): 1 to 255 printable characters,
+    with no space at either end (an id is compared exactly; a stray space would be another
+    user)."""
+    if not isinstance(value, str) or not value:
+        return "an end user id is a non-empty string"
+    if len(value) > END_USER_MAX_LENGTH:
+        return f"an end user id has at most {END_USER_MAX_LENGTH} characters"
+    if not value.isprintable() or value != value.strip():
+        return "an end user id has printable characters only, and no space at either end"
+    return None

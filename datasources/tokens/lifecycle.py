@@ -18,7 +18,7 @@ from django.views.decorators.debug import sensitive_variables
 
 from ..authserver import oauth
 from ..conf import app_settings
-from ..exceptions import DatasourceError, NotAuthorized
+from ..exceptions import DatasourceError, NotAuthorized, NotConnected
 from ..models import AuthorizationRequest, Datasource, Token, TokenEvent, TokenStatus
 from ..signals import datasource_authorized, token_refreshed
 from .decide import due_for
@@ -39,11 +39,28 @@ NO_FAILURE = {
 }
 
 
-def load_token(datasource: Datasource, user_id: int | None) -> Token:
-    """The token row for (datasource, user), created empty if the user has none yet."""
+def load_token(datasource: Datasource, user_id: int | None, end_user: str = "") -> Token:
+    """The token row for (datasource, user or end user), created empty if they have none yet;
+    neither: the shared token."""
     token, _ = Token.objects.select_related("datasource").get_or_create(
-        datasource=datasource, user_id=user_id
+        datasource=datasource, user_id=user_id, end_user=end_user
     )
+    return token
+
+
+def end_user_token(datasource: Datasource, end_user: str) -> Token:
+    """An end user's token row; NotConnected when they have none. Never created here (an id a
+    caller sends must not create rows), never the shared token instead."""
+    token = (
+        Token.objects.select_related("datasource")
+        .filter(datasource=datasource, user=None, end_user=end_user)
+        .first()
+    )
+    if token is None or not token.access_token:
+        raise NotConnected(
+            f"End user {end_user!r} has not connected datasource {datasource.slug!r}.",
+            end_user=end_user,
+        )
     return token
 
 
@@ -104,15 +121,16 @@ def token_fields(
 
 @sensitive_variables()
 def store_authorization(
-    datasource: Datasource, response: oauth.TokenResponse, *, user=None
+    datasource: Datasource, response: oauth.TokenResponse, *, user=None, end_user: str = ""
 ) -> Token:
     """Store the token from a completed authorization-code flow.
 
-    With per-user tokens it becomes ``user``'s token; otherwise the shared one.
+    It becomes ``end_user``'s token when one is given (a connect link); else, with per-user
+    tokens, ``user``'s; otherwise the shared one.
     """
     now = timezone.now()
-    owner = token_owner(datasource, user)
-    current = load_token(datasource, owner)
+    owner = None if end_user else token_owner(datasource, user)
+    current = load_token(datasource, owner, end_user)
     recovered = current.is_failing
     fields = token_fields(datasource, current, response, now)
     with transaction.atomic():  # the token and its outbox: all or nothing
@@ -120,7 +138,9 @@ def store_authorization(
         detail = granted(response)
         if fields["refresh_token"] and not response.refresh_token:
             detail += "; no new refresh token: the stored one is kept"
-        token = load_token(datasource, owner)
+        token = load_token(datasource, owner, end_user)
+        if end_user:
+            detail = f"End user {end_user}: {detail}"
         with outbox(datasource):
             record_event(datasource, TokenEvent.Kind.AUTHORIZED, detail)
             announce(datasource_authorized, datasource, user=user, token=token, recovered=recovered)

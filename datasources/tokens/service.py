@@ -44,7 +44,14 @@ from .decide import (
     use_until,
 )
 from .failures import FailureKind, classify, record_event, record_permanent, record_retryable
-from .lifecycle import load_token, reload, store_due, store_refresh, token_owner
+from .lifecycle import (
+    end_user_token,
+    load_token,
+    reload,
+    store_due,
+    store_refresh,
+    token_owner,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -79,23 +86,27 @@ class _RetryableFailure(Exception):
 # --- the request path -----------------------------------------------------------------------
 
 
-def get_access_token(datasource: Datasource, *, user=None) -> str:
+def get_access_token(datasource: Datasource, *, user=None, end_user: str = "") -> str:
     """A usable access token, refreshed first when the rules say so.
 
-    ``user`` (a user or user id) selects whose token when the datasource has per-user tokens.
+    ``user`` (a user or user id) selects whose token when the datasource has per-user tokens;
+    ``end_user`` an end user's (who connected through a connect link; NotConnected if none).
     """
-    token = get_valid_token(datasource, user=user)
+    token = get_valid_token(datasource, user=user, end_user=end_user)
     assert token.access_token
     return token.access_token
 
 
-def get_valid_token(datasource: Datasource, *, token: Token | None = None, user=None) -> Token:
+def get_valid_token(
+    datasource: Datasource, *, token: Token | None = None, user=None, end_user: str = ""
+) -> Token:
     """The token row to call the API with, refreshing (single-flight) if needed.
 
     ``token`` may be passed when the caller just read it (the proxy does, with its datasource).
-    Raises NotAuthorized, ReauthorizationRequired or TransientUpstreamError.
+    Raises NotAuthorized (NotConnected for an end user without a connection),
+    ReauthorizationRequired or TransientUpstreamError.
     """
-    token = token or load_token(datasource, token_owner(datasource, user))
+    token = token or _owned(datasource, user, end_user)
     result = _obtain(datasource, token, Situation.REQUEST)
     assert result is not None
     return result
@@ -140,8 +151,14 @@ def _settings_changed(**kwargs) -> None:
     _settings_generation += 1
 
 
+def _owned(datasource: Datasource, user, end_user: str) -> Token:
+    if end_user:
+        return end_user_token(datasource, end_user)
+    return load_token(datasource, token_owner(datasource, user))
+
+
 def refresh_after_rejection(
-    datasource: Datasource, rejected_access_token: str, *, user=None
+    datasource: Datasource, rejected_access_token: str, *, user=None, end_user: str = ""
 ) -> Token | None:
     """The upstream API answered an "expired" status to ``rejected_access_token``.
 
@@ -153,7 +170,7 @@ def refresh_after_rejection(
     token_unavailable), not handed a 401 that reads as "re-authorize"; ReauthorizationRequired
     when the grant is dead.
     """
-    token = load_token(datasource, token_owner(datasource, user))
+    token = _owned(datasource, user, end_user)
     return _obtain(datasource, token, Situation.REJECTED, rejected=rejected_access_token)
 
 
