@@ -48,6 +48,8 @@ DEFAULTS: dict[str, Any] = {
     "ALLOW_LOOPBACK_HTTP": True,
     # Authorization requests (state + PKCE verifier) expire after this many seconds.
     "STATE_LIFETIME": 600,
+    # A connect link (POST /api/v1/connect/sessions) works for this many seconds, once.
+    "CONNECT_SESSION_LIFETIME": 1800,
     # At most this many pending authorization requests per browser session.
     "MAX_PENDING_AUTHORIZATIONS": 10,
     # Refresh lease: its holder extends it every LEASE_SECONDS / 3 while its request runs, so a

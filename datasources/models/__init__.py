@@ -30,6 +30,7 @@ from .choices import (
     TokenSharing,
     TokenStatus,
 )
+from .connect import ConnectSession
 from .datasource import Datasource
 from .groups import DATASOURCE_GROUPS, config_fields, write_only_fields
 from .token import Token, TokenEvent
@@ -84,6 +85,7 @@ __all__ = [
     "AssertionAudience",
     "AuthorizationRequest",
     "ClientAuthentication",
+    "ConnectSession",
     "Datasource",
     "DatasourceUsage",
     "DeliveryStatus",

@@ -29,6 +29,11 @@ class AuthorizationRequest(models.Model):
     created_at = models.DateTimeField(default=timezone.now)
     expires_at = models.DateTimeField(db_index=True)
     used_at = models.DateTimeField(null=True, blank=True)
+    #: Started from a connect link: the token is the end user's, and the person goes back to
+    #: the application's return URL.
+    connect_session = models.ForeignKey(
+        "datasources.ConnectSession", on_delete=models.CASCADE, null=True, related_name="+"
+    )
 
     class Meta:
         verbose_name = _("authorization request")

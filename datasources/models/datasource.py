@@ -238,6 +238,15 @@ class Datasource(SigningSettings, SenderConstraintSettings, CallSettings):
             "user's token. Authorization code only."
         ),
     )
+    allowed_return_urls = models.TextField(
+        _("allowed return URLs"),
+        blank=True,
+        help_text=_(
+            "Where a connect link may send the end user back to when they are done, one per "
+            "line: an origin (https://app.example.com: any path on it) or a URL prefix "
+            "(https://app.example.com/settings/). Nothing is allowed until you add one."
+        ),
+    )
     owner = models.ForeignKey(
         settings.AUTH_USER_MODEL,
         on_delete=models.SET_NULL,

@@ -150,6 +150,13 @@ DATASOURCE_GROUPS: tuple[Group, ...] = (
         folded=True,
     ),
     Group(
+        "connect",
+        _("End-user connections"),
+        ("allowed_return_urls",),
+        folded=True,
+        when={"allowed_return_urls": CODE_GRANT},
+    ),
+    Group(
         "advanced",
         _("Advanced"),
         (

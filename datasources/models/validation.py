@@ -25,6 +25,7 @@ from .values import (
     RETRYABLE_STATUSES,
     normalize_scopes,
     parse_methods,
+    parse_return_urls,
     parse_status_codes,
     validate_issuer,
 )
@@ -213,6 +214,15 @@ def expiry_body_rules_rules(ds: Datasource) -> Outcome:
     return Outcome(values={"expiry_body_rules": bodyrules.normalized(ds.expiry_body_rules)})
 
 
+def return_url_rules(ds: Datasource) -> Outcome:
+    """``allowed_return_urls``: one origin or URL prefix per line, stored one per line."""
+    try:
+        entries = parse_return_urls(ds.allowed_return_urls)
+    except ValueError as err:
+        return Outcome(problems={"allowed_return_urls": str(err)})
+    return Outcome(values={"allowed_return_urls": "\n".join(entries)})
+
+
 def _header_problem(name: str, value: str) -> str | None:
     if not HEADER_NAME.match(name):
         return _("%(name)r is not a valid header name.") % {"name": name}
@@ -277,6 +287,7 @@ RULES: tuple[Callable[[Datasource], Outcome], ...] = (
     issuer_rules,
     expiry_status_rules,
     expiry_body_rules_rules,
+    return_url_rules,
     retry_status_rules,
     allowed_method_rules,
     default_rules,

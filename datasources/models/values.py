@@ -141,3 +141,63 @@ def end_user_problem(value: object) -> str | None:
     if not value.isprintable() or value != value.strip():
         return "an end user id has printable characters only, and no space at either end"
     return None
+
+
+def parse_return_urls(value: str) -> list[str]:
+    """The datasource's allowed return URLs, one per line (blank lines ignored); ValueError
+    saying which line is wrong. Each is an origin (``https://app.example.com``: any path on it)
+    or a URL prefix (``https://app.example.com/settings/``), with no query or fragment."""
+    from urllib.parse import urlsplit
+
+    entries = []
+    for line in (value or "").splitlines():
+        entry = line.strip()
+        if not entry:
+            continue
+        parts = urlsplit(entry)
+        if parts.scheme not in ("https", "http") or not parts.hostname:
+            raise ValueError(f"{entry[:200]!r} is not an http(s) URL.")
+        if parts.query or parts.fragment or "#" in entry or parts.username or parts.password:
+            raise ValueError(f"{entry[:200]!r} has a query, fragment or user: give a prefix.")
+        entries.append(entry)
+    return entries
+
+
+def return_url_allowed(url: str, allowed: list[str]) -> bool:
+    """Whether a connect session may send the person back to ``url``: its origin equals an
+    allowed origin's, or it starts with an allowed prefix at a path boundary (the prefix
+    ``https://a.example/app`` allows ``/app``, ``/app/…``, ``/app?…`` but not ``/apple``).
+    Compared on the parsed URL, so ``https://a.example@evil.example`` or a different port never
+    matches. Nothing is allowed by default."""
+    from urllib.parse import urlsplit
+
+    try:
+        target = urlsplit(url)
+        target_port = target.port
+    except ValueError:
+        return False
+    if target.scheme not in ("https", "http") or not target.hostname:
+        return False
+    if target.username or target.password or "\\" in url or any(ord(c) < 0x21 for c in url):
+        return False
+    for entry in allowed:
+        rule = urlsplit(entry)
+        same_origin = (
+            rule.scheme == target.scheme
+            and rule.hostname == target.hostname
+            and (rule.port or _default_port(rule.scheme))
+            == (target_port or _default_port(target.scheme))
+        )
+        if not same_origin:
+            continue
+        prefix = rule.path
+        if prefix in ("", "/"):
+            return True
+        path = target.path
+        if path == prefix or path.startswith(prefix if prefix.endswith("/") else prefix + "/"):
+            return True
+    return False
+
+
+def _default_port(scheme: str) -> int:
+    return 443 if scheme == "https" else 80
