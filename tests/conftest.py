@@ -396,3 +396,39 @@ def pytest_terminal_summary(terminalreporter) -> None:
     if SERVING_COUNTS:
         counts = ", ".join(f"{name} {count}" for name, count in sorted(SERVING_COUNTS.items()))
         terminalreporter.write_line(f"proxy calls on the ASGI path: {counts}")
+
+
+# --- the management JSON API ------------------------------------------------------------------
+
+
+@pytest.fixture
+def openapi():
+    """The document as the server serves it (so a test fails if the served one is wrong)."""
+    import json
+
+    from django.test import Client
+    from openapi_core import OpenAPI
+
+    response = Client().get("/api/v1/openapi.json")
+    assert response.status_code == 200
+    document = json.loads(response.content)
+    assert document["openapi"].startswith("3.1")
+    return OpenAPI.from_dict(document)  # also validates the document itself
+
+
+@pytest.fixture
+def api(openapi):
+    """Call the API with a key; every answer is checked against the served document."""
+
+    from django.test import Client
+    from openapi_core.contrib.django import DjangoOpenAPIRequest, DjangoOpenAPIResponse
+
+    def call(method: str, path: str, key: str | None = None, **kwargs):
+        headers = {"HTTP_AUTHORIZATION": f"Api-Key {key}"} if key else {}
+        response = getattr(Client(**headers), method)(path, **kwargs)
+        openapi.validate_response(
+            DjangoOpenAPIRequest(response.wsgi_request), DjangoOpenAPIResponse(response)
+        )
+        return response
+
+    return call

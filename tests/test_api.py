@@ -18,8 +18,6 @@ import json
 import pytest
 from django.core.management import call_command
 from django.test import Client
-from openapi_core import OpenAPI
-from openapi_core.contrib.django import DjangoOpenAPIRequest, DjangoOpenAPIResponse
 
 from datasources.models import ApiKey, Datasource, Token, TokenEvent
 from datasources.proxy.apikeys import create_api_key
@@ -30,31 +28,6 @@ from .test_retries import flaky_datasource
 pytestmark = pytest.mark.django_db(transaction=True)
 
 REFRESH_TOKEN = "refresh-token-that-must-never-leave"
-
-
-@pytest.fixture
-def openapi() -> OpenAPI:
-    """The document as the server serves it (so a test fails if the served one is wrong)."""
-    response = Client().get("/api/v1/openapi.json")
-    assert response.status_code == 200
-    document = json.loads(response.content)
-    assert document["openapi"].startswith("3.1")
-    return OpenAPI.from_dict(document)  # also validates the document itself
-
-
-@pytest.fixture
-def api(openapi):
-    """Call the API with a key; every answer is checked against the served document."""
-
-    def call(method: str, path: str, key: str | None = None, **kwargs):
-        headers = {"HTTP_AUTHORIZATION": f"Api-Key {key}"} if key else {}
-        response = getattr(Client(**headers), method)(path, **kwargs)
-        openapi.validate_response(
-            DjangoOpenAPIRequest(response.wsgi_request), DjangoOpenAPIResponse(response)
-        )
-        return response
-
-    return call
 
 
 def key_with(*permissions: str, datasources=None, user=None) -> str:

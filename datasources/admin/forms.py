@@ -430,6 +430,7 @@ class ApiKeyForm(forms.ModelForm):
             "datasources",
             "user",
             "may_proxy",
+            "may_connect",
             "may_manage",
             "may_read_token",
         )

@@ -24,6 +24,7 @@ from ..models import (
     MTLS_METHODS,
     PERMISSIONS,
     ApiKey,
+    ConnectSession,
     Datasource,
     GrantType,
     ProxyCall,
@@ -366,6 +367,41 @@ class TokenEventAdmin(ReadOnlyAdmin):
     date_hierarchy = "created_at"
 
 
+@admin.register(ConnectSession)
+class ConnectSessionAdmin(ReadOnlyAdmin):
+    """Connect links created by applications, and how each ended (the link's secret is not
+    stored: only its hash, which is not shown)."""
+
+    list_display = (
+        "created_at",
+        "datasource",
+        "end_user",
+        "display_name",
+        "outcome",
+        "claimed_at",
+        "finished_at",
+        "expires_at",
+    )
+    list_filter = ("outcome", "datasource")
+    list_select_related = ("datasource",)
+    search_fields = ("end_user", "display_name", "=public_id")
+    date_hierarchy = "created_at"
+    fields = (
+        "public_id",
+        "datasource",
+        "end_user",
+        "display_name",
+        "return_url",
+        "api_key",
+        "created_at",
+        "expires_at",
+        "claimed_at",
+        "finished_at",
+        "outcome",
+    )
+    readonly_fields = fields
+
+
 @admin.register(ApiKey)
 class ApiKeyAdmin(admin.ModelAdmin):
     """Keys are shown once, on the page right after creation; only a hash is stored. A new key
@@ -386,6 +422,7 @@ class ApiKeyAdmin(admin.ModelAdmin):
         "revoked_at",
         "all_datasources",
         "may_proxy",
+        "may_connect",
         "may_manage",
         "may_read_token",
     )
@@ -405,9 +442,9 @@ class ApiKeyAdmin(admin.ModelAdmin):
                 {
                     "fields": list(PERMISSIONS.values()),
                     "description": _(
-                        "What the key may do: call the proxy (the default), use the management "
-                        "API, read access tokens (each read is recorded). docs/api.md shows a "
-                        "curl example for each."
+                        "What the key may do: call the proxy (the default), create connect "
+                        "links for end users, use the management API, read access tokens (each "
+                        "read is recorded). docs/api.md shows a curl example for each."
                     ),
                 },
             ),

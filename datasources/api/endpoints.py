@@ -13,6 +13,7 @@ from django.urls import reverse
 from ninja import Body, NinjaAPI, Query, Status
 
 from .. import tokens
+from ..authorize import connect as links
 from ..calls import health, limits
 from ..exceptions import NotAuthorized, ReauthorizationRequired, TransientUpstreamError
 from ..models import Datasource, Token, TokenEvent
@@ -21,7 +22,14 @@ from ..ops.config_io import SECRET_FIELDS
 from . import errors
 from .auth import ApiKeyAuth, datasource_for, require
 from .errors import ApiError
-from .schemas import AccessTokenOut, DatasourceListOut, DatasourceOut, ErrorOut
+from .schemas import (
+    AccessTokenOut,
+    ConnectSessionIn,
+    ConnectSessionOut,
+    DatasourceListOut,
+    DatasourceOut,
+    ErrorOut,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -134,6 +142,41 @@ def get_datasource(request: HttpRequest, slug: str):
     datasource = datasource_for(api_key, slug)
     datasource = Datasource.objects.prefetch_related(_shared_tokens()).get(pk=datasource.pk)
     return _out(datasource, health.current(datasource.pk), time.time())
+
+
+@api.post(
+    "/connect/sessions",
+    response={201: ConnectSessionOut, 404: ErrorOut, **COMMON},
+    summary="A connect link for an end user (connect)",
+)
+def create_connect_session(request: HttpRequest, payload: ConnectSessionIn):
+    """A single-use link (CONNECT_SESSION_LIFETIME, 30 minutes by default) that lets the end user
+    connect their own account: a page on this server with one Connect button, the provider's
+    consent, then back to ``return_url`` with ``?connect=success&session=<id>`` or
+    ``?connect=error&error=<code>&session=<id>``."""
+    api_key = require(request, "connect")
+    datasource = datasource_for(api_key, payload.datasource)
+    try:
+        session, link = links.create(
+            request,
+            datasource,
+            end_user=payload.end_user,
+            return_url=payload.return_url,
+            display_name=payload.display_name,
+            api_key=api_key,
+        )
+    except links.Refusal as refusal:
+        raise ApiError(400, refusal.error, refusal.detail) from None
+    logger.info(
+        "connect session %s for datasource %s created with API key %s",
+        session.public_id,
+        datasource.slug,
+        api_key.prefix,
+    )
+    return Status(
+        201,
+        {"session": str(session.public_id), "connect_url": link, "expires_at": session.expires_at},
+    )
 
 
 @api.put(

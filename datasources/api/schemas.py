@@ -61,3 +61,22 @@ class AccessTokenOut(Schema):
     access_token: str
     token_type: str
     expires_at: datetime | None
+
+
+class ConnectSessionIn(Schema):
+    datasource: str = Field(description="The datasource's slug (an authorization-code one).")
+    end_user: str = Field(
+        description="Your id for the end user: 1 to 255 printable characters, no space at either "
+        "end; the proxy's X-Datasource-End-User header names them later."
+    )
+    return_url: str = Field(
+        description="Where the person goes back to when done: must match one of the "
+        "datasource's allowed return URLs (an origin or a URL prefix)."
+    )
+    display_name: str = Field("", description="Shown on the connect page instead of the id.")
+
+
+class ConnectSessionOut(Schema):
+    session: str = Field(description="The session's id; the return URL gets it back.")
+    connect_url: str = Field(description="Send the end user here. It works once.")
+    expires_at: datetime

@@ -19,7 +19,7 @@ from .. import tokens
 from ..authserver import oauth
 from ..conf import app_settings
 from ..exceptions import InvalidState
-from ..models import AuthorizationRequest, Datasource, Token, sha256_hex
+from ..models import AuthorizationRequest, ConnectSession, Datasource, Token, sha256_hex
 from ..tokens.lifecycle import purge_expired
 
 SESSION_BINDING_KEY = "datasources_authorization_binding"
@@ -36,14 +36,35 @@ def callback_url(request: HttpRequest | None = None) -> str:
     return request.build_absolute_uri(path)
 
 
-@sensitive_variables()
-def start(request: HttpRequest, datasource: Datasource) -> str:
-    """Create a pending request and return the provider URL to redirect the browser to."""
+def browser_binding(request: HttpRequest) -> str:
+    """The hash of this browser's binding value (created in its session on first use): what
+    ties an authorization, and a claimed connect link, to the browser that started it."""
     binding = request.session.get(SESSION_BINDING_KEY)
     if not binding:
         binding = secrets.token_urlsafe(32)
         request.session[SESSION_BINDING_KEY] = binding
-    binding_hash = sha256_hex(binding)
+    return sha256_hex(binding)
+
+
+def started_from_connect_link(request: HttpRequest) -> bool:
+    """Whether the callback's state belongs to an authorization started from a connect link
+    (whose end user has no account here, so no sign-in is asked). Reads, uses nothing up."""
+    state = request.GET.get("state", "")
+    return (
+        bool(state)
+        and AuthorizationRequest.objects.filter(
+            state_hash=sha256_hex(state), connect_session__isnull=False
+        ).exists()
+    )
+
+
+@sensitive_variables()
+def start(
+    request: HttpRequest, datasource: Datasource, *, connect_session: ConnectSession | None = None
+) -> str:
+    """Create a pending request and return the provider URL to redirect the browser to.
+    ``connect_session``: started from that connect link (the token will be its end user's)."""
+    binding_hash = browser_binding(request)
     now = timezone.now()
     purge_expired(now)
     pending = AuthorizationRequest.objects.filter(
@@ -60,7 +81,8 @@ def start(request: HttpRequest, datasource: Datasource) -> str:
     redirect_uri = callback_url(request)
     AuthorizationRequest.objects.create(
         datasource=datasource,
-        user=request.user if request.user.is_authenticated else None,
+        user=request.user if request.user.is_authenticated and not connect_session else None,
+        connect_session=connect_session,
         state_hash=sha256_hex(state),
         session_binding_hash=binding_hash,
         code_verifier=pkce.verifier if pkce else None,
@@ -113,12 +135,17 @@ def consume(request: HttpRequest) -> AuthorizationRequest:
 
 
 @sensitive_variables()
-def complete(auth_request: AuthorizationRequest, code: str, *, user=None) -> Token:
-    """Exchange the code and store the token. Raises the oauth module's classified errors."""
+def complete(
+    auth_request: AuthorizationRequest, code: str, *, user=None, end_user: str = ""
+) -> Token:
+    """Exchange the code and store the token (``end_user``'s when given, else ``user``'s or the
+    shared one). Raises the oauth module's classified errors."""
     response = oauth.exchange_code(
         auth_request.datasource,
         code=code,
         redirect_uri=auth_request.redirect_uri,
         code_verifier=auth_request.code_verifier,
     )
-    return tokens.store_authorization(auth_request.datasource, response, user=user)
+    return tokens.store_authorization(
+        auth_request.datasource, response, user=user, end_user=end_user
+    )

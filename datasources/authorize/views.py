@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import logging
+
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
+from django.contrib.auth.views import redirect_to_login
 from django.core.exceptions import PermissionDenied
 from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import get_object_or_404, render
 from django.utils import timezone
 from django.views.decorators.cache import never_cache
-from django.views.decorators.http import require_GET
+from django.views.decorators.http import require_GET, require_http_methods
 
 from ..authserver.oauth import sanitize_description
 from ..exceptions import DatasourceError, InvalidState
-from ..models import Datasource, Token
+from ..models import ConnectSession, Datasource, Token
+from . import connect as links
 from . import flow
+
+logger = logging.getLogger(__name__)
 
 
 @never_cache
@@ -55,14 +61,46 @@ def connect(request: HttpRequest, slug: str) -> HttpResponse:
 
 
 @never_cache
+@require_http_methods(["GET", "POST"])
+def connect_link(request: HttpRequest, secret: str) -> HttpResponse:
+    """``/connect/<secret>``: an end user's connect link. GET shows the page (the
+    datasource, who is connecting, one Connect button); POST (the button) claims the link for
+    this browser and goes to the provider."""
+    session = links.find(secret)
+    if session is None:
+        return _link_refused(request)
+    why = links.unusable(session)
+    if why is None and request.method == "POST":
+        why = links.claim(session, flow.browser_binding(request))
+        if why is None:
+            try:
+                url = flow.start(request, session.datasource, connect_session=session)
+            except DatasourceError:
+                links.finish(session, ConnectSession.Outcome.PROVIDER_ERROR)
+                return HttpResponseRedirect(links.back_to_app(session, "provider_error"))
+            return HttpResponseRedirect(url)
+    if why is not None:
+        return HttpResponseRedirect(links.back_to_app(session, why))
+    return render(
+        request,
+        "datasources/connect.html",
+        {"session": session, "datasource": session.datasource, "title": "Connect"},
+    )
+
+
+@never_cache
 @require_GET
-@login_required
 def authorization_callback(request: HttpRequest) -> HttpResponse:
-    """``/api/v1/datasources/authorize``: the provider sends the browser back here."""
+    """``/api/v1/datasources/authorize``: the provider sends the browser back here. A signed-in
+    user's flow (admin, per-user tokens) or an end user's (a connect link: nobody signs in)."""
+    if not request.user.is_authenticated and not flow.started_from_connect_link(request):
+        return redirect_to_login(request.get_full_path())
     try:
         auth_request = flow.consume(request)
     except InvalidState as err:
         return _failure(request, str(err))
+    if auth_request.connect_session_id is not None:
+        return _finish_connect(request, auth_request)
     datasource = auth_request.datasource
     iss = request.GET.get("iss")
     if (
@@ -107,6 +145,57 @@ def authorization_callback(request: HttpRequest) -> HttpResponse:
     if warning:
         messages.warning(request, warning)
     return _back(request, datasource)
+
+
+def _finish_connect(request: HttpRequest, auth_request) -> HttpResponse:
+    """The end of a connect link's flow: the end user's token stored, and back to the app with
+    the outcome (never a token or a code in that URL)."""
+    session = auth_request.connect_session
+    datasource = auth_request.datasource
+    iss = request.GET.get("iss")
+    wrong_issuer = (
+        datasource.issuer
+        and (iss is not None or datasource.issuer_returns_iss)
+        and iss != datasource.issuer
+    )
+    error = None
+    if session.finished_at is not None:
+        error = links.USED
+    elif wrong_issuer:
+        error = ConnectSession.Outcome.PROVIDER_ERROR
+    elif "error" in request.GET:
+        denied = request.GET.get("error") == "access_denied"
+        error = (
+            ConnectSession.Outcome.ACCESS_DENIED
+            if denied
+            else ConnectSession.Outcome.PROVIDER_ERROR
+        )
+    elif not request.GET.get("code"):
+        error = ConnectSession.Outcome.PROVIDER_ERROR
+    if error is None:
+        try:
+            flow.complete(auth_request, request.GET["code"], end_user=session.end_user)
+        except DatasourceError as err:
+            logger.warning(
+                "connect session %s for datasource %s failed: %s",
+                session.public_id,
+                datasource.slug,
+                type(err).__name__,
+            )
+            error = ConnectSession.Outcome.PROVIDER_ERROR
+    if error != links.USED:
+        links.finish(session, error or ConnectSession.Outcome.CONNECTED)
+    return HttpResponseRedirect(links.back_to_app(session, error))
+
+
+def _link_refused(request: HttpRequest) -> HttpResponse:
+    """A link that names no session (forged, mistyped): no return URL can be trusted."""
+    return render(
+        request,
+        "datasources/connect_refused.html",
+        {"title": "This link does not work"},
+        status=404,
+    )
 
 
 def no_refresh_token_warning(datasource: Datasource, token: Token) -> str:

@@ -14,6 +14,11 @@ class Migration(migrations.Migration):
 
     operations = [
         migrations.AddField(
+            model_name='apikey',
+            name='may_connect',
+            field=models.BooleanField(default=False, help_text='Create connect links for end users to connect their own accounts.', verbose_name='connect'),
+        ),
+        migrations.AddField(
             model_name='datasource',
             name='allowed_return_urls',
             field=models.TextField(blank=True, help_text='Where a connect link may send the end user back to when they are done, one per line: an origin (https://app.example.com: any path on it) or a URL prefix (https://app.example.com/settings/). Nothing is allowed until you add one.', verbose_name='allowed return URLs'),

@@ -15,6 +15,7 @@ API_KEY_PREFIX = "dsk_"
 #: access tokens, so it is off unless granted and every use is recorded.
 PERMISSIONS = {
     "proxy": "may_proxy",
+    "connect": "may_connect",
     "manage": "may_manage",
     "token": "may_read_token",
 }
@@ -53,6 +54,11 @@ class ApiKey(models.Model):
     )
     may_proxy = models.BooleanField(
         _("proxy"), default=True, help_text=_("Call the datasources through the proxy.")
+    )
+    may_connect = models.BooleanField(
+        _("connect"),
+        default=False,
+        help_text=_("Create connect links for end users to connect their own accounts."),
     )
     may_manage = models.BooleanField(
         _("manage"),

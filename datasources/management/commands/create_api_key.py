@@ -34,8 +34,9 @@ class Command(BaseCommand):
             metavar="{" + ",".join(PERMISSIONS) + "}",
             help=(
                 "What the key may do (repeatable): proxy (call the datasources; the default "
-                "when none is given), manage (the JSON API), token (read access tokens through "
-                "the JSON API; every use is recorded)."
+                "when none is given), connect (create connect links for end users), manage (the "
+                "JSON API), token (read access tokens through the JSON API; every use is "
+                "recorded)."
             ),
         )
 
