@@ -22,6 +22,11 @@ class NotConnected(NotAuthorized):
         super().__init__(message)
 
 
+class IdentityMismatch(DatasourceError):
+    """A reconnect signed in another upstream account than the one connected: nothing was
+    replaced (connect links answer ``identity_mismatch``)."""
+
+
 class OAuthError(DatasourceError):
     """The authorization server answered with an RFC 6749 error.
 

@@ -10,6 +10,9 @@ token_refresh_failed(sender=Datasource, datasource, token, error, transient)
     A refresh failed; ``transient`` says whether it will be retried.
 reauthorization_required(sender=Datasource, datasource, token, error)
     A refresh failed for good; someone must re-authorize in the admin.
+identity_mismatch(sender=Datasource, datasource, token, identity)
+    A reconnect (an end user's connect link, a per-user token) signed in another upstream
+    account than the stored token's (``identity``: the one that signed in); nothing replaced.
 
 They are sent inside the transaction that writes the token change (a transactional outbox: the
 webhook deliveries a receiver writes commit with it, or not at all). Hand slow or outside work
@@ -23,3 +26,4 @@ datasource_authorized = Signal()
 token_refreshed = Signal()
 token_refresh_failed = Signal()
 reauthorization_required = Signal()
+identity_mismatch = Signal()

@@ -35,7 +35,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
-from urllib.parse import parse_qs, urljoin, urlsplit
+from urllib.parse import parse_qs, quote, urljoin, urlsplit
 
 import pytest
 import requests
@@ -120,6 +120,13 @@ class OidcProvider:
             )
         response.raise_for_status()
         return response.json()
+
+    def sign_in_as(self, sub: str) -> None:
+        """The account the provider's automatic login signs in from now on."""
+        response = requests.post(
+            f"{self.issuer}/_test/account/{quote(sub, safe='')}", verify=self.verify, timeout=10
+        )
+        assert response.status_code == 204, response.text[:300]
 
     def consent(self, authorize_url: str, callback_prefix: str) -> str:
         """Play the browser: follow the provider's redirects (the test user logs in and consents

@@ -315,6 +315,8 @@ class TokenAdmin(ReadOnlyAdmin):
     list_display = (
         "datasource",
         "user",
+        "end_user",
+        "identity",
         "status",
         "expires_at",
         "last_refreshed_at",
@@ -324,10 +326,12 @@ class TokenAdmin(ReadOnlyAdmin):
     )
     list_filter = ("status", "failure_kind")
     list_select_related = ("datasource", "user")
-    search_fields = ("datasource__name", "datasource__slug")
+    search_fields = ("datasource__name", "datasource__slug", "end_user", "identity")
     fields = (
         "datasource",
         "user",
+        "end_user",
+        "identity",
         "status",
         "has_access_token",
         "has_refresh_token",

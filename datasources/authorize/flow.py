@@ -16,7 +16,7 @@ from django.utils import timezone
 from django.views.decorators.debug import sensitive_variables
 
 from .. import tokens
-from ..authserver import oauth
+from ..authserver import identity, oauth
 from ..conf import app_settings
 from ..exceptions import InvalidState
 from ..models import AuthorizationRequest, ConnectSession, Datasource, Token, sha256_hex
@@ -140,12 +140,17 @@ def complete(
 ) -> Token:
     """Exchange the code and store the token (``end_user``'s when given, else ``user``'s or the
     shared one). Raises the oauth module's classified errors."""
+    datasource = auth_request.datasource
     response = oauth.exchange_code(
-        auth_request.datasource,
+        datasource,
         code=code,
         redirect_uri=auth_request.redirect_uri,
         code_verifier=auth_request.code_verifier,
     )
+    try:
+        account = identity.identity_of(datasource, response)
+    except identity.IdentityError:
+        account = ""  # cannot be told: a connected owner's reconnect is refused (same_account)
     return tokens.store_authorization(
-        auth_request.datasource, response, user=user, end_user=end_user
+        datasource, response, user=user, end_user=end_user, identity=account
     )

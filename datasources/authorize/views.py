@@ -15,7 +15,7 @@ from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET, require_http_methods
 
 from ..authserver.oauth import sanitize_description
-from ..exceptions import DatasourceError, InvalidState
+from ..exceptions import DatasourceError, IdentityMismatch, InvalidState
 from ..models import ConnectSession, Datasource, Token
 from . import connect as links
 from . import flow
@@ -137,6 +137,9 @@ def authorization_callback(request: HttpRequest) -> HttpResponse:
         return _failure(request, "The authorization response has no code.", datasource=datasource)
     try:
         token = flow.complete(auth_request, code, user=request.user)
+    except IdentityMismatch as err:
+        messages.error(request, str(err))
+        return _back(request, datasource)
     except DatasourceError as err:
         messages.error(request, f"Authorization failed: {err}. The stored token is unchanged.")
         return _back(request, datasource)
@@ -175,6 +178,8 @@ def _finish_connect(request: HttpRequest, auth_request) -> HttpResponse:
     if error is None:
         try:
             flow.complete(auth_request, request.GET["code"], end_user=session.end_user)
+        except IdentityMismatch:
+            error = ConnectSession.Outcome.IDENTITY_MISMATCH
         except DatasourceError as err:
             logger.warning(
                 "connect session %s for datasource %s failed: %s",

@@ -73,6 +73,8 @@ class TokenResponse:
     expires_in: Any = None
     refresh_token: str | None = field(default=None, repr=False)
     scope: str = ""
+    #: OpenID Connect: the ID token, as sent (read by :mod:`.identity`).
+    id_token: str | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -137,6 +139,39 @@ def _bounded_request(
         max_bytes=app_settings.HTTP_MAX_RESPONSE_BYTES,
         **kwargs,
     )
+
+
+@sensitive_variables()
+def fetch_userinfo(datasource: Datasource, url: str, access_token: str) -> Any:
+    """GET ``url`` with the access token (a provider's "who am I" call: GitHub ``/user``, Slack
+    ``auth.test``, Graph ``/me``): its JSON, or TransientUpstreamError saying why not (the
+    status or the failure's name; never the body)."""
+    check_transport(url)
+    host = urlsplit(url).hostname
+    try:
+        response = _bounded_request(
+            "GET",
+            url,
+            app_settings.HTTP_TIMEOUT,
+            context=tls.context_for(datasource, api=True),
+            headers={"Authorization": f"Bearer {access_token}", "Accept": "application/json"},
+            allow_redirects=False,
+        )
+    except (
+        tls.TLSConfigError,
+        outbound.DeadlineExceeded,
+        outbound.TooLarge,
+        requests.RequestException,
+    ) as err:
+        raise _send_failure(
+            err, "userinfo request", datasource.slug, host, app_settings.HTTP_TIMEOUT
+        ) from None
+    if response.status_code != 200:
+        raise TransientUpstreamError(f"{host} answered HTTP {response.status_code} to userinfo.")
+    try:
+        return response.json()
+    except ValueError:
+        raise TransientUpstreamError(f"{host}'s userinfo answer is not JSON.") from None
 
 
 def new_pkce_pair() -> PkcePair:
@@ -836,6 +871,7 @@ def _token_request(
         expires_in=expires_in,
         refresh_token=(str(token["refresh_token"]) if token.get("refresh_token") else None),
         scope=str(scope),
+        id_token=str(token["id_token"]) if isinstance(token.get("id_token"), str) else None,
     )
 
 

@@ -247,6 +247,24 @@ class Datasource(SigningSettings, SenderConstraintSettings, CallSettings):
             "(https://app.example.com/settings/). Nothing is allowed until you add one."
         ),
     )
+    userinfo_url = models.URLField(
+        _("userinfo URL"),
+        max_length=2000,
+        blank=True,
+        validators=[validate_secure_url],
+        help_text=_(
+            "A “who am I” call that names the signed-in account (GitHub: "
+            "https://api.github.com/user), used when the provider sends no OpenID Connect ID "
+            "token: a reconnect of an end user or a per-user token must sign in the same "
+            "account. With neither, reconnects are not checked."
+        ),
+    )
+    userinfo_identity_field = models.CharField(
+        _("identity field"),
+        max_length=100,
+        blank=True,
+        help_text=_("The field of the userinfo answer that names the account (GitHub: id)."),
+    )
     owner = models.ForeignKey(
         settings.AUTH_USER_MODEL,
         on_delete=models.SET_NULL,

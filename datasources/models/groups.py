@@ -152,9 +152,13 @@ DATASOURCE_GROUPS: tuple[Group, ...] = (
     Group(
         "connect",
         _("End-user connections"),
-        ("allowed_return_urls",),
+        ("allowed_return_urls", "userinfo_url", "userinfo_identity_field"),
         folded=True,
-        when={"allowed_return_urls": CODE_GRANT},
+        when={
+            "allowed_return_urls": CODE_GRANT,
+            "userinfo_url": CODE_GRANT,
+            "userinfo_identity_field": CODE_GRANT,
+        },
     ),
     Group(
         "advanced",

@@ -41,6 +41,15 @@ class Token(models.Model):
             "connected through a connect link); empty: the shared or a Django user's token."
         ),
     )
+    identity = models.CharField(
+        _("account"),
+        max_length=500,
+        blank=True,
+        help_text=_(
+            "The upstream account the token was authorized for (ID token issuer and subject, or "
+            "the userinfo field): a reconnect must sign in the same one. Not a secret."
+        ),
+    )
     access_token = EncryptedTextField(_("access token"), null=True, blank=True)
     refresh_token = EncryptedTextField(_("refresh token"), null=True, blank=True)
     token_type = models.CharField(
@@ -237,6 +246,7 @@ class TokenEvent(models.Model):
         LOST_RESPONSE = "lost_response", _("Refresh answer lost")
         SCOPE_REFUSED = "scope_refused", _("Scope refused by the API")
         TOKEN_READ = "token_read", _("Access token read through the API")
+        IDENTITY_MISMATCH = "identity_mismatch", _("Reconnect refused: another account")
 
     datasource = models.ForeignKey(
         Datasource, on_delete=models.CASCADE, related_name="events", verbose_name=_("datasource")

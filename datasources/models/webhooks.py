@@ -23,6 +23,10 @@ class WebhookEvent(models.TextChoices):
         _("Datasource needs re-authorization"),
     )
     DATASOURCE_RECOVERED = "datasource.recovered", _("Datasource recovered")
+    IDENTITY_MISMATCH = (
+        "connection.identity_mismatch",
+        _("Reconnect refused: another account signed in"),
+    )
 
 
 #: The type of the event the admin's "Send test event" button sends (not subscribable).

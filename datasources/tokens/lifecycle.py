@@ -17,10 +17,11 @@ from django.utils import timezone
 from django.views.decorators.debug import sensitive_variables
 
 from ..authserver import oauth
+from ..authserver.identity import Verdict, same_account
 from ..conf import app_settings
-from ..exceptions import DatasourceError, NotAuthorized, NotConnected
+from ..exceptions import DatasourceError, IdentityMismatch, NotAuthorized, NotConnected
 from ..models import AuthorizationRequest, Datasource, Token, TokenEvent, TokenStatus
-from ..signals import datasource_authorized, token_refreshed
+from ..signals import datasource_authorized, identity_mismatch, token_refreshed
 from .decide import due_for
 from .expiry import expiry_of, parse_expires_in
 from .failures import announce, outbox, record_event
@@ -121,18 +122,30 @@ def token_fields(
 
 @sensitive_variables()
 def store_authorization(
-    datasource: Datasource, response: oauth.TokenResponse, *, user=None, end_user: str = ""
+    datasource: Datasource,
+    response: oauth.TokenResponse,
+    *,
+    user=None,
+    end_user: str = "",
+    identity: str | None = None,
 ) -> Token:
     """Store the token from a completed authorization-code flow.
 
     It becomes ``end_user``'s token when one is given (a connect link); else, with per-user
-    tokens, ``user``'s; otherwise the shared one.
+    tokens, ``user``'s; otherwise the shared one. ``identity``: the account the authorization
+    signed in (:mod:`datasources.authserver.identity`; None: not known). An end user's or a
+    user's connected token is replaced only by the same account: else IdentityMismatch, an
+    ``identity_mismatch`` event and signal, and nothing replaced.
     """
     now = timezone.now()
     owner = None if end_user else token_owner(datasource, user)
     current = load_token(datasource, owner, end_user)
+    if identity is not None and (end_user or owner is not None):
+        _check_same_account(datasource, current, identity, end_user or f"user {owner}")
     recovered = current.is_failing
     fields = token_fields(datasource, current, response, now)
+    if identity is not None:
+        fields["identity"] = identity[:500]
     with transaction.atomic():  # the token and its outbox: all or nothing
         Token.objects.filter(pk=current.pk).update(**fields, obtained_at=now, **NO_LEASE)
         detail = granted(response)
@@ -191,6 +204,27 @@ def store_refresh(
             announce(token_refreshed, datasource, token=stored, recovered=recovered)
     token.__dict__.update(stored.__dict__)  # callers may share the instance (caches)
     return token
+
+
+def _check_same_account(datasource: Datasource, current: Token, identity: str, whose: str) -> None:
+    connected = bool(current.access_token) and current.status != TokenStatus.NOT_AUTHORIZED
+    verdict = same_account(connected=connected, stored=current.identity, new=identity)
+    if verdict is not Verdict.MISMATCH:
+        return
+    detail = (
+        f"Reconnect of {whose} refused: it signed in {identity or 'an account that cannot be told'}"
+        f", not {current.identity}. The stored token was kept; to connect another account, "
+        "disconnect first."
+    )
+    with transaction.atomic(), outbox(datasource):
+        record_event(datasource, TokenEvent.Kind.IDENTITY_MISMATCH, detail)
+        announce(identity_mismatch, datasource, token=current, identity=identity)
+    logger.warning("datasource %s: %s", datasource.slug, detail)
+    raise IdentityMismatch(
+        "You signed in at the provider as another account than the one connected before, so "
+        "nothing was replaced. To connect a different account, disconnect the current one "
+        "first."
+    )
 
 
 def _survived(token: Token) -> str:

@@ -32,6 +32,7 @@ from ..models import (
 )
 from ..signals import (
     datasource_authorized,
+    identity_mismatch,
     reauthorization_required,
     token_refresh_failed,
     token_refreshed,
@@ -50,6 +51,7 @@ KNOWN_ERROR_CODES = frozenset(
         "access_denied",
         "no_refresh_token",
         "reauthorization_required",
+        "identity_mismatch",
     }
 )
 CONFIGURATION_PREFIX = "Configuration error: "
@@ -214,6 +216,20 @@ def on_refresh_failed(*, datasource, token, error: str, transient: bool, **kwarg
         "will_retry": transient,
     }
     emit(WebhookEvent.TOKEN_REFRESH_FAILED, datasource, data)
+
+
+@receiver(identity_mismatch, dispatch_uid="datasources-webhooks-identity-mismatch")
+def on_identity_mismatch(*, datasource, token, identity: str = "", **kwargs: Any) -> None:
+    """A reconnect signed in another account; the stored token was kept. The payload names the
+    owner (end user or user id), not the accounts' ids."""
+    data = {
+        "datasource": datasource_data(datasource),
+        "token": token_data(token),
+        "error": {"code": "identity_mismatch", "kind": "permanent"},
+    }
+    if token.end_user:
+        data["end_user"] = token.end_user
+    emit(WebhookEvent.IDENTITY_MISMATCH, datasource, data)
 
 
 @receiver(reauthorization_required, dispatch_uid="datasources-webhooks-reauthorization")

@@ -24,6 +24,7 @@
 //                         the grant type, client-auth method used, DPoP presence and the outcome, plus
 //                         counters derived from it
 //   POST /_test/reset     clears the log
+//   POST /_test/account/<sub>  the account the next logins sign in (a person with another account)
 //   ANY  /_test/resource  a resource server: 200 with the token's subject/client/scope for a valid
 //                         bearer token (authorization code, client credentials or JWT bearer),
 //                         certificate-bound tokens checked against the TLS peer certificate,
@@ -317,6 +318,11 @@ provider.use(async (ctx, next) => {
   }
   if (ctx.path === '/_test/reset' && ctx.method === 'POST') {
     log.length = 0;
+    ctx.status = 204;
+    return undefined;
+  }
+  if (ctx.path.startsWith('/_test/account/') && ctx.method === 'POST') {
+    account.sub = decodeURIComponent(ctx.path.slice('/_test/account/'.length));
     ctx.status = 204;
     return undefined;
   }
