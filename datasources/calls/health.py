@@ -303,10 +303,40 @@ def current(datasource_id: int) -> Health:
     try:
         health = store().read(datasource_id)
     except Exception as err:  # Redis down: never block calls because the memory is away
-        logger.warning("Upstream health store unavailable (%s)", type(err).__name__)
+        _store_unavailable(err)
         health = CLEAN
+    else:
+        _store_answered()
     _remember(datasource_id, health, now)
     return health
+
+
+#: When the store stopped answering (monotonic; None: it answers) and when that was last said.
+_unavailable: dict[str, float | None] = {"since": None, "said": 0.0}
+#: While the store is away, say so at most this often (a call per second would say it per call).
+SAY_EVERY = 30.0
+
+
+def _store_unavailable(err: Exception) -> None:
+    now = time.monotonic()
+    since = _unavailable["since"]
+    if since is None:
+        _unavailable["since"] = _unavailable["said"] = now
+        logger.warning("Upstream health store unavailable (%s)", type(err).__name__)
+    elif now - (_unavailable["said"] or 0.0) >= SAY_EVERY:
+        _unavailable["said"] = now
+        logger.warning(
+            "Upstream health store still unavailable (%s) after %.0f s",
+            type(err).__name__,
+            now - since,
+        )
+
+
+def _store_answered() -> None:
+    since = _unavailable["since"]
+    if since is not None:
+        _unavailable["since"] = None
+        logger.warning("Upstream health store answers again after %.0f s", time.monotonic() - since)
 
 
 def cached(datasource_id: int) -> Health | None:
@@ -332,8 +362,9 @@ def _update(datasource_id: int, change: Change) -> Health | None:
     try:
         new = store().update(datasource_id, change)
     except Exception as err:
-        logger.warning("Upstream health store unavailable (%s)", type(err).__name__)
+        _store_unavailable(err)
         return None
+    _store_answered()
     if new is not None:
         _remember(datasource_id, new)
     return new
