@@ -187,6 +187,21 @@ class TestProxy:
         assert database_state() == before
         assert not Token.objects.filter(end_user="u-a").exists()  # no row made for the id
 
+    def test_a_disconnected_end_user_is_refused_at_once(self, spy):
+        """Deleting the connection (the API's DELETE) empties this process's cache: the cached
+        token does not serve on."""
+        datasource = connected(spy)
+        end_user_token(datasource, "u-a", A_TOKEN)
+        client = key_client()
+        assert client.get(proxied(datasource), **as_end_user("u-a")).status_code == 200
+        _, manage = create_api_key("ops", permissions=("manage",))
+        url = f"/api/v1/datasources/{datasource.slug}/connections/u-a"
+        assert Client(HTTP_AUTHORIZATION=f"Api-Key {manage}").delete(url).status_code == 204
+        response = client.get(proxied(datasource), **as_end_user("u-a"))
+        assert response.status_code == 409
+        assert json.loads(body_of(response))["error"] == "not_connected"
+        assert len(spy.seen) == 1
+
     def test_a_row_without_an_access_token_is_not_connected(self, spy):
         datasource = connected(spy)
         end_user_token(datasource, "u-a", None)

@@ -61,3 +61,35 @@ class AccessTokenOut(Schema):
     access_token: str
     token_type: str
     expires_at: datetime | None
+
+
+class TokenIn(Schema):
+    """The optional body of ``POST …/token``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    end_user: str | None = Field(
+        None,
+        description=(
+            "An end user's id (1 to 255 printable characters, no space at either end): their "
+            "token, never the shared one instead (409 not_connected when they have none)."
+        ),
+    )
+
+
+class ConnectionOut(Schema):
+    """An end user's connection to a datasource: their token's state, never a token value."""
+
+    end_user: str = Field(description="The id your application chose for the end user.")
+    status: str = Field(description="not_authorized, active or needs_reauthorization")
+    expires_at: datetime | None
+    last_refreshed_at: datetime | None
+    last_error: str = Field(description="The last refresh failure, without secrets; empty if none")
+    connected_at: datetime | None = Field(description="When the current token was obtained.")
+
+
+class ConnectionListOut(Schema):
+    items: list[ConnectionOut]
+    next_cursor: str | None = Field(
+        description="Pass as ?cursor= for the next page; null on the last page."
+    )
