@@ -97,6 +97,11 @@ class DatasourceSession(requests.Session):
         stream = kwargs.get("stream", False)
         if self.datasource.expiry_body_rules:
             kwargs["stream"] = True
+        if any(name.lower() == steps.END_USER_HEADER.lower() for name in headers):
+            raise ValueError(
+                f"{steps.END_USER_HEADER} is the proxy's header: pass end_user= to "
+                "datasource.session() instead."
+            )
         requested = _pop_header(headers, retries.RETRIES_HEADER)
         refused = steps.gate(self.datasource)
         if refused is not None:

@@ -338,6 +338,9 @@ def test_the_client_never_falls_back_to_the_shared_token(spy):
     assert spy.seen == [] and database_state() == before
     with pytest.raises(ValueError, match="end user id"):
         datasource.session(end_user=" u-a")
+    with datasource.session() as api, pytest.raises(ValueError, match="end_user="):
+        api.get("me", headers={HEADER: "u-a"})  # not sent upstream with the shared token
+    assert spy.seen == []
 
 
 # --- the sweep --------------------------------------------------------------------------------
