@@ -306,6 +306,18 @@ class TestProxy:
         assert A_TOKEN not in stored and "refresh-of-u-a" not in stored
 
 
+@pytest.mark.django_db
+def test_the_admins_call_log_shows_and_finds_the_end_user(spy, staff_client):
+    datasource = connected(spy)
+    end_user_token(datasource, "u-a", A_TOKEN)
+    client = key_client()
+    assert client.get(proxied(datasource, "as-a"), **as_end_user("u-a")).status_code == 200
+    assert client.get(proxied(datasource, "with-the-shared-token")).status_code == 200
+    calllog.flush()
+    page = staff_client.get("/admin/datasources/proxycall/?q=u-a").content.decode()
+    assert "for end user u-a" in page and "as-a" in page and "with-the-shared-token" not in page
+
+
 def test_the_header_is_on_the_not_forwarded_list():
     assert HEADER.lower() in transport.NOT_FORWARDED
 
