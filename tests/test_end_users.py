@@ -202,6 +202,21 @@ class TestProxy:
         assert json.loads(body_of(response))["error"] == "not_connected"
         assert len(spy.seen) == 1
 
+    def test_a_dead_grant_says_the_end_user_must_connect_again(self, spy):
+        datasource = connected(spy)
+        end_user_token(datasource, "u-a", A_TOKEN, status="needs_reauthorization")
+        before = database_state()
+        response = key_client().get(proxied(datasource), **as_end_user("u-a"))
+        assert response.status_code == 409
+        body = json.loads(body_of(response))
+        assert body["error"] == "reauthorization_required" and body["end_user"] == "u-a"
+        assert "authorize_url" not in body  # the admin's authorization is not theirs
+        assert spy.seen == []
+        rows, events, _ = database_state()
+        assert (rows, events) == before[:2]  # the token and its events as they were
+        logged = ProxyCall.objects.get()  # the call is logged, naming the end user
+        assert (logged.end_user, logged.error) == ("u-a", "reauthorization_required")
+
     def test_a_row_without_an_access_token_is_not_connected(self, spy):
         datasource = connected(spy)
         end_user_token(datasource, "u-a", None)
