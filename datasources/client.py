@@ -10,7 +10,9 @@ default ``DATASOURCES['CLIENT_TIMEOUT']``). The datasource's allowed methods, de
 query parameters apply as they do in the proxy. The token is placed as the datasource says,
 refreshed when about to expire, and on an "expired" answer (401 unless the datasource says
 otherwise) refreshed once and the request retried once, unless the token is too young to blame.
-The datasource's opt-in retries apply as in the proxy (the same steps,
+``datasource.session(end_user="u-1")`` calls with that end user's token (who connected through a
+connect link): :class:`~datasources.exceptions.NotConnected` when they have none, never the
+shared token instead. The datasource's opt-in retries apply as in the proxy (the same steps,
 :mod:`datasources.calls.call`: method allowed, health gate, attempts); pass
 ``headers={"X-Datasource-Retries": "0"}`` for fewer (the header is not sent). While the
 upstream's rate limit has not lifted, or its circuit breaker is open (remembered by every
@@ -32,6 +34,7 @@ from .calls import call as steps
 from .calls.attempts import URLLIB3
 from .conf import app_settings
 from .exceptions import DatasourceError, UpstreamRefused
+from .models.values import end_user_problem
 from .security import tls
 
 if TYPE_CHECKING:
@@ -47,10 +50,20 @@ class MethodNotAllowed(DatasourceError, ValueError):
 
 
 class DatasourceSession(requests.Session):
-    def __init__(self, datasource: Datasource, user=None, timeout: Any = None) -> None:
+    def __init__(
+        self, datasource: Datasource, user=None, timeout: Any = None, *, end_user: str = ""
+    ) -> None:
         super().__init__()
+        if end_user:
+            problem = end_user_problem(end_user)
+            if problem is not None:
+                raise ValueError(f"Not an end user id: {problem}.")
+            if user is not None:
+                raise ValueError("A session acts for a user or for an end user, not both.")
         self.datasource = datasource
         self.user = user
+        #: The end user whose token every call uses (NotConnected when they have none).
+        self.end_user = end_user
         self.timeout = app_settings.CLIENT_TIMEOUT if timeout is None else timeout
         self.trust_env = False
         context = tls.context_for(datasource, api=True)
@@ -84,6 +97,11 @@ class DatasourceSession(requests.Session):
         stream = kwargs.get("stream", False)
         if self.datasource.expiry_body_rules:
             kwargs["stream"] = True
+        if any(name.lower() == steps.END_USER_HEADER.lower() for name in headers):
+            raise ValueError(
+                f"{steps.END_USER_HEADER} is the proxy's header: pass end_user= to "
+                "datasource.session() instead."
+            )
         requested = _pop_header(headers, retries.RETRIES_HEADER)
         refused = steps.gate(self.datasource)
         if refused is not None:
@@ -92,7 +110,7 @@ class DatasourceSession(requests.Session):
             )
         attempts = steps.attempts_for(
             self.datasource,
-            tokens.get_valid_token(self.datasource, user=self.user),
+            tokens.get_valid_token(self.datasource, user=self.user, end_user=self.end_user),
             REQUESTS,
             method=method,
             requested_retries=requested,

@@ -283,3 +283,216 @@ def test_put_stays_within_the_keys_scope(api):
         content_type="application/json",
     )
     assert updated.status_code == 200 and body(updated)["name"] == "Mine, renamed"
+
+
+# --- end users (issue 31) -------------------------------------------------------------------
+
+
+def end_user(datasource, name: str, **fields) -> Token:
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    now = timezone.now()
+    values = dict(
+        access_token=f"access-of-{name}",
+        refresh_token=f"refresh-of-{name}",
+        token_type="Bearer",
+        status="active",
+        expires_at=now + timedelta(hours=1),
+        obtained_at=now,
+        last_refreshed_at=now,
+    )
+    values.update(fields)
+    return Token.objects.create(datasource=datasource, end_user=name, **values)
+
+
+def app_datasource(slug: str = "app", **fields) -> Datasource:
+    """An authorization-code datasource (end users connect those) with a shared token; its
+    token endpoint is the fake_token_endpoint fixture's."""
+    datasource = make_datasource(slug=slug, name=slug, **fields)
+    Token.objects.shared().filter(datasource=datasource).update(
+        access_token="shared-access", refresh_token=REFRESH_TOKEN, status="active"
+    )
+    return datasource
+
+
+def form(request) -> dict[str, str]:
+    from urllib.parse import parse_qsl
+
+    return dict(parse_qsl(request.body or ""))
+
+
+FRESH = (
+    200,
+    json.dumps({"access_token": "fresh-access", "expires_in": 3600}),
+    {"Content-Type": "application/json"},
+)
+
+
+def rows() -> list:
+    return list(
+        Token.objects.order_by("pk").values_list(
+            "pk", "end_user", "access_token", "refresh_token", "status", "refresh_count"
+        )
+    )
+
+
+def test_a_token_key_reads_an_end_users_token_never_the_shared_one(api):
+    datasource = app_datasource()
+    end_user(datasource, "u-1")
+    key = key_with("token")
+    answer = api(
+        "post",
+        "/api/v1/datasources/app/token",
+        key,
+        data={"end_user": "u-1"},
+        content_type="application/json",
+    )
+    assert answer.status_code == 200, answer.content
+    assert body(answer)["access_token"] == "access-of-u-1"
+    assert answer["Cache-Control"] == "no-store"
+    event = TokenEvent.objects.filter(kind="token_read").get()
+    assert "end user u-1" in event.detail and "access-of" not in event.detail
+
+    before = rows(), TokenEvent.objects.count()
+    missing = api(
+        "post",
+        "/api/v1/datasources/app/token",
+        key,
+        data={"end_user": "u-2"},
+        content_type="application/json",
+    )
+    assert missing.status_code == 409
+    assert body(missing)["error"] == "not_connected" and body(missing)["end_user"] == "u-2"
+    assert REFRESH_TOKEN not in missing.content.decode()
+    invalid = api(
+        "post",
+        "/api/v1/datasources/app/token",
+        key,
+        data={"end_user": " u-1"},
+        content_type="application/json",
+    )
+    assert invalid.status_code == 400 and body(invalid)["error"] == "invalid_end_user"
+    for wrong in ('{"end_user": 7}', '{"end_user": "u-1", "user": 1}', "not json"):
+        refused = api(
+            "post",
+            "/api/v1/datasources/app/token",
+            key,
+            data=wrong,
+            content_type="application/json",
+        )
+        assert refused.status_code == 400 and body(refused)["error"] == "invalid_request"
+    assert (rows(), TokenEvent.objects.count()) == before
+    # Without a body: the shared token, as before.
+    shared = api("post", "/api/v1/datasources/app/token", key)
+    assert shared.status_code == 200 and body(shared)["access_token"] == "shared-access"
+
+
+def test_connections_are_listed_by_end_user_with_cursor_and_filters(api):
+    datasource = app_datasource()
+    for name in ("carol", "alice", "bob", "dave"):
+        end_user(datasource, name)
+    Token.objects.filter(end_user="bob").update(
+        status="needs_reauthorization", last_error="invalid_grant"
+    )
+    other = make_datasource(slug="other", name="Other")
+    end_user(other, "alice")
+    key = key_with("manage")
+    url = "/api/v1/datasources/app/connections"
+
+    first = body(api("get", f"{url}?limit=2", key))
+    assert [item["end_user"] for item in first["items"]] == ["alice", "bob"]
+    assert set(first["items"][0]) == {
+        "end_user",
+        "status",
+        "expires_at",
+        "last_refreshed_at",
+        "last_error",
+        "connected_at",
+    }
+    assert first["next_cursor"] == "bob"
+    second = body(api("get", f"{url}?limit=2&cursor=bob", key))
+    assert [item["end_user"] for item in second["items"]] == ["carol", "dave"]
+    assert second["next_cursor"] is None
+    failing = body(api("get", f"{url}?status=needs_reauthorization", key))
+    assert [(i["end_user"], i["last_error"]) for i in failing["items"]] == [
+        ("bob", "invalid_grant")
+    ]
+    one = body(api("get", f"{url}?end_user=carol", key))
+    assert [item["end_user"] for item in one["items"]] == ["carol"]
+    for listed in (first, second, failing, one):
+        text = json.dumps(listed)
+        assert "access-of" not in text and "refresh-of" not in text and REFRESH_TOKEN not in text
+
+    bad = api("get", f"{url}?status=weird", key)
+    assert bad.status_code == 400 and body(bad)["error"] == "invalid_request"
+    refused = api("get", url, key_with("token"))
+    assert refused.status_code == 403 and body(refused)["permission"] == "manage"
+    scoped = api("get", url, key_with("manage", datasources=[other]))
+    assert scoped.status_code == 403
+
+
+def test_deleting_a_connection_revokes_then_forgets_it(api, fake_token_endpoint):
+    datasource = app_datasource(revocation_url="https://api.example.com/revoke")
+    fake_token_endpoint.queue((200, "", {}), (200, "", {}))
+    end_user(datasource, "u-1")
+    end_user(datasource, "u-2")
+    key = key_with("manage")
+    url = "/api/v1/datasources/app/connections/u-1"
+
+    refused = api("delete", url, key_with("token"))
+    assert refused.status_code == 403
+    assert Token.objects.filter(end_user="u-1").exists()
+
+    gone = api("delete", url, key)
+    assert gone.status_code == 204
+    assert not Token.objects.filter(end_user="u-1").exists()
+    assert Token.objects.filter(end_user="u-2").exists()
+    assert Token.objects.shared().filter(datasource=datasource).exists()
+    revoked = fake_token_endpoint.calls
+    assert all(r.url == "https://api.example.com/revoke" for r in revoked)
+    assert [form(r)["token"] for r in revoked] == ["refresh-of-u-1", "access-of-u-1"]
+    event = TokenEvent.objects.filter(kind="revoked").get()
+    assert "u-1" in event.detail and "access-of" not in event.detail
+
+    before = rows()
+    again = api("delete", url, key)
+    assert again.status_code == 404 and body(again)["error"] == "not_connected"
+    assert body(again)["end_user"] == "u-1"
+    assert rows() == before
+
+
+def test_an_end_user_id_with_a_slash_is_addressed_in_the_path():
+    datasource = app_datasource()
+    end_user(datasource, "team/u-1")
+    key = key_with("manage")
+    client = Client(HTTP_AUTHORIZATION=f"Api-Key {key}")
+    url = "/api/v1/datasources/app/connections/team%2Fu-1"
+    assert client.delete(url).status_code == 204
+    assert not Token.objects.filter(end_user="team/u-1").exists()
+
+
+def test_refreshing_a_connection_now(api, fake_token_endpoint):
+    datasource = app_datasource()
+    token = end_user(datasource, "u-1")
+    fake_token_endpoint.queue(FRESH)
+    key = key_with("manage")
+    url = "/api/v1/datasources/app/connections/u-1/refresh"
+    answer = api("post", url, key)
+    assert answer.status_code == 200, answer.content
+    assert body(answer)["end_user"] == "u-1" and body(answer)["status"] == "active"
+    assert "access-of" not in answer.content.decode()
+    token.refresh_from_db()
+    assert token.refresh_count == 1 and token.access_token == "fresh-access"
+    [refresh] = fake_token_endpoint.calls
+    assert form(refresh)["refresh_token"] == "refresh-of-u-1"
+    shared = Token.objects.shared().get(datasource=datasource)
+    assert shared.refresh_count == 0
+
+    before = rows()
+    missing = api("post", "/api/v1/datasources/app/connections/u-2/refresh", key)
+    assert missing.status_code == 404 and body(missing)["error"] == "not_connected"
+    refused = api("post", url, key_with("token"))
+    assert refused.status_code == 403
+    assert rows() == before

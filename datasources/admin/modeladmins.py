@@ -549,14 +549,20 @@ class ProxyCallAdmin(admin.ModelAdmin):
     )
     list_filter = ("datasource", StatusClassFilter, "api_key", "user", "method", "refreshed")
     list_select_related = ("datasource", "api_key", "user")
-    search_fields = ("path",)
+    search_fields = ("path", "=end_user")
     date_hierarchy = "called_at"
     show_full_result_count = False  # a count(*) over a large log on every page is slow
 
     @admin.display(description=_("caller"))
     def caller(self, obj: ProxyCall):
         if obj.api_key_id:
-            return str(obj.api_key) if obj.api_key else _("deleted API key")
+            key = str(obj.api_key) if obj.api_key else _("deleted API key")
+            if obj.end_user:
+                return _("%(key)s for end user %(end_user)s") % {
+                    "key": key,
+                    "end_user": obj.end_user,
+                }
+            return key
         if obj.user_id:
             return obj.user.get_username() if obj.user else _("deleted user")
         return "—"

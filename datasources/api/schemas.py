@@ -80,3 +80,39 @@ class ConnectSessionOut(Schema):
     session: str = Field(description="The session's id; the return URL gets it back.")
     connect_url: str = Field(description="Send the end user here. It works once.")
     expires_at: datetime
+
+
+class TokenIn(Schema):
+    """The optional body of ``POST …/token``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    end_user: str | None = Field(
+        None,
+        description=(
+            "An end user's id (1 to 255 printable characters, no space at either end): their "
+            "token, never the shared one instead (409 not_connected when they have none)."
+        ),
+    )
+
+
+class ConnectionOut(Schema):
+    """An end user's connection to a datasource: their token's state, never a token value."""
+
+    end_user: str = Field(description="The id your application chose for the end user.")
+    status: str = Field(description="not_authorized, active or needs_reauthorization")
+    expires_at: datetime | None
+    last_refreshed_at: datetime | None
+    last_error: str = Field(description="The last refresh failure, without secrets; empty if none")
+    connected_at: datetime | None = Field(description="When the current token was obtained.")
+    identity: str = Field(
+        description="The upstream account the connection signed in (a reconnect must sign in "
+        "the same one); empty when the datasource has no way to tell. Not a secret."
+    )
+
+
+class ConnectionListOut(Schema):
+    items: list[ConnectionOut]
+    next_cursor: str | None = Field(
+        description="Pass as ?cursor= for the next page; null on the last page."
+    )

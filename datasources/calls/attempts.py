@@ -296,7 +296,10 @@ class Attempts(Generic[R]):
     def _refresh(self) -> Token | None:
         """The token rules' refresh after a rejection (None: the answer stands)."""
         return tokens.refresh_after_rejection(
-            self.datasource, self.token.access_token, user=self.token.user_id
+            self.datasource,
+            self.token.access_token,
+            user=self.token.user_id,
+            end_user=self.token.end_user,
         )
 
     def run(self, send: Callable[[Token], R]) -> R:

@@ -3,7 +3,8 @@
 Every entry point (the proxy's Django view, its ASGI fast lane, the Python client, the admin's
 Test) runs the same sequence and only translates its own request and answer types:
 
-1. :func:`token_for` — which token (and datasource) a caller calls a slug with, or a refusal;
+1. :func:`token_for` — which token (and datasource) a caller calls a slug with (an end user's
+   with :data:`END_USER_HEADER`, never the shared one instead), or a refusal;
 2. :func:`check_request` — the method allowed, the target under ``base_url``, or a refusal;
 3. :func:`gate` — the upstream's remembered health (rate limit, circuit breaker), or a refusal;
 4. :func:`attempts_for` — the attempts (refresh-and-retry once, opt-in retries) for the call;
@@ -18,21 +19,28 @@ replaced: the fast lane runs it on its hot path.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import urllib3
 from django.db import DatabaseError
 
 from .. import tokens
-from ..exceptions import NotAuthorized, ReauthorizationRequired, TransientUpstreamError
-from ..models import Token
+from ..exceptions import (
+    NotAuthorized,
+    NotConnected,
+    ReauthorizationRequired,
+    TransientUpstreamError,
+)
+from ..models import Datasource, Token
+from ..models.values import end_user_problem
 from ..security import dpop, tls
 from . import health, retries, target
 from .attempts import Attempts, Observer, R, Wire
 from .limits import Verdict
 
-if TYPE_CHECKING:
-    from ..models import Datasource
+#: The request header that selects an end user's token (an application acting for one of its
+#: users, who connected through a connect link). Addressed to this proxy: never sent upstream.
+END_USER_HEADER = "X-Datasource-End-User"
 
 
 class Refused(Exception):
@@ -59,6 +67,9 @@ class Caller(Protocol):
     """What the steps read of a caller (:class:`datasources.proxy.callers.Caller`)."""
 
     @property
+    def api_key_id(self) -> int | None: ...
+
+    @property
     def user_id(self) -> int | None: ...
 
     @property
@@ -68,25 +79,46 @@ class Caller(Protocol):
 
 
 class TokenCache(Protocol):
-    """Tokens remembered per (slug, user id or None) (:data:`datasources.proxy.cache.tokens`)."""
+    """Tokens remembered per :func:`cache_key` (:data:`datasources.proxy.cache.tokens`)."""
 
     def get(self, key: Any) -> Any: ...
 
     def if_error(self, key: Any, err: BaseException) -> Any: ...
 
 
+def cache_key(slug: str, user_id: int | None, end_user: str = "") -> tuple:
+    """Where the process cache keeps a token: per slug and owner (the shared token, a Django
+    user's, an end user's). An end user's key has three parts, so it is never another owner's."""
+    return (slug, user_id, end_user) if end_user else (slug, user_id)
+
+
+def key_of(token: Token) -> tuple:
+    """:func:`cache_key` of a token row (with its datasource)."""
+    return cache_key(token.datasource.slug, token.user_id, token.end_user)
+
+
 def token_for(
-    slug: str, caller: Caller, cached: TokenCache, *, cached_only: bool = False
+    slug: str,
+    caller: Caller,
+    cached: TokenCache,
+    *,
+    end_user: str | None = None,
+    cached_only: bool = False,
 ) -> Token | None:
     """The token (with its datasource) ``caller`` calls ``slug`` with, from ``cached`` else the
-    database, or Refused (404, 403, 409 user_required). ``cached_only``: None instead of
-    reading the database (the fast lane asks this first, on its event loop). While the database
-    is away, an entry past its time still serves (``cached.if_error``: stale-if-error); with
-    none, the database's error is raised (503 database_unavailable)."""
+    database, or Refused (404, 403, 409 user_required). ``end_user``: the value of the
+    :data:`END_USER_HEADER` (None: no such header), which selects that end user's token and
+    nothing else (400 invalid_end_user, 409 not_connected; never the shared token instead).
+    ``cached_only``: None instead of reading the database (the fast lane asks this first, on
+    its event loop). While the database is away, an entry past its time still serves
+    (``cached.if_error``: stale-if-error); with none, the database's error is raised (503
+    database_unavailable)."""
     if not caller.may_proxy:
         raise Refused(
             403, "forbidden", "This API key may not call the proxy (it lacks the proxy permission)."
         )
+    if end_user is not None:
+        return _end_user_token_for(slug, caller, cached, end_user, cached_only=cached_only)
     token = cached.get((slug, caller.user_id))
     if token is None and caller.user_id is not None:
         token = cached.get((slug, None))
@@ -124,6 +156,52 @@ def token_for(
             if token is None:
                 raise
     return token
+
+
+def _end_user_token_for(
+    slug: str, caller: Caller, cached: TokenCache, end_user: str, *, cached_only: bool
+) -> Token | None:
+    """:func:`token_for` with the end-user header: only an API key acts for an end user, and
+    only that end user's token serves (the cache key names them)."""
+    problem = end_user_problem(end_user)
+    if problem is not None:
+        raise Refused(
+            400, "invalid_end_user", f"The {END_USER_HEADER} header is not valid: {problem}."
+        )
+    if caller.api_key_id is None:
+        raise Refused(403, "forbidden", "Only an API key may act for an end user.")
+    key = cache_key(slug, None, end_user)
+    token = cached.get(key)
+    if token is None:
+        if cached_only:
+            return None
+        try:
+            datasource = Datasource.objects.filter(slug=slug).first()
+            if datasource is None:
+                raise Refused(404, "not_found", f"No datasource with slug {slug!r}.")
+            if not caller.may_use(datasource.pk):
+                raise Refused(403, "forbidden", "This API key may not use this datasource.")
+            token = tokens.end_user_token(datasource, end_user)
+        except NotConnected as err:
+            raise _not_connected(slug, err.end_user) from None
+        except DatabaseError as err:
+            token = cached.if_error(key, err)
+            if token is None:
+                raise
+    if not caller.may_use(token.datasource.pk):
+        raise Refused(403, "forbidden", "This API key may not use this datasource.")
+    return token
+
+
+def _not_connected(slug: str, end_user: str) -> Refused:
+    return Refused(
+        409,
+        "not_connected",
+        f"End user {end_user!r} has not connected datasource {slug!r}: send them through a "
+        "connect link.",
+        end_user=end_user,
+        datasource=slug,
+    )
 
 
 def method_refusal(datasource: Datasource, method: str) -> Refused | None:
@@ -201,11 +279,27 @@ def attempts_for(
 
 
 def refusal_for(
-    err: BaseException, datasource: Datasource, absolute_uri: Callable[[str], str] = str
+    err: BaseException,
+    datasource: Datasource,
+    absolute_uri: Callable[[str], str] = str,
+    *,
+    end_user: str = "",
 ) -> Refused | None:
     """The answer for a failure while getting a token or calling upstream; None: not ours to
     answer (an error of this server). ``absolute_uri`` turns the authorize URL into the one
-    the caller can follow (the view's ``request.build_absolute_uri``)."""
+    the caller can follow (the view's ``request.build_absolute_uri``). ``end_user``: the call
+    used that end user's token (a connect link, not the admin, fixes it)."""
+    if end_user and isinstance(err, NotAuthorized):
+        return _not_connected(datasource.slug, end_user)
+    if end_user and isinstance(err, ReauthorizationRequired):
+        return Refused(
+            409,
+            "reauthorization_required",
+            f"End user {end_user!r} must connect datasource {datasource.slug!r} again: send "
+            "them through a connect link.",
+            end_user=end_user,
+            datasource=datasource.slug,
+        )
     if isinstance(err, NotAuthorized | ReauthorizationRequired):
         error = "not_authorized" if isinstance(err, NotAuthorized) else "reauthorization_required"
         if datasource.per_user:

@@ -56,6 +56,7 @@ NOT_FORWARDED = HOP_BY_HOP | {
     "dpop",  # a proof is ours to make, for our key
     # addressed to this proxy, not to the upstream (see proxy/retries.py)
     "x-datasource-retries",
+    "x-datasource-end-user",  # selects an end user's token (calls/call.py)
     # set by us (or by urllib3) for the upstream
     "host",
     "content-length",

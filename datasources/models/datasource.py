@@ -386,18 +386,21 @@ class Datasource(SigningSettings, SenderConstraintSettings, CallSettings):
     def get_connect_url(self) -> str:
         return reverse("datasources:connect", args=[self.slug])
 
-    def get_access_token(self, user=None) -> str:
+    def get_access_token(self, user=None, *, end_user: str = "") -> str:
         """A valid access token, refreshed first when it is about to expire.
 
-        ``user`` selects whose token when tokens are per user.
+        ``user`` selects whose token when tokens are per user; ``end_user`` an end user's (who
+        connected through a connect link; NotConnected when they have none, never the shared
+        token instead).
         """
         from ..tokens import get_access_token
 
-        return get_access_token(self, user=user)
+        return get_access_token(self, user=user, end_user=end_user)
 
-    def session(self, user=None, timeout=None) -> DatasourceSession:
-        """A requests session that talks to ``base_url`` with the (user's) token attached;
-        ``timeout`` (seconds or (connect, read)) defaults to DATASOURCES['CLIENT_TIMEOUT']."""
+    def session(self, user=None, timeout=None, *, end_user: str = "") -> DatasourceSession:
+        """A requests session that talks to ``base_url`` with the (user's, or ``end_user``'s)
+        token attached; ``timeout`` (seconds or (connect, read)) defaults to
+        DATASOURCES['CLIENT_TIMEOUT']."""
         from ..client import DatasourceSession
 
-        return DatasourceSession(self, user=user, timeout=timeout)
+        return DatasourceSession(self, user=user, timeout=timeout, end_user=end_user)

@@ -135,6 +135,16 @@ class ProxyCall(models.Model):
         verbose_name=_("user"),
         help_text=_("The signed-in user, or the user the API key acts for."),
     )
+    end_user = models.CharField(
+        _("end user"),
+        max_length=255,
+        blank=True,
+        default="",
+        help_text=_(
+            "The end user of an application whose token served the call "
+            "(X-Datasource-End-User); empty: the shared or a user's token."
+        ),
+    )
     method = models.CharField(_("method"), max_length=16)
     path = models.CharField(
         _("path"), max_length=1000, help_text=_("Below the base URL; never the query string.")

@@ -23,7 +23,7 @@ from django.dispatch import receiver
 
 from ..conf import app_settings
 from ..exceptions import is_database_outage
-from ..models import ApiKey, Datasource
+from ..models import ApiKey, Datasource, Token
 from ..ops import counters
 
 logger = logging.getLogger(__name__)
@@ -95,7 +95,8 @@ def _say_stale(err: BaseException) -> None:
         )
 
 
-#: (slug, user id or None) -> Token, with its datasource loaded.
+#: (slug, user id or None[, end user]) -> Token, with its datasource loaded
+#: (:func:`datasources.calls.call.cache_key`).
 tokens = TTLCache()
 #: apikeys.hash_key(key) -> callers.Caller
 keys = TTLCache()
@@ -112,5 +113,6 @@ def forget() -> None:
 @receiver(post_save, sender=ApiKey)
 @receiver(post_delete, sender=ApiKey)
 @receiver(m2m_changed, sender=ApiKey.datasources.through)
+@receiver(post_delete, sender=Token)  # a disconnected end user: 409 at once in this process
 def _forget(**kwargs: Any) -> None:
     forget()

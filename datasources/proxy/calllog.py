@@ -49,6 +49,9 @@ class Call:
     response_bytes: int = 0
     api_key_id: int | None = None
     user_id: int | None = None
+    #: The end user whose token served the call ("" for the shared or a Django user's token):
+    #: an id the application chose, never a secret.
+    end_user: str = ""
     retries: int = 0
     refreshed: bool = False
     error: str = ""
@@ -104,6 +107,7 @@ def record(
         datasource_id,
         call.api_key_id,
         call.user_id,
+        call.end_user,
         call.method,
         call.path,
         status,
@@ -224,6 +228,7 @@ _COLUMNS = (
     "datasource_id",
     "api_key_id",
     "user_id",
+    "end_user",
     "method",
     "path",
     "status",

@@ -422,11 +422,14 @@ class Lane:
             caller = await self.blocking(functools.partial(callers.caller_for_key, key))
             if caller is None:
                 return HandOver.REFUSED
+        end_user = headers.get(steps.END_USER_HEADER)
         try:
-            token = steps.token_for(slug, caller, cache.tokens, cached_only=True)
+            token = steps.token_for(slug, caller, cache.tokens, end_user=end_user, cached_only=True)
             if token is None:
                 token = await self.blocking(
-                    functools.partial(steps.token_for, slug, caller, cache.tokens)
+                    functools.partial(
+                        steps.token_for, slug, caller, cache.tokens, end_user=end_user
+                    )
                 )
             datasource = token.datasource
             url = steps.check_request(incoming.method, datasource, path, chunked=False)
@@ -446,7 +449,7 @@ class Lane:
             reason = hand_over_reason(gate=limits.gate(known, time.time()).verdict)
             if reason is not None:
                 return reason
-        cache.tokens.keep((datasource.slug, token.user_id), token)
+        cache.tokens.keep(steps.key_of(token), token)
         self.served += 1
         await _Call(
             self, incoming, caller, token, url, path, send, receive, middleware, added
@@ -489,6 +492,7 @@ class _Call:
         self.middleware, self.added = middleware, added
         self.log = calllog.Call.begin(incoming.method, path, len(incoming.body))
         self.log.api_key_id, self.log.user_id = caller.api_key_id, caller.user_id
+        self.log.end_user = token.end_user
 
     async def run(self) -> None:
         incoming, datasource = self.incoming, self.datasource
@@ -500,7 +504,7 @@ class _Call:
             requested_retries=incoming.headers.get(retries.RETRIES_HEADER),
             replayable=True,
             idempotency_key=bool(incoming.headers.get(retries.IDEMPOTENCY_HEADER)),
-            on_token=lambda fresh: cache.tokens.put((datasource.slug, fresh.user_id), fresh),
+            on_token=lambda fresh: cache.tokens.put(steps.key_of(fresh), fresh),
         )
         try:
             upstream = await attempts.run_async(
@@ -519,7 +523,9 @@ class _Call:
         …), else an error of ours (the database away, a bug)."""
         incoming, datasource = self.incoming, self.datasource
         request = incoming.request()
-        refused = steps.refusal_for(err, datasource, request.build_absolute_uri)
+        refused = steps.refusal_for(
+            err, datasource, request.build_absolute_uri, end_user=self.token.end_user
+        )
         if refused is None:
             refused = answers.failure_refusal(err)
             response = answers.failure_response(

@@ -67,9 +67,12 @@ def _proxy(request: HttpRequest, slug: str, path: str) -> tuple[HttpResponse, ca
     try:
         caller = callers.authenticate(request)
         call.api_key_id, call.user_id = caller.api_key_id, caller.user_id
-        token = steps.token_for(slug, caller, cache.tokens)
+        token = steps.token_for(
+            slug, caller, cache.tokens, end_user=request.headers.get(steps.END_USER_HEADER)
+        )
         assert token is not None
         datasource = token.datasource
+        call.end_user = token.end_user
         url = steps.check_request(
             request.method,
             datasource,
@@ -131,7 +134,7 @@ def _forward(
         raise refused
     try:
         token = tokens.get_valid_token(datasource, token=token)
-        cache.tokens.keep((datasource.slug, token.user_id), token)
+        cache.tokens.keep(steps.key_of(token), token)
         attempts = steps.attempts_for(
             datasource,
             token,
@@ -140,7 +143,7 @@ def _forward(
             requested_retries=request.headers.get(retries.RETRIES_HEADER),
             replayable=replayable,
             idempotency_key=bool(request.headers.get(retries.IDEMPOTENCY_HEADER)),
-            on_token=lambda fresh: cache.tokens.put((datasource.slug, fresh.user_id), fresh),
+            on_token=lambda fresh: cache.tokens.put(steps.key_of(fresh), fresh),
             observe=health.observe,
         )
         try:
@@ -148,7 +151,9 @@ def _forward(
         finally:
             call.retries, call.refreshed = attempts.retries, attempts.refreshed
     except Exception as err:
-        refused = steps.refusal_for(err, datasource, request.build_absolute_uri)
+        refused = steps.refusal_for(
+            err, datasource, request.build_absolute_uri, end_user=token.end_user
+        )
         if refused is None:
             raise
         raise refused from None

@@ -16,6 +16,7 @@ from .failures import backoff_seconds, classify, record_event
 from .lifecycle import (
     claim_due,
     disconnect,
+    disconnect_end_user,
     due_token_ids,
     end_user_token,
     load_token,
@@ -41,6 +42,7 @@ __all__ = [
     "claim_due",
     "classify",
     "disconnect",
+    "disconnect_end_user",
     "due_token_ids",
     "end_user_token",
     "get_access_token",

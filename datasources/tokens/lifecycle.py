@@ -252,8 +252,29 @@ def disconnect(datasource: Datasource) -> list[str]:
     return problems
 
 
+def disconnect_end_user(datasource: Datasource, end_user: str) -> list[str]:
+    """Revoke an end user's tokens at ``revocation_url`` (when set), then delete their row: the
+    next call for them is ``409 not_connected`` until they connect again. NotConnected when they
+    have no row. Returns the problems met while revoking (secret-free)."""
+    token = Token.objects.filter(datasource=datasource, user=None, end_user=end_user).first()
+    if token is None or not end_user:
+        raise NotConnected(
+            f"End user {end_user!r} has not connected datasource {datasource.slug!r}.",
+            end_user=end_user,
+        )
+    problems = _revoke(datasource, token)
+    Token.objects.filter(pk=token.pk).delete()
+    record_event(
+        datasource,
+        TokenEvent.Kind.REVOKED,
+        f"End user {end_user} disconnected" + (" (revocation failed)" if problems else ""),
+    )
+    return problems
+
+
 @sensitive_variables()
-def _disconnect_one(datasource: Datasource, token: Token) -> list[str]:
+def _revoke(datasource: Datasource, token: Token) -> list[str]:
+    """Revoke the token's refresh then access token at ``revocation_url`` (RFC 7009), if set."""
     problems: list[str] = []
     if datasource.revocation_url:
         for value, hint in (
@@ -266,6 +287,11 @@ def _disconnect_one(datasource: Datasource, token: Token) -> list[str]:
                 oauth.revoke(datasource, value, hint)
             except DatasourceError as err:
                 problems.append(f"Revoking the {hint.replace('_', ' ')} failed: {err}")
+    return problems
+
+
+def _disconnect_one(datasource: Datasource, token: Token) -> list[str]:
+    problems = _revoke(datasource, token)
     cleared = datasource.machine_grant
     Token.objects.filter(pk=token.pk).update(
         # A client-credentials token is fetched again by the sweep, as when first saved.

@@ -364,10 +364,14 @@ def _attempt(
         )
     except _RetryableFailure as failure:
         return RefreshResult(
-            failure.kind.value, load_token(datasource, token.user_id), str(failure.error)
+            failure.kind.value,
+            load_token(datasource, token.user_id, token.end_user),
+            str(failure.error),
         )
     except ReauthorizationRequired as err:
-        return RefreshResult("reauthorization", load_token(datasource, token.user_id), str(err))
+        return RefreshResult(
+            "reauthorization", load_token(datasource, token.user_id, token.end_user), str(err)
+        )
     if refreshed:
         return RefreshResult("refreshed", token)
     return RefreshResult("fresh", token)

@@ -89,16 +89,20 @@ def datasource_data(datasource: Datasource | None) -> dict[str, Any] | None:
 def token_data(
     token: Token | None, *, status: str | None = None, failures: int | None = None
 ) -> dict[str, Any] | None:
-    """The token's state, never its values. ``status``/``failures``: the state the event left
-    it in, when the object passed with the signal predates the event's update."""
+    """The token's state, never its values; ``end_user`` (the id the application chose) only
+    for an end user's token. ``status``/``failures``: the state the event left it in, when the
+    object passed with the signal predates the event's update."""
     if token is None:
         return None
-    return {
+    data = {
         "user_id": token.user_id,
         "status": status or token.status,
         "expires_at": _iso(token.expires_at),
         "consecutive_failures": token.failure_count if failures is None else failures,
     }
+    if token.end_user:
+        data["end_user"] = token.end_user
+    return data
 
 
 def new_event_id() -> str:

@@ -7,7 +7,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('datasources', '0021_connect_sessions'),
+        ('datasources', '0022_proxycall_end_user'),
     ]
 
     operations = [
