@@ -410,6 +410,7 @@ def test_connections_are_listed_by_end_user_with_cursor_and_filters(api):
         "last_refreshed_at",
         "last_error",
         "connected_at",
+        "identity",
     }
     assert first["next_cursor"] == "bob"
     second = body(api("get", f"{url}?limit=2&cursor=bob", key))

@@ -197,8 +197,13 @@ def test_a_reconnect_must_sign_in_the_same_account(op, connected_datasource):
     again = Token.objects.get(end_user="u-1")
     assert again.access_token != first.access_token and again.identity == first.identity
 
-    # Deleting the connection on purpose lets another account connect.
-    Token.objects.filter(end_user="u-1").delete()
+    # Deleting the connection on purpose (the management API) lets another account connect.
+    _, manage = create_api_key("ops", datasources=[connected_datasource], permissions=["manage"])
+    deleted = Client(HTTP_AUTHORIZATION=f"Api-Key {manage}").delete(
+        "/api/v1/datasources/op/connections/u-1"
+    )
+    assert deleted.status_code == 204, deleted.content
+    assert not Token.objects.filter(end_user="u-1").exists()
     assert connect_as_account(op, key, "u-1", "bob")["connect"] == "success"
     assert Token.objects.get(end_user="u-1").identity == f"{op.issuer} bob"
     # Another end user is another connection: no check against u-1's account.
