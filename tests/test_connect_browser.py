@@ -20,7 +20,7 @@ from datasources.models import Datasource, Token
 from datasources.proxy.apikeys import create_api_key
 
 from .conftest import CALLBACK_PATH
-from .test_admin_browser import shot
+from .test_admin_browser import log_in, message, shot
 
 SECRET = "connect-browser-secret-0123456789-abcdef"
 
@@ -128,3 +128,52 @@ def test_two_end_users_connect_and_the_proxy_calls_as_each(
     expect(page.locator("h1")).to_have_text("This link does not work")
     assert page.url == f"{base}/connect/forged-link-0123456789"
     shot(page, "connect-link-refused")
+
+
+def test_the_admin_lists_searches_and_disconnects_end_users(
+    live_server, op, datasource, page, expect, builder
+):
+    """The datasource page links to its end users' connections; the list is searched by end
+    user and filtered by status; Disconnect (with its confirmation) revokes at the provider and
+    deletes that connection only."""
+    base = live_server.url
+    datasource.revocation_url = op.revocation_url
+    datasource.save()
+    for end_user, account, status in (
+        ("u-ada", "ada", "active"),
+        ("u-bob", "bob", "active"),
+        ("u-cy", "cy", "needs_reauthorization"),
+    ):
+        Token.objects.create(
+            datasource=datasource,
+            end_user=end_user,
+            identity=f"{op.issuer} {account}",
+            access_token=f"access-{end_user}",
+            refresh_token=f"refresh-{end_user}",
+            status=status,
+        )
+    log_in(page, base)
+    page.goto(f"{base}/admin/datasources/datasource/{datasource.pk}/change/")
+    expect(page.locator(".field-end_user_connections")).to_contain_text("3 end users connected")
+    page.click("a.datasource-connections-link")
+    expect(page.locator("#result_list tbody tr")).to_have_count(3)
+    page.click("#changelist-filter a:has-text(\"Needs re-authorization\")")  # status filter
+    expect(page.locator("#result_list tbody tr")).to_have_count(1)
+    expect(page.locator("#result_list tbody tr")).to_contain_text("u-cy")
+    page.go_back()
+    page.fill("#searchbar", "u-ada")
+    page.press("#searchbar", "Enter")
+    expect(page.locator("#result_list tbody tr")).to_have_count(1)
+    expect(page.locator("#result_list tbody tr")).to_contain_text(f"{op.issuer} ada")
+    shot(page, "connections-list")
+    revocations = op.log()["counters"]["revocation"]
+    page.click("a.datasource-disconnect-end-user")
+    expect(page.locator(".datasource-end-user-disconnect")).to_contain_text("u-ada")
+    page.click("input.datasource-confirm-disconnect-end-user")
+    message(page, expect, "End user “u-ada” was disconnected")
+    assert not Token.objects.filter(end_user="u-ada").exists()
+    assert set(Token.objects.of_end_users().values_list("end_user", flat=True)) == {
+        "u-bob",
+        "u-cy",
+    }
+    assert op.log()["counters"]["revocation"] == revocations + 2  # refresh, then access token

@@ -10,15 +10,17 @@ from django.contrib import messages
 from django.contrib.admin import helpers
 from django.core.exceptions import PermissionDenied
 from django.db import transaction
-from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
+from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import get_object_or_404
 from django.template.response import TemplateResponse
+from django.urls import reverse
 from django.utils.translation import ngettext
 from django.views import View
 
 from .. import tokens
 from ..authserver import keys
 from ..models import Datasource, Token, TokenStatus
+from ..proxy import cache as proxy_cache
 from ..security import dpop
 from . import jobs as adminjobs
 from . import probe
@@ -145,6 +147,54 @@ class DisconnectView(_DatasourceView):
             ),
         )
         return HttpResponseRedirect(datasource.get_admin_url())
+
+
+class EndUserDisconnectView(_DatasourceView):
+    """One end user's connection: GET what will happen and a confirmation button; POST revoke
+    at the provider (when a revocation URL is set) and delete it, then back to the list."""
+
+    http_method_names = ["get", "post"]
+
+    def connection(self, request: HttpRequest, pk: int, end_user: str) -> tuple[Datasource, Token]:
+        datasource = self.datasource(request, pk)
+        token = Token.objects.filter(datasource=datasource, user=None, end_user=end_user).first()
+        if token is None or not end_user:
+            raise Http404("No such connection.")
+        return datasource, token
+
+    def get(self, request: HttpRequest, pk: int, end_user: str) -> HttpResponse:
+        datasource, token = self.connection(request, pk, end_user)
+        context = self.context(request, datasource, f"Disconnect end user “{end_user}”?")
+        context.update(connection=token, back=connections_url(datasource))
+        return TemplateResponse(
+            request, "admin/datasources/datasource/end_user_disconnect.html", context
+        )
+
+    def post(self, request: HttpRequest, pk: int, end_user: str) -> HttpResponse:
+        datasource, _ = self.connection(request, pk, end_user)
+        problems = tokens.disconnect_end_user(datasource, end_user)
+        proxy_cache.forget()
+        for problem in problems:
+            messages.warning(request, f"“{end_user}”: {problem}")
+        messages.success(
+            request,
+            f"End user “{end_user}” was disconnected from “{datasource}”"
+            + (
+                " and their tokens revoked at the provider."
+                if datasource.revocation_url and not problems
+                else "."
+            )
+            + " They can connect again, with any account, through a new connect link.",
+        )
+        return HttpResponseRedirect(connections_url(datasource))
+
+
+def connections_url(datasource: Datasource) -> str:
+    """The token list showing the datasource's end users' connections (search, filters)."""
+    return (
+        reverse("admin:datasources_token_changelist")
+        + f"?datasource__id__exact={datasource.pk}&owner=end_user"
+    )
 
 
 class TestCallView(_DatasourceView):

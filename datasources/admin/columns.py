@@ -11,10 +11,12 @@ from django.db.models import OuterRef, Prefetch, Subquery
 from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 from django.utils.translation import gettext_lazy as _
+from django.utils.translation import ngettext
 
 from ..authserver import keys
 from ..models import Datasource, DatasourceUsage, Token, TokenEvent, TokenStatus, UsageSample
 from . import dashboard
+from .buttons import connections_url
 
 _STATUS_COLOURS = {
     TokenStatus.ACTIVE: "#1a7f37",
@@ -268,6 +270,22 @@ class DatasourceColumns:
             ),
         )
         return format_html('<table class="datasource-events">{}</table>', rows)
+
+    @admin.display(description=_("end users' connections"))
+    def end_user_connections(self, obj: Datasource):
+        """How many end users connected (through connect links), and the way to the list where
+        they are searched, filtered and disconnected."""
+        if not obj.pk or obj.grant_type != "authorization_code":
+            return "—"
+        count = Token.objects.filter(datasource=obj).of_end_users().count()
+        if not count:
+            return _("No end user has connected (connect links: docs/api.md).")
+        return format_html(
+            '{} · <a class="datasource-connections-link" href="{}">{}</a>',
+            ngettext("%(n)d end user connected", "%(n)d end users connected", count) % {"n": count},
+            connections_url(obj),
+            _("View, search and disconnect"),
+        )
 
     @admin.display(description=_("per-user tokens"))
     def user_tokens(self, obj: Datasource):

@@ -24,6 +24,7 @@ STATUS_FIELDS = (
     "recent_events",
     "proxy_usage",
     "user_tokens",
+    "end_user_connections",
 )
 
 #: The admin's own rows around a setting: (rows before it, rows after it).

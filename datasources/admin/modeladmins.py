@@ -147,6 +147,11 @@ class DatasourceAdmin(DatasourceColumns, admin.ModelAdmin):
                 name="{}_{}_disconnect".format(*info),
             ),
             path(
+                "<int:pk>/connections/<path:end_user>/disconnect/",
+                wrap(admin_views.EndUserDisconnectView.as_view(model_admin=self)),
+                name="{}_{}_disconnect_end_user".format(*info),
+            ),
+            path(
                 "<int:pk>/generate-key/",
                 wrap(admin_views.GenerateKeyView.as_view(model_admin=self)),
                 name="{}_{}_generate_key".format(*info),
@@ -308,6 +313,29 @@ class ReadOnlyAdmin(admin.ModelAdmin):
         return False
 
 
+class OwnerFilter(admin.SimpleListFilter):
+    """Whose token: the datasource's shared one, a Django user's, or an end user's."""
+
+    title = _("owner")
+    parameter_name = "owner"
+
+    def lookups(self, request, model_admin):
+        return (
+            ("shared", _("Shared")),
+            ("user", _("A user of this site")),
+            ("end_user", _("An end user (connect link)")),
+        )
+
+    def queryset(self, request, queryset):
+        if self.value() == "shared":
+            return queryset.shared()
+        if self.value() == "user":
+            return queryset.filter(user__isnull=False)
+        if self.value() == "end_user":
+            return queryset.of_end_users()
+        return queryset
+
+
 @admin.register(Token)
 class TokenAdmin(ReadOnlyAdmin):
     """Read-only bookkeeping; secret columns are not even listed."""
@@ -318,13 +346,14 @@ class TokenAdmin(ReadOnlyAdmin):
         "end_user",
         "identity",
         "status",
+        "disconnect",
         "expires_at",
         "last_refreshed_at",
         "failure_count",
         "failure_kind",
         "refresh_count",
     )
-    list_filter = ("status", "failure_kind")
+    list_filter = (OwnerFilter, "status", "failure_kind", "datasource")
     list_select_related = ("datasource", "user")
     search_fields = ("datasource__name", "datasource__slug", "end_user", "identity")
     fields = (
@@ -352,6 +381,21 @@ class TokenAdmin(ReadOnlyAdmin):
         "last_error",
     )
     readonly_fields = fields
+
+    @admin.display(description="")
+    def disconnect(self, obj: Token):
+        """An end user's connection: a Disconnect button (revoke, then delete)."""
+        if not obj.end_user:
+            return ""
+        url = reverse(
+            "admin:datasources_datasource_disconnect_end_user",
+            args=[obj.datasource_id, obj.end_user],
+        )
+        return format_html(
+            '<a class="button datasource-disconnect-end-user" href="{}">{}</a>',
+            url,
+            _("Disconnect"),
+        )
 
     @admin.display(boolean=True, description=_("access token stored"))
     def has_access_token(self, obj: Token) -> bool:
