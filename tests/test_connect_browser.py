@@ -157,7 +157,7 @@ def test_the_admin_lists_searches_and_disconnects_end_users(
     expect(page.locator(".field-end_user_connections")).to_contain_text("3 end users connected")
     page.click("a.datasource-connections-link")
     expect(page.locator("#result_list tbody tr")).to_have_count(3)
-    page.click("#changelist-filter a:has-text(\"Needs re-authorization\")")  # status filter
+    page.click('#changelist-filter a:has-text("Needs re-authorization")')  # status filter
     expect(page.locator("#result_list tbody tr")).to_have_count(1)
     expect(page.locator("#result_list tbody tr")).to_contain_text("u-cy")
     page.go_back()
