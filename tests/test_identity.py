@@ -208,3 +208,38 @@ def test_a_reconnect_must_sign_in_the_same_account(op, connected_datasource):
     assert Token.objects.get(end_user="u-1").identity == f"{op.issuer} bob"
     # Another end user is another connection: no check against u-1's account.
     assert connect_as_account(op, key, "u-2", "alice")["connect"] == "success"
+
+
+def test_a_user_reauthorizing_a_per_user_token_must_sign_in_the_same_account(
+    op, connected_datasource, django_user_model
+):
+    """The same check for a Django user's own token (per-user datasources): the refusal is a
+    sentence on the page they land on, and their token is kept."""
+    from django.contrib.auth.models import Permission
+
+    connected_datasource.token_sharing = "per_user"
+    connected_datasource.save()
+    user = django_user_model.objects.create_user("pat", "pat@example.com", "pat-password-1")
+    user.user_permissions.add(Permission.objects.get(codename="use_datasource"))
+    browser = Client()
+    browser.force_login(user)
+
+    def reauthorize(account: str):
+        op.sign_in_as(account)
+        start = browser.get("/api/v1/datasources/op/connect")
+        assert start.status_code == 302, start.content[:300]
+        callback = op.consent(start["Location"], f"http://testserver{CALLBACK_PATH}")
+        return browser.get(CALLBACK_PATH, parse_qs(urlsplit(callback).query))
+
+    assert reauthorize("alice").status_code == 200
+    first = Token.objects.get(datasource=connected_datasource, user=user)
+    assert first.identity == f"{op.issuer} alice" and first.access_token
+
+    refused = reauthorize("bob").content.decode()
+    assert "another account than the one connected before" in refused
+    assert "nothing was replaced" in refused
+    kept = Token.objects.get(pk=first.pk)
+    assert (kept.access_token, kept.identity) == (first.access_token, first.identity)
+    assert TokenEvent.objects.filter(
+        kind="identity_mismatch", detail__contains=f"user {user.pk}"
+    ).exists()

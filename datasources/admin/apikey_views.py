@@ -51,6 +51,18 @@ def _examples(
     if "proxy" in permissions:
         proxy = url(reverse("datasources:proxy-root", args=[slug]))
         examples.append((_("Call a datasource"), f"curl {auth} {proxy}"))
+    if "connect" in permissions:
+        sessions = url("/api/v1/connect/sessions")
+        body = (
+            f'{{"datasource": "{slug}", "end_user": "customer-1", '
+            '"return_url": "https://app.example.com/settings/"}'
+        )
+        examples.append(
+            (
+                _("Create a connect link for an end user"),
+                f"curl -X POST {auth} -H \"Content-Type: application/json\" {sessions} -d '{body}'",
+            )
+        )
     if "manage" in permissions:
         listed = url("/api/v1/datasources")
         examples.append((_("List the datasources (management API)"), f"curl {auth} {listed}"))
