@@ -48,9 +48,21 @@ class TTLCache:
         if ttl <= 0:
             return
         with self._lock:
-            if len(self._data) >= self._max_entries:
-                self._data.clear()
+            if len(self._data) >= self._max_entries and key not in self._data:
+                self._make_room()
+            self._data.pop(key, None)  # re-inserted last: the dict's order is the entries' age
             self._data[key] = (time.monotonic() + ttl, value)
+
+    def _make_room(self) -> None:
+        """Full (many end users, many keys): drop what is past its time and stale-if-error
+        bound, else the older half (insertion order), rather than everything: the busy entries,
+        the shared tokens among them, stay."""
+        limit = time.monotonic() - app_settings.PROXY_STALE_IF_ERROR
+        for key in [k for k, (expires, _) in self._data.items() if expires <= limit]:
+            del self._data[key]
+        if len(self._data) >= self._max_entries:
+            for key in list(self._data)[: len(self._data) // 2]:
+                del self._data[key]
 
     def keep(self, key: Any, value: Any) -> None:
         """:meth:`put`, unless the entry holds this very object already: using a cached entry
