@@ -497,3 +497,41 @@ def test_refreshing_a_connection_now(api, fake_token_endpoint):
     refused = api("post", url, key_with("token"))
     assert refused.status_code == 403
     assert rows() == before
+
+
+def test_every_bad_request_is_invalid_request_with_the_clients_field_names(api):
+    """A body that is not JSON, a missing field, a bad parameter, an import rule: all
+    ``400 invalid_request``, each problem naming the field as the client sent it."""
+    make_datasource(slug="crm", name="CRM")
+    key = key_with("manage", "connect")
+
+    def problems(response) -> list[dict]:
+        assert response.status_code == 400, response.content
+        answer = body(response)
+        assert answer["error"] == "invalid_request"
+        return answer.get("problems", [])
+
+    problems(
+        api("put", "/api/v1/datasources/crm", key, data="not json", content_type="application/json")
+    )
+    problems(
+        api("post", "/api/v1/connect/sessions", key, data="{bad", content_type="application/json")
+    )
+    missing = problems(
+        api("post", "/api/v1/connect/sessions", key, data={}, content_type="application/json")
+    )
+    assert {p["field"] for p in missing} == {"datasource", "end_user", "return_url"}
+    assert [p["field"] for p in problems(api("get", "/api/v1/datasources?limit=0", key))] == [
+        "limit"
+    ]
+    url = problems(
+        api(
+            "put",
+            "/api/v1/datasources/crm",
+            key,
+            data={"base_url": "notaurl"},
+            content_type="application/json",
+        )
+    )
+    assert url and {p["field"] for p in url} == {"base_url"}
+    assert not any("entry 1" in p["message"] for p in url)

@@ -226,7 +226,7 @@ def put_datasource(
             400,
             "invalid_request",
             "The datasource is not valid; nothing was written.",
-            problems=[{"field": "", "message": line} for line in failed.errors],
+            problems=[errors.import_problem(line) for line in failed.errors],
         ) from None
     logger.info(
         "datasource %s %s through the API with key %s",

@@ -41,6 +41,30 @@ class ApiError(Exception):
         super().__init__(detail)
 
 
+#: django-ninja's names for where a value came from, and its wrapper for a body schema:
+#: not the client's field names.
+_LOCATIONS = frozenset({"body", "query", "path", "header", "payload"})
+
+
+def field_name(loc: tuple | list) -> str:
+    """A validation error's field as the client named it: ``limit``, ``end_user``,
+    ``items.0.name`` (without ninja's ``query.`` / ``body.payload.`` prefixes)."""
+    parts = [str(part) for part in loc]
+    while parts and parts[0] in _LOCATIONS:
+        parts.pop(0)
+    return ".".join(parts)
+
+
+def import_problem(line: str) -> dict[str, str]:
+    """One line of the import's validation (``entry 1 (slug 'x'): field: message``) as a
+    problem of a single-datasource request: ``{"field", "message"}``."""
+    _, _, rest = line.partition("): ")
+    field, sep, message = rest.partition(": ")
+    if not sep or " " in field:
+        return {"field": "", "message": rest or line}
+    return {"field": "" if field == "__all__" else field, "message": message}
+
+
 def _answer(api: NinjaAPI, request: HttpRequest, err: ApiError) -> HttpResponse:
     response = api.create_response(
         request, {"error": err.error, "detail": err.detail, **err.extra}, status=err.status
@@ -73,8 +97,7 @@ def install(api: NinjaAPI) -> None:
     @api.exception_handler(ValidationError)
     def invalid(request: HttpRequest, err: ValidationError) -> HttpResponse:
         problems = [
-            {"field": ".".join(str(part) for part in e.get("loc", ())), "message": e.get("msg")}
-            for e in err.errors
+            {"field": field_name(e.get("loc", ())), "message": e.get("msg")} for e in err.errors
         ]
         return _answer(
             api,
@@ -88,7 +111,10 @@ def install(api: NinjaAPI) -> None:
 
     @api.exception_handler(HttpError)
     def http_error(request: HttpRequest, err: HttpError) -> HttpResponse:
-        code = {405: "method_not_allowed", 403: "forbidden"}.get(err.status_code, "error")
+        # django-ninja raises 400 for a body it cannot parse (not JSON, another content type).
+        code = {400: "invalid_request", 405: "method_not_allowed", 403: "forbidden"}.get(
+            err.status_code, "error"
+        )
         return _answer(api, request, ApiError(err.status_code, code, str(err)))
 
     @api.exception_handler(Exception)
